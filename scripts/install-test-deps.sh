@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs: Python packages and Debian's prometheus, chromium
+# and docker-compose (the tests start real servers and a real browser). Idempotent; needs root
+# (or sudo) for apt-get.
+set -euo pipefail
+
+debian_packages=(prometheus chromium docker-compose)
+missing=()
+for package in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -r requirements-dev.txt

@@ -1,0 +1,1 @@
+"""Generation core: loading, request validation, batched generation, PNG encoding."""

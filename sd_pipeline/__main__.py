@@ -1,0 +1,76 @@
+"""Command line: ``python -m sd_pipeline "a prompt" --out images/`` (or ``--prompts-file FILE``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sd_pipeline.errors import InvalidRequestError, ModelLoadError
+from sd_pipeline.generator import Generator
+from sd_pipeline.loading import load_pipeline
+from sd_pipeline.png import encode_png
+from sd_pipeline.request import RequestLimits
+from sd_pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sd_pipeline.settings import DEFAULT_MODEL, PipelineSettings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sd_pipeline", description="Generate images to PNG files.")
+    parser.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
+    parser.add_argument("--prompts-file", type=Path, help="one prompt per line; blank lines are skipped")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face id or local pipeline folder")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULER_NAMES)
+    parser.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
+    return parser
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts_file is not None:
+        return [line for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.prompt is None:
+        raise SystemExit("error: give a prompt or --prompts-file")
+    return [args.prompt]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate every prompt and write ``<seed>-<n>.png`` files; returns the exit code."""
+    args = _parser().parse_args(argv)
+    prompts = _prompts(args)
+    settings = PipelineSettings(model=args.model, device=args.device, safety_checker=not args.no_safety_checker)
+    try:
+        generator = Generator(load_pipeline(settings), limits=RequestLimits(max_pixels=settings.max_pixels))
+        fields = {
+            "negative_prompt": args.negative_prompt,
+            "seed": args.seed,
+            "steps": args.steps,
+            "guidance_scale": args.guidance_scale,
+            "width": args.width,
+            "height": args.height,
+            "num_images": args.num_images,
+            "scheduler": args.scheduler,
+        }
+        requests = [generator.check({"prompt": prompt, **fields}) for prompt in prompts]
+    except (InvalidRequestError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    for number, results in enumerate(generator.generate(requests)):
+        for result in results:
+            path = args.out / f"{number:04d}-{result.seed}.png"
+            path.write_bytes(encode_png(result))
+            print(f"{path}  ({result.timings.generation_seconds:.2f}s, batch of {result.timings.batch_images})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""Errors the generation core raises, each with a message fit to show a user."""
+
+from __future__ import annotations
+
+
+class InvalidRequestError(ValueError):
+    """A request field is out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found, downloaded or loaded."""
+
+
+class GenerationCancelledError(RuntimeError):
+    """Every request in a pipeline call was cancelled, so the call stopped early."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """The accelerator ran out of memory even for a single image."""

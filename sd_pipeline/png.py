@@ -1,0 +1,95 @@
+"""PNG files that carry their generation parameters in AUTOMATIC1111's ``parameters`` text chunk."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sd_pipeline.generator import GenerationResult
+
+PARAMETERS_CHUNK = "parameters"
+
+
+@dataclass(frozen=True)
+class ImageParameters:
+    """The fields written into (and read back from) the ``parameters`` chunk."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    model: str
+
+
+def parameters_of(result: GenerationResult) -> ImageParameters:
+    """The parameters that reproduce ``result``."""
+    request = result.request
+    return ImageParameters(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=request.steps,
+        sampler=request.scheduler,
+        cfg_scale=request.guidance_scale,
+        seed=result.seed,
+        width=request.width,
+        height=request.height,
+        model=result.model,
+    )
+
+
+def format_parameters(parameters: ImageParameters) -> str:
+    """Format as AUTOMATIC1111 does: prompt, ``Negative prompt:`` line, then ``Key: value`` pairs."""
+    lines = [parameters.prompt]
+    if parameters.negative_prompt:
+        lines.append(f"Negative prompt: {parameters.negative_prompt}")
+    lines.append(
+        f"Steps: {parameters.steps}, Sampler: {parameters.sampler}, CFG scale: {parameters.cfg_scale:g}, "
+        f"Seed: {parameters.seed}, Size: {parameters.width}x{parameters.height}, Model: {parameters.model}"
+    )
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> ImageParameters:
+    """Read a ``parameters`` chunk written by this app (or AUTOMATIC1111) back into fields."""
+    *prompt_lines, settings_line = text.split("\n")
+    negative = ""
+    negative_at = next((i for i, line in enumerate(prompt_lines) if line.startswith("Negative prompt: ")), None)
+    if negative_at is not None:
+        negative = "\n".join(prompt_lines[negative_at:])[len("Negative prompt: ") :]
+        prompt_lines = prompt_lines[:negative_at]
+    values = dict(pair.split(": ", 1) for pair in settings_line.split(", ") if ": " in pair)
+    width, height = values["Size"].split("x")
+    return ImageParameters(
+        prompt="\n".join(prompt_lines),
+        negative_prompt=negative,
+        steps=int(values["Steps"]),
+        sampler=values["Sampler"],
+        cfg_scale=float(values["CFG scale"]),
+        seed=int(values["Seed"]),
+        width=int(width),
+        height=int(height),
+        model=values.get("Model", ""),
+    )
+
+
+def encode_png(result: GenerationResult) -> bytes:
+    """The image as PNG bytes with its ``parameters`` chunk."""
+    info = PngInfo()
+    info.add_text(PARAMETERS_CHUNK, format_parameters(parameters_of(result)))
+    buffer = io.BytesIO()
+    result.image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_png_parameters(data: bytes) -> ImageParameters:
+    """Read the ``parameters`` chunk from PNG bytes."""
+    with Image.open(io.BytesIO(data)) as image:
+        text = image.info[PARAMETERS_CHUNK]
+    return parse_parameters(text)

@@ -1,0 +1,165 @@
+"""The typed generation request and the one place every request is checked.
+
+``check_inputs`` is used by the web page, the API and the CLI alike; it raises
+``InvalidRequestError`` naming the field and the allowed range, before any GPU work.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sd_pipeline.errors import InvalidRequestError
+from sd_pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+
+MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1
+ALLOWED_CONTROL_CHARACTERS = {"\n", "\t"}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds a deployment enforces; defaults suit a 24 GB GPU."""
+
+    max_prompt_chars: int = 2000
+    min_steps: int = 1
+    max_steps: int = 100
+    max_guidance: float = 30.0
+    min_side: int = 64
+    max_side: int = 1024
+    max_pixels: int = 1024 * 1024
+    max_images: int = 4
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request. ``seed`` is always concrete (never -1)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    num_images: int = 1
+    scheduler: str = DEFAULT_SCHEDULER
+
+    def seeds(self) -> list[int]:
+        """Seed of each image: consecutive from ``seed``, wrapping at 2**32 (AUTOMATIC1111 convention)."""
+        return [(self.seed + index) % (MAX_SEED + 1) for index in range(self.num_images)]
+
+    def batch_key(self) -> tuple[int, int, int, float, str]:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How many tokens the text encoder reads, and how to count a text's tokens."""
+
+    limit: int
+    count: Callable[[str], int]
+
+
+def _integer(field: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(field, f"must be an integer from {low} to {high}, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise InvalidRequestError(field, f"must be an integer from {low} to {high}, got {value!r}")
+    number = int(value)
+    if not low <= number <= high:
+        raise InvalidRequestError(field, f"must be from {low} to {high}, got {number}")
+    return number
+
+
+def _number(field: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(field, f"must be a finite number from {low:g} to {high:g}, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidRequestError(field, f"must be from {low:g} to {high:g}, got {value:g}")
+    return float(value)
+
+
+def _text(field: str, value: Any, *, required: bool, limits: RequestLimits, tokens: TokenBudget | None) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(field, f"must be text, got {type(value).__name__}")
+    text = value.strip()
+    if required and not text:
+        raise InvalidRequestError(field, "must not be empty")
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidRequestError(field, f"must be at most {limits.max_prompt_chars} characters, got {len(text)}")
+    for char in text:
+        if unicodedata.category(char) == "Cc" and char not in ALLOWED_CONTROL_CHARACTERS:
+            raise InvalidRequestError(field, f"must not contain control characters (found U+{ord(char):04X})")
+    if tokens is not None and text:
+        used = tokens.count(text)
+        if used > tokens.limit:
+            raise InvalidRequestError(
+                field,
+                f"is {used} tokens long but the model reads at most {tokens.limit}; shorten it (nothing is truncated)",
+            )
+    return text
+
+
+def _side(field: str, value: Any, limits: RequestLimits) -> int:
+    side = _integer(field, value, limits.min_side, limits.max_side)
+    if side % 8:
+        raise InvalidRequestError(
+            field, f"must be a multiple of 8 from {limits.min_side} to {limits.max_side}, got {side}"
+        )
+    return side
+
+
+def check_inputs(
+    data: Mapping[str, Any],
+    *,
+    limits: RequestLimits | None = None,
+    tokens: TokenBudget | None = None,
+) -> GenerationRequest:
+    """Validate raw fields (from a form, JSON or the CLI) into a ``GenerationRequest``.
+
+    Missing fields take their defaults. A seed of -1 is replaced by a random one, so the
+    returned request always says which seed will be used.
+    """
+    limits = limits or RequestLimits()
+    defaults = GenerationRequest(prompt="")
+    unknown = set(data) - set(GenerationRequest.__dataclass_fields__)
+    if unknown:
+        raise InvalidRequestError(sorted(unknown)[0], "is not a known field")
+
+    def get(name: str) -> Any:
+        return data.get(name, getattr(defaults, name))
+
+    prompt = _text("prompt", data.get("prompt"), required=True, limits=limits, tokens=tokens)
+    negative = _text("negative_prompt", get("negative_prompt"), required=False, limits=limits, tokens=tokens)
+    seed = _integer("seed", data.get("seed", RANDOM_SEED), RANDOM_SEED, MAX_SEED)
+    steps = _integer("steps", get("steps"), limits.min_steps, limits.max_steps)
+    guidance = _number("guidance_scale", get("guidance_scale"), 0.0, limits.max_guidance)
+    width = _side("width", get("width"), limits)
+    height = _side("height", get("height"), limits)
+    if width * height > limits.max_pixels:
+        raise InvalidRequestError(
+            "width", f"width x height must be at most {limits.max_pixels} pixels, got {width}x{height}"
+        )
+    num_images = _integer("num_images", get("num_images"), 1, limits.max_images)
+    scheduler = get("scheduler")
+    if scheduler not in SCHEDULER_NAMES:
+        raise InvalidRequestError("scheduler", f"must be one of {', '.join(SCHEDULER_NAMES)}; got {scheduler!r}")
+    if seed == RANDOM_SEED:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance,
+        width=width,
+        height=height,
+        num_images=num_images,
+        scheduler=scheduler,
+    )

@@ -1,0 +1,27 @@
+"""Settings for loading and running the model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
+
+DeviceName = Literal["auto", "cuda", "mps", "cpu"]
+DtypeName = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+class PipelineSettings(BaseModel):
+    """How to load the model and which speedups to apply."""
+
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local pipeline folder")
+    device: DeviceName = Field("auto", description="auto picks cuda, then mps, then cpu")
+    dtype: DtypeName = Field("auto", description="auto: float16 on CUDA, float32 elsewhere")
+    safety_checker: bool = Field(True, description="run the model's safety checker when it has one")
+    cpu_threads: int | None = Field(None, ge=1, le=512, description="torch CPU threads (default: torch's choice)")
+    warmup: bool = Field(False, description="run one small generation after loading")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA; slow first call)")
+    channels_last: bool = Field(False, description="channels-last memory format for the UNet and VAE")
+    fuse_qkv: bool = Field(False, description="fuse attention q/k/v projections")
+    max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")

@@ -1,0 +1,117 @@
+"""Build a tiny Stable Diffusion pipeline with random weights, for offline tests and demos.
+
+Usage: ``python -m sd_pipeline.tiny DIR`` writes a pipeline folder that the normal loader
+accepts (``--model DIR``). The images are noise: it exists to exercise the product, not to
+draw pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TOKEN_LIMIT = 77
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable characters CLIP's byte-level BPE uses for raw bytes."""
+    printable = list(range(ord("!"), ord("~") + 1))
+    printable += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    alphabet = [chr(code) for code in printable]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            alphabet.append(chr(256 + extra))
+            extra += 1
+    return alphabet
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """Write a character-level CLIP vocabulary (no merges) into ``folder``."""
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [char + "</w>" for char in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def build_tiny_pipeline(folder: str | Path, *, seed: int = 0) -> Path:
+    """Create a small random SD pipeline and ``save_pretrained`` it into ``folder``."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    tokenizer_dir = folder / "_tokenizer_source"
+    write_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer(
+        vocab=str(tokenizer_dir / "vocab.json"), merges=str(tokenizer_dir / "merges.txt"), model_max_length=TOKEN_LIMIT
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=len(tokenizer) - 2,
+        eos_token_id=len(tokenizer) - 1,
+        pad_token_id=len(tokenizer) - 1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=TOKEN_LIMIT,
+        layer_norm_eps=1e-5,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    for leftover in tokenizer_dir.iterdir():
+        leftover.unlink()
+    tokenizer_dir.rmdir()
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: ``python -m sd_pipeline.tiny DIR``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="where to write the pipeline")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    args = parser.parse_args(argv)
+    path = build_tiny_pipeline(args.folder, seed=args.seed)
+    print(f"tiny pipeline written to {path}; run: python app.py --model {path}")
+
+
+if __name__ == "__main__":
+    main()

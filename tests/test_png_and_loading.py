@@ -1,0 +1,82 @@
+"""PNG parameters round-trip, the loader's errors, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_pipeline.errors import ModelLoadError
+from sd_pipeline.generator import Generator
+from sd_pipeline.loading import load_pipeline, resolve_device, resolve_dtype
+from sd_pipeline.png import encode_png, format_parameters, parse_parameters, read_png_parameters
+from sd_pipeline.request import check_inputs
+from sd_pipeline.settings import PipelineSettings
+
+
+def test_png_parameters_round_trip(generator: Generator) -> None:
+    request = check_inputs(
+        {"prompt": "a castle, ink", "negative_prompt": "blurry", "seed": 42, "steps": 3, "width": 64, "height": 72}
+    )
+    result = generator.generate([request])[0][0]
+    data = encode_png(result)
+    assert data.startswith(b"\x89PNG")
+    parameters = read_png_parameters(data)
+    assert parameters.prompt == "a castle, ink"
+    assert parameters.negative_prompt == "blurry"
+    assert (parameters.steps, parameters.seed, parameters.width, parameters.height) == (3, 42, 64, 72)
+    assert parameters.sampler == request.scheduler and parameters.cfg_scale == 7.5
+    assert parameters.model == generator.model
+
+
+def test_parameters_text_is_automatic1111_format() -> None:
+    text = "a cat\nNegative prompt: dog\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768, Model: m"
+    parsed = parse_parameters(text)
+    assert (parsed.prompt, parsed.negative_prompt, parsed.sampler, parsed.height) == ("a cat", "dog", "Euler a", 768)
+    assert format_parameters(parsed) == text
+
+
+def test_missing_local_folder_gives_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-model-here"
+    with pytest.raises(ModelLoadError, match=f"cannot load model '{missing}': no such folder"):
+        load_pipeline(PipelineSettings(model=str(missing), device="cpu"))
+
+
+def test_folder_without_a_pipeline_gives_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="Set SD_MODEL"):
+        load_pipeline(PipelineSettings(model=str(tmp_path), device="cpu"))
+
+
+def test_unreachable_hub_model_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"cannot load model 'OFA-Sys/small-stable-diffusion-v0'.*Set SD_MODEL"):
+        load_pipeline(PipelineSettings(device="cpu"))
+
+
+def test_loading_measures_time_and_picks_cpu_fp32(tiny_loaded) -> None:  # type: ignore[no-untyped-def]
+    assert tiny_loaded.load_seconds > 0
+    assert tiny_loaded.device.type == "cpu" and tiny_loaded.dtype == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_cli_writes_pngs_from_a_prompts_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\na blue bird\n", encoding="utf-8")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sd_pipeline", "--prompts-file", str(prompts), "--model", str(tiny_model_dir)]
+    command += ["--out", str(out), "--seed", "7", "--steps", "2", "--width", "64", "--height", "64"]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["0000-7.png", "0001-7.png"]
+    assert read_png_parameters(files[1].read_bytes()).prompt == "a blue bird"
+
+
+def test_cli_reports_bad_input_by_field(tiny_model_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "sd_pipeline", "hi", "--model", str(tiny_model_dir), "--width", "65"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2
+    assert "error: width: must be a multiple of 8" in finished.stderr
