@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,13 @@ from sd_pipeline.generator import Generator
 from sd_pipeline.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.settings import PipelineSettings
 from sd_pipeline.tiny import build_tiny_pipeline
+from tests.servers import S3Server, running_s3_server
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "test-access-key",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +36,30 @@ def tiny_loaded(tiny_model_dir: Path) -> LoadedPipeline:
 @pytest.fixture()
 def generator(tiny_loaded: LoadedPipeline) -> Generator:
     return Generator(tiny_loaded)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fake_aws_credentials() -> Iterator[None]:
+    """Credentials for the loopback S3 server; never real ones."""
+    saved = {name: os.environ.get(name) for name in AWS_TEST_ENV}
+    os.environ.update(AWS_TEST_ENV)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One S3 server for the session; tests use their own buckets."""
+    with running_s3_server() as server:
+        yield server
+
+
+@pytest.fixture()
+def bucket(s3_server: S3Server) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return name

@@ -1,0 +1,39 @@
+"""The storage interface both backends implement."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
+
+
+class StorageError(RuntimeError):
+    """Storage could not do what was asked; the message names bucket or folder, never secrets."""
+
+
+class SpoolFullError(StorageError):
+    """Storage is down and the on-disk spool has no room left."""
+
+
+class ImageStore(Protocol):
+    """Save images with their records, list an owner's history, make links."""
+
+    def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
+        """Store one image and its record under ``record.owner``; returns it with a link."""
+        ...
+
+    def history(self, owner: str, *, page: int, page_size: int) -> HistoryPage:
+        """One page of ``owner``'s images, newest first, with fresh links."""
+        ...
+
+    def link(self, owner: str, image_id: str) -> Link:
+        """A fresh link for one image."""
+        ...
+
+    def check(self) -> None:
+        """Raise ``StorageError`` when the store cannot be reached."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; flush what can be flushed."""
+        ...

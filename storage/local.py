@@ -1,0 +1,118 @@
+"""Local-folder backend: the same layout on disk, links signed with HMAC and served by the app."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+from storage import keys
+from storage.base import StorageError
+from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
+
+LINK_ROUTE = "/files"
+SECRET_FILE = ".link-secret"
+
+
+class ForbiddenLinkError(PermissionError):
+    """A link whose signature is wrong or expired, or whose key is not ours."""
+
+
+def load_or_create_secret(data_dir: Path) -> bytes:
+    """The signing secret kept in ``data_dir`` (made once, readable by the owner only)."""
+    path = data_dir / SECRET_FILE
+    if path.exists():
+        return path.read_bytes()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(secret)
+    return secret
+
+
+class LocalStore:
+    """Images and records under ``data_dir/objects``; links point at ``{base_url}/files/...``."""
+
+    def __init__(self, data_dir: Path, *, secret: bytes, link_ttl_seconds: int, base_url: str = "") -> None:
+        self.root = data_dir / "objects"
+        self.secret = secret
+        self.link_ttl_seconds = link_ttl_seconds
+        self.base_url = base_url.rstrip("/")
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
+        """Write the PNG and its record (atomically, via a temporary file and rename)."""
+        stored = record.model_copy(update={"status": "stored"})
+        try:
+            _write_atomic(self._path(keys.image_key("", record.owner, record.id)), png)
+            _write_atomic(self._path(keys.record_key("", record.owner, record.id)), stored.model_dump_json().encode())
+        except OSError as error:
+            raise StorageError(f"cannot write to data folder {self.root}: {error.strerror}") from error
+        return LinkedImage(stored, self.link(record.owner, record.id))
+
+    def history(self, owner: str, *, page: int, page_size: int) -> HistoryPage:
+        """Newest first: file names sort that way, as S3 keys do."""
+        keys.check_owner(owner)
+        folder = self._path(keys.records_prefix("", owner))
+        names = sorted(path.name for path in folder.glob("*.json")) if folder.is_dir() else []
+        page_names = names[(page - 1) * page_size : page * page_size]
+        images = []
+        for name in page_names:
+            record = ImageRecord.model_validate_json((folder / name).read_bytes())
+            images.append(LinkedImage(record, self.link(owner, record.id)))
+        return HistoryPage(images=images, page=page, has_more=len(names) > page * page_size)
+
+    def link(self, owner: str, image_id: str) -> Link:
+        """A signed, expiring link to the app's file route."""
+        key = keys.image_key("", owner, image_id)
+        expires = int(time.time()) + self.link_ttl_seconds
+        query = urlencode({"expires": expires, "signature": self._sign(key, expires)})
+        return Link(
+            url=f"{self.base_url}{LINK_ROUTE}/{key}?{query}",
+            expires_at=dt.datetime.fromtimestamp(expires, dt.UTC),
+        )
+
+    def _sign(self, key: str, expires: int) -> str:
+        return hmac.new(self.secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def open_signed(self, key: str, *, expires: str, signature: str) -> Path:
+        """The file for a signed link; raises ``ForbiddenLinkError`` for anything not valid now."""
+        if not expires.isdigit() or int(expires) < time.time():
+            raise ForbiddenLinkError("link expired")
+        if not hmac.compare_digest(self._sign(key, int(expires)), signature):
+            raise ForbiddenLinkError("bad signature")
+        parts = key.split("/")
+        if len(parts) != 4 or parts[0] != "owners" or parts[2] != "images" or not parts[3].endswith(".png"):
+            raise ForbiddenLinkError("not an image key")
+        try:
+            keys.check_ids(parts[1], parts[3].removesuffix(".png"))
+        except ValueError as error:
+            raise ForbiddenLinkError("not an image key") from error
+        path = self._path(key).resolve()
+        if not path.is_relative_to(self.root.resolve()) or not path.is_file():
+            raise ForbiddenLinkError("no such image")
+        return path
+
+    def check(self) -> None:
+        """The data folder must be writable."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"data folder {self.root} is not writable")
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)

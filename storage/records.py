@@ -1,0 +1,84 @@
+"""What is stored beside each image, and what callers get back."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from sd_pipeline.generator import GenerationResult
+
+Status = Literal["stored", "pending"]
+
+
+class ImageRecord(BaseModel):
+    """The JSON record kept beside each PNG: its parameters and seed. Never holds a URL."""
+
+    id: str
+    owner: str
+    created_at: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    model: str
+    status: Status = "stored"
+
+    @classmethod
+    def from_result(
+        cls, result: GenerationResult, *, image_id: str, owner: str, created_at: dt.datetime
+    ) -> ImageRecord:
+        """The record for one generated image."""
+        request = result.request
+        return cls(
+            id=image_id,
+            owner=owner,
+            created_at=created_at.isoformat(timespec="milliseconds"),
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=result.seed,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            width=request.width,
+            height=request.height,
+            scheduler=request.scheduler,
+            model=result.model,
+        )
+
+
+@dataclass(frozen=True)
+class Link:
+    """A URL that fetches one image until ``expires_at``."""
+
+    url: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class LinkedImage:
+    """A record with a freshly made link, as handed to users."""
+
+    record: ImageRecord
+    link: Link
+
+    def to_api(self) -> dict[str, Any]:
+        """The record as the public API returns it (the owner key stays internal)."""
+        fields = self.record.model_dump(exclude={"owner"})
+        fields["url"] = self.link.url
+        fields["expires_at"] = self.link.expires_at.isoformat(timespec="seconds")
+        return fields
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """One page of an owner's images, newest first."""
+
+    images: list[LinkedImage]
+    page: int
+    has_more: bool

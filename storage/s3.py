@@ -1,0 +1,172 @@
+"""S3 backend (AWS or any S3-compatible store) with presigned links."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, Field
+
+from storage import keys
+from storage.base import StorageError
+from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MAX_LINK_TTL_SECONDS = 7 * 24 * 3600  # the SigV4 maximum
+S3_ERRORS = (BotoCoreError, ClientError)
+
+
+class S3Settings(BaseModel):
+    """Where the bucket is and how to talk to it. Credentials come from boto3's usual chain."""
+
+    bucket: str = Field(min_length=3, max_length=63)
+    prefix: str = Field("", description="key prefix inside the bucket, e.g. 'sd/'")
+    region: str | None = None
+    endpoint_url: str | None = Field(None, description="for S3-compatible stores (SeaweedFS, Garage, R2, Ceph)")
+    public_endpoint_url: str | None = Field(None, description="endpoint used only to sign links for browsers")
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    link_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_LINK_TTL_SECONDS)
+    create_bucket: bool = False
+    connect_timeout: float = Field(2.0, gt=0)
+    read_timeout: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=10)
+
+
+def make_client(settings: S3Settings, *, endpoint_url: str | None) -> S3Client:
+    """A boto3 S3 client with short timeouts, standard retries and lenient checksums."""
+    config = Config(
+        region_name=settings.region,
+        signature_version="s3v4",
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        s3={"addressing_style": settings.addressing_style},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    client: S3Client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+    return client
+
+
+class S3Store:
+    """Images and JSON records in a private bucket; links are presigned GET URLs."""
+
+    def __init__(self, settings: S3Settings, *, client: S3Client, signing_client: S3Client | None = None) -> None:
+        self.settings = settings
+        self.client = client
+        self.signing_client = signing_client or client
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-history")
+
+    @classmethod
+    def from_settings(cls, settings: S3Settings) -> S3Store:
+        """Build clients from settings; the public endpoint, if any, is used only for signing."""
+        client = make_client(settings, endpoint_url=settings.endpoint_url)
+        signing = None
+        if settings.public_endpoint_url:
+            signing = make_client(settings, endpoint_url=settings.public_endpoint_url)
+        return cls(settings, client=client, signing_client=signing)
+
+    def _where(self) -> str:
+        return f"bucket '{self.settings.bucket}' at {self.settings.endpoint_url or 'AWS S3'}"
+
+    def check(self) -> None:
+        """Raise ``StorageError`` naming bucket and endpoint when the bucket is missing or unreachable."""
+        try:
+            self.client.head_bucket(Bucket=self.settings.bucket)
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket") and self.settings.create_bucket:
+                self._create_bucket()
+                return
+            raise StorageError(f"{self._where()} is not usable ({code or 'error'}); create it or fix S3_*") from error
+        except BotoCoreError as error:
+            raise StorageError(f"{self._where()} is unreachable: {type(error).__name__}") from error
+
+    def _create_bucket(self) -> None:
+        extra: dict[str, Any] = {}
+        if self.settings.region and self.settings.region != "us-east-1":
+            extra["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
+        self.client.create_bucket(Bucket=self.settings.bucket, **extra)
+
+    def put(self, png: bytes, record: ImageRecord) -> None:
+        """Upload the PNG and its record (raises botocore errors; the spool catches them)."""
+        prefix = self.settings.prefix
+        self.client.put_object(
+            Bucket=self.settings.bucket,
+            Key=keys.image_key(prefix, record.owner, record.id),
+            Body=png,
+            ContentType="image/png",
+            ContentDisposition=f'inline; filename="{record.id}.png"',
+            CacheControl="private, max-age=86400",
+        )
+        stored = record.model_copy(update={"status": "stored"})
+        self.client.put_object(
+            Bucket=self.settings.bucket,
+            Key=keys.record_key(prefix, record.owner, record.id),
+            Body=stored.model_dump_json().encode(),
+            ContentType="application/json",
+        )
+
+    def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
+        """Upload and return the stored record with a presigned link."""
+        try:
+            self.put(png, record)
+        except S3_ERRORS as error:
+            raise StorageError(f"upload to {self._where()} failed: {type(error).__name__}") from error
+        stored = record.model_copy(update={"status": "stored"})
+        return LinkedImage(stored, self.link(record.owner, record.id))
+
+    def link(self, owner: str, image_id: str) -> Link:
+        """Presign a GET for one image (local computation: works while S3 is down)."""
+        ttl = self.settings.link_ttl_seconds
+        expires_at = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=ttl)
+        url = self.signing_client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.settings.bucket, "Key": keys.image_key(self.settings.prefix, owner, image_id)},
+            ExpiresIn=ttl,
+        )
+        return Link(url=url, expires_at=expires_at)
+
+    def history(self, owner: str, *, page: int, page_size: int) -> HistoryPage:
+        """List ``page_size + 1`` record keys after the earlier pages, then fetch those records."""
+        keys.check_owner(owner)
+        wanted = page * page_size + 1
+        record_keys = self._list_record_keys(owner, limit=wanted)
+        page_keys = record_keys[(page - 1) * page_size : page * page_size]
+        try:
+            records = list(self._pool.map(self._get_record, page_keys))
+        except S3_ERRORS as error:
+            raise StorageError(f"reading history from {self._where()} failed: {type(error).__name__}") from error
+        images = [LinkedImage(record, self.link(owner, record.id)) for record in records]
+        return HistoryPage(images=images, page=page, has_more=len(record_keys) >= wanted)
+
+    def _list_record_keys(self, owner: str, *, limit: int) -> list[str]:
+        found: list[str] = []
+        request: dict[str, Any] = {
+            "Bucket": self.settings.bucket,
+            "Prefix": keys.records_prefix(self.settings.prefix, owner),
+        }
+        try:
+            while len(found) < limit:
+                response = self.client.list_objects_v2(**request, MaxKeys=min(1000, limit - len(found)))
+                found += [item["Key"] for item in response.get("Contents", [])]
+                if not response.get("IsTruncated"):
+                    break
+                request["ContinuationToken"] = response["NextContinuationToken"]
+        except S3_ERRORS as error:
+            raise StorageError(f"listing history in {self._where()} failed: {type(error).__name__}") from error
+        return found
+
+    def _get_record(self, key: str) -> ImageRecord:
+        body = self.client.get_object(Bucket=self.settings.bucket, Key=key)["Body"].read()
+        return ImageRecord.model_validate(json.loads(body))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,225 @@
+"""Nothing lost in an outage: a bounded on-disk spool and a background uploader in front of S3."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from storage.base import SpoolFullError, StorageError
+from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
+from storage.s3 import S3_ERRORS, S3Store
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FILE = "image.png"
+RECORD_FILE = "record.json"
+
+
+class StorageObserver(Protocol):
+    """Receives plain facts about storage work (implemented by the metrics module)."""
+
+    def upload(self, *, seconds: float) -> None: ...
+
+    def failure(self, *, operation: str) -> None: ...
+
+    def pending(self, *, count: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SpoolLimits:
+    """How much the spool may hold before requests fail with a clear error."""
+
+    max_items: int = 1000
+    max_bytes: int = 2 * 1024**3
+
+
+class Spool:
+    """One folder per waiting upload, written atomically; survives restarts."""
+
+    def __init__(self, folder: Path, *, limits: SpoolLimits | None = None) -> None:
+        self.folder = folder
+        self.limits = limits or SpoolLimits()
+        self._lock = threading.Lock()
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def entries(self) -> list[Path]:
+        """Waiting uploads, oldest first (image ids sort newest first)."""
+        return sorted((path for path in self.folder.iterdir() if not path.name.startswith(".")), reverse=True)
+
+    def put(self, png: bytes, record: ImageRecord) -> None:
+        """Keep one upload on disk; raises ``SpoolFullError`` when over the limits."""
+        with self._lock:
+            entries = self.entries()
+            used = sum(_size(entry) for entry in entries)
+            if len(entries) >= self.limits.max_items or used + len(png) > self.limits.max_bytes:
+                raise SpoolFullError(
+                    f"storage is unavailable and the upload spool is full ({len(entries)} images waiting); "
+                    "nothing was saved, try again later"
+                )
+            staging = self.folder / f".tmp-{uuid.uuid4().hex}"
+            staging.mkdir()
+            (staging / IMAGE_FILE).write_bytes(png)
+            (staging / RECORD_FILE).write_text(record.model_dump_json(), encoding="utf-8")
+            staging.rename(self.folder / record.id)
+
+    def load(self, entry: Path) -> tuple[bytes, ImageRecord]:
+        record = ImageRecord.model_validate_json((entry / RECORD_FILE).read_bytes())
+        return (entry / IMAGE_FILE).read_bytes(), record
+
+    def remove(self, entry: Path) -> None:
+        shutil.rmtree(entry)
+
+    def pending_for(self, owner: str) -> list[ImageRecord]:
+        """Records still waiting for upload that belong to ``owner``, newest first."""
+        records = [self.load(entry)[1] for entry in reversed(self.entries())]
+        return [record for record in records if record.owner == owner]
+
+
+def _size(entry: Path) -> int:
+    return sum(path.stat().st_size for path in entry.iterdir())
+
+
+class SpoolingStore:
+    """S3 first; on failure the image goes to the spool and a background thread uploads it later."""
+
+    def __init__(
+        self,
+        primary: S3Store,
+        spool: Spool,
+        *,
+        observer: StorageObserver | None = None,
+        min_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.primary = primary
+        self.spool = spool
+        self.observer = observer
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._healthy = True
+        self._thread = threading.Thread(target=self._upload_loop, name="spool-uploader", daemon=True)
+
+    def start(self) -> None:
+        """Start the uploader; it drains whatever an earlier run left in the spool."""
+        self._report_pending()
+        self._thread.start()
+
+    def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
+        """Upload now, or spool and return the record marked ``pending`` (its link works once uploaded)."""
+        link = self.primary.link(record.owner, record.id)
+        if self._healthy:
+            started = time.perf_counter()
+            try:
+                self.primary.put(png, record)
+            except S3_ERRORS as error:
+                logger.warning("upload of %s failed (%s); spooling it", record.id, type(error).__name__)
+                self._record_failure()
+            else:
+                if self.observer is not None:
+                    self.observer.upload(seconds=time.perf_counter() - started)
+                return LinkedImage(record.model_copy(update={"status": "stored"}), link)
+        pending = record.model_copy(update={"status": "pending"})
+        self.spool.put(png, pending)
+        self._report_pending()
+        self._wake.set()
+        return LinkedImage(pending, link)
+
+    def history(self, owner: str, *, page: int, page_size: int) -> HistoryPage:
+        """S3 history; page 1 also shows this owner's images still waiting in the spool."""
+        try:
+            stored = self.primary.history(owner, page=page, page_size=page_size)
+        except StorageError:
+            if self.observer is not None:
+                self.observer.failure(operation="history")
+            raise
+        if page != 1:
+            return stored
+        shown = {image.record.id for image in stored.images}
+        waiting = [
+            LinkedImage(record, self.primary.link(owner, record.id))
+            for record in self.spool.pending_for(owner)
+            if record.id not in shown
+        ]
+        return HistoryPage(images=waiting + stored.images, page=page, has_more=stored.has_more)
+
+    def link(self, owner: str, image_id: str) -> Link:
+        return self.primary.link(owner, image_id)
+
+    def check(self) -> None:
+        self.primary.check()
+
+    def flush(self, *, timeout: float) -> bool:
+        """Try to upload everything waiting; True when the spool is empty."""
+        deadline = time.monotonic() + timeout
+        while self.spool.entries() and time.monotonic() < deadline:
+            if not self._upload_one(self.spool.entries()[0]):
+                time.sleep(min(self.min_backoff, max(0.0, deadline - time.monotonic())))
+        self._report_pending()
+        return not self.spool.entries()
+
+    def close(self, *, flush_timeout: float = 10.0) -> None:
+        """Stop the uploader, flush what can be flushed, keep the rest on disk for next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.primary.settings.read_timeout * self.primary.settings.max_attempts)
+        left = 0 if self.flush(timeout=flush_timeout) else len(self.spool.entries())
+        if left:
+            logger.warning("%d uploads stay in the spool at %s for the next start", left, self.spool.folder)
+        self.primary.close()
+
+    def _upload_loop(self) -> None:
+        backoff = self.min_backoff
+        while not self._stop.is_set():
+            entries = self.spool.entries()
+            if not entries:
+                self._wake.wait(timeout=5.0)
+                self._wake.clear()
+                continue
+            for entry in entries:
+                if self._stop.is_set():
+                    return
+                if not self._upload_one(entry):
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+                    break
+                backoff = self.min_backoff
+
+    def _upload_one(self, entry: Path) -> bool:
+        try:
+            png, record = self.spool.load(entry)
+        except (OSError, ValueError) as error:
+            logger.error("spool entry %s is unreadable (%s); kept in place for inspection", entry, error)
+            entry.rename(entry.with_name(f".broken-{entry.name}"))
+            return True
+        started = time.perf_counter()
+        try:
+            self.primary.put(png, record)
+        except S3_ERRORS:
+            self._record_failure()
+            return False
+        self.spool.remove(entry)
+        self._healthy = True
+        if self.observer is not None:
+            self.observer.upload(seconds=time.perf_counter() - started)
+        self._report_pending()
+        return True
+
+    def _record_failure(self) -> None:
+        self._healthy = False
+        if self.observer is not None:
+            self.observer.failure(operation="upload")
+
+    def _report_pending(self) -> None:
+        if self.observer is not None:
+            self.observer.pending(count=len(self.spool.entries()))

@@ -1,0 +1,279 @@
+"""Storage against a real S3 API over HTTP (moto server on loopback), and the local backend."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import requests
+from PIL import Image
+from pydantic import ValidationError
+
+from sd_pipeline.generator import Generator
+from sd_pipeline.png import encode_png, read_png_parameters
+from sd_pipeline.request import check_inputs
+from storage import keys
+from storage.base import SpoolFullError, StorageError
+from storage.local import ForbiddenLinkError, LocalStore, load_or_create_secret
+from storage.records import ImageRecord
+from storage.s3 import S3Settings, S3Store
+from storage.spool import Spool, SpoolingStore, SpoolLimits
+from tests.servers import S3Server
+
+OWNER = keys.owner_key("alice")
+OTHER = keys.owner_key("bob")
+
+
+def make_record(owner: str, *, when: dt.datetime | None = None, prompt: str = "a cat") -> ImageRecord:
+    created = when or dt.datetime.now(dt.UTC)
+    return ImageRecord(
+        id=keys.new_image_id(created),
+        owner=owner,
+        created_at=created.isoformat(),
+        prompt=prompt,
+        negative_prompt="",
+        seed=1,
+        steps=2,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+        scheduler="Euler",
+        model="tiny",
+    )
+
+
+def small_png(shade: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def s3_store(server: S3Server, bucket: str, **overrides: object) -> S3Store:
+    settings = S3Settings(bucket=bucket, endpoint_url=server.endpoint_url, region="us-east-1", **overrides)
+    return S3Store.from_settings(settings)
+
+
+def test_saved_image_link_serves_identical_png(generator: Generator, s3_server: S3Server, bucket: str) -> None:
+    result = generator.generate([check_inputs({"prompt": "a kite", "seed": 3, "steps": 2, "width": 64, "height": 64})])
+    png = encode_png(result[0][0])
+    store = s3_store(s3_server, bucket, prefix="sd/")
+    saved = store.save(png, make_record(OWNER))
+    assert saved.record.status == "stored"
+    response = requests.get(saved.link.url, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "image/png"
+    assert response.content == png
+    assert read_png_parameters(response.content).seed == 3
+    assert "a kite" not in saved.link.url and "alice" not in saved.link.url
+    assert saved.link.url.startswith(f"{s3_server.endpoint_url}/{bucket}/sd/owners/{OWNER}/images/")
+
+
+def test_bucket_stays_private(s3_server: S3Server, bucket: str) -> None:
+    store = s3_store(s3_server, bucket)
+    saved = store.save(small_png(), make_record(OWNER))
+    unsigned = saved.link.url.split("?", 1)[0]
+    assert requests.get(unsigned, timeout=10).status_code == 403
+
+
+def test_history_pages_newest_first(s3_server: S3Server, bucket: str) -> None:
+    store = s3_store(s3_server, bucket)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for minute in range(7):
+        store.save(
+            small_png(minute), make_record(OWNER, when=start + dt.timedelta(minutes=minute), prompt=f"p{minute}")
+        )
+    pages = [store.history(OWNER, page=page, page_size=3) for page in (1, 2, 3, 4)]
+    assert [[i.record.prompt for i in p.images] for p in pages] == [["p6", "p5", "p4"], ["p3", "p2", "p1"], ["p0"], []]
+    assert [p.has_more for p in pages] == [True, True, False, False]
+    assert all(requests.get(i.link.url, timeout=10).status_code == 200 for i in pages[0].images)
+
+
+def test_owners_are_isolated(s3_server: S3Server, bucket: str) -> None:
+    store = s3_store(s3_server, bucket)
+    store.save(small_png(), make_record(OWNER, prompt="alice's"))
+    store.save(small_png(), make_record(OTHER, prompt="bob's"))
+    assert [i.record.prompt for i in store.history(OWNER, page=1, page_size=10).images] == ["alice's"]
+    assert [i.record.prompt for i in store.history(OTHER, page=1, page_size=10).images] == ["bob's"]
+    with pytest.raises(ValueError, match="owner"):
+        store.history("../" + OTHER, page=1, page_size=10)
+
+
+def test_first_page_costs_requests_in_proportion_to_page_size(s3_server: S3Server, bucket: str) -> None:
+    store = s3_store(s3_server, bucket)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for second in range(1500):  # more than one S3 listing page (1000 keys)
+        record = make_record(OWNER, when=start + dt.timedelta(seconds=second))
+        store.client.put_object(
+            Bucket=bucket, Key=keys.record_key("", OWNER, record.id), Body=record.model_dump_json().encode()
+        )
+    sent: list[str] = []
+    store.client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.url))
+    page = store.history(OWNER, page=1, page_size=12)
+    assert len(page.images) == 12 and page.has_more
+    assert len(sent) == 1 + 12  # one listing, one GET per record
+    assert page.images[0].record.created_at > page.images[-1].record.created_at
+
+
+def test_link_lifetime_is_validated_and_enforced(s3_server: S3Server, bucket: str) -> None:
+    for bad in (0, 7 * 24 * 3600 + 1):
+        with pytest.raises(ValidationError, match="link_ttl_seconds"):
+            S3Settings(bucket=bucket, link_ttl_seconds=bad)
+    store = s3_store(s3_server, bucket, link_ttl_seconds=90)
+    saved = store.save(small_png(), make_record(OWNER))
+    now = dt.datetime.now(dt.UTC)
+    assert now + dt.timedelta(seconds=85) <= saved.link.expires_at <= now + dt.timedelta(seconds=91)
+    query = parse_qs(urlparse(saved.link.url).query)  # moto does not enforce expiry; S3 does, from these
+    assert query["X-Amz-Expires"] == ["90"] and query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    signed_at = dt.datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    assert abs((signed_at - now).total_seconds()) < 5
+    time.sleep(1.1)
+    fresh = store.link(OWNER, saved.record.id)
+    assert fresh.url != saved.link.url and fresh.expires_at > saved.link.expires_at
+    assert requests.get(fresh.url, timeout=10).status_code == 200
+
+
+def test_public_endpoint_is_used_only_for_links(s3_server: S3Server, bucket: str) -> None:
+    store = s3_store(s3_server, bucket, public_endpoint_url="https://images.example.org")
+    saved = store.save(small_png(), make_record(OWNER))
+    assert saved.link.url.startswith(f"https://images.example.org/{bucket}/owners/")
+
+
+def test_missing_bucket_error_names_bucket_and_endpoint_not_secrets(s3_server: S3Server) -> None:
+    store = s3_store(s3_server, "no-such-bucket-here")
+    with pytest.raises(StorageError) as raised:
+        store.check()
+    message = str(raised.value)
+    assert "no-such-bucket-here" in message and s3_server.endpoint_url in message
+    assert "test-secret-key" not in message and "test-access-key" not in message
+    creating = s3_store(s3_server, "created-on-demand", create_bucket=True)
+    creating.check()
+    creating.check()
+
+
+def test_unreachable_endpoint_is_a_clear_error() -> None:
+    settings = S3Settings(bucket="b-b-b", endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=0.5)
+    with pytest.raises(StorageError, match=r"bucket 'b-b-b' at http://127.0.0.1:9 is unreachable"):
+        S3Store.from_settings(settings).check()
+
+
+def wait_until(condition: object, *, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_outage_spools_then_uploads_everything(tmp_path: Path) -> None:
+    server = S3Server()
+    server.start()
+    server.create_bucket("outage")
+    store = SpoolingStore(
+        s3_store(server, "outage", max_attempts=1, connect_timeout=0.5, read_timeout=1),
+        Spool(tmp_path / "spool"),
+        min_backoff=0.2,
+        max_backoff=1.0,
+    )
+    store.start()
+    try:
+        server.stop()
+        saved = [store.save(small_png(n), make_record(OWNER, prompt=f"outage {n}")) for n in range(5)]
+        assert [s.record.status for s in saved] == ["pending"] * 5
+        with pytest.raises(StorageError):  # S3 is down: history says so clearly
+            store.history(OWNER, page=1, page_size=10)
+        server.start()
+        assert wait_until(lambda: not store.spool.entries(), timeout=20)
+        history = store.history(OWNER, page=1, page_size=10)
+        assert sorted(i.record.prompt for i in history.images) == [f"outage {n}" for n in range(5)]
+        assert {i.record.status for i in history.images} == {"stored"}
+        for item in saved:  # the links handed out while S3 was down now work
+            assert requests.get(item.link.url, timeout=10).status_code == 200
+    finally:
+        store.close(flush_timeout=1)
+        server.stop()
+
+
+def test_restart_with_a_full_spool_drains_it(tmp_path: Path) -> None:
+    server = S3Server()
+    server.start()
+    server.create_bucket("drain")
+    server.stop()
+    spool_dir = tmp_path / "spool"
+    first = SpoolingStore(s3_store(server, "drain", max_attempts=1, connect_timeout=0.5), Spool(spool_dir))
+    first.start()
+    for n in range(3):
+        first.save(small_png(n), make_record(OWNER, prompt=f"kept {n}"))
+    first.close(flush_timeout=0.5)  # S3 still down: everything stays on disk
+    assert len(list(spool_dir.iterdir())) == 3
+    server.start()
+    try:
+        second = SpoolingStore(s3_store(server, "drain"), Spool(spool_dir), min_backoff=0.1)
+        second.start()
+        assert wait_until(lambda: not second.spool.entries(), timeout=20)
+        assert len(second.history(OWNER, page=1, page_size=10).images) == 3
+        second.close()
+    finally:
+        server.stop()
+
+
+def test_full_spool_fails_clearly(tmp_path: Path) -> None:
+    settings = S3Settings(bucket="down", endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=0.2)
+    store = SpoolingStore(S3Store.from_settings(settings), Spool(tmp_path, limits=SpoolLimits(max_items=2)))
+    store.save(small_png(), make_record(OWNER))
+    store.save(small_png(), make_record(OWNER))
+    with pytest.raises(SpoolFullError, match="spool is full"):
+        store.save(small_png(), make_record(OWNER))
+    assert len(store.spool.entries()) == 2
+    assert [r.status for r in store.spool.pending_for(OWNER)] == ["pending", "pending"]
+
+
+def test_local_store_signed_links(tmp_path: Path) -> None:
+    secret = load_or_create_secret(tmp_path)
+    assert (tmp_path / ".link-secret").stat().st_mode & 0o777 == 0o600
+    assert load_or_create_secret(tmp_path) == secret
+    store = LocalStore(tmp_path, secret=secret, link_ttl_seconds=60, base_url="http://app")
+    saved = store.save(small_png(), make_record(OWNER))
+    path_and_query = saved.link.url.removeprefix("http://app/files/")
+    key, query = path_and_query.split("?")
+    params = dict(pair.split("=") for pair in query.split("&"))
+    assert store.open_signed(key, **params).read_bytes() == small_png()
+    with pytest.raises(ForbiddenLinkError):
+        store.open_signed(key, expires=params["expires"], signature="0" * 64)
+    with pytest.raises(ForbiddenLinkError):
+        store.open_signed(key, expires=str(int(params["expires"]) + 1), signature=params["signature"])
+    expired = LocalStore(tmp_path, secret=secret, link_ttl_seconds=-1).link(OWNER, saved.record.id)
+    e_key, e_query = expired.url.removeprefix("/files/").split("?")
+    with pytest.raises(ForbiddenLinkError, match="expired"):
+        store.open_signed(e_key, **dict(pair.split("=") for pair in e_query.split("&")))
+
+
+def test_local_store_refuses_traversal(tmp_path: Path) -> None:
+    secret = load_or_create_secret(tmp_path / "data")
+    (tmp_path / "secret.txt").write_text("top secret")
+    store = LocalStore(tmp_path / "data", secret=secret, link_ttl_seconds=60)
+    expires = str(int(time.time()) + 60)
+    for key in (
+        "../secret.txt",
+        "owners/../../secret.txt",
+        f"owners/{OWNER}/images/../../../../secret.txt",
+        ".link-secret",
+    ):
+        signature = store._sign(key, int(expires))  # even a correctly signed bad key is refused
+        with pytest.raises(ForbiddenLinkError):
+            store.open_signed(key, expires=expires, signature=signature)
+
+
+def test_local_history_matches_s3_layout(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, secret=b"k" * 32, link_ttl_seconds=60)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for minute in range(3):
+        store.save(small_png(), make_record(OWNER, when=start + dt.timedelta(minutes=minute), prompt=f"p{minute}"))
+    page = store.history(OWNER, page=1, page_size=2)
+    assert [i.record.prompt for i in page.images] == ["p2", "p1"] and page.has_more
+    assert store.history(OTHER, page=1, page_size=2).images == []
+    assert (tmp_path / "objects" / "owners" / OWNER / "images").is_dir()
