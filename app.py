@@ -1,0 +1,144 @@
+"""Wire the parts together and serve: ``python app.py --help`` lists every setting."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import uvicorn
+
+from monitoring.health import Health
+from monitoring.metrics import Metrics
+from monitoring.server import MetricsServer
+from sd_pipeline.batching import BatchScheduler
+from sd_pipeline.errors import ModelLoadError
+from sd_pipeline.generator import Generator
+from sd_pipeline.loading import load_pipeline
+from storage.base import ImageStore, StorageError
+from storage.local import LocalStore, load_or_create_secret
+from storage.s3 import S3Store
+from storage.spool import Spool, SpoolingStore, SpoolLimits
+from webapp.server import GracefulServer, create_app
+from webapp.service import ImageService
+from webapp.settings import Settings, SettingsError, load_settings
+from webapp.ui import build_demo
+
+logger = logging.getLogger("sd_service")
+
+
+@dataclass
+class Parts:
+    """Everything ``main`` starts, so it can stop them in order."""
+
+    metrics: Metrics
+    health: Health
+    metrics_server: MetricsServer
+    store: ImageStore
+    scheduler: BatchScheduler | None = None
+    service: ImageService | None = None
+
+
+def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, LocalStore | None]:
+    """S3 (behind the outage spool) when a bucket is set, else the local folder."""
+    s3_settings = settings.s3()
+    if s3_settings is not None:
+        spool = Spool(settings.data_dir / "spool", limits=SpoolLimits(max_items=settings.spool_max_items))
+        s3 = SpoolingStore(S3Store.from_settings(s3_settings), spool, observer=metrics)
+        s3.check()
+        s3.start()
+        return s3, None
+    secret = (
+        settings.link_secret.get_secret_value().encode()
+        if settings.link_secret
+        else load_or_create_secret(settings.data_dir)
+    )
+    local = LocalStore(
+        settings.data_dir, secret=secret, link_ttl_seconds=settings.link_ttl_seconds, base_url=settings.base_url()
+    )
+    local.check()
+    return local, local
+
+
+def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
+    """Start metrics, storage, the model and the batch worker; raises on anything unusable."""
+    metrics = Metrics(version="0.1.0")
+    metrics.queue_capacity.set(settings.queue_max_size)
+    health = Health()
+    metrics_server = MetricsServer(
+        metrics.registry, health, host=settings.metrics_host or settings.host, port=settings.metrics_port
+    )
+    metrics_server.start()
+    store, local_store = build_store(settings, metrics)
+    health.storage_check = store.check
+    parts = Parts(metrics=metrics, health=health, metrics_server=metrics_server, store=store)
+    loaded = load_pipeline(settings.pipeline())
+    metrics.model_loaded(
+        model=loaded.model,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        seconds=loaded.load_seconds,
+    )
+    generator = Generator(loaded, limits=settings.limits(), max_batch_images=settings.max_batch_size, observer=metrics)
+    if settings.sd_warmup:
+        generator.warmup()
+    parts.scheduler = BatchScheduler(
+        generator, max_batch_size=settings.max_batch_size, capacity=settings.queue_max_size, observer=metrics
+    )
+    parts.scheduler.start()
+    parts.service = ImageService(generator, parts.scheduler, store, metrics, page_size=settings.history_page_size)
+    health.model_loaded()
+    return parts, local_store
+
+
+def drain(parts: Parts, settings: Settings) -> None:
+    """Stop taking requests, finish queued and running work, then let in-flight saves complete."""
+    parts.health.shutting_down()
+    if parts.scheduler is not None:
+        parts.scheduler.close(timeout=settings.shutdown_timeout)
+    if parts.service is not None:
+        parts.service.wait_idle(timeout=10)
+
+
+def stop(parts: Parts) -> None:
+    """Flush uploads (the spool keeps the rest) and close the side port."""
+    parts.store.close()
+    parts.metrics_server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse settings, start everything, serve until SIGTERM or Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(argv)
+        auth = settings.credentials()
+        parts, local_store = start(settings)
+    except (SettingsError, ModelLoadError, StorageError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    assert parts.service is not None
+    demo = build_demo(parts.service, limits=settings.limits(), model_name=settings.sd_model)
+    demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
+    app = create_app(
+        demo,
+        local_store=local_store,
+        auth=auth,
+        max_file_size=settings.max_file_size,
+        allowed_paths=[str(parts.service.gallery_dir)],
+        secure_cookies=settings.base_url().startswith("https://"),
+    )
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    server = GracefulServer(config, drain=lambda: drain(parts, settings))
+    logger.info("serving on %s (metrics on port %d)", settings.base_url(), parts.metrics_server.port)
+    try:
+        server.run()
+    finally:
+        stop(parts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

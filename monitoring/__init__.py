@@ -1,0 +1,1 @@
+"""Prometheus metrics, the side-port HTTP server and health checks."""

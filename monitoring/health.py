@@ -1,0 +1,64 @@
+"""Liveness and readiness: model loaded, storage reachable, not shutting down."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReadinessReport:
+    """Whether the app should get traffic, and why not."""
+
+    ready: bool
+    reasons: list[str]
+
+
+class Health:
+    """Flags set by the app as it starts and stops, plus a cached storage check."""
+
+    def __init__(self, *, storage_check: Callable[[], None] | None = None, cache_seconds: float = 5.0) -> None:
+        self.storage_check = storage_check
+        self.cache_seconds = cache_seconds
+        self._model_loaded = False
+        self._shutting_down = False
+        self._lock = threading.Lock()
+        self._storage_checked_at = float("-inf")
+        self._storage_problem: str | None = None
+
+    def model_loaded(self) -> None:
+        self._model_loaded = True
+
+    def shutting_down(self) -> None:
+        self._shutting_down = True
+
+    @property
+    def is_shutting_down(self) -> bool:
+        return self._shutting_down
+
+    def readiness(self) -> ReadinessReport:
+        """Ready when the model is loaded, storage answers and shutdown has not begun."""
+        reasons = []
+        if not self._model_loaded:
+            reasons.append("model not loaded")
+        if self._shutting_down:
+            reasons.append("shutting down")
+        problem = self._storage()
+        if problem:
+            reasons.append(problem)
+        return ReadinessReport(ready=not reasons, reasons=reasons)
+
+    def _storage(self) -> str | None:
+        if self.storage_check is None:
+            return None
+        with self._lock:
+            if time.monotonic() - self._storage_checked_at >= self.cache_seconds:
+                try:
+                    self.storage_check()
+                    self._storage_problem = None
+                except Exception as error:  # noqa: BLE001 - any failure means "not ready", reported by type
+                    self._storage_problem = f"storage unreachable: {type(error).__name__}"
+                self._storage_checked_at = time.monotonic()
+            return self._storage_problem

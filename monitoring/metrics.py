@@ -1,0 +1,179 @@
+"""The one module that owns the Prometheus objects. Code elsewhere reports plain facts to it."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from enum import StrEnum
+
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "sdapp_"
+# Multi-second GPU work: from a tenth of a second to ten minutes.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+STORAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Outcome(StrEnum):
+    """How a generation request ended (the only values of the ``outcome`` label)."""
+
+    SUCCESS = "success"
+    INVALID = "invalid"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+    REJECTED = "rejected"
+
+
+class StorageOperation(StrEnum):
+    """Storage operations that can fail (the only values of the ``operation`` label)."""
+
+    UPLOAD = "upload"
+    HISTORY = "history"
+    CHECK = "check"
+
+
+class _GpuMemoryCollector(Collector):
+    """GPU memory read at scrape time, only when CUDA is in use."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            return
+        allocated = GaugeMetricFamily(
+            f"{PREFIX}gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            f"{PREFIX}gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator", labels=["device"]
+        )
+        for index in range(torch.cuda.device_count()):
+            allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
+            reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
+        yield allocated
+        yield reserved
+
+
+class Metrics:
+    """All metrics of the app, registered in ``registry`` (a fresh one per instance by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, version: str = "dev") -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}requests", "Generation requests by outcome", ["outcome"], registry=r)
+        self.images = Counter(f"{PREFIX}images_generated", "Images generated and returned to users", registry=r)
+        self.queue_wait = Histogram(
+            f"{PREFIX}queue_wait_seconds",
+            "Time a request waited before its pipeline call started",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation = Histogram(
+            f"{PREFIX}generation_seconds", "Wall time of one pipeline call", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}request_duration_seconds",
+            "End-to-end time of a successful request, storage included",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}batch_size_images",
+            "Images generated together in one pipeline call",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            f"{PREFIX}denoising_step_seconds", "Time of one denoising step", buckets=STEP_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(f"{PREFIX}queue_depth", "Requests waiting for the pipeline", registry=r)
+        self.queue_capacity = Gauge(f"{PREFIX}queue_capacity", "Most requests the queue accepts", registry=r)
+        self.in_progress = Gauge(f"{PREFIX}requests_in_progress", "Requests being handled now", registry=r)
+        self.pipeline_busy = Counter(
+            f"{PREFIX}pipeline_busy_seconds", "Time the pipeline spent in pipeline calls", registry=r
+        )
+        self.pipeline_idle_waiting = Counter(
+            f"{PREFIX}pipeline_idle_while_waiting_seconds",
+            "Time the pipeline sat idle while requests were waiting for it",
+            registry=r,
+        )
+        self.out_of_memory_events = Counter(
+            f"{PREFIX}gpu_out_of_memory", "Pipeline calls that ran out of accelerator memory", registry=r
+        )
+        self.upload_duration = Histogram(
+            f"{PREFIX}storage_upload_seconds",
+            "Time to upload one image and its record",
+            buckets=STORAGE_BUCKETS,
+            registry=r,
+        )
+        self.storage_failures = Counter(
+            f"{PREFIX}storage_failures", "Failed storage operations by operation", ["operation"], registry=r
+        )
+        self.uploads_pending = Gauge(
+            f"{PREFIX}storage_uploads_pending", "Images in the on-disk spool waiting for upload", registry=r
+        )
+        self.model_load = Gauge(f"{PREFIX}model_load_seconds", "Time the model took to load", registry=r)
+        self.model_info = Info(f"{PREFIX}model", "The model served, its device and dtype", registry=r)
+        self.build_info = Info(f"{PREFIX}build", "Versions of the app and its main libraries", registry=r)
+        self.build_info.info({"version": version, "python": platform.python_version(), "torch": torch.__version__})
+        for outcome in Outcome:
+            self.requests.labels(outcome=outcome.value)
+        for operation in StorageOperation:
+            self.storage_failures.labels(operation=operation.value)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(_GpuMemoryCollector())
+
+    # Facts from the request path.
+    def request_finished(self, outcome: Outcome, *, seconds: float | None = None, images: int = 0) -> None:
+        """Count a finished request; successful ones also record their end-to-end time."""
+        self.requests.labels(outcome=outcome.value).inc()
+        if outcome is Outcome.SUCCESS and seconds is not None:
+            self.request_duration.observe(seconds)
+            self.images.inc(images)
+
+    def model_loaded(self, *, model: str, device: str, dtype: str, seconds: float) -> None:
+        self.model_load.set(seconds)
+        self.model_info.info({"model": model, "device": device, "dtype": dtype})
+
+    # GenerationObserver (sd_pipeline.generator)
+    def pipeline_call(self, *, seconds: float, images: int) -> None:
+        self.generation.observe(seconds)
+        self.batch_size.observe(images)
+        self.pipeline_busy.inc(seconds)
+
+    def denoising_step(self, *, seconds: float) -> None:
+        self.step_duration.observe(seconds)
+
+    def out_of_memory(self) -> None:
+        self.out_of_memory_events.inc()
+
+    # BatchObserver (sd_pipeline.batching)
+    def queued(self, *, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def started(self, *, waited_seconds: float) -> None:
+        self.queue_wait.observe(waited_seconds)
+
+    def idle_while_waiting(self, *, seconds: float) -> None:
+        self.pipeline_idle_waiting.inc(seconds)
+
+    # StorageObserver (storage.spool)
+    def upload(self, *, seconds: float) -> None:
+        self.upload_duration.observe(seconds)
+
+    def failure(self, *, operation: str) -> None:
+        self.storage_failures.labels(operation=StorageOperation(operation).value).inc()
+
+    def pending(self, *, count: int) -> None:
+        self.uploads_pending.set(count)

@@ -1,0 +1,58 @@
+"""Whose history is this? The login name, else the browser's cookie, else the API client's session."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from storage.keys import owner_key
+
+OWNER_COOKIE = "sd_owner"
+COOKIE_MAX_AGE = 400 * 24 * 3600  # the longest browsers keep a cookie
+_TOKEN_LENGTH = 43  # secrets.token_urlsafe(32)
+
+
+def resolve_owner(*, username: str | None, cookie: str | None, session_hash: str | None) -> str:
+    """The storage owner key for a request; distinct identities never share a key."""
+    if username:
+        return owner_key(f"user:{username}")
+    if cookie and len(cookie) == _TOKEN_LENGTH:
+        return owner_key(f"browser:{cookie}")
+    if session_hash:
+        return owner_key(f"session:{session_hash}")
+    raise ValueError("request has no user, browser cookie or session")
+
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class OwnerCookieMiddleware:
+    """Gives every browser a random, HttpOnly owner cookie the first time it loads anything."""
+
+    def __init__(self, app: ASGIApp, *, secure: bool = False) -> None:
+        self.app = app
+        self.secure = secure
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _has_cookie(scope):
+            await self.app(scope, receive, send)
+            return
+        cookie = f"{OWNER_COOKIE}={secrets.token_urlsafe(32)}; Max-Age={COOKIE_MAX_AGE}; Path=/; HttpOnly; SameSite=Lax"
+        if self.secure:
+            cookie += "; Secure"
+
+        async def send_with_cookie(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"set-cookie", cookie.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
+
+
+def _has_cookie(scope: Scope) -> bool:
+    marker = f"{OWNER_COOKIE}=".encode()
+    return any(name == b"cookie" and marker in value for name, value in scope.get("headers", []))

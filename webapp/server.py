@@ -1,0 +1,78 @@
+"""The HTTP server: FastAPI with the signed-file route, Gradio mounted at ``/``, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse
+
+from storage.local import LINK_ROUTE, ForbiddenLinkError, LocalStore
+from webapp.owners import ASGIApp, OwnerCookieMiddleware
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    demo: gr.Blocks,
+    *,
+    local_store: LocalStore | None,
+    auth: list[tuple[str, str]] | None,
+    max_file_size: str,
+    allowed_paths: list[str],
+    secure_cookies: bool = False,
+) -> ASGIApp:
+    """FastAPI app serving signed local files (when storing locally) and the Gradio page."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    if local_store is not None:
+        store = local_store
+
+        @app.get(LINK_ROUTE + "/{key:path}", include_in_schema=False)
+        def signed_file(key: str, expires: str = "", signature: str = "") -> FileResponse:
+            try:
+                path = store.open_signed(key, expires=expires, signature=signature)
+            except ForbiddenLinkError as error:
+                raise HTTPException(status_code=403, detail=str(error)) from None
+            return FileResponse(path, media_type="image/png", filename=path.name, content_disposition_type="inline")
+
+    gr.mount_gradio_app(
+        app,
+        demo,
+        path="",
+        auth=auth or None,
+        max_file_size=max_file_size,
+        enable_monitoring=False,
+        allowed_paths=allowed_paths,
+        footer_links=["api"],
+        show_error=True,
+        ssr_mode=False,
+    )
+    return OwnerCookieMiddleware(app, secure=secure_cookies)
+
+
+class GracefulServer(uvicorn.Server):
+    """On the first SIGTERM or Ctrl-C, run ``drain`` (finish work, flush) before stopping; a second forces."""
+
+    def __init__(self, config: uvicorn.Config, *, drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        logger.info("stop requested: finishing running work before exit")
+        threading.Thread(target=self._drain_then_exit, name="graceful-stop", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.should_exit = True

@@ -1,0 +1,171 @@
+"""What a generate or history call does, independent of Gradio: validate, queue, store, link."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from monitoring.metrics import Metrics, Outcome
+from sd_pipeline.batching import BatchScheduler, QueueFullError, ShuttingDownError
+from sd_pipeline.errors import GenerationCancelledError, InvalidRequestError, OutOfMemoryError
+from sd_pipeline.generator import GenerationJob, GenerationResult, Generator
+from sd_pipeline.png import encode_png
+from storage.base import ImageStore, StorageError
+from storage.keys import new_image_id
+from storage.records import HistoryPage, ImageRecord, LinkedImage
+
+ProgressSink = Callable[[str, float | None], None]
+_GALLERY_FILE_LIFETIME = 3600.0
+
+
+class UserFacingError(RuntimeError):
+    """An error whose message is meant for the user (bad input, busy, storage down)."""
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """A stored (or spooled) image and the PNG file the page shows."""
+
+    linked: LinkedImage
+    png_path: Path
+
+
+class ImageService:
+    """Validates, queues, generates, stores and lists images for owners."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        scheduler: BatchScheduler,
+        store: ImageStore,
+        metrics: Metrics,
+        *,
+        page_size: int,
+        gallery_dir: Path | None = None,
+    ) -> None:
+        self.generator = generator
+        self.scheduler = scheduler
+        self.store = store
+        self.metrics = metrics
+        self.page_size = page_size
+        self.gallery_dir = gallery_dir or Path(tempfile.gettempdir()) / "sd-service-gallery"
+        self.active = 0
+
+    def wait_idle(self, *, timeout: float) -> bool:
+        """Wait until no request is being handled (used on shutdown); True if idle in time."""
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.active
+
+    async def generate(self, fields: Mapping[str, Any], *, owner: str, progress: ProgressSink) -> list[GeneratedImage]:
+        """Run one request end to end; raises ``UserFacingError`` with a message for the user."""
+        started = time.perf_counter()
+        self.metrics.in_progress.inc()
+        self.active += 1
+        try:
+            results = await self._generate(fields, progress)
+            images = await asyncio.to_thread(self._store_all, results, owner)
+        except UserFacingError as error:
+            self.metrics.request_finished(_outcome_of(error))
+            raise
+        except (asyncio.CancelledError, GenerationCancelledError):
+            self.metrics.request_finished(Outcome.CANCELLED)
+            raise
+        except Exception:
+            self.metrics.request_finished(Outcome.ERROR)
+            raise
+        finally:
+            self.metrics.in_progress.dec()
+            self.active -= 1
+        self.metrics.request_finished(Outcome.SUCCESS, seconds=time.perf_counter() - started, images=len(images))
+        return images
+
+    async def _generate(self, fields: Mapping[str, Any], progress: ProgressSink) -> list[GenerationResult]:
+        try:
+            request = self.generator.check(fields)
+        except InvalidRequestError as error:
+            raise InvalidInputError(str(error)) from error
+        steps_done = [0]
+        job = GenerationJob(request, on_step=lambda step, total: steps_done.__setitem__(0, step))
+        try:
+            future = self.scheduler.submit(job)
+        except (QueueFullError, ShuttingDownError) as error:
+            raise BusyError(str(error)) from error
+        wrapped = asyncio.wrap_future(future)
+        try:
+            while not wrapped.done():
+                ahead = self.scheduler.position(job)
+                if ahead is not None:
+                    progress(f"waiting for the GPU: {ahead} ahead", None)
+                else:
+                    progress(f"step {steps_done[0]}/{request.steps}", steps_done[0] / request.steps)
+                await asyncio.wait({wrapped}, timeout=0.1)
+            return wrapped.result()
+        except asyncio.CancelledError:
+            self.scheduler.cancel(job)
+            raise
+        except OutOfMemoryError as error:
+            raise GenerationFailedError(str(error)) from error
+
+    def _store_all(self, results: list[GenerationResult], owner: str) -> list[GeneratedImage]:
+        self._prune_gallery_files()
+        images = []
+        for result in results:
+            now = dt.datetime.now(dt.UTC)
+            record = ImageRecord.from_result(result, image_id=new_image_id(now), owner=owner, created_at=now)
+            png = encode_png(result)
+            try:
+                linked = self.store.save(png, record)
+            except StorageError as error:
+                raise StorageUnavailableError(f"the image could not be stored: {error}") from error
+            path = self.gallery_dir / f"{record.id}.png"
+            path.write_bytes(png)
+            images.append(GeneratedImage(linked=linked, png_path=path))
+        return images
+
+    def _prune_gallery_files(self) -> None:
+        self.gallery_dir.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - _GALLERY_FILE_LIFETIME
+        for path in self.gallery_dir.glob("*.png"):
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+
+    def history(self, *, owner: str, page: Any) -> HistoryPage:
+        """One page of the owner's history with fresh links."""
+        if isinstance(page, bool) or not isinstance(page, (int, float)) or page != int(page) or not 1 <= page <= 10_000:
+            raise InvalidInputError(f"page: must be an integer from 1 to 10000, got {page!r}")
+        try:
+            return self.store.history(owner, page=int(page), page_size=self.page_size)
+        except StorageError as error:
+            raise StorageUnavailableError(f"history is unavailable right now: {error}") from error
+
+
+class InvalidInputError(UserFacingError):
+    """A field is out of range."""
+
+
+class BusyError(UserFacingError):
+    """The queue is full or the server is stopping."""
+
+
+class StorageUnavailableError(UserFacingError):
+    """Storage failed and the spool could not take the image."""
+
+
+class GenerationFailedError(UserFacingError):
+    """The pipeline could not make the image (e.g. out of memory)."""
+
+
+def _outcome_of(error: UserFacingError) -> Outcome:
+    if isinstance(error, InvalidInputError):
+        return Outcome.INVALID
+    if isinstance(error, BusyError):
+        return Outcome.REJECTED
+    return Outcome.ERROR

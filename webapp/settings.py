@@ -1,0 +1,160 @@
+"""One typed settings object, read from the environment and from command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sd_pipeline.request import RequestLimits
+from sd_pipeline.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings
+from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message is one line naming it."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the app. Environment names are the field names in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    sd_model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local pipeline folder")
+    sd_device: DeviceName = Field("auto", description="auto, cuda, mps or cpu")
+    sd_dtype: DtypeName = Field(
+        "auto", description="auto (float16 on CUDA, float32 otherwise), float16, bfloat16, float32"
+    )
+    sd_safety_checker: bool = Field(True, description="run the model's safety checker when it ships one")
+    sd_cpu_threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    sd_warmup: bool = Field(True, description="generate one tiny image at start-up")
+    sd_compile: bool = Field(False, description="torch.compile the UNet (CUDA)")
+    sd_channels_last: bool = Field(False, description="channels-last memory format")
+    sd_fuse_qkv: bool = Field(False, description="fuse attention projections")
+    max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
+
+    host: str = Field("127.0.0.1", description="address the web app binds (0.0.0.0 in containers)")
+    port: int = Field(7860, ge=1, le=65535, description="web app port")
+    metrics_host: str | None = Field(None, description="address of the metrics side port (default: HOST)")
+    metrics_port: int = Field(8000, ge=0, le=65535, description="Prometheus metrics and health side port")
+    public_url: str | None = Field(None, description="base URL users reach the app at (for local-storage links)")
+
+    data_dir: Path = Field(Path("data"), description="local images, upload spool and link secret")
+    s3_bucket: str | None = Field(None, description="store images in this S3 bucket (unset: local folder)")
+    s3_prefix: str = Field("", description="key prefix inside the bucket")
+    s3_region: str | None = Field(None, description="bucket region")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (SeaweedFS, Garage, R2, Ceph)")
+    s3_public_endpoint_url: str | None = Field(None, description="endpoint used only to sign links for browsers")
+    s3_addressing_style: Literal["auto", "virtual", "path"] = Field("auto", description="S3 addressing style")
+    s3_create_bucket: bool = Field(False, description="create the bucket at start-up when missing")
+    link_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_LINK_TTL_SECONDS, description="lifetime of image links")
+    link_secret: SecretStr | None = Field(None, description="HMAC key for local links (default: kept in DATA_DIR)")
+    spool_max_items: int = Field(1000, ge=1, description="uploads kept on disk while S3 is down")
+
+    queue_max_size: int = Field(64, ge=1, description="requests accepted at once; more get 'busy, try again'")
+    max_batch_size: int = Field(8, ge=1, le=64, description="requests batched into one pipeline run")
+    history_page_size: int = Field(12, ge=1, le=100, description="images per history page")
+    auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")
+    auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
+    shutdown_timeout: float = Field(60.0, gt=0, description="seconds to finish running work on SIGTERM")
+    max_file_size: str = Field("10mb", description="largest upload Gradio accepts")
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix_ends_with_slash(cls, value: str) -> str:
+        return value if not value or value.endswith("/") else value + "/"
+
+    def pipeline(self) -> PipelineSettings:
+        return PipelineSettings(
+            model=self.sd_model,
+            device=self.sd_device,
+            dtype=self.sd_dtype,
+            safety_checker=self.sd_safety_checker,
+            cpu_threads=self.sd_cpu_threads,
+            warmup=self.sd_warmup,
+            compile_unet=self.sd_compile,
+            channels_last=self.sd_channels_last,
+            fuse_qkv=self.sd_fuse_qkv,
+            max_pixels=self.max_pixels,
+        )
+
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_pixels=self.max_pixels)
+
+    def s3(self) -> S3Settings | None:
+        if not self.s3_bucket:
+            return None
+        return S3Settings(
+            bucket=self.s3_bucket,
+            prefix=self.s3_prefix,
+            region=self.s3_region,
+            endpoint_url=self.s3_endpoint_url,
+            public_endpoint_url=self.s3_public_endpoint_url,
+            addressing_style=self.s3_addressing_style,
+            link_ttl_seconds=self.link_ttl_seconds,
+            create_bucket=self.s3_create_bucket,
+        )
+
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def credentials(self) -> list[tuple[str, str]]:
+        """Login pairs from AUTH_FILE and AUTH_USERS; empty means no login."""
+        lines: list[str] = []
+        if self.auth_file is not None:
+            lines += self.auth_file.read_text(encoding="utf-8").splitlines()
+        if self.auth_users is not None:
+            lines += self.auth_users.get_secret_value().split(",")
+        pairs = []
+        for line in (line.strip() for line in lines):
+            if not line or line.startswith("#"):
+                continue
+            user, separator, password = line.partition(":")
+            if not separator or not user or not password:
+                raise SettingsError("auth: each entry must be 'user:password'")
+            pairs.append((user, password))
+        return pairs
+
+
+# Short flags people expect, besides the --field-name form every setting has.
+_ALIASES = {"sd_model": ["--model"], "sd_device": ["--device"]}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Text-to-image web app. Every flag can also be set by the environment variable in brackets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, field in Settings.model_fields.items():
+        flags = [f"--{name.replace('_', '-')}", *_ALIASES.get(name, [])]
+        default = field.default if not isinstance(field.default, SecretStr) else "(secret)"
+        parser.add_argument(
+            *flags,
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar=name.upper(),
+            help=f"{field.description} [{name.upper()}] (default: {default})",
+        )
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None) -> Settings:
+    """Settings from flags (highest), then the environment, then defaults; one-line error when bad."""
+    flags: dict[str, Any] = vars(_parser().parse_args(argv))
+    try:
+        if env is not None:
+            environment = {key.lower(): value for key, value in env.items() if key.lower() in Settings.model_fields}
+            return Settings.model_validate({**environment, **flags})
+        return Settings(**flags)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]).upper()
+        raise SettingsError(f"invalid setting {field}: {first['msg']} (got {first.get('input')!r})") from None

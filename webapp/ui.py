@@ -1,0 +1,226 @@
+"""The Gradio page and its two public API endpoints, ``/generate`` and ``/history``."""
+
+from __future__ import annotations
+
+from http.cookies import SimpleCookie
+from typing import Any
+
+import gradio as gr
+
+from sd_pipeline.request import RequestLimits
+from sd_pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from webapp.owners import OWNER_COOKIE, resolve_owner
+from webapp.service import GeneratedImage, ImageService, UserFacingError
+
+GalleryItems = list[tuple[str, str]]
+FORM_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
+
+CSS = """
+.gradio-container {max-width: 1280px !important; margin: auto;}
+#links a {word-break: break-all;}
+footer {display: none !important;}
+"""
+
+
+def owner_of(request: gr.Request) -> str:
+    """The owner key of whoever made this request."""
+    cookie_header = request.headers.get("cookie") if request.headers else None
+    cookie = None
+    if cookie_header:
+        parsed: SimpleCookie = SimpleCookie()
+        parsed.load(cookie_header)
+        if OWNER_COOKIE in parsed:
+            cookie = parsed[OWNER_COOKIE].value
+    return resolve_owner(username=request.username, cookie=cookie, session_hash=request.session_hash)
+
+
+def _caption(image: dict[str, Any]) -> str:
+    return f"seed {image['seed']} · {image['width']}x{image['height']} · {image['scheduler']}"
+
+
+def _links_markdown(result: dict[str, Any]) -> str:
+    lines = []
+    for number, image in enumerate(result.get("images", []), start=1):
+        note = " (upload pending: the link works once storage is back)" if image["status"] == "pending" else ""
+        lines.append(f"{number}. [Shareable link]({image['url']}) · seed `{image['seed']}`{note}")
+    return "\n".join(lines)
+
+
+def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str) -> gr.Blocks:
+    """The page: a form, the new images with links, and the owner's paged history."""
+
+    async def generate(
+        prompt: str,
+        negative_prompt: str = "",
+        seed: float = -1,
+        steps: float = 25,
+        guidance_scale: float = 7.5,
+        width: float = 512,
+        height: float = 512,
+        num_images: float = 1,
+        scheduler: str = DEFAULT_SCHEDULER,
+        request: gr.Request | None = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's documented way to get progress
+    ) -> tuple[GalleryItems, dict[str, Any]]:
+        """Generate images from a prompt, store them, and return them with shareable links.
+
+        Args:
+            prompt: what to draw (required; at most the model's token limit)
+            negative_prompt: what to avoid
+            seed: 0 to 4294967295, or -1 for a random seed (the seed used is in the result)
+            steps: denoising steps, 1 to 100
+            guidance_scale: classifier-free guidance, 0 to 30
+            width: 64 to 1024, a multiple of 8
+            height: 64 to 1024, a multiple of 8
+            num_images: images for this prompt, 1 to 4 (seeds seed, seed+1, ...)
+            scheduler: one of the listed sampler names
+        """
+        assert request is not None
+        fields = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "seed": seed,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "width": width,
+            "height": height,
+            "num_images": num_images,
+            "scheduler": scheduler,
+        }
+        try:
+            images = await service.generate(
+                fields, owner=owner_of(request), progress=lambda desc, done: progress(done, desc=desc)
+            )
+        except UserFacingError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        return _gallery(images), {"images": [image.linked.to_api() for image in images]}
+
+    def history(page: float = 1, request: gr.Request | None = None) -> tuple[GalleryItems, dict[str, Any]]:
+        """One page of your earlier images, newest first, with freshly signed links.
+
+        Args:
+            page: page number, from 1
+        """
+        assert request is not None
+        try:
+            found = service.history(owner=owner_of(request), page=page)
+        except UserFacingError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        records = [image.to_api() for image in found.images]
+        gallery = [(image["url"], _caption(image)) for image in records]
+        return gallery, {"images": records, "page": found.page, "has_more": found.has_more}
+
+    with gr.Blocks(title="sd-service · text to image", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(f"## Text to image\nModel: `{model_name}` · images are stored with shareable links.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=320):
+                prompt = gr.Textbox(
+                    label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dusk, oil painting"
+                )
+                negative = gr.Textbox(label="Negative prompt", value="", lines=1, placeholder="blurry, low quality")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", scale=3)
+                    stop = gr.Button("Stop", variant="stop", scale=1)
+                with gr.Accordion("Settings", open=True):
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", min_width=140)
+                        scheduler = gr.Dropdown(
+                            list(SCHEDULER_NAMES), value=DEFAULT_SCHEDULER, label="Sampler", allow_custom_value=True
+                        )
+                    with gr.Row():
+                        width = gr.Number(label="Width", value=512, precision=0, info="64-1024, multiple of 8")
+                        height = gr.Number(label="Height", value=512, precision=0, info="64-1024, multiple of 8")
+                    steps = gr.Slider(limits.min_steps, limits.max_steps, value=25, step=1, precision=0, label="Steps")
+                    guidance = gr.Slider(0, limits.max_guidance, value=7.5, step=0.5, label="Guidance scale")
+                    count = gr.Slider(1, limits.max_images, value=1, step=1, precision=0, label="Images")
+            with gr.Column(scale=7, min_width=320):
+                gallery = gr.Gallery(label="Images", columns=2, height="auto", format="png", elem_id="result-gallery")
+                links = gr.Markdown(elem_id="links")
+                with gr.Row():
+                    random_seed = gr.Button("Random seed", size="sm")
+                    reuse_seed = gr.Button("Reuse last seed", size="sm")
+                result = gr.JSON(label="Result", open=False)
+        with gr.Accordion("History", open=True):
+            with gr.Row():
+                previous_page = gr.Button("◀ Newer", size="sm")
+                page = gr.Number(label="Page", value=1, precision=0, minimum=1, min_width=100)
+                next_page = gr.Button("Older ▶", size="sm")
+                refresh = gr.Button("Refresh", size="sm")
+            history_gallery = gr.Gallery(label="History", columns=6, height="auto", elem_id="history-gallery")
+            with gr.Row():
+                selected = gr.JSON(label="Selected image", open=True)
+                with gr.Column():
+                    selected_link = gr.Markdown()
+                    load_settings = gr.Button("Load these settings into the form")
+            history_json = gr.JSON(label="History page", visible=False)
+        chosen = gr.State()
+
+        history_event = dict(inputs=page, outputs=[history_gallery, history_json])
+        demo.load(history, **history_event, api_name="history", concurrency_limit=None)
+        form = [prompt, negative, seed, steps, guidance, width, height, count, scheduler]
+        generation = gr.on(
+            [run.click, prompt.submit],
+            generate,
+            inputs=form,
+            outputs=[gallery, result],
+            api_name="generate",
+            concurrency_limit=None,
+            concurrency_id="generate",
+        )
+        generation.then(lambda r: _links_markdown(r), inputs=result, outputs=links, api_visibility="private").then(
+            history, inputs=page, outputs=[history_gallery, history_json], api_visibility="private"
+        )
+        stop.click(None, cancels=[generation])
+        random_seed.click(lambda: -1, outputs=seed, api_visibility="private")
+        reuse_seed.click(_last_seed, inputs=[result, seed], outputs=seed, api_visibility="private")
+
+        refresh.click(history, **history_event, api_visibility="private")
+        page.submit(history, **history_event, api_visibility="private")
+        previous_page.click(lambda p: max(1, int(p or 1) - 1), page, page, api_visibility="private").then(
+            history, **history_event, api_visibility="private"
+        )
+        next_page.click(_next_page, [page, history_json], page, api_visibility="private").then(
+            history, **history_event, api_visibility="private"
+        )
+        history_gallery.select(
+            _select, inputs=history_json, outputs=[selected, selected_link, chosen], api_visibility="private"
+        )
+        load_settings.click(_settings_of, inputs=chosen, outputs=[*form], api_visibility="private")
+    return demo
+
+
+def _gallery(images: list[GeneratedImage]) -> GalleryItems:
+    return [(str(image.png_path), _caption(image.linked.to_api())) for image in images]
+
+
+def _last_seed(result: dict[str, Any] | None, current: float) -> float:
+    images = (result or {}).get("images") or []
+    return float(images[0]["seed"]) if images else current
+
+
+def _next_page(page: float, listing: dict[str, Any] | None) -> int:
+    current = int(page or 1)
+    return current + 1 if (listing or {}).get("has_more") else current
+
+
+def _select(listing: dict[str, Any] | None, event: gr.SelectData) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    image = ((listing or {}).get("images") or [])[event.index]
+    shown = {key: image[key] for key in (*FORM_FIELDS, "model", "created_at", "status")}
+    link = f"[Shareable link]({image['url']}) (expires {image['expires_at']})"
+    return shown, link, image
+
+
+def _settings_of(image: dict[str, Any] | None) -> list[Any]:
+    if not image:
+        raise gr.Error("Select an image in the history first", print_exception=False)
+    return [
+        image["prompt"],
+        image["negative_prompt"],
+        image["seed"],
+        image["steps"],
+        image["guidance_scale"],
+        image["width"],
+        image["height"],
+        1,
+        image["scheduler"],
+    ]
