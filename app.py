@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,7 @@ def drain(parts: Parts, settings: Settings) -> None:
         parts.scheduler.close(timeout=settings.shutdown_timeout)
     if parts.service is not None:
         parts.service.wait_idle(timeout=10)
+    time.sleep(settings.shutdown_linger)  # clients fetch their result files before the listener closes
 
 
 def stop(parts: Parts) -> None:
@@ -131,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5
     )
-    server = GracefulServer(config, drain=lambda: drain(parts, settings))
+    server = GracefulServer(config, drain=lambda: drain(parts, settings), on_started=parts.health.serving)
     logger.info("serving on %s (metrics on port %d)", settings.base_url(), parts.metrics_server.port)
     try:
         server.run()

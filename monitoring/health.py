@@ -23,6 +23,7 @@ class Health:
         self.storage_check = storage_check
         self.cache_seconds = cache_seconds
         self._model_loaded = False
+        self._serving = False
         self._shutting_down = False
         self._lock = threading.Lock()
         self._storage_checked_at = float("-inf")
@@ -30,6 +31,9 @@ class Health:
 
     def model_loaded(self) -> None:
         self._model_loaded = True
+
+    def serving(self) -> None:
+        self._serving = True
 
     def shutting_down(self) -> None:
         self._shutting_down = True
@@ -39,10 +43,12 @@ class Health:
         return self._shutting_down
 
     def readiness(self) -> ReadinessReport:
-        """Ready when the model is loaded, storage answers and shutdown has not begun."""
+        """Ready when the model is loaded, the web server listens, storage answers and no shutdown began."""
         reasons = []
         if not self._model_loaded:
             reasons.append("model not loaded")
+        if not self._serving:
+            reasons.append("web server not started")
         if self._shutting_down:
             reasons.append("shutting down")
         problem = self._storage()

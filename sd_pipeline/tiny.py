@@ -56,12 +56,13 @@ def build_tiny_pipeline(folder: str | Path, *, seed: int = 0) -> Path:
         cross_attention_dim=32,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
+    vae = AutoencoderKL(  # four blocks: latents are 1/8 of the image per side, as in real SD
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         norm_num_groups=32,
     )

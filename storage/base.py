@@ -26,6 +26,10 @@ class ImageStore(Protocol):
         """One page of ``owner``'s images, newest first, with fresh links."""
         ...
 
+    def fetch(self, owner: str, image_id: str) -> bytes:
+        """The PNG bytes of one of ``owner``'s images; raises ``StorageError``."""
+        ...
+
     def link(self, owner: str, image_id: str) -> Link:
         """A fresh link for one image."""
         ...

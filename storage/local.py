@@ -70,6 +70,13 @@ class LocalStore:
             images.append(LinkedImage(record, self.link(owner, record.id)))
         return HistoryPage(images=images, page=page, has_more=len(names) > page * page_size)
 
+    def fetch(self, owner: str, image_id: str) -> bytes:
+        """Read one image."""
+        try:
+            return self._path(keys.image_key("", owner, image_id)).read_bytes()
+        except OSError as error:
+            raise StorageError(f"cannot read image {image_id} from {self.root}: {error.strerror}") from error
+
     def link(self, owner: str, image_id: str) -> Link:
         """A signed, expiring link to the app's file route."""
         key = keys.image_key("", owner, image_id)

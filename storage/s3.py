@@ -123,6 +123,15 @@ class S3Store:
         stored = record.model_copy(update={"status": "stored"})
         return LinkedImage(stored, self.link(record.owner, record.id))
 
+    def fetch(self, owner: str, image_id: str) -> bytes:
+        """Download one image."""
+        key = keys.image_key(self.settings.prefix, owner, image_id)
+        try:
+            body: bytes = self.client.get_object(Bucket=self.settings.bucket, Key=key)["Body"].read()
+        except S3_ERRORS as error:
+            raise StorageError(f"reading an image from {self._where()} failed: {type(error).__name__}") from error
+        return body
+
     def link(self, owner: str, image_id: str) -> Link:
         """Presign a GET for one image (local computation: works while S3 is down)."""
         ttl = self.settings.link_ttl_seconds

@@ -152,6 +152,17 @@ class SpoolingStore:
         ]
         return HistoryPage(images=waiting + stored.images, page=page, has_more=stored.has_more)
 
+    def fetch(self, owner: str, image_id: str) -> bytes:
+        """From the spool while the upload waits, else from S3."""
+        entry = self.spool.folder / image_id
+        try:
+            png, record = self.spool.load(entry)
+        except (OSError, ValueError):
+            return self.primary.fetch(owner, image_id)
+        if record.owner != owner:
+            raise StorageError("no such image")
+        return png
+
     def link(self, owner: str, image_id: str) -> Link:
         return self.primary.link(owner, image_id)
 

@@ -16,7 +16,7 @@ def test_ruff_lint_and_format() -> None:
 
 
 def test_mypy_strict() -> None:
-    packages = ["app.py", "sd_pipeline", "storage", "monitoring"]
+    packages = ["app.py", "sd_pipeline", "storage", "monitoring", "webapp"]
     existing = [name for name in packages if (ROOT / name).exists()]
     finished = subprocess.run(
         [sys.executable, "-m", "mypy", *existing], cwd=ROOT, capture_output=True, text=True, timeout=600

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -58,10 +59,16 @@ def create_app(
 class GracefulServer(uvicorn.Server):
     """On the first SIGTERM or Ctrl-C, run ``drain`` (finish work, flush) before stopping; a second forces."""
 
-    def __init__(self, config: uvicorn.Config, *, drain: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, *, drain: Callable[[], None], on_started: Callable[[], None]) -> None:
         super().__init__(config)
         self.drain = drain
+        self.on_started = on_started
         self._draining = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:

@@ -7,6 +7,7 @@ import datetime as dt
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,14 @@ _GALLERY_FILE_LIFETIME = 3600.0
 
 class UserFacingError(RuntimeError):
     """An error whose message is meant for the user (bad input, busy, storage down)."""
+
+
+@dataclass(frozen=True)
+class HistoryView:
+    """A history page and, for each image in it, a local PNG for the gallery."""
+
+    page: HistoryPage
+    png_paths: list[Path]
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class ImageService:
         self.page_size = page_size
         self.gallery_dir = gallery_dir or Path(tempfile.gettempdir()) / "sd-service-gallery"
         self.active = 0
+        self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="history-fetch")
 
     def wait_idle(self, *, timeout: float) -> bool:
         """Wait until no request is being handled (used on shutdown); True if idle in time."""
@@ -137,14 +147,24 @@ class ImageService:
             if path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
 
-    def history(self, *, owner: str, page: Any) -> HistoryPage:
-        """One page of the owner's history with fresh links."""
+    def history(self, *, owner: str, page: Any) -> HistoryView:
+        """One page of the owner's history with fresh links, and local copies for the gallery."""
         if isinstance(page, bool) or not isinstance(page, (int, float)) or page != int(page) or not 1 <= page <= 10_000:
             raise InvalidInputError(f"page: must be an integer from 1 to 10000, got {page!r}")
         try:
-            return self.store.history(owner, page=int(page), page_size=self.page_size)
+            found = self.store.history(owner, page=int(page), page_size=self.page_size)
+            paths = list(self._fetch_pool.map(lambda image: self._gallery_copy(owner, image), found.images))
         except StorageError as error:
             raise StorageUnavailableError(f"history is unavailable right now: {error}") from error
+        return HistoryView(page=found, png_paths=paths)
+
+    def _gallery_copy(self, owner: str, image: LinkedImage) -> Path:
+        """A local copy for the gallery (Gradio serves only local files to its clients); cached by id."""
+        path = self.gallery_dir / f"{image.record.id}.png"
+        if not path.exists():
+            self.gallery_dir.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self.store.fetch(owner, image.record.id))
+        return path
 
 
 class InvalidInputError(UserFacingError):

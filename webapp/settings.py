@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds to finish running work on SIGTERM")
+    shutdown_linger: float = Field(3.0, ge=0, description="seconds to keep serving after work is done, for downloads")
     max_file_size: str = Field("10mb", description="largest upload Gradio accepts")
 
     @field_validator("s3_prefix")

@@ -9,6 +9,7 @@ import gradio as gr
 
 from sd_pipeline.request import RequestLimits
 from sd_pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from webapp.components import validated_by_app
 from webapp.owners import OWNER_COOKIE, resolve_owner
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
@@ -106,9 +107,9 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
             found = service.history(owner=owner_of(request), page=page)
         except UserFacingError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        records = [image.to_api() for image in found.images]
-        gallery = [(image["url"], _caption(image)) for image in records]
-        return gallery, {"images": records, "page": found.page, "has_more": found.has_more}
+        records = [image.to_api() for image in found.page.images]
+        gallery = [(str(path), _caption(image)) for path, image in zip(found.png_paths, records, strict=True)]
+        return gallery, {"images": records, "page": found.page.page, "has_more": found.page.has_more}
 
     with gr.Blocks(title="sd-service · text to image", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"## Text to image\nModel: `{model_name}` · images are stored with shareable links.")
@@ -123,16 +124,28 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
                     stop = gr.Button("Stop", variant="stop", scale=1)
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", min_width=140)
+                        seed = validated_by_app(
+                            gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", min_width=140)
+                        )
                         scheduler = gr.Dropdown(
                             list(SCHEDULER_NAMES), value=DEFAULT_SCHEDULER, label="Sampler", allow_custom_value=True
                         )
                     with gr.Row():
-                        width = gr.Number(label="Width", value=512, precision=0, info="64-1024, multiple of 8")
-                        height = gr.Number(label="Height", value=512, precision=0, info="64-1024, multiple of 8")
-                    steps = gr.Slider(limits.min_steps, limits.max_steps, value=25, step=1, precision=0, label="Steps")
-                    guidance = gr.Slider(0, limits.max_guidance, value=7.5, step=0.5, label="Guidance scale")
-                    count = gr.Slider(1, limits.max_images, value=1, step=1, precision=0, label="Images")
+                        width = validated_by_app(
+                            gr.Number(label="Width", value=512, precision=0, info="64-1024, multiple of 8")
+                        )
+                        height = validated_by_app(
+                            gr.Number(label="Height", value=512, precision=0, info="64-1024, multiple of 8")
+                        )
+                    steps = validated_by_app(
+                        gr.Slider(limits.min_steps, limits.max_steps, value=25, step=1, precision=0, label="Steps")
+                    )
+                    guidance = validated_by_app(
+                        gr.Slider(0, limits.max_guidance, value=7.5, step=0.5, label="Guidance scale")
+                    )
+                    count = validated_by_app(
+                        gr.Slider(1, limits.max_images, value=1, step=1, precision=0, label="Images")
+                    )
             with gr.Column(scale=7, min_width=320):
                 gallery = gr.Gallery(label="Images", columns=2, height="auto", format="png", elem_id="result-gallery")
                 links = gr.Markdown(elem_id="links")
@@ -143,7 +156,7 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
         with gr.Accordion("History", open=True):
             with gr.Row():
                 previous_page = gr.Button("◀ Newer", size="sm")
-                page = gr.Number(label="Page", value=1, precision=0, minimum=1, min_width=100)
+                page = validated_by_app(gr.Number(label="Page", value=1, precision=0, min_width=100))
                 next_page = gr.Button("Older ▶", size="sm")
                 refresh = gr.Button("Refresh", size="sm")
             history_gallery = gr.Gallery(label="History", columns=6, height="auto", elem_id="history-gallery")

@@ -1,0 +1,86 @@
+"""Launch the real app (``python app.py``) on free loopback ports and stop it afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningApp:
+    process: subprocess.Popen[bytes]
+    url: str
+    metrics_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """Sum of all samples of one metric line name (labels included in ``name`` if given)."""
+        text = requests.get(f"{self.metrics_url}/metrics", timeout=10).text
+        total = 0.0
+        found = False
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            sample, _, value = line.rpartition(" ")
+            if sample == name or (sample.startswith(name + "{") and "{" not in name):
+                total += float(value)
+                found = True
+        if not found:
+            raise KeyError(name)
+        return total
+
+
+def wait_ready(metrics_url: str, process: subprocess.Popen[bytes], log_path: Path, *, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
+        try:
+            if requests.get(f"{metrics_url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"app not ready after {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
+@contextmanager
+def launched_app(
+    model_dir: Path, tmp_path: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> Iterator[RunningApp]:
+    """Start ``python app.py`` with the tiny model; SIGTERM (then SIGKILL) on exit."""
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp_path / f"app-{port}.log"
+    command = [sys.executable, "app.py", "--model", str(model_dir), "--port", str(port)]
+    command += ["--metrics-port", str(metrics_port), "--data-dir", str(tmp_path / f"data-{port}"), *(args or [])]
+    environment = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), **(env or {})}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    app = RunningApp(process, f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{metrics_port}", log_path)
+    try:
+        wait_ready(app.metrics_url, process, log_path)
+        yield app
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

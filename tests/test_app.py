@@ -1,0 +1,298 @@
+"""The launched app, driven through gradio_client, with S3 on loopback (moto)."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import numpy as np
+import pytest
+import requests
+from gradio_client import Client
+from PIL import Image
+
+from sd_pipeline.png import read_png_parameters
+from tests.app_server import ROOT, RunningApp, launched_app
+from tests.servers import S3Server
+from tests.test_request import BAD_INPUTS
+
+FAST: dict[str, Any] = {"steps": 3, "width": 64, "height": 64, "guidance_scale": 7.5, "scheduler": "Euler a"}
+SLOW: dict[str, Any] = {"steps": 100, "width": 256, "height": 256, "guidance_scale": 7.5, "scheduler": "Euler"}
+
+
+@pytest.fixture(scope="module")
+def s3_app(tiny_model_dir: Path, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    s3_server.create_bucket("app-images")
+    env = {"S3_BUCKET": "app-images", "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
+    with launched_app(
+        tiny_model_dir, tmp_path_factory.mktemp("s3-app"), env=env, args=["--history-page-size", "3"]
+    ) as app:
+        yield app
+
+
+def client(app: RunningApp, tmp_path: Path, **kwargs: Any) -> Client:
+    return Client(app.url, verbose=False, download_files=str(tmp_path), **kwargs)
+
+
+def generate(c: Client, prompt: str, **fields: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    values = {"negative_prompt": "", "seed": -1, "num_images": 1, **FAST, **fields}
+    result: tuple[list[dict[str, Any]], dict[str, Any]] = c.predict(prompt=prompt, **values, api_name="/generate")
+    return result
+
+
+def fetch_pixels(url: str) -> np.ndarray:
+    response = requests.get(url, timeout=10)
+    assert response.status_code == 200
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+
+
+def test_generate_returns_stored_images_with_working_links(s3_app: RunningApp, tmp_path: Path) -> None:
+    gallery, result = generate(client(s3_app, tmp_path), "a paper boat", seed=1234, num_images=2)
+    assert len(gallery) == 2 and [Path(item["image"]).suffix for item in gallery] == [".png", ".png"]
+    records = result["images"]
+    expected = {"id", "url", "seed", "prompt", "negative_prompt", "steps", "guidance_scale", "width", "height"}
+    expected |= {"scheduler", "model", "created_at", "expires_at", "status"}
+    assert all(expected <= set(record) for record in records)
+    assert [record["seed"] for record in records] == [1234, 1235]
+    assert {record["status"] for record in records} == {"stored"}
+    response = requests.get(records[0]["url"], timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
+    assert read_png_parameters(response.content).prompt == "a paper boat"
+    assert Path(gallery[0]["image"]).read_bytes() == response.content
+
+
+def test_history_pages_and_isolation(s3_app: RunningApp, tmp_path: Path) -> None:
+    alice, bob = client(s3_app, tmp_path / "a"), client(s3_app, tmp_path / "b")
+    for number in range(4):
+        generate(alice, f"alice {number}", seed=number)
+    generate(bob, "bob 0")
+    _, first = alice.predict(1, api_name="/history")
+    _, second = alice.predict(2, api_name="/history")
+    assert [r["prompt"] for r in first["images"]] == ["alice 3", "alice 2", "alice 1"]
+    assert (first["page"], first["has_more"]) == (1, True)
+    assert [r["prompt"] for r in second["images"]] == ["alice 0"] and second["has_more"] is False
+    _, bobs = bob.predict(1, api_name="/history")
+    assert [r["prompt"] for r in bobs["images"]] == ["bob 0"]
+    assert requests.get(first["images"][0]["url"], timeout=10).status_code == 200
+    with pytest.raises(Exception, match="page: must be an integer from 1 to 10000"):
+        alice.predict(0, api_name="/history")
+
+
+def test_settings_from_a_record_reproduce_the_image(s3_app: RunningApp, tmp_path: Path) -> None:
+    c = client(s3_app, tmp_path)
+    _, result = generate(c, "a snowy pass", negative_prompt="fog", seed=-1, scheduler="DPM++ 2M")
+    record = result["images"][0]
+    assert 0 <= record["seed"] <= 2**32 - 1
+    fields = {key: record[key] for key in ("negative_prompt", "seed", "steps", "guidance_scale", "width", "height")}
+    _, again = generate(c, record["prompt"], **fields, scheduler=record["scheduler"])
+    assert np.array_equal(fetch_pixels(record["url"]), fetch_pixels(again["images"][0]["url"]))
+
+
+def test_concurrent_clients_are_batched_and_get_their_own_images(s3_app: RunningApp, tmp_path: Path) -> None:
+    batches_before = s3_app.metric("sdapp_batch_size_images_count")
+    singles_before = s3_app.metric('sdapp_batch_size_images_bucket{le="1.0"}')
+    outputs: dict[int, dict[str, Any]] = {}
+
+    def one_client(number: int) -> None:
+        _, result = generate(client(s3_app, tmp_path / str(number)), f"client {number}", seed=1000 + number, steps=8)
+        outputs[number] = result
+
+    threads = [threading.Thread(target=one_client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(outputs) == list(range(8))
+    for number, result in outputs.items():
+        (record,) = result["images"]
+        assert (record["prompt"], record["seed"]) == (f"client {number}", 1000 + number)
+        png = requests.get(record["url"], timeout=10).content
+        assert read_png_parameters(png).seed == 1000 + number
+    batches = s3_app.metric("sdapp_batch_size_images_count") - batches_before
+    singles = s3_app.metric('sdapp_batch_size_images_bucket{le="1.0"}') - singles_before
+    assert batches < 8 and singles < batches, "some pipeline calls carried more than one image"
+
+
+def _reaches_the_app(change: dict[str, Any], field: str) -> bool:
+    """JSON cannot carry NaN or infinities, the API has no unknown fields, and a text box turns 42 into "42"."""
+    values = list(change.values())
+    return (
+        field != "colour" and not any(isinstance(v, float) and not math.isfinite(v) for v in values) and values != [42]
+    )
+
+
+@pytest.mark.parametrize(("change", "field", "message"), [case for case in BAD_INPUTS if _reaches_the_app(*case[:2])])
+def test_bad_input_is_rejected_by_name(
+    s3_app: RunningApp, tmp_path: Path, change: dict[str, Any], field: str, message: str
+) -> None:
+    fields = {"prompt": "fine", "negative_prompt": "", "seed": 1, **FAST, "num_images": 1, **change}
+    if field == "width" and "pixels" in message:
+        pytest.skip("the app's pixel cap is the default 1024x1024")
+    with pytest.raises(Exception, match=f"{field}: .*{re.escape(message)}"):
+        client(s3_app, tmp_path).predict(**fields, api_name="/generate")
+
+
+def test_bad_input_costs_no_gpu_work_and_others_still_succeed(s3_app: RunningApp, tmp_path: Path) -> None:
+    calls_before = s3_app.metric("sdapp_generation_seconds_count")
+    invalid_before = s3_app.metric('sdapp_requests_total{outcome="invalid"}')
+    good = client(s3_app, tmp_path / "good").submit(prompt="still works", **FAST, api_name="/generate")
+    with pytest.raises(Exception, match=r"steps: must be from 1 to 100, got 0"):
+        generate(client(s3_app, tmp_path / "bad"), "x", steps=0)
+    assert good.result(timeout=60)[1]["images"][0]["prompt"] == "still works"
+    assert s3_app.metric('sdapp_requests_total{outcome="invalid"}') == invalid_before + 1
+    assert s3_app.metric("sdapp_generation_seconds_count") == calls_before + 1
+
+
+def test_stop_cancels_only_the_callers_request(s3_app: RunningApp, tmp_path: Path) -> None:
+    cancelled_before = s3_app.metric('sdapp_requests_total{outcome="cancelled"}')
+    mine = client(s3_app, tmp_path / "mine").submit(prompt="mine", **{**SLOW, "steps": 60}, api_name="/generate")
+    theirs = client(s3_app, tmp_path / "theirs").submit(prompt="theirs", **{**SLOW, "steps": 20}, api_name="/generate")
+    time.sleep(2)
+    mine.cancel()
+    assert theirs.result(timeout=120)[1]["images"][0]["prompt"] == "theirs"
+    deadline = time.monotonic() + 30
+    while (
+        s3_app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled_before and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert s3_app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled_before + 1
+
+
+def test_metrics_move_with_real_traffic_and_pass_promtool(s3_app: RunningApp, tmp_path: Path) -> None:
+    before = {
+        name: s3_app.metric(name)
+        for name in (
+            'sdapp_requests_total{outcome="success"}',
+            "sdapp_images_generated_total",
+            "sdapp_request_duration_seconds_count",
+            "sdapp_storage_upload_seconds_count",
+            "sdapp_denoising_step_seconds_count",
+        )
+    }
+    generate(client(s3_app, tmp_path), "metered", num_images=2)
+    after = {name: s3_app.metric(name) for name in before}
+    assert after['sdapp_requests_total{outcome="success"}'] == before['sdapp_requests_total{outcome="success"}'] + 1
+    assert after["sdapp_images_generated_total"] == before["sdapp_images_generated_total"] + 2
+    assert after["sdapp_request_duration_seconds_count"] == before["sdapp_request_duration_seconds_count"] + 1
+    assert after["sdapp_storage_upload_seconds_count"] == before["sdapp_storage_upload_seconds_count"] + 2
+    assert after["sdapp_denoising_step_seconds_count"] >= before["sdapp_denoising_step_seconds_count"] + 3
+    assert s3_app.metric("sdapp_model_load_seconds") > 0
+    exposition = requests.get(f"{s3_app.metrics_url}/metrics", timeout=10).text
+    assert 'sdapp_model_info{device="cpu",dtype="float32",model="' in exposition
+    assert "process_resident_memory_bytes" in exposition
+    checked = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_storage_outage_does_not_lose_images(s3_app: RunningApp, s3_server: S3Server, tmp_path: Path) -> None:
+    c = client(s3_app, tmp_path)
+    s3_server.stop()
+    try:
+        _, result = generate(c, "during the outage")
+        assert result["images"][0]["status"] == "pending"
+        assert s3_app.metric("sdapp_storage_uploads_pending") == 1
+    finally:
+        s3_server.start()
+    deadline = time.monotonic() + 60
+    while s3_app.metric("sdapp_storage_uploads_pending") > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert requests.get(result["images"][0]["url"], timeout=10).status_code == 200
+    _, history = c.predict(1, api_name="/history")
+    assert history["images"][0]["prompt"] == "during the outage" and history["images"][0]["status"] == "stored"
+    assert s3_app.metric('sdapp_storage_failures_total{operation="upload"}') >= 1
+
+
+def test_sigterm_while_busy_loses_nothing(tiny_model_dir: Path, s3_server: S3Server, tmp_path: Path) -> None:
+    s3_server.create_bucket("sigterm")
+    env = {"S3_BUCKET": "sigterm", "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
+    with launched_app(tiny_model_dir, tmp_path, env=env) as app:
+        jobs = [
+            client(app, tmp_path / str(n)).submit(prompt=f"term {n}", **{**SLOW, "steps": 60}, api_name="/generate")
+            for n in range(3)
+        ]
+        deadline = time.monotonic() + 30
+        while app.metric("sdapp_requests_in_progress") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        app.process.send_signal(15)
+        results = [job.result(timeout=120) for job in jobs]
+        assert app.process.wait(timeout=60) == 0
+    assert sorted(r[1]["images"][0]["prompt"] for r in results) == ["term 0", "term 1", "term 2"]
+    listed = boto3.client("s3", endpoint_url=s3_server.endpoint_url).list_objects_v2(Bucket="sigterm")
+    assert sum(item["Key"].endswith(".png") for item in listed.get("Contents", [])) == 3
+
+
+@pytest.fixture(scope="module")
+def local_auth_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    folder = tmp_path_factory.mktemp("auth-app")
+    (folder / "users").write_text("alice:wonderland\n# comment\nbob:builder\n")
+    args = ["--auth-file", str(folder / "users"), "--queue-max-size", "2"]
+    with launched_app(tiny_model_dir, folder, args=args) as app:
+        yield app
+
+
+def test_users_with_auth_see_only_their_history(local_auth_app: RunningApp, tmp_path: Path) -> None:
+    alice = client(local_auth_app, tmp_path / "a", auth=("alice", "wonderland"))
+    generate(alice, "alice's secret")
+    alice_again = client(local_auth_app, tmp_path / "a2", auth=("alice", "wonderland"))
+    _, mine = alice_again.predict(1, api_name="/history")
+    assert [r["prompt"] for r in mine["images"]] == ["alice's secret"]
+    bob = client(local_auth_app, tmp_path / "b", auth=("bob", "builder"))
+    assert bob.predict(1, api_name="/history")[1]["images"] == []
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; the point is no access
+        client(local_auth_app, tmp_path / "x", auth=("alice", "wrong"))
+
+
+def test_local_links_are_signed(local_auth_app: RunningApp, tmp_path: Path) -> None:
+    alice = client(local_auth_app, tmp_path, auth=("alice", "wonderland"))
+    _, result = generate(alice, "local file")
+    url = result["images"][0]["url"]
+    assert url.startswith(local_auth_app.url + "files/owners/")
+    response = requests.get(url, timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    tampered = url[:-4] + ("0000" if not url.endswith("0000") else "1111")
+    assert requests.get(tampered, timeout=10).status_code == 403
+    key, _, query = url.partition("?")
+    assert (
+        requests.get(
+            key.replace("/images/", "/records/").replace(".png", ".json") + "?" + query, timeout=10
+        ).status_code
+        == 403
+    )
+    assert requests.get(
+        local_auth_app.url + "files/../../etc/passwd?expires=9999999999&signature=x", timeout=10
+    ).status_code in (403, 404)
+
+
+def test_full_queue_answers_fast(local_auth_app: RunningApp, tmp_path: Path) -> None:
+    clients = [client(local_auth_app, tmp_path / str(n), auth=("bob", "builder")) for n in range(3)]
+    running = [c.submit(prompt=f"fill {n}", **SLOW, api_name="/generate") for n, c in enumerate(clients[:2])]
+    time.sleep(1.5)
+    started = time.monotonic()
+    with pytest.raises(Exception, match="busy"):
+        clients[2].predict(prompt="one too many", **FAST, api_name="/generate")
+    assert time.monotonic() - started < 5
+    for job in running:
+        job.cancel()
+
+
+def test_help_lists_settings_and_bad_settings_fail_in_one_line() -> None:
+    shown = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0
+    for name in ("SD_MODEL", "HOST", "PORT", "METRICS_PORT", "DATA_DIR", "S3_BUCKET", "S3_PREFIX", "S3_ENDPOINT_URL"):
+        assert name in shown.stdout
+    for name in ("S3_PUBLIC_ENDPOINT_URL", "LINK_TTL_SECONDS", "QUEUE_MAX_SIZE", "MAX_BATCH_SIZE", "AUTH_FILE"):
+        assert name in shown.stdout
+    bad = subprocess.run(
+        [sys.executable, "app.py", "--link-ttl-seconds", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: invalid setting LINK_TTL_SECONDS")
