@@ -223,6 +223,9 @@ def test_sigterm_while_busy_loses_nothing(tiny_model_dir: Path, s3_server: S3Ser
         while app.metric("sdapp_requests_in_progress") < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
         app.process.send_signal(15)
+        time.sleep(0.5)
+        draining = requests.get(f"{app.metrics_url}/readyz", timeout=5)
+        assert draining.status_code == 503 and "shutting down" in draining.json()["reasons"]
         results = [job.result(timeout=120) for job in jobs]
         assert app.process.wait(timeout=60) == 0
     assert sorted(r[1]["images"][0]["prompt"] for r in results) == ["term 0", "term 1", "term 2"]
