@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# CUDA runtime image for the text-to-image service. PyPI's torch 2.13.0 wheel for Linux is
+# built against CUDA 13.0 (it brings its own CUDA libraries as nvidia-* wheels), so the base
+# is the CUDA 13.0 runtime. Model weights are never baked in: they download into the
+# Hugging Face cache volume on first start.
+FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+# Dependencies in their own layer, cached until requirements.txt changes.
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install torch==2.13.0 -r /tmp/requirements.txt
+
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app \
+    && mkdir -p /data /home/app/.cache/huggingface \
+    && chown -R app:app /data /home/app/.cache
+
+WORKDIR /app
+COPY app.py ./
+COPY sd_pipeline/ sd_pipeline/
+COPY storage/ storage/
+COPY monitoring/ monitoring/
+COPY webapp/ webapp/
+
+USER app
+ENV HOST=0.0.0.0 \
+    PORT=7860 \
+    METRICS_PORT=8000 \
+    DATA_DIR=/data \
+    HF_HOME=/home/app/.cache/huggingface \
+    GRADIO_TEMP_DIR=/tmp/gradio \
+    GRADIO_ANALYTICS_ENABLED=False
+VOLUME ["/data", "/home/app/.cache/huggingface"]
+EXPOSE 7860 8000
+
+# Liveness on the metrics side port; the long start period covers a first model download.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15m --retries=3 \
+    CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
+
+# Exec form: SIGTERM reaches Python, which finishes the running batch and flushes uploads.
+# Give it time: docker stop -t 90 (compose sets stop_grace_period).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "app.py"]
