@@ -84,7 +84,7 @@ def apply_speedups(pipeline: StableDiffusionPipeline, settings: PipelineSettings
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if settings.compile_unet:
-        pipeline.unet = torch.compile(pipeline.unet, mode="max-autotune", fullgraph=True)
+        pipeline.unet = torch.compile(pipeline.unet, fullgraph=True)
 
 
 def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:

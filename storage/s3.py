@@ -62,7 +62,7 @@ class S3Store:
         self.settings = settings
         self.client = client
         self.signing_client = signing_client or client
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-history")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3")
 
     @classmethod
     def from_settings(cls, settings: S3Settings) -> S3Store:
@@ -96,8 +96,16 @@ class S3Store:
         self.client.create_bucket(Bucket=self.settings.bucket, **extra)
 
     def put(self, png: bytes, record: ImageRecord) -> None:
-        """Upload the PNG and its record (raises botocore errors; the spool catches them)."""
+        """Upload the PNG and its record side by side (raises botocore errors; the spool catches them)."""
         prefix = self.settings.prefix
+        stored = record.model_copy(update={"status": "stored"})
+        record_upload = self._pool.submit(
+            self.client.put_object,
+            Bucket=self.settings.bucket,
+            Key=keys.record_key(prefix, record.owner, record.id),
+            Body=stored.model_dump_json().encode(),
+            ContentType="application/json",
+        )
         self.client.put_object(
             Bucket=self.settings.bucket,
             Key=keys.image_key(prefix, record.owner, record.id),
@@ -106,13 +114,7 @@ class S3Store:
             ContentDisposition=f'inline; filename="{record.id}.png"',
             CacheControl="private, max-age=86400",
         )
-        stored = record.model_copy(update={"status": "stored"})
-        self.client.put_object(
-            Bucket=self.settings.bucket,
-            Key=keys.record_key(prefix, record.owner, record.id),
-            Body=stored.model_dump_json().encode(),
-            ContentType="application/json",
-        )
+        record_upload.result()
 
     def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
         """Upload and return the stored record with a presigned link."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sd_pipeline.request import RequestLimits
 from sd_pipeline.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
+
+
+def serving_cpu_threads() -> int:
+    """All cores but one: torch's threads stall when the web server takes a core they wait on."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 class SettingsError(ValueError):
@@ -30,7 +36,9 @@ class Settings(BaseSettings):
         "auto", description="auto (float16 on CUDA, float32 otherwise), float16, bfloat16, float32"
     )
     sd_safety_checker: bool = Field(True, description="run the model's safety checker when it ships one")
-    sd_cpu_threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    sd_cpu_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: all cores but one, which serves the web requests)"
+    )
     sd_warmup: bool = Field(True, description="generate one tiny image at start-up")
     sd_compile: bool = Field(False, description="torch.compile the UNet (CUDA)")
     sd_channels_last: bool = Field(False, description="channels-last memory format")
@@ -75,7 +83,7 @@ class Settings(BaseSettings):
             device=self.sd_device,
             dtype=self.sd_dtype,
             safety_checker=self.sd_safety_checker,
-            cpu_threads=self.sd_cpu_threads,
+            cpu_threads=self.sd_cpu_threads or serving_cpu_threads(),
             warmup=self.sd_warmup,
             compile_unet=self.sd_compile,
             channels_last=self.sd_channels_last,

@@ -1,0 +1,59 @@
+"""Generation core: time per image, and one batch of 4 against 4 single calls, in one run.
+
+python -m bench.core [--model DIR] [--size 64] [--steps 10] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from bench.common import machine, median, table, timed, write_json
+from sd_pipeline.generator import Generator
+from sd_pipeline.loading import load_pipeline
+from sd_pipeline.request import check_inputs
+from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.tiny import build_tiny_pipeline
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="pipeline folder or id (default: a fresh tiny pipeline)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    model = args.model or str(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny"))
+    generator = Generator(load_pipeline(PipelineSettings(model=model)))
+    fields = {"prompt": "a lighthouse at dusk", "steps": args.steps, "width": args.size, "height": args.size}
+    singles = [check_inputs({**fields, "seed": seed}) for seed in range(4)]
+    generator.generate(singles[:1])  # warm-up
+
+    one = timed(lambda: generator.generate(singles[:1]), repeats=args.repeats)
+    four_single = timed(lambda: [generator.generate([request]) for request in singles], repeats=args.repeats)
+    four_batched = timed(lambda: generator.generate(singles), repeats=args.repeats)
+    results = {
+        "machine": machine(),
+        "settings": {"model": generator.model, "size": args.size, "steps": args.steps, "repeats": args.repeats},
+        "seconds_per_image_single": median(one),
+        "four_single_calls_seconds": median(four_single),
+        "one_batch_of_four_seconds": median(four_batched),
+    }
+    results["batch_speedup"] = results["four_single_calls_seconds"] / results["one_batch_of_four_seconds"]
+    print(
+        table(
+            ["measure", "median seconds", "images/s"],
+            [
+                ["1 image, 1 call", f"{median(one):.3f}", f"{1 / median(one):.1f}"],
+                ["4 images, 4 calls", f"{median(four_single):.3f}", f"{4 / median(four_single):.1f}"],
+                ["4 images, 1 batched call", f"{median(four_batched):.3f}", f"{4 / median(four_batched):.1f}"],
+            ],
+        )
+    )
+    print(f"\nbatch of 4 vs 4 single calls: {results['batch_speedup']:.2f}x throughput")
+    print(f"written {write_json('core.json', results)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""GPU benchmark: Stable Diffusion 1.5's architecture with random weights (speed does not
+depend on the weights), 512x512, 25 steps with classifier-free guidance, batch 1, 4 and 8.
+
+    python -m bench.gpu                 # on a CUDA machine, no network needed
+    python -m bench.gpu --tiny          # tiny configuration on the CPU (its own test)
+
+Modes, each against (a): (a) plain diffusers fp16 eager; (b) this project's default
+loading (SDPA, TF32); (c) each optional speedup the core offers. Reports images/s, UNet
+iterations/s, model FLOP utilisation against a measured matmul peak, and how far each
+mode's images are from (a)'s. Writes bench/results/gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from bench.common import machine, table, write_json
+from sd_pipeline.generator import Generator
+from sd_pipeline.loading import load_pipeline
+from sd_pipeline.request import RequestLimits, check_inputs
+from sd_pipeline.schedulers import make_scheduler
+from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.tiny import TOKEN_LIMIT, build_tiny_pipeline, write_tokenizer_files
+
+# Published configuration of runwayml/stable-diffusion-v1-5 (unet, vae, text_encoder).
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 512,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+}
+SD15_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": TOKEN_LIMIT,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+MODES = {
+    "a: diffusers fp16 eager": None,
+    "b: our defaults": {},
+    "c: + channels_last": {"channels_last": True},
+    "c: + fused qkv": {"fuse_qkv": True},
+    "c: + torch.compile": {"compile_unet": True},
+}
+
+
+def build_sd15(folder: Path) -> Path:
+    """SD 1.5's architecture with random weights, saved like a downloaded model."""
+    torch.manual_seed(0)
+    write_tokenizer_files(folder / "_tokens")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "_tokens/vocab.json"), merges=str(folder / "_tokens/merges.txt"))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, **SD15_TEXT)
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD15_UNET),
+        vae=AutoencoderKL(**SD15_VAE),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def matmul_peak_flops(device: torch.device) -> float:
+    """Measured dense matmul throughput: bf16 8192^3 on CUDA, float32 1024^3 on the CPU."""
+    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    repeats = 10
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def unet_flops_per_image_step(pipeline: StableDiffusionPipeline, size: int) -> float:
+    """FLOPs of the UNet for one image and one step, classifier-free guidance included (2 samples)."""
+    unet = getattr(pipeline.unet, "_orig_mod", pipeline.unet)  # count the eager module, compiled or not
+    latent = size // pipeline.vae_scale_factor
+    sample = torch.randn(2, unet.config.in_channels, latent, latent, device=unet.device, dtype=unet.dtype)
+    context = torch.randn(2, TOKEN_LIMIT, unet.config.cross_attention_dim, device=unet.device, dtype=unet.dtype)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(sample, torch.tensor(500, device=unet.device), encoder_hidden_states=context)
+    return float(counter.get_total_flops())
+
+
+def run_mode(
+    mode: dict[str, Any] | None, model: Path, device: torch.device, args: argparse.Namespace
+) -> tuple[dict[int, dict[str, float]], dict[int, np.ndarray], float]:
+    fields = {
+        "prompt": "a lighthouse at dusk",
+        "steps": args.steps,
+        "width": args.size,
+        "height": args.size,
+        "guidance_scale": 7.5,
+        "scheduler": "Euler",
+    }
+    if mode is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipeline = StableDiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.scheduler = make_scheduler("Euler", pipeline.scheduler.config)
+
+        def generate(batch: int) -> np.ndarray:
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in range(batch)]
+            out = pipeline(
+                ["a lighthouse at dusk"] * batch,
+                negative_prompt=[""] * batch,
+                width=args.size,
+                height=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=7.5,
+                generator=generators,
+                output_type="np",
+            )
+            return np.asarray(out.images)
+    else:
+        settings = PipelineSettings(model=str(model), device=device.type, **mode)
+        loaded = load_pipeline(settings)
+        pipeline = loaded.pipeline
+        generator = Generator(
+            loaded, limits=RequestLimits(max_pixels=args.size * args.size), max_batch_images=max(args.batches)
+        )
+
+        def generate(batch: int) -> np.ndarray:
+            requests = [check_inputs({**fields, "seed": seed}) for seed in range(batch)]
+            results = generator.generate(requests)
+            return np.stack([np.asarray(r[0].image, dtype=np.float32) / 255 for r in results])
+
+    flops = unet_flops_per_image_step(pipeline, args.size)
+    timings: dict[int, dict[str, float]] = {}
+    images: dict[int, np.ndarray] = {}
+    for batch in args.batches:
+        images[batch] = generate(batch)  # warm-up (and compilation)
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(args.repeats):
+            generate(batch)
+        synchronize(device)
+        seconds = (time.perf_counter() - started) / args.repeats
+        timings[batch] = {
+            "images_per_s": batch / seconds,
+            "unet_it_per_s": args.steps / seconds,
+            "achieved_flops": flops * args.steps * batch / seconds,
+        }
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return timings, images, flops
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny configuration (CPU-sized), for testing the script")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    args.size = args.size or (64 if args.tiny else 512)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    model = build_tiny_pipeline(work / "model") if args.tiny else build_sd15(work / "model")
+    peak = matmul_peak_flops(device)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "matmul_peak_flops": peak,
+        "modes": {},
+    }
+    reference: dict[int, np.ndarray] = {}
+    reference_timings: dict[int, dict[str, float]] = {}
+    rows = []
+    for name, mode in MODES.items():
+        if args.skip_compile and mode and mode.get("compile_unet"):
+            continue
+        if device.type != "cuda" and mode and mode.get("compile_unet") and not args.tiny:
+            continue
+        timings, images, flops = run_mode(mode, model, device, args)
+        if not reference:
+            reference, reference_timings = images, timings
+        for batch in args.batches:
+            difference = (
+                float(np.nanmax(np.abs(images[batch] - reference[batch]))) if batch in reference else float("nan")
+            )
+            timings[batch]["max_abs_diff_vs_a"] = difference
+            timings[batch]["mfu"] = timings[batch]["achieved_flops"] / peak
+            rows.append(
+                [
+                    name,
+                    str(batch),
+                    f"{timings[batch]['images_per_s']:.2f}",
+                    f"{timings[batch]['unet_it_per_s']:.1f}",
+                    f"{timings[batch]['mfu'] * 100:.1f}%",
+                    f"{difference:.4f}",
+                    f"{timings[batch]['images_per_s'] / reference_timings[batch]['images_per_s']:.2f}",
+                ]
+            )
+        results["modes"][name] = timings
+        results["unet_flops_per_image_step"] = flops
+    print(table(["mode", "batch", "images/s", "UNet it/s", "MFU", "max |diff| vs a", "x a"], rows))
+    print(
+        f"\nmatmul peak: {peak / 1e12:.1f} TFLOP/s; UNet: "
+        f"{results['unet_flops_per_image_step'] / 1e9:.1f} GFLOP per image-step (CFG included)"
+    )
+    print(f"written {write_json('gpu.json', results, **({'folder': args.out} if args.out else {}))}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

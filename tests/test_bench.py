@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end in a short mode (numbers checked for sanity, not speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.app_server import ROOT
+
+
+def run_module(module: str, *args: str, timeout: int = 600) -> str:
+    finished = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return finished.stdout
+
+
+def test_serving_benchmark_quick(tmp_path: Path) -> None:
+    output = run_module("bench.serving", "--quick", "--out", str(tmp_path))
+    assert "x raw" in output and "x peer" in output
+    results = json.loads((tmp_path / "serving.json").read_text())
+    for clients in ("1", "4", "8"):
+        ours = results["ours"][clients]
+        assert ours["images_per_s"] > 0 and ours["p95_s"] >= ours["p50_s"] > 0
+        assert ours["mean_batch"] >= 1
+        assert 0 <= ours["idle_while_waiting_fraction"] <= 1
+        assert results["peer"][clients]["images_per_s"] > 0
+    assert results["raw"]["images_per_s"] > 0 and results["gradio_round_trip_p50_ms"] > 0
+
+
+def test_gpu_benchmark_tiny_on_cpu(tmp_path: Path) -> None:
+    args = ["--tiny", "--batches", "1", "2", "--steps", "3", "--repeats", "1", "--skip-compile", "--out", str(tmp_path)]
+    output = run_module("bench.gpu", *args)
+    assert "MFU" in output
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(results["modes"]) == {
+        "a: diffusers fp16 eager",
+        "b: our defaults",
+        "c: + channels_last",
+        "c: + fused qkv",
+    }
+    for timings in results["modes"].values():
+        for batch in ("1", "2"):
+            assert timings[batch]["images_per_s"] > 0 and 0 < timings[batch]["mfu"] < 1
+            assert timings[batch]["max_abs_diff_vs_a"] < 0.02  # 8-bit PNG rounding is 0.004
+
+
+def test_core_and_storage_benchmarks_run() -> None:
+    core = run_module("bench.core", "--repeats", "1", "--steps", "2")
+    assert "batch of 4 vs 4 single calls" in core
+    storage = run_module("bench.storage", "--history", "15", "--repeats", "2")
+    assert "| save one image + record | " in storage and "history page of 12" in storage
