@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     assert parts.service is not None
-    demo = build_demo(parts.service, limits=settings.limits(), model_name=settings.sd_model)
+    demo = build_demo(parts.service, limits=settings.limits(), model_name=parts.service.generator.model)
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
     app = create_app(
         demo,

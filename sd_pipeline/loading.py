@@ -101,5 +101,11 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
     load_seconds = time.perf_counter() - started
     logger.info("loaded %s on %s (%s) in %.1fs", settings.model, device, dtype, load_seconds)
     return LoadedPipeline(
-        pipeline=pipeline, model=settings.model, device=device, dtype=dtype, load_seconds=load_seconds
+        pipeline=pipeline, model=model_name(settings.model), device=device, dtype=dtype, load_seconds=load_seconds
     )
+
+
+def model_name(model: str) -> str:
+    """How records and PNGs name the model: the Hub id, or a local folder's own name (no server path)."""
+    local = Path(model).expanduser()
+    return local.resolve().name if local.is_dir() else model

@@ -116,55 +116,85 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
                 prompt = gr.Textbox(
-                    label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dusk, oil painting"
+                    label="Prompt",
+                    lines=3,
+                    placeholder="A lighthouse on a cliff at dusk, oil painting",
+                    elem_id="prompt",
                 )
-                negative = gr.Textbox(label="Negative prompt", value="", lines=1, placeholder="blurry, low quality")
+                negative = gr.Textbox(
+                    label="Negative prompt", value="", lines=1, placeholder="blurry, low quality", elem_id="negative"
+                )
                 with gr.Row():
-                    run = gr.Button("Generate", variant="primary", scale=3)
-                    stop = gr.Button("Stop", variant="stop", scale=1)
+                    run = gr.Button("Generate", variant="primary", scale=3, elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         seed = validated_by_app(
-                            gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", min_width=140)
+                            gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", elem_id="seed")
                         )
                         scheduler = gr.Dropdown(
-                            list(SCHEDULER_NAMES), value=DEFAULT_SCHEDULER, label="Sampler", allow_custom_value=True
+                            list(SCHEDULER_NAMES),
+                            value=DEFAULT_SCHEDULER,
+                            label="Sampler",
+                            allow_custom_value=True,
+                            elem_id="scheduler",
                         )
                     with gr.Row():
                         width = validated_by_app(
-                            gr.Number(label="Width", value=512, precision=0, info="64-1024, multiple of 8")
+                            gr.Number(
+                                label="Width", value=512, precision=0, info="64-1024, multiple of 8", elem_id="width"
+                            )
                         )
                         height = validated_by_app(
-                            gr.Number(label="Height", value=512, precision=0, info="64-1024, multiple of 8")
+                            gr.Number(
+                                label="Height", value=512, precision=0, info="64-1024, multiple of 8", elem_id="height"
+                            )
                         )
                     steps = validated_by_app(
-                        gr.Slider(limits.min_steps, limits.max_steps, value=25, step=1, precision=0, label="Steps")
+                        gr.Slider(
+                            limits.min_steps,
+                            limits.max_steps,
+                            value=25,
+                            step=1,
+                            precision=0,
+                            label="Steps",
+                            elem_id="steps",
+                        )
                     )
                     guidance = validated_by_app(
-                        gr.Slider(0, limits.max_guidance, value=7.5, step=0.5, label="Guidance scale")
+                        gr.Slider(
+                            0, limits.max_guidance, value=7.5, step=0.5, label="Guidance scale", elem_id="guidance"
+                        )
                     )
                     count = validated_by_app(
-                        gr.Slider(1, limits.max_images, value=1, step=1, precision=0, label="Images")
+                        gr.Slider(1, limits.max_images, value=1, step=1, precision=0, label="Images", elem_id="count")
                     )
             with gr.Column(scale=7, min_width=320):
-                gallery = gr.Gallery(label="Images", columns=2, height="auto", format="png", elem_id="result-gallery")
+                gallery = gr.Gallery(
+                    label="Images", columns=2, height=420, object_fit="contain", format="png", elem_id="result-gallery"
+                )
                 links = gr.Markdown(elem_id="links")
                 with gr.Row():
-                    random_seed = gr.Button("Random seed", size="sm")
-                    reuse_seed = gr.Button("Reuse last seed", size="sm")
-                result = gr.JSON(label="Result", open=False)
+                    random_seed = gr.Button("Random seed", size="sm", elem_id="random-seed")
+                    reuse_seed = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed")
+                with gr.Accordion("API result (JSON)", open=False):
+                    result = gr.JSON(label="Result", elem_id="result")
         with gr.Accordion("History", open=True):
             with gr.Row():
                 previous_page = gr.Button("◀ Newer", size="sm")
-                page = validated_by_app(gr.Number(label="Page", value=1, precision=0, min_width=100))
+                page = validated_by_app(
+                    gr.Number(label="Page", value=1, precision=0, scale=0, min_width=90, elem_id="page")
+                )
                 next_page = gr.Button("Older ▶", size="sm")
-                refresh = gr.Button("Refresh", size="sm")
-            history_gallery = gr.Gallery(label="History", columns=6, height="auto", elem_id="history-gallery")
+                refresh = gr.Button("Refresh", size="sm", elem_id="refresh")
+            history_gallery = gr.Gallery(
+                label="History", columns=6, height=300, object_fit="cover", preview=False, elem_id="history-gallery"
+            )
             with gr.Row():
-                selected = gr.JSON(label="Selected image", open=True)
+                selected = gr.JSON(label="Selected image", open=True, elem_id="selected")
                 with gr.Column():
-                    selected_link = gr.Markdown()
-                    load_settings = gr.Button("Load these settings into the form")
+                    selected_link = gr.Markdown(elem_id="selected-link")
+                    load_settings = gr.Button("Load these settings into the form", elem_id="load-settings")
             history_json = gr.JSON(label="History page", visible=False)
         chosen = gr.State()
 
@@ -177,6 +207,7 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
             inputs=form,
             outputs=[gallery, result],
             api_name="generate",
+            show_progress_on=[gallery],
             concurrency_limit=None,
             concurrency_id="generate",
         )

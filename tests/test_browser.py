@@ -1,0 +1,199 @@
+"""The web page in a real browser: Debian's chromium driven by Playwright, against the launched app.
+
+Screenshots of every step go to test-artifacts/browser/ (laptop- and phone-sized windows).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from tests.app_server import ROOT, RunningApp, launched_app
+from tests.servers import S3Server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+LAPTOP = {"width": 1366, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir: Path, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    s3_server.create_bucket("browser-images")
+    env = {"S3_BUCKET": "browser-images", "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
+    with launched_app(tiny_model_dir, tmp_path_factory.mktemp("browser-app"), env=env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (scripts/install-test-deps.sh does)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture()
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    created = browser.new_context(viewport=LAPTOP)
+    created.set_default_timeout(30_000)
+    yield created
+    created.close()
+
+
+def open_page(context: BrowserContext, app: RunningApp) -> tuple[Page, list[str]]:
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(app.url)
+    expect(page.locator("#generate")).to_be_visible()
+    expect(page.locator("#history-gallery")).to_be_visible()
+    return page, errors
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def set_number(page: Page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(value)
+    box.press("Enter")
+
+
+def fill_form(page: Page, prompt: str, *, size: str = "64", steps: str = "4", seed: str = "-1") -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    set_number(page, "width", size)
+    set_number(page, "height", size)
+    set_number(page, "steps", steps)
+    set_number(page, "seed", seed)
+
+
+def png_pixels(page: Page, url: str) -> np.ndarray:
+    response = page.request.get(url)
+    assert response.ok and response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+
+
+def newest_link(page: Page) -> str:
+    link = page.locator("#links a").first
+    expect(link).to_be_visible()
+    href = link.get_attribute("href")
+    assert href
+    return href
+
+
+def test_generate_see_progress_image_and_link(context: BrowserContext, app: RunningApp) -> None:
+    page, errors = open_page(context, app)
+    shot(page, "01-loaded")
+    fill_form(page, "a red fox in the snow", size="256", steps="60")
+    page.locator("#generate").click()
+    expect(page.get_by_text(re.compile(r"step \d+/60")).first).to_be_visible()
+    shot(page, "02-progress")
+    expect(page.locator("#result-gallery img").first).to_be_visible(timeout=60_000)
+    href = newest_link(page)
+    assert png_pixels(page, href).shape == (256, 256, 3)
+    shot(page, "03-image-and-link")
+    page.set_viewport_size(PHONE)
+    shot(page, "04-phone")
+    assert errors == []
+
+
+def test_history_survives_reload_and_is_private(context: BrowserContext, browser: Browser, app: RunningApp) -> None:
+    page, _ = open_page(context, app)
+    fill_form(page, "a lighthouse for history", seed="77")
+    page.locator("#generate").click()
+    expect(page.locator("#result-gallery img").first).to_be_visible()
+    page.reload()
+    expect(page.locator("#history-gallery img").first).to_be_visible()
+    shot(page, "05-history-after-reload")
+    stranger = browser.new_context(viewport=LAPTOP)
+    try:
+        other, _ = open_page(stranger, app)
+        other.wait_for_timeout(1000)
+        expect(other.locator("#history-gallery img")).to_have_count(0)
+        shot(other, "06-second-browser-empty-history")
+    finally:
+        stranger.close()
+
+
+def test_load_settings_from_history_reproduces_the_image(context: BrowserContext, app: RunningApp) -> None:
+    page, _ = open_page(context, app)
+    fill_form(page, "a green tram at night", seed="4242")
+    page.locator("#generate").click()
+    first_link = newest_link(page)
+    expect(page.locator("#history-gallery img").first).to_be_visible()
+    page.locator("#history-gallery img").first.click()
+    expect(page.locator("#selected")).to_contain_text("a green tram at night")
+    expect(page.locator("#selected-link a")).to_be_visible()
+    shot(page, "07-history-selected")
+    page.locator("#prompt textarea").fill("something else")
+    set_number(page, "seed", "1")
+    page.locator("#load-settings").click()
+    expect(page.locator("#prompt textarea")).to_have_value("a green tram at night")
+    expect(page.locator("#seed input")).to_have_value("4242")
+    shot(page, "08-settings-loaded")
+    page.locator("#generate").click()
+    expect(page.locator("#links a").first).not_to_have_attribute("href", first_link)
+    second_link = newest_link(page)
+    assert np.array_equal(png_pixels(page, first_link), png_pixels(page, second_link))
+
+
+def test_invalid_width_shows_a_readable_error_and_the_page_keeps_working(
+    context: BrowserContext, app: RunningApp
+) -> None:
+    page, _ = open_page(context, app)
+    fill_form(page, "a bad size")
+    set_number(page, "width", "100")
+    page.locator("#generate").click()
+    expect(page.get_by_text("width: must be a multiple of 8 from 64 to 1024, got 100").first).to_be_visible()
+    shot(page, "09-invalid-width")
+    set_number(page, "width", "64")
+    page.locator("#generate").click()
+    expect(page.locator("#result-gallery img").first).to_be_visible()
+    shot(page, "10-recovered")
+
+
+def test_stop_cancels_a_long_generation(context: BrowserContext, app: RunningApp) -> None:
+    cancelled_before = app.metric('sdapp_requests_total{outcome="cancelled"}')
+    page, _ = open_page(context, app)
+    fill_form(page, "a very long render", size="256", steps="100")
+    page.locator("#generate").click()
+    expect(page.get_by_text(re.compile(r"step \d+/100")).first).to_be_visible()
+    page.locator("#stop").click()
+    expect(page.get_by_text(re.compile(r"step \d+/100"))).to_have_count(0, timeout=10_000)
+    shot(page, "11-stopped")
+    for _ in range(50):
+        if app.metric('sdapp_requests_total{outcome="cancelled"}') > cancelled_before:
+            break
+        page.wait_for_timeout(200)
+    assert app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled_before + 1
+    expect(page.locator("#result-gallery img")).to_have_count(0)
+
+
+def test_api_page_lists_the_endpoints(context: BrowserContext, app: RunningApp) -> None:
+    page, _ = open_page(context, app)
+    page.get_by_text("Use via API").first.click()
+    expect(page.get_by_text("/generate").first).to_be_visible()
+    expect(page.get_by_text("/history").first).to_be_visible()
+    shot(page, "12-api-page")
