@@ -22,3 +22,19 @@ def test_mypy_strict() -> None:
         [sys.executable, "-m", "mypy", *existing], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    from webapp.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in readme]
+    assert missing == []
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = readme.split("```bash\n")
+    test_command = blocks[2].split("\n")[1]
+    assert test_command == "bash scripts/install-test-deps.sh && python -m pytest"
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
