@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from bench.common import machine, table, write_json
 from sd_pipeline.generator import Generator
@@ -30,7 +29,7 @@ from sd_pipeline.loading import load_pipeline
 from sd_pipeline.request import RequestLimits, check_inputs
 from sd_pipeline.schedulers import make_scheduler
 from sd_pipeline.settings import PipelineSettings
-from sd_pipeline.tiny import TOKEN_LIMIT, build_tiny_pipeline, write_tokenizer_files
+from sd_pipeline.tiny import TOKEN_LIMIT, build_tiny_pipeline, save_random_pipeline
 
 # Published configuration of runwayml/stable-diffusion-v1-5 (unet, vae, text_encoder).
 SD15_UNET = {
@@ -55,6 +54,7 @@ SD15_VAE = {
     "up_block_types": ("UpDecoderBlock2D",) * 4,
 }
 SD15_TEXT = {
+    "vocab_size": 49408,
     "hidden_size": 768,
     "intermediate_size": 3072,
     "num_attention_heads": 12,
@@ -74,27 +74,7 @@ MODES = {
 
 def build_sd15(folder: Path) -> Path:
     """SD 1.5's architecture with random weights, saved like a downloaded model."""
-    torch.manual_seed(0)
-    write_tokenizer_files(folder / "_tokens")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "_tokens/vocab.json"), merges=str(folder / "_tokens/merges.txt"))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, **SD15_TEXT)
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
-    pipeline = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**SD15_UNET),
-        vae=AutoencoderKL(**SD15_VAE),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder)
-    return folder
+    return save_random_pipeline(folder, unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT)
 
 
 def matmul_peak_flops(device: torch.device) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 TOKEN_LIMIT = 77
 
@@ -37,60 +38,68 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def build_tiny_pipeline(folder: str | Path, *, seed: int = 0) -> Path:
-    """Create a small random SD pipeline and ``save_pretrained`` it into ``folder``."""
+TINY_UNET: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 32,
+    "norm_num_groups": 32,
+}
+TINY_VAE: dict[str, Any] = {  # four blocks: latents are 1/8 of the image per side, as in real SD
+    "block_out_channels": (32, 32, 32, 32),
+    "layers_per_block": 1,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+TINY_TEXT: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "layer_norm_eps": 1e-5,
+}
+
+
+def save_random_pipeline(
+    folder: str | Path, *, unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any], seed: int = 0
+) -> Path:
+    """Build an SD pipeline with random weights from component configs and ``save_pretrained`` it."""
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(  # four blocks: latents are 1/8 of the image per side, as in real SD
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=1,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=32,
-    )
     tokenizer_dir = folder / "_tokenizer_source"
     write_tokenizer_files(tokenizer_dir)
     tokenizer = CLIPTokenizer(
         vocab=str(tokenizer_dir / "vocab.json"), merges=str(tokenizer_dir / "merges.txt"), model_max_length=TOKEN_LIMIT
     )
     text_config = CLIPTextConfig(
-        bos_token_id=len(tokenizer) - 2,
-        eos_token_id=len(tokenizer) - 1,
-        pad_token_id=len(tokenizer) - 1,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=TOKEN_LIMIT,
-        layer_norm_eps=1e-5,
+        **{
+            "bos_token_id": len(tokenizer) - 2,
+            "eos_token_id": len(tokenizer) - 1,
+            "pad_token_id": len(tokenizer) - 1,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": TOKEN_LIMIT,
+            **text,
+        }
     )
-    text_encoder = CLIPTextModel(text_config)
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
     pipeline = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+        unet=UNet2DConditionModel(**unet),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(text_config),
         tokenizer=tokenizer,
         scheduler=scheduler,
         safety_checker=None,
@@ -102,6 +111,11 @@ def build_tiny_pipeline(folder: str | Path, *, seed: int = 0) -> Path:
         leftover.unlink()
     tokenizer_dir.rmdir()
     return folder
+
+
+def build_tiny_pipeline(folder: str | Path, *, seed: int = 0) -> Path:
+    """Create a small random SD pipeline and ``save_pretrained`` it into ``folder``."""
+    return save_random_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -300,3 +300,10 @@ def test_help_lists_settings_and_bad_settings_fail_in_one_line() -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: invalid setting LINK_TTL_SECONDS")
+
+
+def test_only_the_apps_own_files_are_served(s3_app: RunningApp) -> None:
+    monitoring = requests.get(s3_app.url + "monitoring", timeout=10)  # Gradio's monitoring page is off
+    assert monitoring.status_code in (403, 404) and "not enabled" in monitoring.text.lower()
+    for path in ("gradio_api/file=/etc/passwd", f"gradio_api/file={ROOT / 'app.py'}"):
+        assert requests.get(s3_app.url + path, timeout=10).status_code in (403, 404), path

@@ -111,7 +111,7 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
         gallery = [(str(path), _caption(image)) for path, image in zip(found.png_paths, records, strict=True)]
         return gallery, {"images": records, "page": found.page.page, "has_more": found.page.has_more}
 
-    with gr.Blocks(title="sd-service · text to image", delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title="sd-service · text to image", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         gr.Markdown(f"## Text to image\nModel: `{model_name}` · images are stored with shareable links.")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
