@@ -127,7 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         local_store=local_store,
         auth=auth,
         max_file_size=settings.max_file_size,
-        allowed_paths=[str(parts.service.gallery_dir)],
         secure_cookies=settings.base_url().startswith("https://"),
     )
     config = uvicorn.Config(

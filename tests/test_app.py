@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -307,3 +308,11 @@ def test_only_the_apps_own_files_are_served(s3_app: RunningApp) -> None:
     assert monitoring.status_code in (403, 404) and "not enabled" in monitoring.text.lower()
     for path in ("gradio_api/file=/etc/passwd", f"gradio_api/file={ROOT / 'app.py'}"):
         assert requests.get(s3_app.url + path, timeout=10).status_code in (403, 404), path
+
+
+def test_gallery_files_are_not_served_by_path(s3_app: RunningApp, tmp_path: Path) -> None:
+    gallery, result = generate(client(s3_app, tmp_path), "private file")
+    image_id = result["images"][0]["id"]
+    direct = f"{s3_app.url}gradio_api/file={tempfile.gettempdir()}/sd-service-gallery/{image_id}.png"
+    assert requests.get(direct, timeout=10).status_code in (403, 404)
+    assert Path(gallery[0]["image"]).stat().st_size > 0  # the client still got its copy through Gradio's cache

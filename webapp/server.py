@@ -25,7 +25,6 @@ def create_app(
     local_store: LocalStore | None,
     auth: list[tuple[str, str]] | None,
     max_file_size: str,
-    allowed_paths: list[str],
     secure_cookies: bool = False,
 ) -> ASGIApp:
     """FastAPI app serving signed local files (when storing locally) and the Gradio page."""
@@ -48,7 +47,6 @@ def create_app(
         auth=auth or None,
         max_file_size=max_file_size,
         enable_monitoring=False,
-        allowed_paths=allowed_paths,
         footer_links=["api"],
         show_error=True,
         ssr_mode=False,
