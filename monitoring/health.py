@@ -38,10 +38,6 @@ class Health:
     def shutting_down(self) -> None:
         self._shutting_down = True
 
-    @property
-    def is_shutting_down(self) -> bool:
-        return self._shutting_down
-
     def readiness(self) -> ReadinessReport:
         """Ready when the model is loaded, the web server listens, storage answers and no shutdown began."""
         reasons = []

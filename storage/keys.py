@@ -57,7 +57,3 @@ def record_key(prefix: str, owner: str, image_id: str) -> str:
 
 def records_prefix(prefix: str, owner: str) -> str:
     return f"{owner_prefix(prefix, owner)}records/"
-
-
-def image_id_from_record_key(key: str) -> str:
-    return key.rsplit("/", 1)[-1].removesuffix(".json")

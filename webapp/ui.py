@@ -16,12 +16,6 @@ from webapp.service import GeneratedImage, ImageService, UserFacingError
 GalleryItems = list[tuple[str, str]]
 FORM_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
 
-CSS = """
-.gradio-container {max-width: 1280px !important; margin: auto;}
-#links a {word-break: break-all;}
-footer {display: none !important;}
-"""
-
 
 def owner_of(request: gr.Request) -> str:
     """The owner key of whoever made this request."""
