@@ -15,8 +15,7 @@ from monitoring.metrics import Metrics
 from monitoring.server import MetricsServer
 from sd_pipeline.batching import BatchScheduler
 from sd_pipeline.errors import ModelLoadError
-from sd_pipeline.generator import Generator
-from sd_pipeline.loading import load_pipeline
+from sd_pipeline.worker import PipelineProcess
 from storage.base import ImageStore, StorageError
 from storage.local import LocalStore, load_or_create_secret
 from storage.s3 import S3Store
@@ -37,6 +36,7 @@ class Parts:
     health: Health
     metrics_server: MetricsServer
     store: ImageStore
+    worker: PipelineProcess | None = None
     scheduler: BatchScheduler | None = None
     service: ImageService | None = None
 
@@ -74,21 +74,17 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     store, local_store = build_store(settings, metrics)
     health.storage_check = store.check
     parts = Parts(metrics=metrics, health=health, metrics_server=metrics_server, store=store)
-    loaded = load_pipeline(settings.pipeline())
-    metrics.model_loaded(
-        model=loaded.model,
-        device=str(loaded.device),
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        seconds=loaded.load_seconds,
+    worker = PipelineProcess(
+        settings.pipeline(), limits=settings.limits(), max_batch_images=settings.max_batch_size, observer=metrics
     )
-    generator = Generator(loaded, limits=settings.limits(), max_batch_images=settings.max_batch_size, observer=metrics)
-    if settings.sd_warmup:
-        generator.warmup()
+    parts.worker = worker
+    info = worker.start()
+    metrics.model_loaded(model=info.model, device=info.device, dtype=info.dtype, seconds=info.load_seconds)
     parts.scheduler = BatchScheduler(
-        generator, max_batch_size=settings.max_batch_size, capacity=settings.queue_max_size, observer=metrics
+        worker, max_batch_size=settings.max_batch_size, capacity=settings.queue_max_size, observer=metrics
     )
     parts.scheduler.start()
-    parts.service = ImageService(generator, parts.scheduler, store, metrics, page_size=settings.history_page_size)
+    parts.service = ImageService(worker, parts.scheduler, store, metrics, page_size=settings.history_page_size)
     health.model_loaded()
     return parts, local_store
 
@@ -104,7 +100,9 @@ def drain(parts: Parts, settings: Settings) -> None:
 
 
 def stop(parts: Parts) -> None:
-    """Flush uploads (the spool keeps the rest) and close the side port."""
+    """Stop the pipeline worker, flush uploads (the spool keeps the rest) and close the side port."""
+    if parts.worker is not None:
+        parts.worker.close()
     parts.store.close()
     parts.metrics_server.stop()
 

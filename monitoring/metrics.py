@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator
 from enum import StrEnum
 
 import torch
@@ -16,8 +15,6 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 PREFIX = "sdapp_"
 # Multi-second GPU work: from a tenth of a second to ten minutes.
@@ -43,25 +40,6 @@ class StorageOperation(StrEnum):
     UPLOAD = "upload"
     HISTORY = "history"
     CHECK = "check"
-
-
-class _GpuMemoryCollector(Collector):
-    """GPU memory read at scrape time, only when CUDA is in use."""
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-            return
-        allocated = GaugeMetricFamily(
-            f"{PREFIX}gpu_memory_allocated_bytes", "GPU memory held by tensors", labels=["device"]
-        )
-        reserved = GaugeMetricFamily(
-            f"{PREFIX}gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator", labels=["device"]
-        )
-        for index in range(torch.cuda.device_count()):
-            allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
-            reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
-        yield allocated
-        yield reserved
 
 
 class Metrics:
@@ -122,6 +100,15 @@ class Metrics:
         self.uploads_pending = Gauge(
             f"{PREFIX}storage_uploads_pending", "Images in the on-disk spool waiting for upload", registry=r
         )
+        self.gpu_allocated = Gauge(
+            f"{PREFIX}gpu_memory_allocated_bytes", "GPU memory held by tensors (CUDA only)", ["device"], registry=r
+        )
+        self.gpu_reserved = Gauge(
+            f"{PREFIX}gpu_memory_reserved_bytes",
+            "GPU memory reserved by the caching allocator (CUDA only)",
+            ["device"],
+            registry=r,
+        )
         self.model_load = Gauge(f"{PREFIX}model_load_seconds", "Time the model took to load", registry=r)
         self.model_info = Info(f"{PREFIX}model", "The model served, its device and dtype", registry=r)
         self.build_info = Info(f"{PREFIX}build", "Versions of the app and its main libraries", registry=r)
@@ -132,7 +119,6 @@ class Metrics:
             self.storage_failures.labels(operation=operation.value)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        r.register(_GpuMemoryCollector())
 
     # Facts from the request path.
     def request_finished(self, outcome: Outcome, *, seconds: float | None = None, images: int = 0) -> None:
@@ -157,6 +143,11 @@ class Metrics:
 
     def out_of_memory(self) -> None:
         self.out_of_memory_events.inc()
+
+    def gpu_memory(self, *, allocated: int, reserved: int) -> None:
+        """Memory of the pipeline's GPU, reported by the worker after each run (CUDA only)."""
+        self.gpu_allocated.labels(device="0").set(allocated)
+        self.gpu_reserved.labels(device="0").set(reserved)
 
     # BatchObserver (sd_pipeline.batching)
     def queued(self, *, depth: int) -> None:

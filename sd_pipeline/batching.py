@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sd_pipeline.errors import GenerationCancelledError
-from sd_pipeline.generator import GenerationJob, GenerationResult, Generator
+from sd_pipeline.generator import GenerationBackend, GenerationJob, GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ class _Entry:
 
 
 class BatchScheduler:
-    """A bounded queue in front of one ``Generator``, drained in batches by one worker thread."""
+    """A bounded queue in front of one generation backend, drained in batches by one worker thread."""
 
     def __init__(
         self,
-        generator: Generator,
+        generator: GenerationBackend,
         *,
         max_batch_size: int = 8,
         capacity: int = 64,

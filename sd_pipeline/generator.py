@@ -76,6 +76,20 @@ class JobOutcome:
     error: Exception | None = None
 
 
+class GenerationBackend(Protocol):
+    """What the batch scheduler and the web layer need: validation, running jobs, the model's name.
+
+    ``Generator`` runs in this process; ``sd_pipeline.worker.PipelineProcess`` in its own.
+    """
+
+    @property
+    def model(self) -> str: ...
+
+    def check(self, data: Mapping[str, Any]) -> GenerationRequest: ...
+
+    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]: ...
+
+
 @dataclass(frozen=True)
 class _ImageTask:
     job: GenerationJob

@@ -217,13 +217,17 @@ def test_sigterm_while_busy_loses_nothing(tiny_model_dir: Path, s3_server: S3Ser
     s3_server.create_bucket("sigterm")
     env = {"S3_BUCKET": "sigterm", "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
     with launched_app(tiny_model_dir, tmp_path, env=env) as app:
+        steps_before = app.metric("sdapp_denoising_step_seconds_count")  # the warm-up ran one
         jobs = [
             client(app, tmp_path / str(n)).submit(prompt=f"term {n}", **{**SLOW, "steps": 60}, api_name="/generate")
             for n in range(3)
         ]
         deadline = time.monotonic() + 30
-        while app.metric("sdapp_requests_in_progress") < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while time.monotonic() < deadline:  # all three queued or running, one batch under way
+            accepted = app.metric("sdapp_queue_wait_seconds_count") + app.metric("sdapp_queue_depth")
+            if accepted >= 3 and app.metric("sdapp_denoising_step_seconds_count") > steps_before:
+                break
+            time.sleep(0.05)
         app.process.send_signal(15)
         time.sleep(0.5)
         draining = requests.get(f"{app.metrics_url}/readyz", timeout=5)

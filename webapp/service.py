@@ -15,7 +15,7 @@ from typing import Any
 from monitoring.metrics import Metrics, Outcome
 from sd_pipeline.batching import BatchScheduler, QueueFullError, ShuttingDownError
 from sd_pipeline.errors import GenerationCancelledError, InvalidRequestError, OutOfMemoryError
-from sd_pipeline.generator import GenerationJob, GenerationResult, Generator
+from sd_pipeline.generator import GenerationBackend, GenerationJob, GenerationResult
 from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError
 from storage.keys import new_image_id
@@ -51,7 +51,7 @@ class ImageService:
 
     def __init__(
         self,
-        generator: Generator,
+        generator: GenerationBackend,
         scheduler: BatchScheduler,
         store: ImageStore,
         metrics: Metrics,

@@ -1,0 +1,94 @@
+"""The pipeline in its own process: same images as in-process, progress, cancel, facts, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sd_pipeline.errors import GenerationCancelledError, InvalidRequestError, ModelLoadError
+from sd_pipeline.generator import GenerationJob, Generator
+from sd_pipeline.request import check_inputs
+from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.worker import PipelineProcess
+
+SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 4}
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.steps = 0
+
+    def pipeline_call(self, *, seconds: float, images: int) -> None:
+        self.calls.append(images)
+
+    def denoising_step(self, *, seconds: float) -> None:
+        self.steps += 1
+
+    def out_of_memory(self) -> None:
+        raise AssertionError("no OOM on the CPU")
+
+    def gpu_memory(self, *, allocated: int, reserved: int) -> None:
+        raise AssertionError("no GPU memory on the CPU")
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir: Path) -> Iterator[tuple[PipelineProcess, RecordingObserver]]:
+    observer = RecordingObserver()
+    process = PipelineProcess(PipelineSettings(model=str(tiny_model_dir), device="cpu", warmup=True), observer=observer)
+    info = process.start()
+    assert (info.model, info.device, info.dtype) == (tiny_model_dir.name, "cpu", "float32")
+    yield process, observer
+    process.close()
+
+
+def test_worker_images_match_in_process_ones(
+    worker: tuple[PipelineProcess, RecordingObserver], generator: Generator
+) -> None:
+    process, observer = worker
+    requests = [check_inputs({"prompt": "a barn", "seed": seed, **SMALL}) for seed in (3, 4)]
+    outcomes = process.run([GenerationJob(request) for request in requests])
+    in_process = generator.generate(requests)
+    for outcome, expected in zip(outcomes, in_process, strict=True):
+        assert outcome.error is None
+        assert np.array_equal(np.asarray(outcome.results[0].image), np.asarray(expected[0].image))
+    assert observer.calls[-1] == 2 and observer.steps >= 4
+
+
+def test_worker_relays_progress_and_validates_here(worker: tuple[PipelineProcess, RecordingObserver]) -> None:
+    process, _ = worker
+    seen: list[tuple[int, int]] = []
+    job = GenerationJob(process.check({"prompt": "steps", **SMALL}), on_step=lambda s, t: seen.append((s, t)))
+    process.run([job])
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    with pytest.raises(InvalidRequestError, match="prompt: is 78 tokens long"):
+        process.check({"prompt": "x" * 76})
+
+
+def test_worker_cancel_stops_within_a_step(worker: tuple[PipelineProcess, RecordingObserver]) -> None:
+    process, _ = worker
+    steps: list[int] = []
+    job = GenerationJob(check_inputs({"prompt": "long", **{**SMALL, "steps": 80, "width": 256, "height": 256}}))
+
+    def on_step(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 3:
+            job.cancel()
+
+    job.on_step = on_step
+    (outcome,) = process.run([job])
+    assert isinstance(outcome.error, GenerationCancelledError)
+    assert max(steps) <= 6  # cancelled at 3: relayed over the pipe and honoured within a step or two
+    after = process.run([GenerationJob(check_inputs({"prompt": "next", **SMALL}))])  # the worker keeps serving
+    assert after[0].error is None and len(after[0].results) == 1
+
+
+def test_worker_reports_a_missing_model(tmp_path: Path) -> None:
+    process = PipelineProcess(PipelineSettings(model=str(tmp_path / "missing"), device="cpu"))
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        process.start()
+    process.close()
