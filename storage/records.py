@@ -28,6 +28,7 @@ class ImageRecord(BaseModel):
     height: int
     scheduler: str
     model: str
+    nsfw: bool = False
     status: Status = "stored"
 
     @classmethod
@@ -49,6 +50,7 @@ class ImageRecord(BaseModel):
             height=request.height,
             scheduler=request.scheduler,
             model=result.model,
+            nsfw=result.nsfw,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import time
@@ -277,3 +278,16 @@ def test_local_history_matches_s3_layout(tmp_path: Path) -> None:
     assert [i.record.prompt for i in page.images] == ["p2", "p1"] and page.has_more
     assert store.history(OTHER, page=1, page_size=2).images == []
     assert (tmp_path / "objects" / "owners" / OWNER / "images").is_dir()
+
+
+def test_record_carries_the_safety_checker_flag(generator: Generator) -> None:
+    result = generator.generate([check_inputs({"prompt": "flag", "steps": 1, "width": 64, "height": 64})])[0][0]
+    flagged = dataclasses.replace(result, nsfw=True)
+    record = ImageRecord.from_result(
+        flagged, image_id="0" * 13 + "-" + "0" * 12, owner=OWNER, created_at=dt.datetime.now(dt.UTC)
+    )
+    assert record.nsfw is True
+    assert (
+        ImageRecord.from_result(result, image_id=record.id, owner=OWNER, created_at=dt.datetime.now(dt.UTC)).nsfw
+        is False
+    )

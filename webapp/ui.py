@@ -37,6 +37,8 @@ def _links_markdown(result: dict[str, Any]) -> str:
     lines = []
     for number, image in enumerate(result.get("images", []), start=1):
         note = " (upload pending: the link works once storage is back)" if image["status"] == "pending" else ""
+        if image.get("nsfw"):
+            note += " (blanked by the model's safety checker)"
         lines.append(f"{number}. [Shareable link]({image['url']}) · seed `{image['seed']}`{note}")
     return "\n".join(lines)
 
