@@ -115,8 +115,7 @@ class Generator:
         self._lock = threading.Lock()
         base_config = loaded.pipeline.scheduler.config
         self._schedulers = {name: make_scheduler(name, base_config) for name in SCHEDULER_NAMES}
-        tokenizer = loaded.pipeline.tokenizer
-        self.tokens = TokenBudget(limit=tokenizer.model_max_length, count=lambda text: len(tokenizer(text).input_ids))
+        self.tokens = TokenBudget.of(loaded.pipeline.tokenizer)
 
     @property
     def model(self) -> str:

@@ -51,15 +51,15 @@ def resolve_dtype(name: DtypeName, device: torch.device) -> torch.dtype:
 
 def _from_pretrained(settings: PipelineSettings, dtype: torch.dtype) -> StableDiffusionPipeline:
     extra = {} if settings.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    local = Path(settings.model).expanduser()
-    if settings.model.startswith((".", "/", "~")) and not local.is_dir():
+    if settings.model.startswith((".", "/", "~")) and not Path(settings.model).expanduser().is_dir():
         raise ModelLoadError(
             f"cannot load model '{settings.model}': no such folder. Set SD_MODEL (or --model) to a folder made by "
             "save_pretrained (for an offline try: python -m sd_pipeline.tiny ./tiny-model) or to a Hugging Face id."
         )
-    source = str(local) if local.is_dir() else settings.model
     try:
-        pipeline: StableDiffusionPipeline = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **extra)
+        pipeline: StableDiffusionPipeline = StableDiffusionPipeline.from_pretrained(
+            model_source(settings.model), dtype=dtype, **extra
+        )
     except (OSError, ValueError, HfHubHTTPError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
@@ -103,6 +103,12 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
     return LoadedPipeline(
         pipeline=pipeline, model=model_name(settings.model), device=device, dtype=dtype, load_seconds=load_seconds
     )
+
+
+def model_source(model: str) -> str:
+    """What ``from_pretrained`` should be given: an existing local folder's path, else the Hub id."""
+    local = Path(model).expanduser()
+    return str(local) if local.is_dir() else model
 
 
 def model_name(model: str) -> str:

@@ -65,6 +65,11 @@ class TokenBudget:
     limit: int
     count: Callable[[str], int]
 
+    @classmethod
+    def of(cls, tokenizer: Any) -> TokenBudget:
+        """The budget of a Hugging Face tokenizer: its ``model_max_length``, start and end tokens included."""
+        return cls(limit=tokenizer.model_max_length, count=lambda text: len(tokenizer(text).input_ids))
+
 
 def _integer(field: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -17,12 +17,11 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Protocol
 
 from sd_pipeline.errors import ModelLoadError
 from sd_pipeline.generator import GenerationJob, GenerationObserver, Generator, JobOutcome
-from sd_pipeline.loading import load_pipeline
+from sd_pipeline.loading import load_pipeline, model_source
 from sd_pipeline.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
 from sd_pipeline.settings import PipelineSettings
 
@@ -244,6 +243,4 @@ def _token_budget(model: str) -> TokenBudget:
     """The tokenizer the worker uses (already downloaded by it), for validating prompts here."""
     from transformers import CLIPTokenizer
 
-    local = Path(model).expanduser()
-    tokenizer = CLIPTokenizer.from_pretrained(str(local) if local.is_dir() else model, subfolder="tokenizer")
-    return TokenBudget(limit=tokenizer.model_max_length, count=lambda text: len(tokenizer(text).input_ids))
+    return TokenBudget.of(CLIPTokenizer.from_pretrained(model_source(model), subfolder="tokenizer"))

@@ -172,8 +172,8 @@ class SpoolingStore:
     def flush(self, *, timeout: float) -> bool:
         """Try to upload everything waiting; True when the spool is empty."""
         deadline = time.monotonic() + timeout
-        while self.spool.entries() and time.monotonic() < deadline:
-            if not self._upload_one(self.spool.entries()[0]):
+        while (entries := self.spool.entries()) and time.monotonic() < deadline:
+            if not self._upload_one(entries[0]):
                 time.sleep(min(self.min_backoff, max(0.0, deadline - time.monotonic())))
         self._report_pending()
         return not self.spool.entries()
