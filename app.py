@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -15,6 +16,7 @@ from monitoring.metrics import Metrics
 from monitoring.server import MetricsServer
 from sd_pipeline.batching import BatchScheduler
 from sd_pipeline.errors import ModelLoadError
+from sd_pipeline.supervision import SupervisedWorker
 from sd_pipeline.worker import PipelineProcess
 from storage.base import ImageStore, StorageError
 from storage.local import LocalStore, load_or_create_secret
@@ -36,7 +38,7 @@ class Parts:
     health: Health
     metrics_server: MetricsServer
     store: ImageStore
-    worker: PipelineProcess | None = None
+    worker: SupervisedWorker | None = None
     scheduler: BatchScheduler | None = None
     service: ImageService | None = None
 
@@ -63,7 +65,7 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
 
 
 def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
-    """Start metrics, storage, the model and the batch worker; raises on anything unusable."""
+    """Start metrics, storage, the supervised model worker and the batcher; raises on anything unusable."""
     metrics = Metrics(version="0.1.0")
     metrics.queue_capacity.set(settings.queue_max_size)
     health = Health()
@@ -74,10 +76,19 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     store, local_store = build_store(settings, metrics)
     health.storage_check = store.check
     parts = Parts(metrics=metrics, health=health, metrics_server=metrics_server, store=store)
-    worker = PipelineProcess(
-        settings.pipeline(), limits=settings.limits(), max_batch_images=settings.max_batch_size, observer=metrics
+    policy = settings.restart_policy()
+    new_worker = functools.partial(
+        PipelineProcess,
+        settings.pipeline(),
+        limits=settings.limits(),
+        max_batch_images=settings.max_batch_size,
+        observer=metrics,
+        stall_seconds=policy.stall_seconds,
     )
+    worker = SupervisedWorker(new_worker, policy=policy, observer=metrics)
     parts.worker = worker
+    health.pipeline_readiness = worker.readiness_problem
+    health.pipeline_liveness = worker.liveness_problem
     info = worker.start()
     metrics.model_loaded(model=info.model, device=info.device, dtype=info.dtype, seconds=info.load_seconds)
     parts.scheduler = BatchScheduler(

@@ -1,4 +1,4 @@
-"""Liveness and readiness: model loaded, storage reachable, not shutting down."""
+"""Liveness and readiness: model loaded, pipeline worker ready, storage reachable, not shutting down."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+ProblemCheck = Callable[[], str | None]
 
 
 @dataclass(frozen=True)
@@ -16,11 +18,32 @@ class ReadinessReport:
     reasons: list[str]
 
 
-class Health:
-    """Flags set by the app as it starts and stops, plus a cached storage check."""
+@dataclass(frozen=True)
+class LivenessReport:
+    """Whether the process is worth keeping, and why not (a restart would help)."""
 
-    def __init__(self, *, storage_check: Callable[[], None] | None = None, cache_seconds: float = 5.0) -> None:
+    alive: bool
+    reasons: list[str]
+
+
+class Health:
+    """Flags set by the app as it starts and stops, a cached storage check, and the pipeline's own checks.
+
+    ``pipeline_readiness`` and ``pipeline_liveness`` return a reason when the pipeline cannot
+    run requests now, or is crash-looping (``SupervisedWorker`` provides both).
+    """
+
+    def __init__(
+        self,
+        *,
+        storage_check: Callable[[], None] | None = None,
+        pipeline_readiness: ProblemCheck | None = None,
+        pipeline_liveness: ProblemCheck | None = None,
+        cache_seconds: float = 5.0,
+    ) -> None:
         self.storage_check = storage_check
+        self.pipeline_readiness = pipeline_readiness
+        self.pipeline_liveness = pipeline_liveness
         self.cache_seconds = cache_seconds
         self._model_loaded = False
         self._serving = False
@@ -43,6 +66,8 @@ class Health:
         reasons = []
         if not self._model_loaded:
             reasons.append("model not loaded")
+        elif self.pipeline_readiness is not None and (problem := self.pipeline_readiness()):
+            reasons.append(problem)
         if not self._serving:
             reasons.append("web server not started")
         if self._shutting_down:
@@ -51,6 +76,11 @@ class Health:
         if problem:
             reasons.append(problem)
         return ReadinessReport(ready=not reasons, reasons=reasons)
+
+    def liveness(self) -> LivenessReport:
+        """Alive unless the pipeline is crash-looping."""
+        problem = self.pipeline_liveness() if self.pipeline_liveness is not None else None
+        return LivenessReport(alive=problem is None, reasons=[problem] if problem else [])
 
     def _storage(self) -> str | None:
         if self.storage_check is None:

@@ -42,6 +42,13 @@ class StorageOperation(StrEnum):
     CHECK = "check"
 
 
+class WorkerRestartReason(StrEnum):
+    """Why the pipeline worker was replaced (the only values of the ``reason`` label)."""
+
+    DIED = "died"
+    STALLED = "stalled"
+
+
 class Metrics:
     """All metrics of the app, registered in ``registry`` (a fresh one per instance by default)."""
 
@@ -109,6 +116,15 @@ class Metrics:
             ["device"],
             registry=r,
         )
+        self.worker_restarts = Counter(
+            f"{PREFIX}worker_restarts",
+            "Pipeline worker processes started to replace one that died or stalled",
+            ["reason"],
+            registry=r,
+        )
+        self.worker_up_gauge = Gauge(
+            f"{PREFIX}worker_up", "1 while a pipeline worker is ready to run requests, else 0", registry=r
+        )
         self.model_load = Gauge(f"{PREFIX}model_load_seconds", "Time the model took to load", registry=r)
         self.model_info = Info(f"{PREFIX}model", "The model served, its device and dtype", registry=r)
         self.build_info = Info(f"{PREFIX}build", "Versions of the app and its main libraries", registry=r)
@@ -117,6 +133,8 @@ class Metrics:
             self.requests.labels(outcome=outcome.value)
         for operation in StorageOperation:
             self.storage_failures.labels(operation=operation.value)
+        for reason in WorkerRestartReason:
+            self.worker_restarts.labels(reason=reason.value)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
@@ -148,6 +166,13 @@ class Metrics:
         """Memory of the pipeline's GPU, reported by the worker after each run (CUDA only)."""
         self.gpu_allocated.labels(device="0").set(allocated)
         self.gpu_reserved.labels(device="0").set(reserved)
+
+    # SupervisorObserver (sd_pipeline.supervision)
+    def worker_restarted(self, *, reason: str) -> None:
+        self.worker_restarts.labels(reason=WorkerRestartReason(reason).value).inc()
+
+    def worker_up(self, *, up: bool) -> None:
+        self.worker_up_gauge.set(1 if up else 0)
 
     # BatchObserver (sd_pipeline.batching)
     def queued(self, *, depth: int) -> None:

@@ -46,7 +46,11 @@ class MetricsServer:
                     encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                     self._send(200, encoder(server.registry), content_type)
                 elif path == "/healthz":
-                    self._send_json(200, {"status": "alive"})
+                    liveness = server.health.liveness()
+                    if liveness.alive:
+                        self._send_json(200, {"status": "alive"})
+                    else:
+                        self._send_json(503, {"status": "unhealthy", "reasons": liveness.reasons})
                 elif path == "/readyz":
                     report = server.health.readiness()
                     body = {"status": "ready" if report.ready else "not ready", "reasons": report.reasons}

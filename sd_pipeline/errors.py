@@ -21,3 +21,19 @@ class GenerationCancelledError(RuntimeError):
 
 class OutOfMemoryError(RuntimeError):
     """The accelerator ran out of memory even for a single image."""
+
+
+class WorkerLostError(RuntimeError):
+    """The process running the pipeline died or stalled mid-run; ``reason`` is ``died`` or ``stalled``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class WorkerCrashedError(RuntimeError):
+    """A request was running each time the image generator died (twice), so it is not retried again."""
+
+
+class PipelineUnavailableError(RuntimeError):
+    """No image generator can take the request (the service is stopping)."""

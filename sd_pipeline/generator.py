@@ -79,7 +79,8 @@ class JobOutcome:
 class GenerationBackend(Protocol):
     """What the batch scheduler and the web layer need: validation, running jobs, the model's name.
 
-    ``Generator`` runs in this process; ``sd_pipeline.worker.PipelineProcess`` in its own.
+    ``Generator`` runs in this process; ``sd_pipeline.worker.PipelineProcess`` in its own, and
+    ``sd_pipeline.supervision.SupervisedWorker`` replaces that process when it dies or stalls.
     """
 
     @property

@@ -14,12 +14,13 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from sd_pipeline.errors import ModelLoadError
+from sd_pipeline.errors import ModelLoadError, WorkerLostError
 from sd_pipeline.generator import GenerationJob, GenerationObserver, Generator, JobOutcome
 from sd_pipeline.loading import load_pipeline, model_source
 from sd_pipeline.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
@@ -146,17 +147,23 @@ class PipelineProcess:
         max_batch_images: int = 8,
         observer: WorkerObserver | None = None,
         start_timeout: float = 3600.0,
+        stall_seconds: float = 120.0,
     ) -> None:
         self.settings = settings
         self.limits = limits or RequestLimits()
         self.max_batch_images = max_batch_images
         self.observer = observer
         self.start_timeout = start_timeout
+        self.stall_seconds = stall_seconds
+        self.stalled = False  # set when the watchdog killed it
         self._lock = threading.Lock()
         context = multiprocessing.get_context("spawn")  # CUDA and threads need a fresh interpreter
-        self._connection, child = context.Pipe()
+        self._connection, self._child_connection = context.Pipe()
         self._process = context.Process(
-            target=_serve, args=(child, settings, self.limits, max_batch_images), name="pipeline-worker", daemon=True
+            target=_serve,
+            args=(self._child_connection, settings, self.limits, max_batch_images),
+            name="pipeline-worker",
+            daemon=True,
         )
         self.info: WorkerInfo | None = None
         self.tokens: TokenBudget | None = None
@@ -165,9 +172,22 @@ class PipelineProcess:
     def model(self) -> str:
         return self.info.model if self.info else self.settings.model
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def sentinel(self) -> int:
+        """Becomes ready when the process ends (for ``multiprocessing.connection.wait``)."""
+        return self._process.sentinel
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
     def start(self) -> WorkerInfo:
         """Start the worker and wait until the model is loaded; raises ``ModelLoadError``."""
         self._process.start()
+        self._child_connection.close()  # only the child holds its end now: its death reads as EOF here
         while True:
             if not self._connection.poll(self.start_timeout):
                 self.close()
@@ -192,23 +212,55 @@ class PipelineProcess:
         return check_inputs(data, limits=self.limits, tokens=self.tokens)
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        """Run jobs in the worker; relays progress and cancellation while it works."""
+        """Run jobs in the worker, relaying progress and cancellation.
+
+        Raises ``WorkerLostError`` when the process dies, or when it sends nothing (no step, no
+        reply) for ``stall_seconds``: the watchdog then kills it.
+        """
         with self._lock:
-            self._connection.send(("run", [job.request for job in jobs]))
+            self._send(("run", [job.request for job in jobs]))
             cancelled_sent: set[int] = set()
+            last_heard = time.monotonic()
             while True:
                 for index, job in enumerate(jobs):
                     if job.cancelled and index not in cancelled_sent:
-                        self._connection.send(("cancel", index))
+                        self._send(("cancel", index))
                         cancelled_sent.add(index)
                 if not self._connection.poll(0.02):
                     if not self._process.is_alive():
-                        raise RuntimeError("the pipeline worker process died")
+                        raise self._lost("died", "the pipeline worker process died")
+                    if time.monotonic() - last_heard > self.stall_seconds:
+                        self._kill_stalled()
+                        raise self._lost("stalled", f"the pipeline worker made no progress for {self.stall_seconds:g}s")
                     continue
-                kind, payload = self._connection.recv()
+                kind, payload = self._receive()
+                last_heard = time.monotonic()
                 if kind == "done":
                     return [JobOutcome(results=list(results), error=error) for results, error in payload]
                 self._relay(kind, payload, jobs)
+
+    def _send(self, message: tuple[str, Any]) -> None:
+        try:
+            self._connection.send(message)
+        except OSError:  # BrokenPipeError and friends: the other end is gone
+            raise self._lost("died", "the pipeline worker process died") from None
+
+    def _receive(self) -> tuple[str, Any]:
+        try:
+            message: tuple[str, Any] = self._connection.recv()
+        except (EOFError, OSError):
+            raise self._lost("died", "the pipeline worker process died") from None
+        return message
+
+    def _lost(self, reason: str, message: str) -> WorkerLostError:
+        self._process.join(timeout=5)  # reap it, so its exit code and sentinel are final
+        code = self._process.exitcode
+        return WorkerLostError(reason, message if code is None else f"{message} (exit code {code})")
+
+    def _kill_stalled(self) -> None:
+        logger.warning("pipeline worker (pid %s) made no progress for %gs; killing it", self.pid, self.stall_seconds)
+        self.stalled = True
+        self._process.kill()
 
     def _relay(self, kind: str, payload: Any, jobs: Sequence[GenerationJob]) -> None:
         if kind == "step":
@@ -228,6 +280,11 @@ class PipelineProcess:
         elif kind == "gpu_memory":
             self.observer.gpu_memory(**payload)
 
+    def kill(self) -> None:
+        """End the process at once, without a clean stop."""
+        if self._process.is_alive():
+            self._process.kill()
+
     def close(self, *, timeout: float = 30.0) -> None:
         """Ask the worker to stop; kill it if it does not."""
         if self._process.is_alive():
@@ -237,6 +294,7 @@ class PipelineProcess:
         if self._process.is_alive():
             self._process.kill()
             self._process.join(timeout=5)
+        self._connection.close()
 
 
 def _token_budget(model: str) -> TokenBudget:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from sd_pipeline.png import read_png_parameters
 from tests.app_server import ROOT, RunningApp, launched_app
+from tests.images import assert_same_image
 from tests.servers import S3Server
 from tests.test_request import BAD_INPUTS
 
@@ -98,7 +99,7 @@ def test_settings_from_a_record_reproduce_the_image(s3_app: RunningApp, tmp_path
     assert 0 <= record["seed"] <= 2**32 - 1
     fields = {key: record[key] for key in ("negative_prompt", "seed", "steps", "guidance_scale", "width", "height")}
     _, again = generate(c, record["prompt"], **fields, scheduler=record["scheduler"])
-    assert np.array_equal(fetch_pixels(record["url"]), fetch_pixels(again["images"][0]["url"]))
+    assert_same_image(fetch_pixels(record["url"]), fetch_pixels(again["images"][0]["url"]))
 
 
 def test_concurrent_clients_are_batched_and_get_their_own_images(s3_app: RunningApp, tmp_path: Path) -> None:
@@ -285,10 +286,9 @@ def test_full_queue_answers_fast(local_auth_app: RunningApp, tmp_path: Path) -> 
     clients = [client(local_auth_app, tmp_path / str(n), auth=("bob", "builder")) for n in range(3)]
     running = [c.submit(prompt=f"fill {n}", **SLOW, api_name="/generate") for n, c in enumerate(clients[:2])]
     time.sleep(1.5)
-    started = time.monotonic()
     with pytest.raises(Exception, match="busy"):
         clients[2].predict(prompt="one too many", **FAST, api_name="/generate")
-    assert time.monotonic() - started < 5
+    assert not any(job.done() for job in running)  # refused at once, not after the queue drained
     for job in running:
         job.cancel()
 

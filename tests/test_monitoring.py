@@ -193,3 +193,39 @@ def drive_traffic(app: RunningApp, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="width"):
         client.predict(prompt="bad", **{**fields, "width": 70}, api_name="/generate")
     client.predict(1, api_name="/history")
+
+
+def test_worker_restarts_readiness_and_crash_loop_reach_the_side_port() -> None:
+    metrics = Metrics()
+    problems: dict[str, str | None] = {"ready": None, "alive": None}
+    health = Health(
+        cache_seconds=0,
+        pipeline_readiness=lambda: problems["ready"],
+        pipeline_liveness=lambda: problems["alive"],
+    )
+    health.model_loaded()
+    health.serving()
+    server = MetricsServer(metrics.registry, health, host="127.0.0.1", port=0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        metrics.worker_up(up=True)
+        assert requests.get(f"{base}/readyz", timeout=5).status_code == 200
+        metrics.worker_up(up=False)
+        metrics.worker_restarted(reason="stalled")
+        problems["ready"] = "pipeline worker restarting (it stalled)"
+        not_ready = requests.get(f"{base}/readyz", timeout=5)
+        assert not_ready.status_code == 503 and not_ready.json()["reasons"] == [problems["ready"]]
+        assert requests.get(f"{base}/healthz", timeout=5).status_code == 200  # restarting is not a reason to die
+        problems["alive"] = "pipeline worker crash loop: 5 restarts in the last 600s"
+        unhealthy = requests.get(f"{base}/healthz", timeout=5)
+        assert unhealthy.status_code == 503
+        assert unhealthy.json() == {"status": "unhealthy", "reasons": [problems["alive"]]}
+        text = requests.get(f"{base}/metrics", timeout=5).text
+        assert 'sdapp_worker_restarts_total{reason="stalled"} 1.0' in text
+        assert 'sdapp_worker_restarts_total{reason="died"} 0.0' in text
+        assert "sdapp_worker_up 0.0" in text
+        with pytest.raises(ValueError):
+            metrics.worker_restarted(reason="bored")  # labels come from a fixed set only
+    finally:
+        server.stop()

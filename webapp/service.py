@@ -14,7 +14,13 @@ from typing import Any
 
 from monitoring.metrics import Metrics, Outcome
 from sd_pipeline.batching import BatchScheduler, QueueFullError, ShuttingDownError
-from sd_pipeline.errors import GenerationCancelledError, InvalidRequestError, OutOfMemoryError
+from sd_pipeline.errors import (
+    GenerationCancelledError,
+    InvalidRequestError,
+    OutOfMemoryError,
+    PipelineUnavailableError,
+    WorkerCrashedError,
+)
 from sd_pipeline.generator import GenerationBackend, GenerationJob, GenerationResult
 from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError
@@ -124,8 +130,10 @@ class ImageService:
         except asyncio.CancelledError:
             self.scheduler.cancel(job)
             raise
-        except OutOfMemoryError as error:
+        except (OutOfMemoryError, WorkerCrashedError) as error:
             raise GenerationFailedError(str(error)) from error
+        except PipelineUnavailableError as error:
+            raise BusyError(str(error)) from error
 
     def _store_all(self, results: list[GenerationResult], owner: str) -> list[GeneratedImage]:
         self._prune_gallery_files()

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sd_pipeline.request import RequestLimits
 from sd_pipeline.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings
+from sd_pipeline.supervision import RestartPolicy
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
 
 
@@ -65,6 +66,13 @@ class Settings(BaseSettings):
 
     queue_max_size: int = Field(64, ge=1, description="requests accepted at once; more get 'busy, try again'")
     max_batch_size: int = Field(8, ge=1, le=64, description="requests batched into one pipeline run")
+    worker_stall_seconds: float = Field(
+        120.0, gt=0, description="replace the pipeline worker when it makes no progress this long while working"
+    )
+    worker_max_restarts: int = Field(
+        5, ge=1, description="worker restarts within WORKER_RESTART_WINDOW that make /healthz report unhealthy"
+    )
+    worker_restart_window: float = Field(600.0, gt=0, description="seconds over which worker restarts are counted")
     history_page_size: int = Field(12, ge=1, le=100, description="images per history page")
     auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
@@ -89,6 +97,13 @@ class Settings(BaseSettings):
             channels_last=self.sd_channels_last,
             fuse_qkv=self.sd_fuse_qkv,
             max_pixels=self.max_pixels,
+        )
+
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(
+            stall_seconds=self.worker_stall_seconds,
+            max_restarts=self.worker_max_restarts,
+            restart_window=self.worker_restart_window,
         )
 
     def limits(self) -> RequestLimits:

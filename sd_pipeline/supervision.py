@@ -1,0 +1,274 @@
+"""Keep the pipeline worker running, and the failure rules every backend shares.
+
+A worker process can die (the kernel's OOM killer, a segfault in a native library, a fatal
+CUDA error) or hang. ``SupervisedWorker`` notices within a fraction of a second, starts a new
+one (with back-off while starting keeps failing) and reports readiness and crash loops for
+``/readyz`` and ``/healthz``. ``run_with_retry`` holds the rules for the requests that were
+running, so any backend that raises ``WorkerLostError`` applies the same ones:
+
+- a request running when its worker was lost is retried once, alone, on the next worker;
+- lost again while it runs, it fails with ``WorkerCrashedError``: a request that kills the
+  worker cannot crash-loop the service, and the others of its batch still get their images;
+- a cancelled request is never retried.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Protocol
+
+from sd_pipeline.errors import (
+    GenerationCancelledError,
+    ModelLoadError,
+    PipelineUnavailableError,
+    WorkerCrashedError,
+    WorkerLostError,
+)
+from sd_pipeline.generator import GenerationJob, JobOutcome
+from sd_pipeline.request import GenerationRequest
+from sd_pipeline.worker import PipelineProcess, WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+CRASHED_TWICE = "this request stopped the image generator twice; try other settings"
+_WATCH_INTERVAL = 0.25
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a worker counts as stalled, how fast to restart it, and what counts as a crash loop."""
+
+    stall_seconds: float = 120.0
+    max_restarts: int = 5
+    restart_window: float = 600.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+
+
+class SupervisorObserver(Protocol):
+    """Receives worker facts (implemented by the metrics module)."""
+
+    def worker_restarted(self, *, reason: str) -> None: ...
+
+    def worker_up(self, *, up: bool) -> None: ...
+
+
+RunOnce = Callable[[Sequence[GenerationJob]], list[JobOutcome]]
+
+
+def run_with_retry(jobs: Sequence[GenerationJob], run_once: RunOnce) -> list[JobOutcome]:
+    """Run jobs; after a lost worker retry each live job once, alone; a second loss fails it clearly."""
+    try:
+        return run_once(jobs)
+    except WorkerLostError as lost:
+        logger.warning("%s; retrying its %d request(s) once each", lost, len(jobs))
+    outcomes = []
+    for job in jobs:
+        if job.cancelled:
+            outcomes.append(JobOutcome(error=GenerationCancelledError("cancelled")))
+            continue
+        try:
+            outcomes += run_once([job])
+        except WorkerLostError as lost:
+            logger.error("%s again while one request ran alone; refusing that request", lost)
+            outcomes.append(JobOutcome(error=WorkerCrashedError(CRASHED_TWICE)))
+    return outcomes
+
+
+class SupervisedWorker:
+    """A ``GenerationBackend`` over a pipeline worker process that is replaced when it dies or stalls."""
+
+    def __init__(
+        self,
+        new_worker: Callable[[], PipelineProcess],
+        *,
+        policy: RestartPolicy | None = None,
+        observer: SupervisorObserver | None = None,
+    ) -> None:
+        self.new_worker = new_worker
+        self.policy = policy or RestartPolicy()
+        self.observer = observer
+        self._condition = threading.Condition()
+        self._worker: PipelineProcess | None = None
+        self._starting: PipelineProcess | None = None
+        self._ready = False
+        self._problem: str | None = "pipeline worker not started"
+        self._closed = False
+        self._restarts: collections.deque[float] = collections.deque()
+        self._crash_loop_logged = False
+        self._watcher = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    # The GenerationBackend surface.
+    @property
+    def model(self) -> str:
+        return self._current().model
+
+    def check(self, data: Mapping[str, Any]) -> GenerationRequest:
+        """Validate in this process (works while the worker restarts)."""
+        return self._current().check(data)
+
+    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        """Run jobs on the current worker, waiting for a restart if needed; see ``run_with_retry``."""
+        return run_with_retry(jobs, self._run_once)
+
+    # Lifecycle and health.
+    def start(self) -> WorkerInfo:
+        """Start the first worker (raises ``ModelLoadError``) and begin watching it."""
+        worker = self.new_worker()
+        info = worker.start()
+        with self._condition:
+            self._worker, self._ready, self._problem = worker, True, None
+        self._report_up(True)
+        self._watcher.start()
+        return info
+
+    @property
+    def pid(self) -> int | None:
+        """The current worker's process id (None before the first start)."""
+        return self._worker.pid if self._worker else None
+
+    def readiness_problem(self) -> str | None:
+        """Why no request can run right now (None when a worker is ready)."""
+        with self._condition:
+            return None if self._ready else self._problem
+
+    def liveness_problem(self) -> str | None:
+        """A crash loop: too many restarts in the window, so the container should be restarted."""
+        with self._condition:
+            recent = self._recent_restarts()
+            if recent < self.policy.max_restarts:
+                self._crash_loop_logged = False
+                return None
+            plural = "s" if recent != 1 else ""
+            return f"pipeline worker crash loop: {recent} restart{plural} in the last {self.policy.restart_window:g}s"
+
+    def close(self) -> None:
+        """Stop watching and stop the worker (and one being started)."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        deadline = time.monotonic() + 60
+        while self._watcher.is_alive() and time.monotonic() < deadline:
+            starting = self._starting
+            if starting is not None:
+                starting.kill()  # a worker still loading has nothing to finish
+            self._watcher.join(timeout=0.2)
+        if self._worker is not None:
+            self._worker.close()
+
+    # Internals.
+    def _current(self) -> PipelineProcess:
+        if self._worker is None:
+            raise PipelineUnavailableError("the image generator has not started")
+        return self._worker
+
+    def _run_once(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        worker = self._wait_for_worker(jobs)
+        if worker is None:
+            return [JobOutcome(error=GenerationCancelledError("cancelled")) for _ in jobs]
+        try:
+            return worker.run(jobs)
+        except WorkerLostError as lost:
+            with self._condition:
+                if self._worker is worker:
+                    self._ready, self._problem = False, f"pipeline worker restarting (it {lost.reason})"
+            raise
+
+    def _wait_for_worker(self, jobs: Sequence[GenerationJob]) -> PipelineProcess | None:
+        """The ready worker; None if every job was cancelled while waiting for it."""
+        with self._condition:
+            while not self._ready and not self._closed:
+                if all(job.cancelled for job in jobs):
+                    return None
+                self._condition.wait(timeout=0.1)
+            if self._closed or self._worker is None:
+                raise PipelineUnavailableError("the server is stopping; try again in a moment")
+            return self._worker
+
+    def _watch(self) -> None:
+        while True:
+            with self._condition:
+                if self._closed:
+                    return
+                worker = self._worker
+            assert worker is not None
+            wait([worker.sentinel], timeout=_WATCH_INTERVAL)
+            if worker.is_alive():
+                continue
+            with self._condition:
+                if self._closed:
+                    return
+            self._replace(worker)
+
+    def _replace(self, dead: PipelineProcess) -> None:
+        """Start workers until one is ready, backing off while they fail to start."""
+        reason = "stalled" if dead.stalled else "died"
+        with self._condition:
+            self._ready, self._problem = False, f"pipeline worker restarting (it {reason})"
+        self._report_up(False)
+        logger.error("pipeline worker (pid %s) %s; starting a new one", dead.pid, reason)
+        dead.close(timeout=1)
+        delay = 0.0
+        while True:
+            self._count_restart(reason)
+            worker = self.new_worker()
+            with self._condition:
+                if self._closed:
+                    return
+                self._starting = worker
+            try:
+                info = worker.start()
+            except ModelLoadError as error:
+                worker.close(timeout=1)
+                delay = min(max(delay * 2, self.policy.backoff_initial), self.policy.backoff_max)
+                logger.error("pipeline worker failed to start (%s); trying again in %gs", error, delay)
+                with self._condition:
+                    self._starting, self._problem = None, f"pipeline worker failed to start; retrying in {delay:g}s"
+                    if self._condition.wait_for(self._is_closed, timeout=delay):
+                        return
+                reason = "died"
+                continue
+            with self._condition:
+                self._starting = None
+                if self._closed:
+                    worker.close(timeout=1)
+                    return
+                self._worker, self._ready, self._problem = worker, True, None
+                self._condition.notify_all()
+            self._report_up(True)
+            logger.info("pipeline worker restarted (pid %s, loaded in %.1fs)", worker.pid, info.load_seconds)
+            return
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    def _count_restart(self, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.worker_restarted(reason=reason)
+        with self._condition:
+            self._restarts.append(time.monotonic())
+            recent = self._recent_restarts()
+            if recent >= self.policy.max_restarts and not self._crash_loop_logged:
+                self._crash_loop_logged = True
+                logger.critical(
+                    "pipeline worker restarted %d times in %gs: reporting unhealthy on /healthz so the "
+                    "container is restarted",
+                    recent,
+                    self.policy.restart_window,
+                )
+
+    def _recent_restarts(self) -> int:
+        cutoff = time.monotonic() - self.policy.restart_window
+        while self._restarts and self._restarts[0] < cutoff:
+            self._restarts.popleft()
+        return len(self._restarts)
+
+    def _report_up(self, up: bool) -> None:
+        if self.observer is not None:
+            self.observer.worker_up(up=up)

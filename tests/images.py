@@ -1,0 +1,26 @@
+"""What "the same image" means in tests: every channel within 1/255, as the product promises.
+
+CPU kernels do not promise bit-identical results across batch rows, thread counts or
+machines, so no test asks for exact pixel equality.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+SAME_IMAGE_TOLERANCE = 1  # levels of 255
+
+
+def max_difference(first: Any, second: Any) -> int:
+    """Largest per-channel difference between two images (PIL images or arrays of the same shape)."""
+    a, b = np.asarray(first, dtype=np.int16), np.asarray(second, dtype=np.int16)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a - b).max())
+
+
+def assert_same_image(first: Any, second: Any, *, tolerance: int = SAME_IMAGE_TOLERANCE) -> None:
+    """Both images have the same size and no channel differs by more than ``tolerance``/255."""
+    difference = max_difference(first, second)
+    assert difference <= tolerance, f"images differ by {difference}/255 (allowed {tolerance}/255)"

@@ -1,0 +1,239 @@
+"""The supervised worker: real worker processes killed, stopped and crash-looped, and the retry rules."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sd_pipeline.errors import GenerationCancelledError, WorkerCrashedError, WorkerLostError
+from sd_pipeline.generator import GenerationJob, JobOutcome
+from sd_pipeline.request import check_inputs
+from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.supervision import CRASHED_TWICE, RestartPolicy, SupervisedWorker, run_with_retry
+from sd_pipeline.worker import PipelineProcess
+from tests.images import assert_same_image
+
+LONG: dict[str, Any] = {"width": 128, "height": 128, "steps": 40, "seed": 21}
+STALL_SECONDS = 3.0
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.restarts: list[str] = []
+        self.up: list[bool] = []
+
+    def worker_restarted(self, *, reason: str) -> None:
+        self.restarts.append(reason)
+
+    def worker_up(self, *, up: bool) -> None:
+        self.up.append(up)
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+# The rules, with a fake worker: no processes.
+def job(name: str) -> GenerationJob:
+    return GenerationJob(check_inputs({"prompt": name, "width": 64, "height": 64}))
+
+
+def fake_run_once(crash_when: Callable[[Sequence[GenerationJob]], bool]) -> tuple[Any, list[list[str]]]:
+    calls: list[list[str]] = []
+
+    def run_once(jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        calls.append([j.request.prompt for j in jobs])
+        if crash_when(jobs):
+            raise WorkerLostError("died", "the pipeline worker process died")
+        return [JobOutcome() for _ in jobs]
+
+    return run_once, calls
+
+
+def test_a_lost_batch_is_retried_once_each_alone_and_a_repeat_offender_is_refused() -> None:
+    innocent, poison, other = job("innocent"), job("poison"), job("other")
+    run_once, calls = fake_run_once(lambda jobs: any(j is poison for j in jobs))
+    outcomes = run_with_retry([innocent, poison, other], run_once)
+    assert calls == [["innocent", "poison", "other"], ["innocent"], ["poison"], ["other"]]
+    assert outcomes[0].error is None and outcomes[2].error is None
+    assert isinstance(outcomes[1].error, WorkerCrashedError) and str(outcomes[1].error) == CRASHED_TWICE
+
+
+def test_a_cancelled_job_is_not_retried_and_a_clean_run_is_run_once() -> None:
+    keep, cancelled = job("keep"), job("cancelled")
+    crashed = [False]
+
+    def crash_first_time(jobs: Sequence[GenerationJob]) -> bool:
+        cancelled.cancel()  # the user pressed Stop while the worker died
+        first, crashed[0] = not crashed[0], True
+        return first
+
+    run_once, calls = fake_run_once(crash_first_time)
+    outcomes = run_with_retry([keep, cancelled], run_once)
+    assert calls == [["keep", "cancelled"], ["keep"]]
+    assert outcomes[0].error is None and isinstance(outcomes[1].error, GenerationCancelledError)
+    run_once, calls = fake_run_once(lambda jobs: False)
+    run_with_retry([keep], run_once)
+    assert calls == [["keep"]]
+
+
+# Real worker processes on the tiny model.
+@pytest.fixture(scope="module")
+def supervised(tiny_model_dir: Path) -> Iterator[tuple[SupervisedWorker, RecordingObserver]]:
+    observer = RecordingObserver()
+    policy = RestartPolicy(stall_seconds=STALL_SECONDS, max_restarts=100)
+    settings = PipelineSettings(model=str(tiny_model_dir), device="cpu", cpu_threads=1)
+    new_worker = functools.partial(PipelineProcess, settings, stall_seconds=policy.stall_seconds)
+    worker = SupervisedWorker(new_worker, policy=policy, observer=observer)
+    worker.start()
+    yield worker, observer
+    worker.close()
+
+
+def signal_at_step(worker: SupervisedWorker, signum: int, *, at_step: int = 3) -> tuple[GenerationJob, list[int]]:
+    """A long job whose worker gets ``signum`` once it reports ``at_step`` (the first time only)."""
+    steps: list[int] = []
+    sent = threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        steps.append(step)
+        if step == at_step and not sent.is_set():
+            sent.set()
+            pid = worker.pid
+            assert pid is not None
+            os.kill(pid, signum)
+
+    return GenerationJob(worker.check({"prompt": "a long one", **LONG}), on_step=on_step), steps
+
+
+def test_a_killed_worker_is_replaced_and_its_request_still_gets_its_image(
+    supervised: tuple[SupervisedWorker, RecordingObserver],
+) -> None:
+    worker, observer = supervised
+    (reference,) = worker.run([job_for(worker)])
+    first_pid, restarts_before = worker.pid, len(observer.restarts)
+    killed, steps = signal_at_step(worker, signal.SIGKILL)
+    (outcome,) = worker.run([killed])
+    assert outcome.error is None, outcome.error
+    assert worker.pid != first_pid and observer.restarts[restarts_before:] == ["died"]
+    assert steps.count(1) == 2 and steps[-1] == LONG["steps"]  # progress restarted on the new worker
+    assert_same_image(outcome.results[0].image, reference.results[0].image)  # the same image, retried
+    assert worker.readiness_problem() is None and worker.liveness_problem() is None
+    assert observer.up[-2:] == [False, True]
+
+
+def job_for(worker: SupervisedWorker) -> GenerationJob:
+    return GenerationJob(worker.check({"prompt": "a long one", **LONG}))
+
+
+def test_a_stalled_worker_is_killed_after_the_stall_timeout_and_replaced(
+    supervised: tuple[SupervisedWorker, RecordingObserver],
+) -> None:
+    worker, observer = supervised
+    restarts_before, first_pid = len(observer.restarts), worker.pid
+    stopped, steps = signal_at_step(worker, signal.SIGSTOP)
+    (outcome,) = worker.run([stopped])
+    assert outcome.error is None and len(outcome.results) == 1
+    assert observer.restarts[restarts_before:] == ["stalled"] and worker.pid != first_pid
+    assert steps[-1] == LONG["steps"]
+
+
+def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_request(
+    supervised: tuple[SupervisedWorker, RecordingObserver],
+) -> None:
+    worker, observer = supervised
+    restarts_before, first_pid = len(observer.restarts), worker.pid
+    assert first_pid is not None
+    os.kill(first_pid, signal.SIGKILL)
+    wait_until(lambda: worker.readiness_problem() is not None or worker.pid != first_pid)
+    wait_until(lambda: worker.readiness_problem() is None)
+    assert worker.pid != first_pid and observer.restarts[restarts_before:] == ["died"]
+    (outcome,) = worker.run([GenerationJob(worker.check({"prompt": "after", "width": 64, "height": 64}))])
+    assert outcome.error is None
+
+
+def test_a_request_that_kills_the_worker_twice_is_refused_and_the_next_one_served(
+    supervised: tuple[SupervisedWorker, RecordingObserver],
+) -> None:
+    worker, observer = supervised
+    restarts_before = len(observer.restarts)
+    steps: list[int] = []
+
+    def kill_every_time(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 2:
+            pid = worker.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+
+    poison = GenerationJob(worker.check({"prompt": "poison", **LONG}), on_step=kill_every_time)
+    innocent = GenerationJob(worker.check({"prompt": "innocent", **LONG}))
+    poisoned, served = worker.run([poison, innocent])
+    assert isinstance(poisoned.error, WorkerCrashedError) and str(poisoned.error) == CRASHED_TWICE
+    assert served.error is None and len(served.results) == 1  # its batch-mate is retried alone and served
+    assert observer.restarts[restarts_before:] == ["died", "died"]
+    wait_until(lambda: worker.readiness_problem() is None)
+    (after,) = worker.run([job_for(worker)])
+    assert after.error is None
+
+
+def test_a_request_cancelled_while_the_worker_restarts_ends_cancelled(
+    supervised: tuple[SupervisedWorker, RecordingObserver],
+) -> None:
+    worker, _ = supervised
+    steps: list[int] = []
+    holder: list[GenerationJob] = []
+
+    def kill_then_cancel(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 2 and len(steps) == 2:
+            holder[0].cancel()  # Stop pressed just as the worker dies
+            pid = worker.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+
+    cancelled = GenerationJob(worker.check({"prompt": "stop me", **LONG}), on_step=kill_then_cancel)
+    holder.append(cancelled)
+    (outcome,) = worker.run([cancelled])
+    assert isinstance(outcome.error, GenerationCancelledError)
+    assert steps.count(1) == 1  # never ran again
+
+
+def test_repeated_start_failures_back_off_and_report_a_crash_loop(tiny_model_dir: Path, tmp_path: Path) -> None:
+    good = PipelineSettings(model=str(tiny_model_dir), device="cpu", cpu_threads=1, warmup=False)
+    missing = PipelineSettings(model=str(tmp_path / "gone"), device="cpu")
+    made: list[PipelineProcess] = []
+
+    def new_worker() -> PipelineProcess:  # the model vanishes after the first start
+        made.append(PipelineProcess(good if not made else missing))
+        return made[-1]
+
+    observer = RecordingObserver()
+    policy = RestartPolicy(max_restarts=2, restart_window=600, backoff_initial=0.5, backoff_max=1)
+    worker = SupervisedWorker(new_worker, policy=policy, observer=observer)
+    worker.start()
+    try:
+        assert worker.liveness_problem() is None
+        first = made[0].pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: len(observer.restarts) >= 2)
+        problem = worker.liveness_problem()
+        assert problem is not None and problem.startswith("pipeline worker crash loop: ")
+        readiness = worker.readiness_problem()
+        assert readiness is not None and readiness.startswith("pipeline worker")
+        assert observer.up == [True, False]
+    finally:
+        worker.close()
+    assert not any(process.is_alive() for process in made)
