@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # CUDA runtime image for the text-to-image service. PyPI's torch 2.13.0 wheel for Linux is
 # built against CUDA 13.0 (it brings its own CUDA libraries as nvidia-* wheels), so the base
-# is the CUDA 13.0 runtime. Model weights are never baked in: they download into the
-# Hugging Face cache volume on first start.
+# is the CUDA 13.0 runtime: the host needs an NVIDIA driver >= 580 and a Turing or newer GPU.
+# Model weights are never baked in: they download into the Hugging Face cache volume on first start.
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -13,8 +13,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# gcc, libc6-dev and python3-dev: SD_COMPILE=true has Triton build a small C launcher at run time.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates curl \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 

@@ -108,11 +108,14 @@ class Metrics:
             f"{PREFIX}storage_uploads_pending", "Images in the on-disk spool waiting for upload", registry=r
         )
         self.gpu_allocated = Gauge(
-            f"{PREFIX}gpu_memory_allocated_bytes", "GPU memory held by tensors (CUDA only)", ["device"], registry=r
+            f"{PREFIX}gpu_memory_allocated_bytes",
+            "Peak GPU memory held by tensors during the last run (CUDA only)",
+            ["device"],
+            registry=r,
         )
         self.gpu_reserved = Gauge(
             f"{PREFIX}gpu_memory_reserved_bytes",
-            "GPU memory reserved by the caching allocator (CUDA only)",
+            "Peak GPU memory reserved by the caching allocator during the last run (CUDA only)",
             ["device"],
             registry=r,
         )
@@ -163,7 +166,7 @@ class Metrics:
         self.out_of_memory_events.inc()
 
     def gpu_memory(self, *, allocated: int, reserved: int) -> None:
-        """Memory of the pipeline's GPU, reported by the worker after each run (CUDA only)."""
+        """Peak memory of the pipeline's GPU during one run, reported with its result (CUDA only)."""
         self.gpu_allocated.labels(device="0").set(allocated)
         self.gpu_reserved.labels(device="0").set(reserved)
 

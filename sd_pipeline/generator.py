@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import itertools
 import threading
 import time
@@ -12,8 +13,9 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from sd_pipeline.device_errors import DeviceFailedError, detached, is_out_of_memory, is_sticky_device_error
 from sd_pipeline.errors import GenerationCancelledError, OutOfMemoryError
-from sd_pipeline.loading import LoadedPipeline
+from sd_pipeline.loading import LoadedPipeline, freeze_compiled_shapes
 from sd_pipeline.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
 from sd_pipeline.schedulers import SCHEDULER_NAMES, make_scheduler
 
@@ -91,6 +93,21 @@ class GenerationBackend(Protocol):
     def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]: ...
 
 
+class _Failure(enum.Enum):
+    CANCELLED = "cancelled"
+    OUT_OF_MEMORY = "out of memory"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What one pipeline call gave: its images, or how it failed."""
+
+    results: list[GenerationResult] = field(default_factory=list)
+    failure: _Failure | None = None
+    error: Exception | None = None
+
+
 @dataclass(frozen=True)
 class _ImageTask:
     job: GenerationJob
@@ -148,33 +165,59 @@ class Generator:
         return [outcomes[id(job)] for job in jobs]
 
     def warmup(self) -> None:
-        """One tiny generation, so the first user does not pay for lazy initialisation."""
-        self.generate([GenerationRequest(prompt="warm-up", steps=1, width=64, height=64)])
+        """Generate before the first user does.
+
+        On the CPU one tiny image pays for lazy initialisation. On CUDA, or with a compiled
+        UNet, the served default size runs with and without guidance (two UNet batch sizes)
+        and as a batch of two, so the first real request finds its shapes compiled; after
+        that a compiled UNet never recompiles (new shapes run eagerly).
+        """
+        if not (self.loaded.compiled or self.loaded.device.type == "cuda"):
+            self.generate([GenerationRequest(prompt="warm-up", steps=1, width=64, height=64)])
+            return
+        with_guidance = GenerationRequest(prompt="warm-up", steps=2)
+        without_guidance = GenerationRequest(prompt="warm-up", steps=2, guidance_scale=1.0)
+        for requests in ([with_guidance], [without_guidance], [with_guidance, with_guidance]):
+            self.generate(requests)
+        if self.loaded.compiled:
+            freeze_compiled_shapes()
 
     def _run_tasks(self, tasks: list[_ImageTask], outcomes: dict[int, JobOutcome]) -> None:
         live = [task for task in tasks if not task.job.cancelled]
         if not live:
             return
-        try:
-            results = self._pipeline_call(live)
-        except GenerationCancelledError:
+        attempt = self._attempt(live)
+        # Recovery happens here, outside the ``except``: the failed call's frames and tensors are gone.
+        if attempt.failure is _Failure.CANCELLED:
             return
-        except torch.OutOfMemoryError:
+        if attempt.failure is _Failure.OUT_OF_MEMORY:
             self._free_memory()
             if len(live) == 1:
-                error = OutOfMemoryError(_oom_message(live[0].job.request))
-                outcomes[id(live[0].job)].error = error
+                outcomes[id(live[0].job)].error = OutOfMemoryError(_oom_message(live[0].job.request))
                 return
             half = len(live) // 2
             self._run_tasks(live[:half], outcomes)
             self._run_tasks(live[half:], outcomes)
             return
-        except Exception as error:  # noqa: BLE001 - each job in the failed call gets the error
+        if attempt.failure is _Failure.ERROR:
             for task in live:
-                outcomes[id(task.job)].error = error
+                outcomes[id(task.job)].error = attempt.error
             return
-        for task, result in zip(live, results, strict=True):
+        for task, result in zip(live, attempt.results, strict=True):
             outcomes[id(task.job)].results.append(result)
+
+    def _attempt(self, tasks: list[_ImageTask]) -> _Attempt:
+        """One pipeline call; its failure classified, holding no traceback (so no tensors) of the call."""
+        try:
+            return _Attempt(results=self._pipeline_call(tasks))
+        except GenerationCancelledError:
+            return _Attempt(failure=_Failure.CANCELLED)
+        except Exception as error:  # noqa: BLE001 - classified below; each job in the call gets the error
+            if is_sticky_device_error(error):
+                raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+            if is_out_of_memory(error):
+                return _Attempt(failure=_Failure.OUT_OF_MEMORY)
+            return _Attempt(failure=_Failure.ERROR, error=detached(error))
 
     def _pipeline_call(self, tasks: list[_ImageTask]) -> list[GenerationResult]:
         request = tasks[0].job.request

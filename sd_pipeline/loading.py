@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +32,31 @@ class LoadedPipeline:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    compiled: bool = False
+
+
+CUDA_REQUIREMENTS = (
+    "PyPI's torch {torch} is built for CUDA {cuda}: it needs an NVIDIA driver >= 580 and a Turing "
+    "(compute capability 7.5) or newer GPU, visible to the process (docker: --gpus all)"
+)
+
+
+def cuda_requirements() -> str:
+    return CUDA_REQUIREMENTS.format(torch=torch.__version__, cuda=torch.version.cuda or "13.0")
 
 
 def resolve_device(name: DeviceName) -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU."""
+    """``auto`` picks CUDA, then Apple MPS, then CPU; ``cuda`` without a usable GPU is a ``ModelLoadError``."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"SD_DEVICE=cuda but CUDA is not usable here. {cuda_requirements()}.")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
+    if Path("/dev/nvidia0").exists():
+        logger.warning(
+            "an NVIDIA device is present but CUDA is not usable, so the CPU is used. %s", cuda_requirements()
+        )
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -71,11 +91,18 @@ def _from_pretrained(settings: PipelineSettings, dtype: torch.dtype) -> StableDi
 
 
 def apply_speedups(pipeline: StableDiffusionPipeline, settings: PipelineSettings, device: torch.device) -> None:
-    """Zero-cost speedups on by default on CUDA; the optional ones only when asked for."""
+    """Zero-cost speedups on by default on CUDA; the optional ones only when asked for.
+
+    cuDNN benchmarking stays off unless asked for: it times algorithms again for every new
+    (batch, height, width), so many first requests run slow, and its choice can move pixels.
+    The UNet is compiled without ``fullgraph``: a graph break or the recompile limit then falls
+    back to eager instead of failing the request, and after warm-up the compiler runs new
+    shapes eagerly instead of blocking the pipeline to compile them (see ``freeze_compiled_shapes``).
+    """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
         pipeline.unet.set_attn_processor(AttnProcessor2_0())
         pipeline.vae.set_attn_processor(AttnProcessor2_0())
     if settings.fuse_qkv:
@@ -84,7 +111,30 @@ def apply_speedups(pipeline: StableDiffusionPipeline, settings: PipelineSettings
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if settings.compile_unet:
-        pipeline.unet = torch.compile(pipeline.unet, fullgraph=True)
+        if settings.compile_backend == "inductor" and device.type == "cuda":
+            require_compiler_toolchain()
+        pipeline.unet = torch.compile(pipeline.unet, backend=settings.compile_backend)
+
+
+def require_compiler_toolchain() -> None:
+    """Inductor's Triton kernels build a small C launcher at run time: a C compiler and Python.h must exist."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not compiler or not headers.exists():
+        missing = " and ".join(
+            name
+            for name, ok in (("a C compiler", bool(compiler)), (f"Python headers ({headers})", headers.exists()))
+            if not ok
+        )
+        raise ModelLoadError(
+            f"SD_COMPILE=true needs {missing} for Triton at run time; install them (Debian/Ubuntu: apt-get install "
+            "gcc libc6-dev python3-dev) or turn SD_COMPILE off"
+        )
+
+
+def freeze_compiled_shapes() -> None:
+    """From now on reuse compiled graphs where they fit and run other shapes eagerly, never recompiling."""
+    torch.compiler.set_stance("eager_on_recompile")
 
 
 def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
@@ -101,7 +151,12 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
     load_seconds = time.perf_counter() - started
     logger.info("loaded %s on %s (%s) in %.1fs", settings.model, device, dtype, load_seconds)
     return LoadedPipeline(
-        pipeline=pipeline, model=model_name(settings.model), device=device, dtype=dtype, load_seconds=load_seconds
+        pipeline=pipeline,
+        model=model_name(settings.model),
+        device=device,
+        dtype=dtype,
+        load_seconds=load_seconds,
+        compiled=settings.compile_unet,
     )
 
 

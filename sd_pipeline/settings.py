@@ -21,7 +21,11 @@ class PipelineSettings(BaseModel):
     safety_checker: bool = Field(True, description="run the model's safety checker when it has one")
     cpu_threads: int | None = Field(None, ge=1, le=512, description="torch CPU threads (default: torch's choice)")
     warmup: bool = Field(False, description="run one small generation after loading")
-    compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA; slow first call)")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA; warm-up compiles the served shapes)")
+    compile_backend: str = Field("inductor", description="torch.compile backend ('eager' checks dynamo alone)")
+    cudnn_benchmark: bool = Field(
+        False, description="let cuDNN time its algorithms for each new shape (slow first call per shape)"
+    )
     channels_last: bool = Field(False, description="channels-last memory format for the UNet and VAE")
     fuse_qkv: bool = Field(False, description="fuse attention q/k/v projections")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")

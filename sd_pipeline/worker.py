@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+import torch
+
+from sd_pipeline.device_errors import DeviceFailedError
 from sd_pipeline.errors import ModelLoadError, WorkerLostError
 from sd_pipeline.generator import GenerationJob, GenerationObserver, Generator, JobOutcome
 from sd_pipeline.loading import load_pipeline, model_source
@@ -92,7 +95,11 @@ def _serve(connection: Connection, settings: PipelineSettings, limits: RequestLi
         if message[0] == "stop":
             return
         if message[0] == "run":
-            _run(connection, generator, observer, message[1])
+            try:
+                _run(connection, generator, observer, message[1])
+            except DeviceFailedError as error:
+                logger.critical("%s; exiting so the supervisor starts a new worker", error)
+                return  # the parent sees the process end, restarts it and retries the requests once
 
 
 def _run(
@@ -102,10 +109,15 @@ def _run(
     for index, job in enumerate(jobs):
         job.on_step = _step_reporter(connection, index)
     observer.jobs = jobs
+    cuda = _cuda_in_use()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     outcomes = generator.run(jobs)
     observer.take_cancellations()
+    if cuda:  # this run's peak, sent before its result so the metric is never a run behind
+        memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+        connection.send(("gpu_memory", memory))
     connection.send(("done", [(outcome.results, _picklable(outcome.error)) for outcome in outcomes]))
-    _report_memory(connection)
 
 
 def _step_reporter(connection: Connection, index: int) -> Any:
@@ -115,13 +127,8 @@ def _step_reporter(connection: Connection, index: int) -> Any:
     return report
 
 
-def _report_memory(connection: Connection) -> None:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        connection.send(
-            ("gpu_memory", {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved()})
-        )
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
 
 
 def _picklable(error: Exception | None) -> Exception | None:

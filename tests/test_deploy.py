@@ -21,6 +21,7 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
+ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 
 
 def compose(*args: str, env_file: Path | None = ENV_EXAMPLE) -> subprocess.CompletedProcess[str]:
@@ -34,7 +35,7 @@ def compose(*args: str, env_file: Path | None = ENV_EXAMPLE) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def resolved() -> dict[str, Any]:
     """The compose file as docker-compose resolves it, with every profile."""
-    shown = compose("--profile", "cpu", "config")
+    shown = compose("--profile", "cpu", "--profile", "gpu", "config")
     assert shown.returncode == 0, shown.stderr
     parsed: dict[str, Any] = yaml.safe_load(shown.stdout)
     return parsed
@@ -48,7 +49,7 @@ def test_compose_config_is_valid_and_requires_secrets() -> None:
 
 def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    assert set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "grafana"}
+    assert set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "alertmanager", "grafana"}
     for name, service in services.items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), (name, image)
@@ -62,13 +63,64 @@ def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str,
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
 
 
-def test_only_the_app_is_published_beyond_loopback(resolved: dict[str, Any]) -> None:
+def test_nothing_is_published_beyond_loopback_by_default(resolved: dict[str, Any]) -> None:
     for name, service in resolved["services"].items():
         for port in service.get("ports", []):
             # docker-compose writes "IP:HOST:CONTAINER/tcp" when bound to an address, a mapping otherwise
             host_ip = port.get("host_ip") if isinstance(port, dict) else port.split(":")[0]
-            published_on_all = host_ip in (None, "0.0.0.0")
-            assert not published_on_all or name in ("app", "app-cpu"), (name, port)
+            assert host_ip == "127.0.0.1", (name, port)
+
+
+def test_each_app_has_its_own_profile_and_a_plain_up_starts_neither(resolved: dict[str, Any]) -> None:
+    # Compose starts a service with profiles only when one of them is active; the rest always start.
+    profiles = {name: service.get("profiles", []) for name, service in resolved["services"].items()}
+    assert profiles.pop("app") == ["gpu"] and profiles.pop("app-cpu") == ["cpu"]
+    assert all(found == [] for found in profiles.values()), profiles
+
+
+def seaweedfs_command() -> str:
+    raw = yaml.safe_load(COMPOSE.read_text())
+    command: str = raw["services"]["seaweedfs"]["command"][0]
+    return command.replace("$$", "$")
+
+
+@pytest.mark.parametrize("secret", ['with"quote', "with\\backslash", "with\nnewline"])
+def test_seaweedfs_refuses_secrets_that_would_break_its_identity_json(tmp_path: Path, secret: str) -> None:
+    secret = secret.encode().decode("unicode_escape")
+    fake_weed = tmp_path / "weed"
+    fake_weed.write_text("#!/bin/sh\necho started\n")
+    fake_weed.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "S3_ACCESS_KEY": "access", "S3_SECRET_KEY": secret}
+    refused = subprocess.run(["sh", "-c", seaweedfs_command()], env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 64 and "must not contain quotes" in refused.stderr
+    assert "started" not in refused.stdout
+
+
+def test_seaweedfs_writes_a_valid_identity_and_is_probed_on_its_s3_gateway(
+    tmp_path: Path, resolved: dict[str, Any]
+) -> None:
+    fake_weed = tmp_path / "weed"
+    fake_weed.write_text("#!/bin/sh\ncat /tmp/s3.json\n")
+    fake_weed.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "S3_ACCESS_KEY": "ak-1", "S3_SECRET_KEY": "s3cr3t/+=%&'$x"}
+    started = subprocess.run(["sh", "-c", seaweedfs_command()], env=env, capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    credentials = json.loads(started.stdout)["identities"][0]["credentials"][0]
+    assert credentials == {"accessKey": "ak-1", "secretKey": "s3cr3t/+=%&'$x"}
+    seaweedfs = resolved["services"]["seaweedfs"]
+    assert "http://127.0.0.1:8333/healthz" in seaweedfs["healthcheck"]["test"]
+    grace = seaweedfs["stop_grace_period"]
+    assert grace.endswith("s") and int(grace.rstrip("s")) > 10  # longer than the volume server's 10 s pre-stop
+
+
+def test_prometheus_sends_alerts_to_a_valid_alertmanager(resolved: dict[str, Any]) -> None:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    targets = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert targets == ["alertmanager:9093"] and "alertmanager" in resolved["services"]
+    checked = subprocess.run(["amtool", "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    routes = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())["route"]["routes"]
+    assert routes[0]["matchers"] == ['severity="page"']
 
 
 def test_no_secret_values_in_git() -> None:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     )
     sd_warmup: bool = Field(True, description="generate one tiny image at start-up")
     sd_compile: bool = Field(False, description="torch.compile the UNet (CUDA)")
+    sd_cudnn_benchmark: bool = Field(
+        False, description="let cuDNN time algorithms per new shape (CUDA; slow first request per shape)"
+    )
     sd_channels_last: bool = Field(False, description="channels-last memory format")
     sd_fuse_qkv: bool = Field(False, description="fuse attention projections")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
@@ -94,6 +97,7 @@ class Settings(BaseSettings):
             cpu_threads=self.sd_cpu_threads or serving_cpu_threads(),
             warmup=self.sd_warmup,
             compile_unet=self.sd_compile,
+            cudnn_benchmark=self.sd_cudnn_benchmark,
             channels_last=self.sd_channels_last,
             fuse_qkv=self.sd_fuse_qkv,
             max_pixels=self.max_pixels,
