@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import boto3
@@ -26,6 +26,14 @@ def wait_for_port(port: int, *, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float = 120.0, interval: float = 0.02) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds (a bound, not a measure)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
 
 
 class S3Server:

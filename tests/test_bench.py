@@ -51,3 +51,10 @@ def test_core_and_storage_benchmarks_run() -> None:
     assert "batch of 4 vs 4 single calls" in core
     storage = run_module("bench.storage", "--history", "15", "--repeats", "2")
     assert "| save one image + record " in storage and "history page of 12" in storage
+
+
+def test_cuda_checks_script_runs_on_cpu(tmp_path: Path) -> None:
+    output = run_module("bench.cuda_checks", "--tiny", "--out", str(tmp_path))
+    assert "PASS compile" in output and "PASS oom_and_memory" in output
+    results = json.loads((tmp_path / "cuda_checks.json").read_text())
+    assert results["compile"]["new_graphs"] == 0 and results["oom_and_memory"]["events"] == ["call:4"]

@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from gradio_client import Client
 from sd_pipeline.png import read_png_parameters
 from sd_pipeline.supervision import CRASHED_TWICE
 from tests.app_server import RunningApp, launched_app
-from tests.servers import S3Server
+from tests.servers import S3Server, wait_until
 
 LONG: dict[str, Any] = {"steps": 40, "width": 128, "height": 128, "guidance_scale": 7.5, "scheduler": "Euler"}
 FAST: dict[str, Any] = {"steps": 1, "width": 64, "height": 64, "guidance_scale": 7.5, "scheduler": "Euler"}
@@ -49,13 +49,6 @@ def worker_process(app: RunningApp) -> psutil.Process:
     workers = [child for child in children if "spawn_main" in " ".join(child.cmdline())]
     assert len(workers) == 1, [child.cmdline() for child in children]
     return workers[0]
-
-
-def wait_until(condition: Callable[[], bool], *, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def status(url: str) -> int:
@@ -94,14 +87,20 @@ def wait_for_steps(app: RunningApp, *, after: float, count: int) -> None:
     wait_until(lambda: steps_reported(app) >= after + count)
 
 
-def test_a_killed_worker_is_replaced_its_request_retried_and_the_queue_kept(app: RunningApp, tmp_path: Path) -> None:
-    died_before = app.metric('sdapp_worker_restarts_total{reason="died"}')
+def start_then_signal(app: RunningApp, tmp_path: Path, prompt: str, signum: int) -> tuple[Any, psutil.Process]:
+    """Submit a long request and send ``signum`` to its worker three steps in; the job and that worker."""
     old = worker_process(app)
     steps_before = steps_reported(app)
-    running = submit(app, tmp_path, "survivor", LONG)
+    running = submit(app, tmp_path, prompt, LONG)
     wait_for_steps(app, after=steps_before, count=3)
+    old.send_signal(signum)
+    return running, old
+
+
+def test_a_killed_worker_is_replaced_its_request_retried_and_the_queue_kept(app: RunningApp, tmp_path: Path) -> None:
+    died_before = app.metric('sdapp_worker_restarts_total{reason="died"}')
     watch = ReadinessWatch(app)
-    old.send_signal(signal.SIGKILL)
+    running, old = start_then_signal(app, tmp_path, "survivor", signal.SIGKILL)
     queued = [submit(app, tmp_path, f"queued {n}", FAST) for n in range(2)]  # arrive while it restarts
     _, result = running.result(timeout=120)
     wait_until(lambda: status(f"{app.metrics_url}/readyz") == 200)
@@ -119,11 +118,7 @@ def test_a_killed_worker_is_replaced_its_request_retried_and_the_queue_kept(app:
 
 def test_a_stopped_worker_is_replaced_after_the_stall_timeout(app: RunningApp, tmp_path: Path) -> None:
     stalled_before = app.metric('sdapp_worker_restarts_total{reason="stalled"}')
-    old = worker_process(app)
-    steps_before = steps_reported(app)
-    running = submit(app, tmp_path, "frozen", LONG)
-    wait_for_steps(app, after=steps_before, count=3)
-    old.send_signal(signal.SIGSTOP)  # alive, but silent: only the watchdog can tell
+    running, old = start_then_signal(app, tmp_path, "frozen", signal.SIGSTOP)  # alive, silent: only the watchdog
     _, result = running.result(timeout=120)
     assert result["images"][0]["prompt"] == "frozen"
     assert app.metric('sdapp_worker_restarts_total{reason="stalled"}') == stalled_before + 1

@@ -6,7 +6,6 @@ import functools
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from sd_pipeline.settings import PipelineSettings
 from sd_pipeline.supervision import CRASHED_TWICE, RestartPolicy, SupervisedWorker, run_with_retry
 from sd_pipeline.worker import PipelineProcess
 from tests.images import assert_same_image
+from tests.servers import wait_until
 
 LONG: dict[str, Any] = {"width": 128, "height": 128, "steps": 40, "seed": 21}
 STALL_SECONDS = 3.0
@@ -35,13 +35,6 @@ class RecordingObserver:
 
     def worker_up(self, *, up: bool) -> None:
         self.up.append(up)
-
-
-def wait_until(condition: Callable[[], bool], *, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 # The rules, with a fake worker: no processes.

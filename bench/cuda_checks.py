@@ -1,0 +1,123 @@
+"""The checks only a GPU can settle, in one run: compile warm-up and request variety, OOM
+recovery under a memory cap, peak-memory facts, fp16 sanity.
+
+    python -m bench.cuda_checks            # on a CUDA machine (SD 1.5 architecture, random weights)
+    python -m bench.cuda_checks --tiny     # the tiny pipeline on the CPU, eager backend: checks the script
+
+Prints one line per check (PASS/FAIL with numbers) and writes bench/results/cuda_checks.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import machine, write_json
+from bench.gpu import build_sd15
+from sd_pipeline.generator import GenerationJob, Generator
+from sd_pipeline.loading import load_pipeline
+from sd_pipeline.request import RequestLimits, check_inputs
+from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.tiny import build_tiny_pipeline
+
+VARIANTS = [
+    {"width": w, "height": h, "scheduler": s, "guidance_scale": g, "num_images": n}
+    for w, h in ((512, 512), (512, 768), (768, 512))
+    for s, g, n in (("Euler", 7.5, 1), ("DPM++ 2M Karras", 1.0, 2), ("DDIM", 5.0, 3))
+]
+
+
+def graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def check_compile(model: Path, device: str, backend: str, scale: int) -> dict[str, Any]:
+    """Warm-up time, then every variant served with no new graph and no error."""
+    settings = PipelineSettings(model=str(model), device=device, compile_unet=True, compile_backend=backend)
+    loaded = load_pipeline(settings)
+    generator = Generator(loaded, limits=RequestLimits(max_pixels=1024 * 1024), max_batch_images=8)
+    started = time.perf_counter()
+    generator.warmup()
+    warmup_s = time.perf_counter() - started
+    before, slowest, errors = graphs(), 0.0, []
+    for variant in VARIANTS:
+        sized = {**variant, "width": variant["width"] // scale, "height": variant["height"] // scale}
+        job = GenerationJob(check_inputs({"prompt": "variety", "steps": 4, **sized}))
+        started = time.perf_counter()
+        (outcome,) = generator.run([job])
+        slowest = max(slowest, time.perf_counter() - started)
+        if outcome.error is not None:
+            errors.append(repr(outcome.error))
+    torch.compiler.set_stance("default")
+    new_graphs = graphs() - before
+    return {
+        "ok": not errors and new_graphs == 0,
+        "warmup_s": warmup_s,
+        "slowest_variant_s": slowest,
+        "new_graphs": new_graphs,
+        "errors": errors,
+    }
+
+
+def check_oom_and_memory(model: Path, device: str, scale: int) -> dict[str, Any]:
+    """Under a memory cap a big batch splits down and still returns every image; fp16 images are finite."""
+    loaded = load_pipeline(PipelineSettings(model=str(model), device=device))
+    events: list[str] = []
+
+    class Observer:
+        def pipeline_call(self, *, seconds: float, images: int) -> None:
+            events.append(f"call:{images}")
+
+        def denoising_step(self, *, seconds: float) -> None:
+            return None
+
+        def out_of_memory(self) -> None:
+            events.append("oom")
+
+    generator = Generator(loaded, limits=RequestLimits(max_pixels=1024 * 1024), observer=Observer(), max_batch_images=8)
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(0.15)
+        torch.cuda.reset_peak_memory_stats()
+    side = 1024 // scale
+    request = check_inputs({"prompt": "a big batch", "steps": 2, "width": side, "height": side, "num_images": 4})
+    (outcome,) = generator.run([GenerationJob(request)])
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    pixels = [np.asarray(result.image) for result in outcome.results]
+    finite = all(np.isfinite(p).all() and p.std() > 0 for p in pixels)
+    return {
+        "ok": outcome.error is None and len(pixels) == 4 and finite,
+        "events": events,
+        "peak_bytes": peak,
+        "error": repr(outcome.error) if outcome.error else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny pipeline on the CPU with dynamo's eager backend")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="cuda-checks-"))
+    cuda = torch.cuda.is_available() and not args.tiny
+    model = build_sd15(work / "model") if cuda else build_tiny_pipeline(work / "model")
+    device, backend, scale = ("cuda", "inductor", 1) if cuda else ("cpu", "eager", 8)
+    results: dict[str, Any] = {"machine": machine(), "device": device}
+    results["compile"] = check_compile(model, device, backend, scale)
+    results["oom_and_memory"] = check_oom_and_memory(model, device, scale)
+    for name in ("compile", "oom_and_memory"):
+        outcome = results[name]
+        print(f"{'PASS' if outcome['ok'] else 'FAIL'} {name}: {outcome}")
+    print(f"written {write_json('cuda_checks.json', results, **({'folder': args.out} if args.out else {}))}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
