@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import requests
 from gradio_client import Client
 
@@ -31,17 +29,6 @@ from tests.app_server import RunningApp, launched_app
 FAST: dict[str, Any] = {"steps": 1, "width": 64, "height": 64, "scheduler": "Euler", "seed": 1}
 LONG: dict[str, Any] = {"steps": 40, "width": 128, "height": 128, "scheduler": "Euler", "seed": 2}
 STALL_SECONDS = 3
-
-
-def worker_pid(app: RunningApp) -> int | None:
-    """The pipeline worker's pid (the app's multiprocessing child), None between two workers."""
-    for child in psutil.Process(app.process.pid).children():
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                return child.pid
-        except psutil.NoSuchProcess:
-            continue
-    return None
 
 
 def wait_until(condition: Callable[[], bool], *, timeout: float = 300.0) -> float:
@@ -60,10 +47,10 @@ def ready(app: RunningApp) -> bool:
 
 def idle_kill(app: RunningApp, client: Client) -> tuple[float, float]:
     """Kill the idle worker; seconds until the next image is served and until /readyz is 200."""
-    pid = worker_pid(app)
-    assert pid is not None
+    worker = app.worker()
+    assert worker is not None
     killed = time.perf_counter()
-    psutil.Process(pid).send_signal(signal.SIGKILL)
+    worker.send_signal(signal.SIGKILL)
     client.predict(prompt="after a crash", **FAST, api_name="/generate")
     served = time.perf_counter() - killed
     wait_until(lambda: ready(app))
@@ -76,9 +63,9 @@ def mid_request(app: RunningApp, client: Client, signum: int) -> float:
     started = time.perf_counter()
     job = client.submit(prompt="interrupted", **LONG, api_name="/generate")
     wait_until(lambda: app.metric("sdapp_denoising_step_seconds_count") >= steps_before + 3)
-    pid = worker_pid(app)
-    assert pid is not None
-    psutil.Process(pid).send_signal(signum)
+    worker = app.worker()
+    assert worker is not None
+    worker.send_signal(signum)
     job.result(timeout=300)
     return time.perf_counter() - started
 
@@ -104,7 +91,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         idle = [idle_kill(app, client) for _ in range(args.repeats)]
         killed = [mid_request(app, client, signal.SIGKILL) for _ in range(args.repeats)]
         stalled = [mid_request(app, client, signal.SIGSTOP) for _ in range(args.repeats)]
-        threading.Event().wait(0.5)
         restarts = app.metric("sdapp_worker_restarts_total")
     baseline = median(plain)
     results = {

@@ -49,22 +49,23 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _mentions(error: BaseException, markers: tuple[str, ...]) -> bool:
+    """A RuntimeError somewhere in the chain whose message holds one of ``markers``."""
+    return any(
+        isinstance(link, RuntimeError) and any(marker in str(link) for marker in markers) for link in _chain(error)
+    )
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for any flavour of running out of accelerator memory."""
-    for link in _chain(error):
-        if isinstance(link, torch.OutOfMemoryError):
-            return True
-        if isinstance(link, RuntimeError) and any(marker in str(link) for marker in _OUT_OF_MEMORY_MARKERS):
-            return True
-    return False
+    return any(isinstance(link, torch.OutOfMemoryError) for link in _chain(error)) or _mentions(
+        error, _OUT_OF_MEMORY_MARKERS
+    )
 
 
 def is_sticky_device_error(error: BaseException) -> bool:
     """True for CUDA errors after which the process cannot use the device again."""
-    return any(
-        isinstance(link, RuntimeError) and any(marker in str(link) for marker in _STICKY_CUDA_MARKERS)
-        for link in _chain(error)
-    )
+    return _mentions(error, _STICKY_CUDA_MARKERS)
 
 
 def detached(error: ErrorType) -> ErrorType:

@@ -267,7 +267,7 @@ class PipelineProcess:
     def _kill_stalled(self) -> None:
         logger.warning("pipeline worker (pid %s) made no progress for %gs; killing it", self.pid, self.stall_seconds)
         self.stalled = True
-        self._process.kill()
+        self.kill()
 
     def _relay(self, kind: str, payload: Any, jobs: Sequence[GenerationJob]) -> None:
         if kind == "step":

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import requests
 
 from tests.servers import free_port
@@ -28,6 +29,18 @@ class RunningApp:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def worker(self) -> psutil.Process | None:
+        """The app's pipeline worker (its child started by multiprocessing's spawn); None between two workers."""
+        workers = []
+        for child in psutil.Process(self.process.pid).children():
+            try:
+                if "spawn_main" in " ".join(child.cmdline()):
+                    workers.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        assert len(workers) <= 1, [worker.pid for worker in workers]
+        return workers[0] if workers else None
 
     def metric(self, name: str) -> float:
         """Sum of all samples of one metric line name (labels included in ``name`` if given)."""

@@ -44,11 +44,10 @@ def submit(app: RunningApp, tmp_path: Path, prompt: str, fields: dict[str, Any])
 
 
 def worker_process(app: RunningApp) -> psutil.Process:
-    """The app's pipeline worker: its child started by multiprocessing's spawn."""
-    children = psutil.Process(app.process.pid).children()
-    workers = [child for child in children if "spawn_main" in " ".join(child.cmdline())]
-    assert len(workers) == 1, [child.cmdline() for child in children]
-    return workers[0]
+    """The worker, which must exist now."""
+    worker = app.worker()
+    assert worker is not None, "no pipeline worker"
+    return worker
 
 
 def status(url: str) -> int:
@@ -133,11 +132,11 @@ def test_a_request_that_kills_the_worker_twice_gets_a_clear_error(app: RunningAp
     killed: list[int] = []
     for _ in range(2):  # it crashes the worker each time it runs (as a bad input to a native library might)
         wait_for_steps(app, after=steps_before, count=2)
-        worker = current_worker(app)
+        worker = app.worker()
         assert worker is not None and worker.pid not in killed
         worker.send_signal(signal.SIGKILL)
         killed.append(worker.pid)
-        wait_until(lambda: (now := current_worker(app)) is not None and now.pid not in killed)
+        wait_until(lambda: (now := app.worker()) is not None and now.pid not in killed)
         steps_before = steps_reported(app)
     with pytest.raises(Exception, match=CRASHED_TWICE):
         poison.result(timeout=120)
@@ -155,7 +154,7 @@ def memory_mb(app: RunningApp) -> float:
 def test_memory_settles_over_two_hundred_requests_after_a_restart(app: RunningApp, tmp_path: Path) -> None:
     old = worker_process(app)
     old.send_signal(signal.SIGKILL)  # while idle: replaced before anyone asks
-    wait_until(lambda: (now := current_worker(app)) is not None and now.pid != old.pid)
+    wait_until(lambda: (now := app.worker()) is not None and now.pid != old.pid)
     wait_until(lambda: status(f"{app.metrics_url}/readyz") == 200)
     c = client(app, tmp_path)
     samples: dict[int, float] = {}
@@ -166,14 +165,6 @@ def test_memory_settles_over_two_hundred_requests_after_a_restart(app: RunningAp
     early, late = samples[125] - samples[50], samples[200] - samples[125]
     print(f"RSS app+worker (MB) after 50/125/200 requests: {samples}")
     assert late <= max(8.0, early), f"memory still growing: {samples}"
-
-
-def current_worker(app: RunningApp) -> psutil.Process | None:
-    """The worker now, or None while there is none (between a death and the next start)."""
-    try:
-        return worker_process(app)
-    except (AssertionError, psutil.NoSuchProcess):
-        return None
 
 
 def test_a_crash_loop_turns_healthz_unhealthy(tiny_model_dir: Path, tmp_path: Path) -> None:
