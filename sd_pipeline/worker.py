@@ -301,7 +301,8 @@ class PipelineProcess:
         if self._process.is_alive():
             self._process.kill()
             self._process.join(timeout=5)
-        self._connection.close()
+        with self._lock:  # a run() still under way sees the process gone and returns before the pipe closes
+            self._connection.close()
 
 
 def _token_budget(model: str) -> TokenBudget:

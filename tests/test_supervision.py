@@ -156,6 +156,19 @@ def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_request(
     assert outcome.error is None
 
 
+def test_a_request_sent_just_as_the_idle_worker_dies_is_served(
+    supervised: tuple[SupervisedWorker, RecordingObserver],
+) -> None:
+    worker, _ = supervised
+    wait_until(lambda: worker.readiness_problem() is None)
+    pid = worker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the supervisor closes the dead worker while this run may be using it
+    (outcome,) = worker.run([GenerationJob(worker.check({"prompt": "right after", "width": 64, "height": 64}))])
+    assert outcome.error is None and len(outcome.results) == 1
+    assert worker.pid != pid
+
+
 def test_a_request_that_kills_the_worker_twice_is_refused_and_the_next_one_served(
     supervised: tuple[SupervisedWorker, RecordingObserver],
 ) -> None:
