@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import tempfile
 import time
@@ -155,8 +156,9 @@ class ImageService:
         self.gallery_dir.mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - _GALLERY_FILE_LIFETIME
         for path in self.gallery_dir.glob("*.png"):
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # another request's prune got there first
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
 
     def history(self, *, owner: str, page: Any) -> HistoryView:
         """One page of the owner's history with fresh links, and local copies for the gallery."""
