@@ -24,7 +24,7 @@ COPY requirements.txt /tmp/requirements.txt
 RUN pip install torch==2.13.0 -r /tmp/requirements.txt
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app \
-    && mkdir -p /data /home/app/.cache/huggingface \
+    && mkdir -p /data /home/app/.cache/huggingface /home/app/.cache/torchinductor \
     && chown -R app:app /data /home/app/.cache
 
 WORKDIR /app
@@ -40,9 +40,12 @@ ENV HOST=0.0.0.0 \
     METRICS_PORT=8000 \
     DATA_DIR=/data \
     HF_HOME=/home/app/.cache/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/home/app/.cache/torchinductor \
     GRADIO_TEMP_DIR=/tmp/gradio \
     GRADIO_ANALYTICS_ENABLED=False
-VOLUME ["/data", "/home/app/.cache/huggingface"]
+# The compile cache is a volume: with SD_COMPILE a cold warm-up took over 3 minutes on an H200,
+# a warm-cache one 40 s (docs/BENCHMARKS.md).
+VOLUME ["/data", "/home/app/.cache/huggingface", "/home/app/.cache/torchinductor"]
 EXPOSE 7860 8000
 
 # Liveness on the metrics side port; the long start period covers a first model download.

@@ -10,7 +10,6 @@ Prints one line per check (PASS/FAIL with numbers) and writes bench/results/cuda
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,21 @@ import numpy as np
 import torch
 
 from bench.common import machine, write_json
-from bench.gpu import build_sd15
+from bench.gpu import benchmark_model
 from sd_pipeline.generator import GenerationJob, Generator
 from sd_pipeline.loading import load_pipeline
 from sd_pipeline.request import RequestLimits, check_inputs
 from sd_pipeline.settings import PipelineSettings
-from sd_pipeline.tiny import build_tiny_pipeline
 
 VARIANTS = [
     {"width": w, "height": h, "scheduler": s, "guidance_scale": g, "num_images": n}
     for w, h in ((512, 512), (512, 768), (768, 512))
     for s, g, n in (("Euler", 7.5, 1), ("DPM++ 2M Karras", 1.0, 2), ("DDIM", 5.0, 3))
 ]
+
+
+# 4 images of 1024x1024 need ~10.8 GB at peak (SD 1.5, fp16, H200): under this cap they must split.
+OOM_CAP_BYTES = 7 * 2**30
 
 
 def graphs() -> int:
@@ -82,7 +84,8 @@ def check_oom_and_memory(model: Path, device: str, scale: int) -> dict[str, Any]
 
     generator = Generator(loaded, limits=RequestLimits(max_pixels=1024 * 1024), observer=Observer(), max_batch_images=8)
     if device == "cuda":
-        torch.cuda.set_per_process_memory_fraction(0.15)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, OOM_CAP_BYTES / total))
         torch.cuda.reset_peak_memory_stats()
     side = 1024 // scale
     request = check_inputs({"prompt": "a big batch", "steps": 2, "width": side, "height": side, "num_images": 4})
@@ -104,18 +107,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny pipeline on the CPU with dynamo's eager backend")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--model", type=Path, help="folder for the random model: reused if it holds one, else built there"
+    )
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="cuda-checks-"))
     cuda = torch.cuda.is_available() and not args.tiny
-    model = build_sd15(work / "model") if cuda else build_tiny_pipeline(work / "model")
+    model = benchmark_model(args.model, tiny=not cuda)
     device, backend, scale = ("cuda", "inductor", 1) if cuda else ("cpu", "eager", 8)
     results: dict[str, Any] = {"machine": machine(), "device": device}
-    results["compile"] = check_compile(model, device, backend, scale)
-    results["oom_and_memory"] = check_oom_and_memory(model, device, scale)
-    for name in ("compile", "oom_and_memory"):
-        outcome = results[name]
-        print(f"{'PASS' if outcome['ok'] else 'FAIL'} {name}: {outcome}")
-    print(f"written {write_json('cuda_checks.json', results, **({'folder': args.out} if args.out else {}))}")
+    for name, check in (
+        ("oom_and_memory", lambda: check_oom_and_memory(model, device, scale)),
+        ("compile", lambda: check_compile(model, device, backend, scale)),
+    ):
+        results[name] = outcome = check()
+        print(f"{'PASS' if outcome['ok'] else 'FAIL'} {name}: {outcome}", flush=True)
+        written = write_json("cuda_checks.json", results, **({"folder": args.out} if args.out else {}))
+    print(f"written {written}")
     return results
 
 

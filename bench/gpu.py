@@ -80,6 +80,14 @@ def build_sd15(folder: Path) -> Path:
     return save_random_pipeline(folder, unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT)
 
 
+def benchmark_model(folder: Path | None, *, tiny: bool) -> Path:
+    """The random model the GPU scripts run: built in ``folder`` (or a temporary one) unless already there."""
+    folder = folder or Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "model"
+    if (folder / "model_index.json").exists():
+        return folder
+    return build_tiny_pipeline(folder) if tiny else build_sd15(folder)
+
+
 def matmul_peak_flops(device: torch.device, *, window: float = PEAK_WINDOW_SECONDS) -> float:
     """Measured dense matmul throughput over at least ``window`` seconds (clocks settle):
     fp16 8192^3 on CUDA (the dtype the UNet runs in), float32 1024^3 on the CPU."""
@@ -229,11 +237,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--model", type=Path, help="folder for the random model: reused if it holds one, else built there"
+    )
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.tiny else 512)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    model = build_tiny_pipeline(work / "model") if args.tiny else build_sd15(work / "model")
+    model = benchmark_model(args.model, tiny=args.tiny)
     peak = matmul_peak_flops(device, window=0.5 if args.tiny else PEAK_WINDOW_SECONDS)
     results: dict[str, Any] = {
         "machine": machine(),
@@ -272,6 +282,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         results["modes"][name] = timings
         results["unet_flops_per_image_step"] = flops
+        print(f"done {name}: {rows[-len(args.batches) :]}", flush=True)
+        write_json(
+            "gpu.json", results, **({"folder": args.out} if args.out else {})
+        )  # partial results survive a timeout
     print(table(["mode", "batch", "images/s", "UNet it/s", "UNet MFU", "UNet share", "max |diff| vs a", "x a"], rows))
     print(
         f"\nmatmul peak: {peak / 1e12:.1f} TFLOP/s; UNet: "
