@@ -1,0 +1,387 @@
+"""Step-level (continuous) batching: requests join and leave the running batch between steps.
+
+Request-level batching (``Generator``) runs one diffusers pipeline call per batch, so a request
+that arrives one step into a 60-step call waits for all 60 steps, and requests with different
+steps, guidance or samplers never share a call. ``StepEngine`` keeps a set of active requests
+and, between two denoising steps, admits waiting ones and drops finished and cancelled ones.
+Each step is one UNet call over every active image of one size, with a timestep per image,
+classifier-free guidance only for the images that use it, and each request's own scheduler
+stepping its own slice. The math is the diffusers pipeline's own parts: ``encode_prompt``,
+``randn_tensor`` latents with each image's generator, each scheduler's ``set_timesteps`` /
+``scale_model_input`` / ``step``, the VAE, ``run_safety_checker`` and the image processor, so
+a request alone gives ``StableDiffusionPipeline.__call__``'s image.
+
+The engine is driven by whoever owns the model (the worker process, a Ray replica): call
+``submit`` from any thread, and ``step`` in a loop on the thread that owns the pipeline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from sd_pipeline.device_errors import DeviceFailedError, detached, is_out_of_memory, is_sticky_device_error
+from sd_pipeline.errors import GenerationCancelledError, OutOfMemoryError
+from sd_pipeline.generator import GenerationJob, GenerationObserver, GenerationResult, JobOutcome, Timings
+from sd_pipeline.loading import LoadedPipeline, freeze_compiled_shapes
+from sd_pipeline.request import GenerationRequest
+from sd_pipeline.schedulers import make_scheduler
+
+Done = Callable[[JobOutcome], None]
+
+
+@dataclass
+class _Waiting:
+    job: GenerationJob
+    done: Done
+    submitted_at: float
+
+
+@dataclass
+class _Active:
+    """One request inside the engine: its scheduler, latents and conditioning, and how far it got."""
+
+    job: GenerationJob
+    done: Done
+    scheduler: SchedulerMixin
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    step_kwargs: dict[str, Any]
+    admitted_at: float
+    last_stepped_at: float
+    step: int = 0
+    largest_batch: int = 0
+    results: list[GenerationResult] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.job.request.width, self.job.request.height)
+
+    @property
+    def images(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def unet_samples(self) -> int:
+        return self.images * (2 if self.negative_embeds is not None else 1)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+
+class StepEngine:
+    """Active requests of one pipeline, advanced one denoising step at a time."""
+
+    def __init__(
+        self,
+        loaded: LoadedPipeline,
+        *,
+        max_batch_images: int = 8,
+        observer: GenerationObserver | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.max_batch_images = max_batch_images
+        self.observer = observer
+        self._lock = threading.Lock()
+        self._waiting: deque[_Waiting] = deque()
+        self._active: list[_Active] = []
+        self._base_config = loaded.pipeline.scheduler.config
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting and not self._active
+
+    @property
+    def active_images(self) -> int:
+        return sum(active.images for active in self._active)
+
+    def submit(self, job: GenerationJob, done: Done) -> None:
+        """Queue a validated job; ``done`` gets its outcome (images, or the error that ended it)."""
+        with self._lock:
+            self._waiting.append(_Waiting(job, done, time.perf_counter()))
+
+    def warmup(self) -> None:
+        """Generate before the first user does, through the engine (see ``Generator.warmup``).
+
+        On CUDA, or with a compiled UNet, the default size runs with and without guidance and
+        as two requests stepping together; after that a compiled UNet never recompiles.
+        """
+        if not (self.loaded.compiled or self.loaded.device.type == "cuda"):
+            requests = [GenerationRequest(prompt="warm-up", steps=1, width=64, height=64)]
+        else:
+            guided = GenerationRequest(prompt="warm-up", steps=2)
+            requests = [guided, GenerationRequest(prompt="warm-up", steps=2, guidance_scale=1.0), guided, guided]
+        for request in requests[:2]:
+            self.submit(GenerationJob(request), lambda outcome: None)
+            self.run_until_idle()
+        for request in requests[2:]:
+            self.submit(GenerationJob(request), lambda outcome: None)
+        self.run_until_idle()
+        if self.loaded.compiled:
+            freeze_compiled_shapes()
+
+    def run_until_idle(self) -> None:
+        while not self.idle:
+            self.step()
+
+    def step(self) -> None:
+        """Drop cancelled requests, admit waiting ones, run one denoising step for one size group,
+        and finish the requests that reached their last step."""
+        self._drop_cancelled()
+        self._admit()
+        group = self._next_group()
+        if not group:
+            return
+        self._denoise(group)
+        finished = [active for active in group if active.finished and active in self._active]
+        if finished:
+            self._finish(finished)
+
+    # Admission.
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [waiting for waiting in self._waiting if waiting.job.cancelled]
+            for waiting in gone:
+                self._waiting.remove(waiting)
+        for waiting in gone:
+            waiting.done(JobOutcome(error=GenerationCancelledError("cancelled")))
+        for active in [active for active in self._active if active.job.cancelled]:
+            self._end(active, JobOutcome(error=GenerationCancelledError("cancelled")))
+
+    def _admit(self) -> None:
+        admitted: list[_Waiting] = []
+        room = self.max_batch_images - self.active_images
+        with self._lock:
+            while self._waiting:
+                images = self._waiting[0].job.request.num_images
+                if images > room and (self._active or admitted):
+                    break
+                admitted.append(self._waiting.popleft())
+                room -= images
+        if admitted:
+            self._start(admitted)
+
+    def _start(self, admitted: list[_Waiting]) -> None:
+        """Encode every admitted prompt and negative prompt in one text-encoder call; draw latents."""
+        pipeline = self.loaded.pipeline
+        device = self.loaded.device
+        requests = [waiting.job.request for waiting in admitted]
+        texts = [r.prompt for r in requests] + [r.negative_prompt for r in requests]
+        try:
+            with torch.no_grad():
+                embeds, _ = pipeline.encode_prompt(texts, device, 1, False)
+        except Exception as error:  # noqa: BLE001 - classified; every admitted job gets the error
+            self._fail_all(admitted, error)
+            return
+        now = time.perf_counter()
+        for number, waiting in enumerate(admitted):
+            request = waiting.job.request
+            scheduler = make_scheduler(request.scheduler, self._base_config)
+            scheduler.set_timesteps(request.steps, device=device)
+            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds()]
+            shape = (
+                request.num_images,
+                pipeline.unet.config.in_channels,
+                request.height // pipeline.vae_scale_factor,
+                request.width // pipeline.vae_scale_factor,
+            )
+            latents = randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype)
+            guided = request.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+            positive = embeds[number : number + 1].expand(request.num_images, -1, -1)
+            negative = embeds[len(admitted) + number : len(admitted) + number + 1].expand(request.num_images, -1, -1)
+            self._active.append(
+                _Active(
+                    job=waiting.job,
+                    done=waiting.done,
+                    scheduler=scheduler,
+                    timesteps=scheduler.timesteps,
+                    latents=latents * scheduler.init_noise_sigma,
+                    prompt_embeds=positive,
+                    negative_embeds=negative if guided else None,
+                    step_kwargs=_step_kwargs(scheduler, generators),
+                    admitted_at=waiting.submitted_at,
+                    last_stepped_at=waiting.submitted_at,
+                )
+            )
+            if self.observer is not None and hasattr(self.observer, "first_step_wait"):
+                self.observer.first_step_wait(seconds=now - waiting.submitted_at)
+
+    def _next_group(self) -> list[_Active]:
+        """The active requests of one size: the size whose least recently stepped request waited longest."""
+        if not self._active:
+            return []
+        oldest = min(self._active, key=lambda active: active.last_stepped_at)
+        return [active for active in self._active if active.size == oldest.size]
+
+    # One step.
+    def _denoise(self, group: list[_Active]) -> None:
+        started = time.perf_counter()
+        failure = self._unet_step(group)
+        if failure is _OUT_OF_MEMORY:
+            self._free_memory()
+            if len(group) == 1:
+                self._end(group[0], JobOutcome(error=OutOfMemoryError(_oom_message(group[0]))))
+                return
+            half = len(group) // 2
+            self._denoise(group[:half])
+            self._denoise([active for active in group[half:] if active in self._active])
+            return
+        if isinstance(failure, Exception):
+            for active in group:
+                self._end(active, JobOutcome(error=failure))
+            return
+        now = time.perf_counter()
+        images = sum(active.images for active in group)
+        if self.observer is not None:
+            self.observer.denoising_step(seconds=now - started)
+            self.observer.pipeline_call(seconds=now - started, images=images)
+        for active in group:
+            active.step += 1
+            active.last_stepped_at = now
+            active.largest_batch = max(active.largest_batch, images)
+            if active.job.on_step is not None:
+                active.job.on_step(active.step, len(active.timesteps))
+
+    def _unet_step(self, group: list[_Active]) -> object | None:
+        """One UNet call over the group and each request's scheduler step; None, or how it failed."""
+        try:
+            with torch.no_grad():
+                self._unet_step_unguarded(group)
+            return None
+        except Exception as error:  # noqa: BLE001 - classified here, recovery happens outside
+            if is_sticky_device_error(error):
+                raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+            if is_out_of_memory(error):
+                return _OUT_OF_MEMORY
+            return detached(error)
+
+    def _unet_step_unguarded(self, group: list[_Active]) -> None:
+        unet = self.loaded.pipeline.unet
+        inputs, contexts, timesteps = [], [], []
+        for active in group:
+            t = active.timesteps[active.step]
+            negative = active.negative_embeds
+            sample = active.latents if negative is None else torch.cat([active.latents] * 2)
+            inputs.append(active.scheduler.scale_model_input(sample, t))
+            contexts.append(active.prompt_embeds if negative is None else torch.cat([negative, active.prompt_embeds]))
+            timesteps.append(t.reshape(1).expand(sample.shape[0]))
+        noise = unet(
+            torch.cat(inputs),
+            torch.cat(timesteps),
+            encoder_hidden_states=torch.cat(contexts),
+            return_dict=False,
+        )[0]
+        for active, predicted in zip(group, noise.split([a.unet_samples for a in group]), strict=True):
+            if active.negative_embeds is not None:
+                uncond, text = predicted.chunk(2)
+                predicted = uncond + active.job.request.guidance_scale * (text - uncond)
+            t = active.timesteps[active.step]
+            active.latents = active.scheduler.step(
+                predicted, t, active.latents, **active.step_kwargs, return_dict=False
+            )[0]
+
+    # Finishing.
+    def _finish(self, finished: list[_Active]) -> None:
+        """Decode the requests that finished on this step together (one at a time after an OOM)."""
+        try:
+            images, flags = self._decode(finished)
+        except Exception as error:  # noqa: BLE001 - classified below
+            if is_sticky_device_error(error):
+                raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+            failure: Exception = OutOfMemoryError("") if is_out_of_memory(error) else detached(error)
+        else:
+            self._deliver(finished, images, flags)
+            return
+        if isinstance(failure, OutOfMemoryError) and len(finished) > 1:
+            self._free_memory()
+            for active in finished:
+                self._finish([active])
+            return
+        for active in finished:
+            message = _oom_message(active) if isinstance(failure, OutOfMemoryError) else None
+            self._end(active, JobOutcome(error=OutOfMemoryError(message) if message else failure))
+
+    def _decode(self, finished: list[_Active]) -> tuple[list[Any], list[bool]]:
+        pipeline = self.loaded.pipeline
+        latents = torch.cat([active.latents for active in finished])
+        with torch.no_grad():
+            decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
+            decoded, nsfw = pipeline.run_safety_checker(decoded, self.loaded.device, finished[0].prompt_embeds.dtype)
+        flags = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * decoded.shape[0]
+        images = pipeline.image_processor.postprocess(
+            decoded, output_type="pil", do_denormalize=[not flag for flag in flags]
+        )
+        return images, flags
+
+    def _deliver(self, finished: list[_Active], images: list[Any], flags: list[bool]) -> None:
+        now = time.perf_counter()
+        offset = 0
+        for active in finished:
+            request = active.job.request
+            timings = Timings(generation_seconds=now - active.admitted_at, batch_images=active.largest_batch)
+            results = [
+                GenerationResult(
+                    image=images[offset + index],
+                    request=request,
+                    seed=seed,
+                    index=index,
+                    model=self.loaded.model,
+                    timings=timings,
+                    nsfw=flags[offset + index],
+                )
+                for index, seed in enumerate(request.seeds())
+            ]
+            offset += active.images
+            self._end(active, JobOutcome(results=results))
+
+    def _end(self, active: _Active, outcome: JobOutcome) -> None:
+        if active in self._active:
+            self._active.remove(active)
+            active.done(outcome)
+
+    def _fail_all(self, admitted: list[_Waiting], error: Exception) -> None:
+        if is_sticky_device_error(error):
+            raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+        failure: Exception = detached(error)
+        if is_out_of_memory(error):
+            failure = OutOfMemoryError("out of GPU memory encoding the prompts; try again in a moment")
+        for waiting in admitted:
+            waiting.done(JobOutcome(error=failure))
+
+    def _free_memory(self) -> None:
+        if self.observer is not None:
+            self.observer.out_of_memory()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+_OUT_OF_MEMORY = object()
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generators: list[torch.Generator]) -> dict[str, Any]:
+    """What the pipeline's ``prepare_extra_step_kwargs`` passes: eta 0 and the images' generators."""
+    accepted: Mapping[str, Any] = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def _oom_message(active: _Active) -> str:
+    request = active.job.request
+    return f"out of GPU memory generating {request.width}x{request.height} images; try a smaller width and height"
