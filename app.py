@@ -92,7 +92,12 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     info = worker.start()
     metrics.model_loaded(model=info.model, device=info.device, dtype=info.dtype, seconds=info.load_seconds)
     parts.scheduler = BatchScheduler(
-        worker, max_batch_size=settings.max_batch_size, capacity=settings.queue_max_size, observer=metrics
+        worker,
+        max_batch_size=settings.max_batch_size,
+        capacity=settings.queue_max_size,
+        observer=metrics,
+        dispatch="each" if settings.batching == "step" else "batches",
+        max_per_owner=settings.max_requests_per_user,
     )
     parts.scheduler.start()
     parts.service = ImageService(worker, parts.scheduler, store, metrics, page_size=settings.history_page_size)

@@ -64,7 +64,16 @@ class Metrics:
             registry=r,
         )
         self.generation = Histogram(
-            f"{PREFIX}generation_seconds", "Wall time of one pipeline call", buckets=LATENCY_BUCKETS, registry=r
+            f"{PREFIX}generation_seconds",
+            "Wall time of one pipeline call (request batching) or one engine step (step batching)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_step_waits = Histogram(
+            f"{PREFIX}first_step_wait_seconds",
+            "Time a request waited inside the pipeline worker before its first denoising step (step batching)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.request_duration = Histogram(
             f"{PREFIX}request_duration_seconds",
@@ -74,7 +83,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             f"{PREFIX}batch_size_images",
-            "Images generated together in one pipeline call",
+            "Images generated together in one pipeline call or one engine step (one UNet call)",
             buckets=BATCH_BUCKETS,
             registry=r,
         )
@@ -161,6 +170,9 @@ class Metrics:
 
     def denoising_step(self, *, seconds: float) -> None:
         self.step_duration.observe(seconds)
+
+    def first_step_wait(self, *, seconds: float) -> None:
+        self.first_step_waits.observe(seconds)
 
     def out_of_memory(self) -> None:
         self.out_of_memory_events.inc()

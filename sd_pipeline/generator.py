@@ -59,6 +59,7 @@ class GenerationJob:
 
     request: GenerationRequest
     on_step: StepCallback | None = None
+    owner: str = ""  # whose request it is, for fair admission; "" when nobody is named
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
 
+BatchingName = Literal["step", "request"]
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 DtypeName = Literal["auto", "float16", "bfloat16", "float32"]
 
@@ -29,3 +30,6 @@ class PipelineSettings(BaseModel):
     channels_last: bool = Field(False, description="channels-last memory format for the UNet and VAE")
     fuse_qkv: bool = Field(False, description="fuse attention q/k/v projections")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
+    batching: BatchingName = Field(
+        "step", description="step: requests join the running batch between denoising steps; request: whole calls"
+    )

@@ -10,19 +10,24 @@ tokenizer, sends batches, and relays progress, cancellation and metrics facts.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 import torch
 
 from sd_pipeline.device_errors import DeviceFailedError
+from sd_pipeline.engine import StepEngine
 from sd_pipeline.errors import ModelLoadError, WorkerLostError
 from sd_pipeline.generator import GenerationJob, GenerationObserver, Generator, JobOutcome
 from sd_pipeline.loading import load_pipeline, model_source
@@ -49,31 +54,76 @@ class WorkerInfo:
 
 
 class _ForwardingObserver:
-    """In the worker: sends observer facts to the parent, and takes in cancellations each step."""
+    """In the worker: sends observer facts to the parent; reads its messages at every step."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.jobs: list[GenerationJob] = []
+        self.between_steps: Callable[[], None] | None = None
 
     def pipeline_call(self, *, seconds: float, images: int) -> None:
         self.connection.send(("pipeline_call", {"seconds": seconds, "images": images}))
 
     def denoising_step(self, *, seconds: float) -> None:
         self.connection.send(("denoising_step", {"seconds": seconds}))
-        self.take_cancellations()  # before the generator checks whether everyone cancelled
+        if self.between_steps is not None:
+            self.between_steps()  # cancellations land before the generator checks for them
 
     def out_of_memory(self) -> None:
         self.connection.send(("out_of_memory", {}))
 
-    def take_cancellations(self) -> None:
-        while self.connection.poll():
-            kind, index = self.connection.recv()
-            if kind == "cancel" and index < len(self.jobs):
-                self.jobs[index].cancel()
+    def first_step_wait(self, *, seconds: float) -> None:
+        self.connection.send(("first_step_wait", {"seconds": seconds}))
+
+
+class _WorkerJobs:
+    """In the worker: the parent's messages applied, its jobs by id, their steps and outcomes sent back."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.jobs: dict[int, GenerationJob] = {}
+        self.arrived: list[tuple[int, GenerationJob]] = []  # sent, not yet handed to the generator
+        self.stopping = False
+
+    def receive(self, *, block: bool) -> None:
+        """Apply the waiting messages (and wait for one first if ``block``)."""
+        while not self.stopping and (block or self.connection.poll()):
+            block = False
+            try:
+                kind, payload = self.connection.recv()
+            except EOFError:  # the parent is gone
+                self.stopping = True
+                return
+            if kind == "stop":
+                self.stopping = True
+            elif kind == "cancel" and payload in self.jobs:
+                self.jobs[payload].cancel()
+            elif kind == "run":
+                for job_id, request in payload:
+                    job = GenerationJob(request, on_step=self._step_reporter(job_id))
+                    self.jobs[job_id] = job
+                    self.arrived.append((job_id, job))
+
+    def take_arrived(self) -> list[tuple[int, GenerationJob]]:
+        arrived, self.arrived = self.arrived, []
+        return arrived
+
+    def _step_reporter(self, job_id: int) -> Any:
+        def report(step: int, total: int) -> None:
+            self.connection.send(("step", (job_id, step, total)))
+
+        return report
+
+    def finish(self, job_id: int, outcome: JobOutcome) -> None:
+        self.jobs.pop(job_id, None)
+        if _cuda_in_use() and not self.jobs:  # the peak of the work just done, sent before its last result
+            memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+            self.connection.send(("gpu_memory", memory))
+            torch.cuda.reset_peak_memory_stats()
+        self.connection.send(("done", (job_id, outcome.results, _picklable(outcome.error))))
 
 
 def _serve(connection: Connection, settings: PipelineSettings, limits: RequestLimits, max_batch_images: int) -> None:
-    """The worker process: load, report ready, then run batches until told to stop."""
+    """The worker process: load, report ready, then serve runs until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (Ctrl-C reaches both)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -83,48 +133,44 @@ def _serve(connection: Connection, settings: PipelineSettings, limits: RequestLi
         return
     observer = _ForwardingObserver(connection)
     generator = Generator(loaded, limits=limits, max_batch_images=max_batch_images, observer=observer)
+    engine = StepEngine(loaded, max_batch_images=max_batch_images, observer=observer)
     if settings.warmup:
-        generator.warmup()
+        (engine if settings.batching == "step" else generator).warmup()
     dtype = str(loaded.dtype).removeprefix("torch.")
     connection.send(("ready", WorkerInfo(loaded.model, str(loaded.device), dtype, loaded.load_seconds)))
+    jobs = _WorkerJobs(connection)
+    try:
+        if settings.batching == "step":
+            _serve_steps(engine, jobs)
+        else:
+            observer.between_steps = functools.partial(jobs.receive, block=False)
+            _serve_runs(generator, jobs)
+    except DeviceFailedError as error:
+        # The parent sees the process end, restarts it and retries the requests once.
+        logger.critical("%s; exiting so the supervisor starts a new worker", error)
+
+
+def _serve_runs(generator: Generator, jobs: _WorkerJobs) -> None:
+    """Request-level batching: the jobs of each run message share ``Generator.run`` calls."""
     while True:
-        try:
-            message = connection.recv()
-        except EOFError:
-            return  # the parent is gone
-        if message[0] == "stop":
+        jobs.receive(block=not jobs.arrived)
+        if jobs.stopping:
             return
-        if message[0] == "run":
-            try:
-                _run(connection, generator, observer, message[1])
-            except DeviceFailedError as error:
-                logger.critical("%s; exiting so the supervisor starts a new worker", error)
-                return  # the parent sees the process end, restarts it and retries the requests once
+        batch = jobs.take_arrived()
+        outcomes = generator.run([job for _, job in batch])
+        for (job_id, _), outcome in zip(batch, outcomes, strict=True):
+            jobs.finish(job_id, outcome)
 
 
-def _run(
-    connection: Connection, generator: Generator, observer: _ForwardingObserver, requests: list[GenerationRequest]
-) -> None:
-    jobs = [GenerationJob(request) for request in requests]
-    for index, job in enumerate(jobs):
-        job.on_step = _step_reporter(connection, index)
-    observer.jobs = jobs
-    cuda = _cuda_in_use()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    outcomes = generator.run(jobs)
-    observer.take_cancellations()
-    if cuda:  # this run's peak, sent before its result so the metric is never a run behind
-        memory = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
-        connection.send(("gpu_memory", memory))
-    connection.send(("done", [(outcome.results, _picklable(outcome.error)) for outcome in outcomes]))
-
-
-def _step_reporter(connection: Connection, index: int) -> Any:
-    def report(step: int, total: int) -> None:
-        connection.send(("step", (index, step, total)))
-
-    return report
+def _serve_steps(engine: StepEngine, jobs: _WorkerJobs) -> None:
+    """Step-level batching: runs and cancels are taken in between two denoising steps."""
+    while True:
+        jobs.receive(block=engine.idle)
+        if jobs.stopping:
+            return
+        for job_id, job in jobs.take_arrived():
+            engine.submit(job, functools.partial(jobs.finish, job_id))
+        engine.step()
 
 
 def _cuda_in_use() -> bool:
@@ -143,8 +189,22 @@ def _picklable(error: Exception | None) -> Exception | None:
     return error
 
 
+@dataclass
+class _Pending:
+    """A job sent to the worker, waiting for its outcome (or for the worker's loss)."""
+
+    job: GenerationJob
+    outcome: Future[JobOutcome] = field(default_factory=Future)
+    cancel_sent: bool = False
+
+
 class PipelineProcess:
-    """A ``Generator`` in its own process, with the same ``check``/``run``/``model`` surface."""
+    """A ``Generator`` or ``StepEngine`` in its own process, with the ``check``/``run``/``model`` surface.
+
+    ``run`` may be called from several threads at once: with step-level batching each call's
+    jobs join the worker's running batch at its next step. A reader thread relays the worker's
+    messages (steps, outcomes, metrics facts) and is the watchdog.
+    """
 
     def __init__(
         self,
@@ -163,7 +223,11 @@ class PipelineProcess:
         self.start_timeout = start_timeout
         self.stall_seconds = stall_seconds
         self.stalled = False  # set when the watchdog killed it
-        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._job_ids = itertools.count()
+        self._lost_error: WorkerLostError | None = None
         context = multiprocessing.get_context("spawn")  # CUDA and threads need a fresh interpreter
         self._connection, self._child_connection = context.Pipe()
         self._process = context.Process(
@@ -172,6 +236,7 @@ class PipelineProcess:
             name="pipeline-worker",
             daemon=True,
         )
+        self._reader = threading.Thread(target=self._read, name="pipeline-worker-reader", daemon=True)
         self.info: WorkerInfo | None = None
         self.tokens: TokenBudget | None = None
 
@@ -205,13 +270,14 @@ class PipelineProcess:
                 raise ModelLoadError(f"the pipeline worker for '{self.settings.model}' exited while loading") from None
             if kind in ("ready", "failed"):
                 break
-            self._relay(kind, payload, [])  # facts from the warm-up generation
+            self._relay(kind, payload)  # facts from the warm-up generation
         if kind == "failed":
             self._process.join(timeout=10)
             raise ModelLoadError(payload)
         info: WorkerInfo = payload
         self.info = info
         self.tokens = _token_budget(self.settings.model)
+        self._reader.start()
         return info
 
     def check(self, data: Mapping[str, Any]) -> GenerationRequest:
@@ -222,42 +288,76 @@ class PipelineProcess:
         """Run jobs in the worker, relaying progress and cancellation.
 
         Raises ``WorkerLostError`` when the process dies, or when it sends nothing (no step, no
-        reply) for ``stall_seconds``: the watchdog then kills it.
+        reply) for ``stall_seconds`` while it has work: the watchdog then kills it.
         """
-        with self._lock:
-            self._send(("run", [job.request for job in jobs]))
-            cancelled_sent: set[int] = set()
-            last_heard = time.monotonic()
-            while True:
-                for index, job in enumerate(jobs):
-                    if job.cancelled and index not in cancelled_sent:
-                        self._send(("cancel", index))
-                        cancelled_sent.add(index)
-                if not self._connection.poll(0.02):
-                    if not self._process.is_alive():
-                        raise self._lost("died", "the pipeline worker process died")
-                    if time.monotonic() - last_heard > self.stall_seconds:
-                        self._kill_stalled()
-                        raise self._lost("stalled", f"the pipeline worker made no progress for {self.stall_seconds:g}s")
-                    continue
-                kind, payload = self._receive()
-                last_heard = time.monotonic()
-                if kind == "done":
-                    return [JobOutcome(results=list(results), error=error) for results, error in payload]
-                self._relay(kind, payload, jobs)
+        entries = {next(self._job_ids): _Pending(job) for job in jobs}
+        with self._pending_lock:
+            if self._lost_error is not None:
+                raise self._lost_error
+            self._pending.update(entries)
+        try:
+            self._send(("run", [(job_id, entry.job.request) for job_id, entry in entries.items()]))
+            for entry in entries.values():
+                while True:
+                    try:
+                        entry.outcome.result(timeout=0.02)
+                        break
+                    except FutureTimeout:
+                        self._send_cancellations(entries)
+            return [entry.outcome.result() for entry in entries.values()]
+        finally:
+            with self._pending_lock:
+                for job_id in entries:
+                    self._pending.pop(job_id, None)
+
+    def _send_cancellations(self, entries: Mapping[int, _Pending]) -> None:
+        for job_id, entry in entries.items():
+            if entry.job.cancelled and not entry.cancel_sent and not entry.outcome.done():
+                entry.cancel_sent = True
+                self._send(("cancel", job_id))
 
     def _send(self, message: tuple[str, Any]) -> None:
         try:
-            self._connection.send(message)
+            with self._send_lock:
+                self._connection.send(message)
         except OSError:  # BrokenPipeError and friends: the other end is gone
             raise self._lost("died", "the pipeline worker process died") from None
 
-    def _receive(self) -> tuple[str, Any]:
-        try:
-            message: tuple[str, Any] = self._connection.recv()
-        except (EOFError, OSError):
-            raise self._lost("died", "the pipeline worker process died") from None
-        return message
+    def _read(self) -> None:
+        """The reader thread: relay messages until the worker ends; the watchdog while it has work."""
+        last_heard = time.monotonic()
+        while True:
+            with self._pending_lock:
+                busy = bool(self._pending)
+            if not busy:
+                last_heard = time.monotonic()
+            try:
+                ready = self._connection.poll(0.05)
+                message = self._connection.recv() if ready else None
+            except (EOFError, OSError):
+                self._fail_pending(self._lost("died", "the pipeline worker process died"))
+                return
+            if message is None:
+                if not self._process.is_alive():
+                    self._fail_pending(self._lost("died", "the pipeline worker process died"))
+                    return
+                if busy and time.monotonic() - last_heard > self.stall_seconds:
+                    self._kill_stalled()
+                    self._fail_pending(
+                        self._lost("stalled", f"the pipeline worker made no progress for {self.stall_seconds:g}s")
+                    )
+                    return
+                continue
+            last_heard = time.monotonic()
+            self._relay(*message)
+
+    def _fail_pending(self, error: WorkerLostError) -> None:
+        with self._pending_lock:
+            self._lost_error = error
+            pending = list(self._pending.values())
+        for entry in pending:
+            if not entry.outcome.done():
+                entry.outcome.set_exception(error)
 
     def _lost(self, reason: str, message: str) -> WorkerLostError:
         self._process.join(timeout=5)  # reap it, so its exit code and sentinel are final
@@ -269,12 +369,19 @@ class PipelineProcess:
         self.stalled = True
         self.kill()
 
-    def _relay(self, kind: str, payload: Any, jobs: Sequence[GenerationJob]) -> None:
-        if kind == "step":
-            index, step, total = payload
-            on_step = jobs[index].on_step
-            if on_step is not None:
-                on_step(step, total)
+    def _relay(self, kind: str, payload: Any) -> None:
+        if kind in ("step", "done"):
+            with self._pending_lock:
+                entry = self._pending.get(payload[0])
+            if entry is None:
+                return
+            if kind == "step":
+                _, step, total = payload
+                if entry.job.on_step is not None:
+                    entry.job.on_step(step, total)
+            else:
+                _, results, error = payload
+                entry.outcome.set_result(JobOutcome(results=list(results), error=error))
             return
         if self.observer is None:
             return
@@ -286,6 +393,8 @@ class PipelineProcess:
             self.observer.out_of_memory()
         elif kind == "gpu_memory":
             self.observer.gpu_memory(**payload)
+        elif kind == "first_step_wait" and hasattr(self.observer, "first_step_wait"):
+            self.observer.first_step_wait(**payload)
 
     def kill(self) -> None:
         """End the process at once, without a clean stop."""
@@ -295,13 +404,16 @@ class PipelineProcess:
     def close(self, *, timeout: float = 30.0) -> None:
         """Ask the worker to stop; kill it if it does not."""
         if self._process.is_alive():
-            with contextlib.suppress(BrokenPipeError, OSError):
+            with contextlib.suppress(BrokenPipeError, OSError), self._send_lock:
                 self._connection.send(("stop", None))
             self._process.join(timeout=timeout)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(timeout=5)
-        with self._lock:  # a run() still under way sees the process gone and returns before the pipe closes
+        if self._reader.is_alive():  # it sees the process gone, fails what is pending and returns
+            self._reader.join(timeout=5)
+        self._fail_pending(WorkerLostError("died", "the pipeline worker process stopped"))
+        with self._send_lock:
             self._connection.close()
 
 

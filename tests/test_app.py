@@ -104,6 +104,7 @@ def test_settings_from_a_record_reproduce_the_image(s3_app: RunningApp, tmp_path
 
 def test_concurrent_clients_are_batched_and_get_their_own_images(s3_app: RunningApp, tmp_path: Path) -> None:
     batches_before = s3_app.metric("sdapp_batch_size_images_count")
+    images_before = s3_app.metric("sdapp_batch_size_images_sum")
     singles_before = s3_app.metric('sdapp_batch_size_images_bucket{le="1.0"}')
     outputs: dict[int, dict[str, Any]] = {}
 
@@ -122,9 +123,13 @@ def test_concurrent_clients_are_batched_and_get_their_own_images(s3_app: Running
         assert (record["prompt"], record["seed"]) == (f"client {number}", 1000 + number)
         png = requests.get(record["url"], timeout=10).content
         assert read_png_parameters(png).seed == 1000 + number
-    batches = s3_app.metric("sdapp_batch_size_images_count") - batches_before
+    # With step batching (the default) each count is one UNet step: 8 requests x 8 steps alone
+    # would be 64 single-image steps; shared steps carry several images.
+    steps = s3_app.metric("sdapp_batch_size_images_count") - batches_before
+    images = s3_app.metric("sdapp_batch_size_images_sum") - images_before
     singles = s3_app.metric('sdapp_batch_size_images_bucket{le="1.0"}') - singles_before
-    assert batches < 8 and singles < batches, "some pipeline calls carried more than one image"
+    assert images == 8 * 8, "every image-step counted once"
+    assert singles < steps < 64, "some steps carried more than one image"
 
 
 def _reaches_the_app(change: dict[str, Any], field: str) -> bool:
@@ -145,14 +150,15 @@ def test_bad_input_is_rejected_by_name(
 
 
 def test_bad_input_costs_no_gpu_work_and_others_still_succeed(s3_app: RunningApp, tmp_path: Path) -> None:
-    calls_before = s3_app.metric("sdapp_generation_seconds_count")
+    image_steps_before = s3_app.metric("sdapp_batch_size_images_sum")
     invalid_before = s3_app.metric('sdapp_requests_total{outcome="invalid"}')
     good = client(s3_app, tmp_path / "good").submit(prompt="still works", **FAST, api_name="/generate")
     with pytest.raises(Exception, match=r"steps: must be from 1 to 100, got 0"):
         generate(client(s3_app, tmp_path / "bad"), "x", steps=0)
     assert good.result(timeout=60)[1]["images"][0]["prompt"] == "still works"
     assert s3_app.metric('sdapp_requests_total{outcome="invalid"}') == invalid_before + 1
-    assert s3_app.metric("sdapp_generation_seconds_count") == calls_before + 1
+    # Only the good request's 3 steps of one image ran on the model (one count per UNet step).
+    assert s3_app.metric("sdapp_batch_size_images_sum") == image_steps_before + FAST["steps"]
 
 
 def test_stop_cancels_only_the_callers_request(s3_app: RunningApp, tmp_path: Path) -> None:

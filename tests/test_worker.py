@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,11 @@ class RecordingObserver:
         raise AssertionError("no GPU memory on the CPU")
 
 
-@pytest.fixture(scope="module")
-def worker(tiny_model_dir: Path) -> Iterator[tuple[PipelineProcess, RecordingObserver]]:
+@pytest.fixture(scope="module", params=["step", "request"])
+def worker(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[PipelineProcess, RecordingObserver]]:
     observer = RecordingObserver()
-    process = PipelineProcess(PipelineSettings(model=str(tiny_model_dir), device="cpu", warmup=True), observer=observer)
+    settings = PipelineSettings(model=str(tiny_model_dir), device="cpu", warmup=True, batching=request.param)
+    process = PipelineProcess(settings, observer=observer)
     info = process.start()
     assert (info.model, info.device, info.dtype) == (tiny_model_dir.name, "cpu", "float32")
     yield process, observer
@@ -85,6 +87,33 @@ def test_worker_cancel_stops_within_a_step(worker: tuple[PipelineProcess, Record
     assert max(steps) < 20  # cancelled at 3: relayed over the pipe, honoured long before step 80
     after = process.run([GenerationJob(check_inputs({"prompt": "next", **SMALL}))])  # the worker keeps serving
     assert after[0].error is None and len(after[0].results) == 1
+
+
+def test_a_run_from_another_thread_joins_the_running_batch(
+    worker: tuple[PipelineProcess, RecordingObserver],
+) -> None:
+    process, _ = worker
+    if process.settings.batching != "step":
+        pytest.skip("request-level batching runs whole calls one after another")
+    long_job = GenerationJob(check_inputs({"prompt": "long", **{**SMALL, "steps": 60}}))
+    short_job = GenerationJob(check_inputs({"prompt": "short", **SMALL}))
+    long_steps: list[int] = []
+    started = threading.Event()
+
+    def on_long_step(step: int, total: int) -> None:
+        long_steps.append(step)
+        if step == 2:
+            started.set()
+
+    long_job.on_step = on_long_step
+    long_run = threading.Thread(target=process.run, args=([long_job],))
+    long_run.start()
+    assert started.wait(timeout=60)
+    (short,) = process.run([short_job])
+    short_done_at = long_steps[-1]
+    long_run.join(timeout=120)
+    assert short.error is None and len(short.results) == 1
+    assert short_done_at < 60  # it finished while the long one was still running
 
 
 def test_worker_reports_a_missing_model(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ class ImageService:
         self.metrics.in_progress.inc()
         self.active += 1
         try:
-            results = await self._generate(fields, progress)
+            results = await self._generate(fields, owner, progress)
             images = await asyncio.to_thread(self._store_all, results, owner)
         except UserFacingError as error:
             self.metrics.request_finished(_outcome_of(error))
@@ -105,13 +105,13 @@ class ImageService:
         self.metrics.request_finished(Outcome.SUCCESS, seconds=time.perf_counter() - started, images=len(images))
         return images
 
-    async def _generate(self, fields: Mapping[str, Any], progress: ProgressSink) -> list[GenerationResult]:
+    async def _generate(self, fields: Mapping[str, Any], owner: str, progress: ProgressSink) -> list[GenerationResult]:
         try:
             request = self.generator.check(fields)
         except InvalidRequestError as error:
             raise InvalidInputError(str(error)) from error
         steps_done = [0]
-        job = GenerationJob(request, on_step=lambda step, total: steps_done.__setitem__(0, step))
+        job = GenerationJob(request, on_step=lambda step, total: steps_done.__setitem__(0, step), owner=owner)
         try:
             future = self.scheduler.submit(job)
         except (QueueFullError, ShuttingDownError) as error:

@@ -12,7 +12,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sd_pipeline.request import RequestLimits
-from sd_pipeline.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings
+from sd_pipeline.settings import DEFAULT_MODEL, BatchingName, DeviceName, DtypeName, PipelineSettings
 from sd_pipeline.supervision import RestartPolicy
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
 
@@ -68,7 +68,15 @@ class Settings(BaseSettings):
     spool_max_items: int = Field(1000, ge=1, description="uploads kept on disk while S3 is down")
 
     queue_max_size: int = Field(64, ge=1, description="requests accepted at once; more get 'busy, try again'")
-    max_batch_size: int = Field(8, ge=1, le=64, description="requests batched into one pipeline run")
+    max_batch_size: int = Field(
+        8, ge=1, le=64, description="most requests running together (step batching) or in one pipeline run"
+    )
+    batching: BatchingName = Field(
+        "step", description="step: requests join the running batch between denoising steps; request: whole calls"
+    )
+    max_requests_per_user: int = Field(
+        4, ge=1, description="requests one user (login, browser or API session) may have waiting or running"
+    )
     worker_stall_seconds: float = Field(
         120.0, gt=0, description="replace the pipeline worker when it makes no progress this long while working"
     )
@@ -97,6 +105,7 @@ class Settings(BaseSettings):
             cpu_threads=self.sd_cpu_threads or serving_cpu_threads(),
             warmup=self.sd_warmup,
             compile_unet=self.sd_compile,
+            batching=self.batching,
             cudnn_benchmark=self.sd_cudnn_benchmark,
             channels_last=self.sd_channels_last,
             fuse_qkv=self.sd_fuse_qkv,
