@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sd_pipeline.engine import StepEngine
-from sd_pipeline.errors import GenerationCancelledError
+from sd_pipeline.errors import GenerationCancelledError, OutOfMemoryError
 from sd_pipeline.generator import GenerationJob, JobOutcome
 from sd_pipeline.loading import LoadedPipeline
 from sd_pipeline.request import GenerationRequest
@@ -173,3 +173,36 @@ def test_admission_stops_at_the_image_budget(tiny_loaded: LoadedPipeline) -> Non
     engine.run_until_idle()
     assert batches == [2] * 9  # two 2-image requests exceed 3 images, so they take turns
     assert all(len(collector.images(job)) == 2 for job in jobs)
+
+
+def test_out_of_memory_splits_the_group_and_then_fails_only_one_request(
+    engine: StepEngine, tiny_loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unet = tiny_loaded.pipeline.unet
+    real_forward = unet.forward
+    samples: list[int] = []
+
+    def forward_with_memory_limit(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        samples.append(sample.shape[0])
+        if sample.shape[0] > 2:  # one guided image (2 samples) fits
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", forward_with_memory_limit)
+    wanted = [request(seed=seed, steps=3) for seed in range(3)]
+    collector = Collector(engine)
+    jobs = [collector.submit(r) for r in wanted]
+    engine.run_until_idle()
+    assert samples[:5] == [6, 2, 4, 2, 2]  # the group, then halves, then halves of the half
+    monkeypatch.setattr(unet, "forward", real_forward)
+    for job, r in zip(jobs, wanted, strict=True):
+        assert_same_image(collector.images(job)[0], pipeline_image(tiny_loaded, r)[0], tolerance=BATCHED_TOLERANCE)
+
+    def always_out_of_memory(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(unet, "forward", always_out_of_memory)
+    failing = collector.submit(request())
+    engine.run_until_idle()
+    error = collector.outcomes[id(failing)].error
+    assert isinstance(error, OutOfMemoryError) and "out of GPU memory generating 64x64 images" in str(error)
