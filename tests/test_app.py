@@ -24,7 +24,7 @@ from PIL import Image
 from sd_pipeline.png import read_png_parameters
 from tests.app_server import ROOT, RunningApp, launched_app
 from tests.images import assert_same_image
-from tests.servers import S3Server
+from tests.servers import S3Server, wait_until
 from tests.test_request import BAD_INPUTS
 
 FAST: dict[str, Any] = {"steps": 3, "width": 64, "height": 64, "guidance_scale": 7.5, "scheduler": "Euler a"}
@@ -326,3 +326,17 @@ def test_gallery_files_are_not_served_by_path(s3_app: RunningApp, tmp_path: Path
     direct = f"{s3_app.url}gradio_api/file={tempfile.gettempdir()}/sd-service-gallery/{image_id}.png"
     assert requests.get(direct, timeout=10).status_code in (403, 404)
     assert Path(gallery[0]["image"]).stat().st_size > 0  # the client still got its copy through Gradio's cache
+
+
+def test_one_client_flooding_is_limited_and_others_are_served(s3_app: RunningApp, tmp_path: Path) -> None:
+    flooder = client(s3_app, tmp_path / "flood")  # one gradio_client session: one owner
+    long = {**SLOW, "width": 128, "height": 128}
+    flood = [flooder.submit(prompt=f"flood {n}", **long, api_name="/generate") for n in range(4)]
+    wait_until(lambda: s3_app.metric("sdapp_requests_in_progress") >= 4, timeout=60)
+    with pytest.raises(Exception, match="you already have 4 requests in progress"):
+        generate(flooder, "one too many")
+    _, served = generate(client(s3_app, tmp_path / "page"), "someone else")
+    assert served["images"][0]["prompt"] == "someone else"
+    assert not all(job.done() for job in flood)  # the flood was still running when the other user got served
+    for job in flood:
+        job.cancel()
