@@ -1,6 +1,7 @@
 """Served throughput: the raw pipeline, a naive Gradio peer, and this app, in one run.
 
     python -m bench.serving [--model DIR] [--size 64] [--steps 10] [--quick]
+    python -m bench.serving --open-loop [...]   # bench.open_loop: Poisson arrivals, step vs request batching
 
 Starts an S3-compatible server (moto) on loopback, the naive peer (bench/naive_peer.py) and
 the real app (python app.py) with S3 storage, and drives both with gradio_client from 1, 4
@@ -181,6 +182,11 @@ def measure_app(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--open-loop" in argv:
+        from bench import open_loop
+
+        return open_loop.main([arg for arg in argv if arg != "--open-loop"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="pipeline folder (default: a fresh tiny pipeline)")
     parser.add_argument("--size", type=int, default=64)
