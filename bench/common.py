@@ -48,7 +48,9 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def write_json(name: str, data: dict[str, Any], *, folder: Path = RESULTS) -> Path:
+def write_json(name: str, data: dict[str, Any], *, folder: Path | None = None) -> Path:
+    """Write ``data`` as ``name`` into ``folder`` (default bench/results); return the path."""
+    folder = folder or RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         results[name] = outcome = check()
         print(f"{'PASS' if outcome['ok'] else 'FAIL'} {name}: {outcome}", flush=True)
-        written = write_json("cuda_checks.json", results, **({"folder": args.out} if args.out else {}))
+        written = write_json("cuda_checks.json", results, folder=args.out)
     print(f"written {written}")
     return results
 

@@ -283,15 +283,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["modes"][name] = timings
         results["unet_flops_per_image_step"] = flops
         print(f"done {name}: {rows[-len(args.batches) :]}", flush=True)
-        write_json(
-            "gpu.json", results, **({"folder": args.out} if args.out else {})
-        )  # partial results survive a timeout
+        write_json("gpu.json", results, folder=args.out)  # partial results survive a timeout
     print(table(["mode", "batch", "images/s", "UNet it/s", "UNet MFU", "UNet share", "max |diff| vs a", "x a"], rows))
     print(
         f"\nmatmul peak: {peak / 1e12:.1f} TFLOP/s; UNet: "
         f"{results['unet_flops_per_image_step'] / 1e9:.1f} GFLOP per image-step (CFG included)"
     )
-    print(f"written {write_json('gpu.json', results, **({'folder': args.out} if args.out else {}))}")
+    print(f"written {write_json('gpu.json', results, folder=args.out)}")
     return results
 
 

@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wait_to_first_step_in_step_times_at_80": wait_in_steps,
         },
     }
-    print(f"written {write_json('open_loop.json', results, **({'folder': args.out} if args.out else {}))}")
+    print(f"written {write_json('open_loop.json', results, folder=args.out)}")
     return results
 
 

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     print(table([f"scenario (median of {args.repeats})", "seconds"], rows))
     print(f"worker restarts counted by the app: {restarts:.0f} (expected {3 * args.repeats})")
-    print(f"written {write_json('recovery.json', results, **({'folder': args.out} if args.out else {}))}")
+    print(f"written {write_json('recovery.json', results, folder=args.out)}")
     return results
 
 

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "added_p50_ms_1_client": added,
         "gradio_round_trip_p50_ms": floor,
     }
-    print(f"written {write_json('serving.json', results, **({'folder': args.out} if args.out else {}))}")
+    print(f"written {write_json('serving.json', results, folder=args.out)}")
     return results
 
 
