@@ -15,10 +15,11 @@ running, so any backend that raises ``WorkerLostError`` applies the same ones:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Protocol
@@ -62,8 +63,14 @@ class SupervisorObserver(Protocol):
 RunOnce = Callable[[Sequence[GenerationJob]], list[JobOutcome]]
 
 
-def run_with_retry(jobs: Sequence[GenerationJob], run_once: RunOnce) -> list[JobOutcome]:
-    """Run jobs; after a lost worker retry each live job once, alone; a second loss fails it clearly."""
+def run_with_retry(
+    jobs: Sequence[GenerationJob], run_once: RunOnce, run_alone: RunOnce | None = None
+) -> list[JobOutcome]:
+    """Run jobs; after a lost worker retry each live job once, alone; a second loss fails it clearly.
+
+    ``run_alone`` runs a retry with nothing else on the worker (a backend whose runs can share
+    steps passes one; by default ``run_once``, for backends that run one call at a time).
+    """
     try:
         return run_once(jobs)
     except WorkerLostError as lost:
@@ -74,11 +81,48 @@ def run_with_retry(jobs: Sequence[GenerationJob], run_once: RunOnce) -> list[Job
             outcomes.append(JobOutcome(error=GenerationCancelledError("cancelled")))
             continue
         try:
-            outcomes += run_once([job])
+            outcomes += (run_alone or run_once)([job])
         except WorkerLostError as lost:
             logger.error("%s again while one request ran alone; refusing that request", lost)
             outcomes.append(JobOutcome(error=WorkerCrashedError(CRASHED_TWICE)))
     return outcomes
+
+
+class RunGate:
+    """Shared runs go side by side; a run ``alone`` waits for them to finish, and holds back new
+    ones (it goes first) until it is done."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._shared = 0
+        self._alone_waiting = 0
+        self._alone_running = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._alone_running and not self._alone_waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._shared -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._condition:
+            self._alone_waiting += 1
+            self._condition.wait_for(lambda: not self._alone_running and not self._shared)
+            self._alone_waiting -= 1
+            self._alone_running = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._alone_running = False
+                self._condition.notify_all()
 
 
 class SupervisedWorker:
@@ -102,6 +146,7 @@ class SupervisedWorker:
         self._closed = False
         self._restarts: collections.deque[float] = collections.deque()
         self._crash_loop_logged = False
+        self._gate = RunGate()
         self._watcher = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     # The GenerationBackend surface.
@@ -114,8 +159,13 @@ class SupervisedWorker:
         return self._current().check(data)
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        """Run jobs on the current worker, waiting for a restart if needed; see ``run_with_retry``."""
-        return run_with_retry(jobs, self._run_once)
+        """Run jobs on the current worker, waiting for a restart if needed; see ``run_with_retry``.
+
+        Runs from several threads share the worker (with step batching they share steps); a
+        retry after a lost worker waits for the others and runs with nothing beside it, so a
+        request that kills the worker cannot take an innocent neighbour down twice.
+        """
+        return run_with_retry(jobs, self._run_shared, self._run_alone)
 
     # Lifecycle and health.
     def start(self) -> WorkerInfo:
@@ -167,6 +217,14 @@ class SupervisedWorker:
         if self._worker is None:
             raise PipelineUnavailableError("the image generator has not started")
         return self._worker
+
+    def _run_shared(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        with self._gate.shared():
+            return self._run_once(jobs)
+
+    def _run_alone(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        with self._gate.alone():
+            return self._run_once(jobs)
 
     def _run_once(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
         worker = self._wait_for_worker(jobs)

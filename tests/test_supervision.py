@@ -63,6 +63,15 @@ def test_a_lost_batch_is_retried_once_each_alone_and_a_repeat_offender_is_refuse
     assert isinstance(outcomes[1].error, WorkerCrashedError) and str(outcomes[1].error) == CRASHED_TWICE
 
 
+def test_retries_go_through_run_alone_when_given() -> None:
+    innocent, poison = job("innocent"), job("poison")
+    run_once, shared_calls = fake_run_once(lambda jobs: True)  # the shared run is lost
+    run_alone, alone_calls = fake_run_once(lambda jobs: any(j is poison for j in jobs))
+    outcomes = run_with_retry([innocent, poison], run_once, run_alone)
+    assert shared_calls == [["innocent", "poison"]] and alone_calls == [["innocent"], ["poison"]]
+    assert outcomes[0].error is None and isinstance(outcomes[1].error, WorkerCrashedError)
+
+
 def test_a_cancelled_job_is_not_retried_and_a_clean_run_is_run_once() -> None:
     keep, cancelled = job("keep"), job("cancelled")
     crashed = [False]
@@ -192,6 +201,36 @@ def test_a_request_that_kills_the_worker_twice_is_refused_and_the_next_one_serve
     wait_until(lambda: worker.readiness_problem() is None)
     (after,) = worker.run([job_for(worker)])
     assert after.error is None
+
+
+def test_a_request_sharing_steps_with_one_that_kills_the_worker_is_retried_alone_and_served(
+    supervised: tuple[SupervisedWorker, RecordingObserver],
+) -> None:
+    """Step batching: two runs from two threads share steps; each retry runs with nothing beside it."""
+    worker, observer = supervised
+    restarts_before = len(observer.restarts)
+    innocent_started = threading.Event()
+
+    def kill_every_time(step: int, total: int) -> None:
+        if step == 2:
+            pid = worker.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+
+    innocent = GenerationJob(
+        worker.check({"prompt": "innocent", **LONG}), on_step=lambda step, total: innocent_started.set()
+    )
+    poison = GenerationJob(worker.check({"prompt": "poison", **LONG}), on_step=kill_every_time)
+    outcomes: dict[str, Any] = {}
+    innocent_run = threading.Thread(target=lambda: outcomes.update(innocent=worker.run([innocent])[0]))
+    innocent_run.start()
+    assert innocent_started.wait(timeout=60)
+    (outcomes["poison"],) = worker.run([poison])
+    innocent_run.join(timeout=300)
+    assert isinstance(outcomes["poison"].error, WorkerCrashedError)
+    assert outcomes["innocent"].error is None and len(outcomes["innocent"].results) == 1
+    assert observer.restarts[restarts_before:] == ["died", "died"]
+    wait_until(lambda: worker.readiness_problem() is None)
 
 
 def test_a_request_cancelled_while_the_worker_restarts_ends_cancelled(
