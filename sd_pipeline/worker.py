@@ -154,8 +154,8 @@ def _serve_runs(generator: Generator, jobs: _WorkerJobs) -> None:
     """Request-level batching: the jobs of each run message share ``Generator.run`` calls."""
     while True:
         jobs.receive(block=not jobs.arrived)
-        if jobs.stopping:
-            return
+        if jobs.stopping and not jobs.arrived:
+            return  # a stop waits for the runs already sent
         batch = jobs.take_arrived()
         outcomes = generator.run([job for _, job in batch])
         for (job_id, _), outcome in zip(batch, outcomes, strict=True):
@@ -165,9 +165,9 @@ def _serve_runs(generator: Generator, jobs: _WorkerJobs) -> None:
 def _serve_steps(engine: StepEngine, jobs: _WorkerJobs) -> None:
     """Step-level batching: runs and cancels are taken in between two denoising steps."""
     while True:
-        jobs.receive(block=engine.idle)
-        if jobs.stopping:
-            return
+        jobs.receive(block=engine.idle and not jobs.stopping)
+        if jobs.stopping and engine.idle and not jobs.arrived:
+            return  # a stop waits for the runs already sent
         for job_id, job in jobs.take_arrived():
             engine.submit(job, functools.partial(jobs.finish, job_id))
         engine.step()
@@ -377,8 +377,7 @@ class PipelineProcess:
                 return
             if kind == "step":
                 _, step, total = payload
-                if entry.job.on_step is not None:
-                    entry.job.on_step(step, total)
+                entry.job.report_step(step, total)
             else:
                 _, results, error = payload
                 entry.outcome.set_result(JobOutcome(results=list(results), error=error))

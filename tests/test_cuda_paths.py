@@ -12,6 +12,7 @@ import torch
 from sd_pipeline import loading
 from sd_pipeline import worker as worker_module
 from sd_pipeline.device_errors import DeviceFailedError, is_out_of_memory, is_sticky_device_error
+from sd_pipeline.engine import StepEngine
 from sd_pipeline.errors import ModelLoadError, OutOfMemoryError
 from sd_pipeline.generator import GenerationJob, Generator
 from sd_pipeline.loading import LoadedPipeline, apply_speedups, load_pipeline, resolve_device
@@ -180,31 +181,48 @@ def test_cudnn_benchmark_is_opt_in(tiny_loaded: LoadedPipeline) -> None:
         torch.backends.cudnn.benchmark = saved
 
 
-class RecordingConnection:
-    def __init__(self) -> None:
+class ScriptedConnection:
+    """The parent's end of the pipe, as the worker sees it: scripted messages in, sent ones recorded."""
+
+    def __init__(self, script: list[tuple[str, Any]]) -> None:
+        self.script = script
         self.sent: list[tuple[str, Any]] = []
 
     def send(self, message: tuple[str, Any]) -> None:
         self.sent.append(message)
 
     def poll(self) -> bool:
-        return False
+        return bool(self.script)
+
+    def recv(self) -> tuple[str, Any]:
+        if not self.script:
+            raise EOFError
+        return self.script.pop(0)
 
 
-def test_gpu_memory_is_this_runs_peak_and_travels_before_its_result(
-    generator: Generator, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("batching", ["step", "request"])
+def test_gpu_memory_is_the_runs_peak_and_travels_before_its_result(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch, batching: str
 ) -> None:
     resets: list[bool] = []
     monkeypatch.setattr(worker_module, "_cuda_in_use", lambda: True)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(True))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 123)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 456)
-    connection = RecordingConnection()
-    observer = worker_module._ForwardingObserver(connection)  # type: ignore[arg-type]
-    worker_module._run(connection, generator, observer, [check_inputs({"prompt": "m", **SMALL})])  # type: ignore[arg-type]
+    request = check_inputs({"prompt": "m", **SMALL})
+    connection = ScriptedConnection([("run", [(7, request)]), ("stop", None)])  # the stop waits for the run
+    jobs = worker_module._WorkerJobs(connection)  # type: ignore[arg-type]
+    if batching == "step":
+        engine = StepEngine(generator.loaded, observer=worker_module._ForwardingObserver(connection))  # type: ignore[arg-type]
+        worker_module._serve_steps(engine, jobs)
+    else:
+        worker_module._serve_runs(generator, jobs)
     kinds = [kind for kind, _ in connection.sent]
-    assert resets == [True] and kinds[-2:] == ["gpu_memory", "done"]
+    assert kinds.count("step") == SMALL["steps"] and kinds[-2:] == ["gpu_memory", "done"]
     assert connection.sent[-2][1] == {"allocated": 123, "reserved": 456}
+    assert resets == [True]  # after reporting: the next run's peak is its own
+    job_id, results, error = connection.sent[-1][1]
+    assert (job_id, error, len(results)) == (7, None, 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without usable CUDA gives")
