@@ -126,6 +126,31 @@ class BatchScheduler:
                     return index + len(self._running)
         return None
 
+    def steps_before_start(self, job: GenerationJob) -> int | None:
+        """About how many denoising steps run before ``job`` starts (None once it runs or is gone).
+
+        Counted in arrival order from the running requests' remaining steps and the steps of the
+        requests waiting ahead. With ``dispatch="each"`` a request starts when one of the
+        ``max_batch_size`` slots frees; with ``"batches"`` when the running batch and the
+        batches ahead have finished (each as long as its longest request).
+        """
+        with self._condition:
+            waiting = [entry.job for entry in self._waiting]
+            ahead = next((index for index, queued in enumerate(waiting) if queued is job), None)
+            if ahead is None:
+                return None
+            running = [entry.job.steps_left for entry in self._running]
+        before = [queued.request.steps for queued in waiting[:ahead]]
+        if self.dispatch == "batches":
+            size = self.max_batch_size
+            batches = [max(before[start : start + size]) for start in range(0, len(before) - len(before) % size, size)]
+            return max(running, default=0) + sum(batches)
+        slots = sorted(running) + [0] * max(0, self.max_batch_size - len(running))  # when each slot frees
+        for steps in before:  # each request ahead takes the first slot to free
+            slots[0] += steps
+            slots.sort()
+        return slots[0]
+
     def cancel(self, job: GenerationJob) -> None:
         """Cancel a job: dropped if still queued, stopped within one step if running."""
         job.cancel()

@@ -252,8 +252,7 @@ class StepEngine:
             active.step += 1
             active.last_stepped_at = now
             active.largest_batch = max(active.largest_batch, images)
-            if active.job.on_step is not None:
-                active.job.on_step(active.step, len(active.timesteps))
+            active.job.report_step(active.step, len(active.timesteps))
 
     def _unet_step(self, group: list[_Active]) -> object | None:
         """One UNet call over the group and each request's scheduler step; None, or how it failed."""

@@ -60,7 +60,18 @@ class GenerationJob:
     request: GenerationRequest
     on_step: StepCallback | None = None
     owner: str = ""  # whose request it is, for fair admission; "" when nobody is named
+    steps_done: int = 0
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def steps_left(self) -> int:
+        return max(0, self.request.steps - self.steps_done)
+
+    def report_step(self, step: int, total: int) -> None:
+        """Record that ``step`` of ``total`` is done and tell ``on_step``."""
+        self.steps_done = step
+        if self.on_step is not None:
+            self.on_step(step, total)
 
     def cancel(self) -> None:
         """Ask the generator to stop this job; takes effect within one denoising step."""
@@ -234,8 +245,8 @@ class Generator:
             if all(job.cancelled for job in jobs):
                 raise GenerationCancelledError("cancelled")
             for job in jobs:
-                if job.on_step is not None and not job.cancelled:
-                    job.on_step(step + 1, request.steps)
+                if not job.cancelled:
+                    job.report_step(step + 1, request.steps)
             return tensors
 
         with self._lock:

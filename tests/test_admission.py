@@ -40,8 +40,8 @@ class GatedBackend:
         return [JobOutcome() for _ in jobs]
 
 
-def job(owner: str, name: str) -> GenerationJob:
-    return GenerationJob(GenerationRequest(prompt=name), owner=owner)
+def job(owner: str, name: str, steps: int = 25) -> GenerationJob:
+    return GenerationJob(GenerationRequest(prompt=name, steps=steps), owner=owner)
 
 
 def scheduler(backend: GatedBackend, dispatch: Literal["batches", "each"], **options: Any) -> BatchScheduler:
@@ -118,3 +118,35 @@ def test_batches_dispatch_sends_what_waits_as_one_run() -> None:
     finish(backend, queue, 2)
     assert [len(call) for call in backend.calls] == [1, 3]
     assert backend.most_at_once == 1
+
+
+def test_steps_before_start_with_slots() -> None:
+    backend = GatedBackend()
+    queue = scheduler(backend, "each", max_batch_size=2)
+    short, long = job("a", "short", steps=10), job("b", "long", steps=30)
+    queue.submit(short)
+    queue.submit(long)
+    wait_until(lambda: backend.running == 2, timeout=5)
+    first, second = job("c", "first", steps=5), job("d", "second")
+    queue.submit(first)
+    queue.submit(second)
+    assert queue.steps_before_start(first) == 10  # the short run's slot frees first
+    assert queue.steps_before_start(second) == 15  # then the first one's 5 steps in that slot
+    short.report_step(4, 10)
+    assert queue.steps_before_start(first) == 6
+    assert queue.steps_before_start(short) is None  # running: no wait to estimate
+    finish(backend, queue, 4)
+
+
+def test_steps_before_start_with_whole_batches() -> None:
+    backend = GatedBackend()
+    queue = scheduler(backend, "batches", max_batch_size=2)
+    running = job("a", "running", steps=10)
+    queue.submit(running)
+    wait_until(lambda: backend.running == 1, timeout=5)
+    waiting = [job(f"user-{n}", f"w{n}", steps=steps) for n, steps in enumerate((5, 7, 3))]
+    for queued in waiting:
+        queue.submit(queued)
+    assert queue.steps_before_start(waiting[0]) == 10
+    assert queue.steps_before_start(waiting[2]) == 10 + 7  # after the batch of 5 and 7 steps
+    finish(backend, queue, 3)

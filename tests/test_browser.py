@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradio_client import Client
 from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from tests.app_server import ROOT, RunningApp, launched_app
 from tests.images import assert_same_image
-from tests.servers import S3Server
+from tests.servers import S3Server, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -198,3 +199,27 @@ def test_api_page_lists_the_endpoints(context: BrowserContext, app: RunningApp) 
     expect(page.get_by_text("/generate").first).to_be_visible()
     expect(page.get_by_text("/history").first).to_be_visible()
     shot(page, "12-api-page")
+
+
+def test_a_waiting_request_shows_its_position_and_an_estimate(
+    context: BrowserContext, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """One request at a time (MAX_BATCH_SIZE=1): while another user's long render runs, the page
+    says how many are ahead and about how long, then the step and the time left."""
+    with launched_app(tiny_model_dir, tmp_path, args=["--max-batch-size", "1"]) as single:
+        other = Client(single.url, verbose=False, download_files=str(tmp_path / "other"))
+        long_render = other.submit(
+            prompt="someone else's long render", steps=100, width=256, height=256, api_name="/generate"
+        )
+        wait_until(lambda: single.metric("sdapp_denoising_step_seconds_count") > 5, timeout=60)
+        page, errors = open_page(context, single)
+        fill_form(page, "mine, after theirs", size="64", steps="20")
+        page.locator("#generate").click()
+        expect(page.get_by_text(re.compile(r"1 ahead · about \d+ (s|min)")).first).to_be_visible()
+        shot(page, "13-waiting-with-estimate")
+        long_render.cancel()
+        expect(page.get_by_text(re.compile(r"step \d+/20 · about \d+ s left")).first).to_be_visible(timeout=60_000)
+        expect(page.locator("#result-gallery img").first).to_be_visible(timeout=60_000)
+        page.set_viewport_size(PHONE)
+        shot(page, "14-waiting-done-phone")
+        assert errors == []

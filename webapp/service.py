@@ -27,6 +27,7 @@ from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError
 from storage.keys import new_image_id
 from storage.records import HistoryPage, ImageRecord, LinkedImage
+from webapp.waiting import StepClock, StepTimer, running_status, waiting_status
 
 ProgressSink = Callable[[str, float | None], None]
 _GALLERY_FILE_LIFETIME = 3600.0
@@ -73,6 +74,7 @@ class ImageService:
         self.page_size = page_size
         self.gallery_dir = gallery_dir or Path(tempfile.gettempdir()) / "sd-service-gallery"
         self.active = 0
+        self.step_clock = StepClock()
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="history-fetch")
 
     def wait_idle(self, *, timeout: float) -> bool:
@@ -110,8 +112,8 @@ class ImageService:
             request = self.generator.check(fields)
         except InvalidRequestError as error:
             raise InvalidInputError(str(error)) from error
-        steps_done = [0]
-        job = GenerationJob(request, on_step=lambda step, total: steps_done.__setitem__(0, step), owner=owner)
+        timer = StepTimer(self.step_clock)
+        job = GenerationJob(request, on_step=lambda step, total: timer.step(step), owner=owner)
         try:
             future = self.scheduler.submit(job)
         except (QueueFullError, ShuttingDownError) as error:
@@ -122,9 +124,16 @@ class ImageService:
             while not wrapped.done():
                 ahead = self.scheduler.position(job)
                 waiting = ahead is not None
-                status = f"waiting for the GPU: {ahead} ahead" if waiting else f"step {steps_done[0]}/{request.steps}"
+                step_seconds = self.step_clock.seconds
+                if ahead is not None:
+                    before = self.scheduler.steps_before_start(job)
+                    until_done = None if before is None else before + request.steps
+                    status = waiting_status(ahead, until_done, step_seconds)
+                else:
+                    status = running_status(job.steps_done, request.steps, step_seconds)
                 if status != shown:  # only changes go to the client: fewer messages, less CPU per request
-                    progress(status, None if waiting else steps_done[0] / request.steps)
+                    # A fraction even while waiting: the page shows the text only next to a value.
+                    progress(status, 0.0 if waiting else job.steps_done / request.steps)
                     shown = status
                 await asyncio.wait({wrapped}, timeout=_PROGRESS_INTERVAL)
             return wrapped.result()
