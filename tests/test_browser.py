@@ -223,3 +223,34 @@ def test_a_waiting_request_shows_its_position_and_an_estimate(
         page.set_viewport_size(PHONE)
         shot(page, "14-waiting-done-phone")
         assert errors == []
+
+
+def image_boxes(page: Page, selector: str) -> list[dict[str, float | str]]:
+    return page.eval_on_selector_all(
+        selector,
+        "els => els.map(e => ({w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height, "
+        "nw: e.naturalWidth, nh: e.naturalHeight, fit: getComputedStyle(e).objectFit}))",
+    )
+
+
+def test_images_keep_their_shape_and_the_phone_page_does_not_scroll_sideways(
+    context: BrowserContext, app: RunningApp
+) -> None:
+    page, errors = open_page(context, app)
+    fill_form(page, "a wide one", size="64", steps="3")
+    set_number(page, "width", "128")
+    page.locator("#generate").click()
+    expect(page.locator("#result-gallery img").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#history-gallery img").first).to_be_visible(timeout=30_000)
+    for viewport, name in ((LAPTOP, "15-shapes-laptop"), (PHONE, "16-shapes-phone")):
+        page.set_viewport_size(viewport)
+        page.wait_for_timeout(500)
+        shot(page, name)
+        (result,) = image_boxes(page, "#result-gallery img")
+        assert (result["nw"], result["nh"]) == (128, 64)
+        assert result["fit"] == "contain"  # the whole picture, undistorted, inside its box
+        thumbnails = image_boxes(page, "#history-gallery img")
+        assert thumbnails and all(float(t["w"]) <= 256 and float(t["h"]) <= 256 for t in thumbnails), thumbnails
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{overflow}px of horizontal scroll at {viewport['width']}px"
+    assert errors == []

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 
 from storage.local import LINK_ROUTE, ForbiddenLinkError, LocalStore
 from webapp.owners import ASGIApp, OwnerCookieMiddleware
+from webapp.ui import PAGE_CSS
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def create_app(
         footer_links=["api"],
         show_error=True,
         ssr_mode=False,
+        css=PAGE_CSS,
     )
     return OwnerCookieMiddleware(app, secure=secure_cookies)
 

@@ -14,6 +14,12 @@ from webapp.owners import OWNER_COOKIE, resolve_owner
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
 GalleryItems = list[tuple[str, str]]
+
+# The history is a grid of thumbnails (at most ~2x112 px wide) whatever the count: left alone,
+# Gradio draws a single image as one square as wide as the page, zoomed in by its crop.
+PAGE_CSS = """
+#history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)) !important; }
+"""
 FORM_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
 
 
