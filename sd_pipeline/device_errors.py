@@ -68,6 +68,12 @@ def is_sticky_device_error(error: BaseException) -> bool:
     return _mentions(error, _STICKY_CUDA_MARKERS)
 
 
+def raise_if_device_failed(error: BaseException) -> None:
+    """Raise ``DeviceFailedError`` for a sticky CUDA error (the worker must exit); else return."""
+    if is_sticky_device_error(error):
+        raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+
+
 def detached(error: ErrorType) -> ErrorType:
     """The same error without tracebacks, so it no longer keeps the failed call's frames (and tensors) alive."""
     for link in _chain(error):

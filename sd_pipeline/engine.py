@@ -29,7 +29,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from sd_pipeline.device_errors import DeviceFailedError, detached, is_out_of_memory, is_sticky_device_error
+from sd_pipeline.device_errors import detached, is_out_of_memory, raise_if_device_failed
 from sd_pipeline.errors import GenerationCancelledError, OutOfMemoryError
 from sd_pipeline.generator import GenerationJob, GenerationObserver, GenerationResult, JobOutcome, Timings
 from sd_pipeline.loading import LoadedPipeline, freeze_compiled_shapes
@@ -261,8 +261,7 @@ class StepEngine:
                 self._unet_step_unguarded(group)
             return None
         except Exception as error:  # noqa: BLE001 - classified here, recovery happens outside
-            if is_sticky_device_error(error):
-                raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+            raise_if_device_failed(error)
             if is_out_of_memory(error):
                 return _OUT_OF_MEMORY
             return detached(error)
@@ -298,8 +297,7 @@ class StepEngine:
         try:
             images, flags = self._decode(finished)
         except Exception as error:  # noqa: BLE001 - classified below
-            if is_sticky_device_error(error):
-                raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+            raise_if_device_failed(error)
             failure: Exception = OutOfMemoryError("") if is_out_of_memory(error) else detached(error)
         else:
             self._deliver(finished, images, flags)
@@ -352,8 +350,7 @@ class StepEngine:
             active.done(outcome)
 
     def _fail_all(self, admitted: list[_Waiting], error: Exception) -> None:
-        if is_sticky_device_error(error):
-            raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+        raise_if_device_failed(error)
         failure: Exception = detached(error)
         if is_out_of_memory(error):
             failure = OutOfMemoryError("out of GPU memory encoding the prompts; try again in a moment")

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from sd_pipeline.device_errors import DeviceFailedError, detached, is_out_of_memory, is_sticky_device_error
+from sd_pipeline.device_errors import detached, is_out_of_memory, raise_if_device_failed
 from sd_pipeline.errors import GenerationCancelledError, OutOfMemoryError
 from sd_pipeline.loading import LoadedPipeline, freeze_compiled_shapes
 from sd_pipeline.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
@@ -225,8 +225,7 @@ class Generator:
         except GenerationCancelledError:
             return _Attempt(failure=_Failure.CANCELLED)
         except Exception as error:  # noqa: BLE001 - classified below; each job in the call gets the error
-            if is_sticky_device_error(error):
-                raise DeviceFailedError(f"the accelerator failed and needs a new process: {error}") from None
+            raise_if_device_failed(error)
             if is_out_of_memory(error):
                 return _Attempt(failure=_Failure.OUT_OF_MEMORY)
             return _Attempt(failure=_Failure.ERROR, error=detached(error))
