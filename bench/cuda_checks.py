@@ -82,6 +82,9 @@ def check_oom_and_memory(model: Path, device: str, scale: int) -> dict[str, Any]
         def denoising_step(self, *, seconds: float) -> None:
             return None
 
+        def first_step_wait(self, *, seconds: float) -> None:
+            return None
+
         def out_of_memory(self) -> None:
             events.append("oom")
 

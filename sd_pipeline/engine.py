@@ -216,7 +216,7 @@ class StepEngine:
                     last_stepped_at=waiting.submitted_at,
                 )
             )
-            if self.observer is not None and hasattr(self.observer, "first_step_wait"):
+            if self.observer is not None:
                 self.observer.first_step_wait(seconds=now - waiting.submitted_at)
 
     def _next_group(self) -> list[_Active]:

@@ -392,7 +392,7 @@ class PipelineProcess:
             self.observer.out_of_memory()
         elif kind == "gpu_memory":
             self.observer.gpu_memory(**payload)
-        elif kind == "first_step_wait" and hasattr(self.observer, "first_step_wait"):
+        elif kind == "first_step_wait":
             self.observer.first_step_wait(**payload)
 
     def kill(self) -> None:

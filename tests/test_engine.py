@@ -165,6 +165,9 @@ def test_admission_stops_at_the_image_budget(tiny_loaded: LoadedPipeline) -> Non
         def denoising_step(self, *, seconds: float) -> None:
             return None
 
+        def first_step_wait(self, *, seconds: float) -> None:
+            return None
+
         def out_of_memory(self) -> None:
             return None
 

@@ -143,6 +143,9 @@ def test_warmup_runs_one_pipeline_call(tiny_loaded: Any) -> None:
         def denoising_step(self, *, seconds: float) -> None:
             return None
 
+        def first_step_wait(self, *, seconds: float) -> None:
+            return None
+
         def out_of_memory(self) -> None:
             raise AssertionError("no OOM on the CPU")
 

@@ -30,6 +30,9 @@ class RecordingObserver:
     def denoising_step(self, *, seconds: float) -> None:
         self.steps += 1
 
+    def first_step_wait(self, *, seconds: float) -> None:
+        return None
+
     def out_of_memory(self) -> None:
         raise AssertionError("no OOM on the CPU")
 
