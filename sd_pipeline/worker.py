@@ -132,19 +132,22 @@ def _serve(connection: Connection, settings: PipelineSettings, limits: RequestLi
         connection.send(("failed", str(error)))
         return
     observer = _ForwardingObserver(connection)
-    generator = Generator(loaded, limits=limits, max_batch_images=max_batch_images, observer=observer)
-    engine = StepEngine(loaded, max_batch_images=max_batch_images, observer=observer)
+    runner: StepEngine | Generator
+    if settings.batching == "step":
+        runner = StepEngine(loaded, max_batch_images=max_batch_images, observer=observer)
+    else:
+        runner = Generator(loaded, limits=limits, max_batch_images=max_batch_images, observer=observer)
     if settings.warmup:
-        (engine if settings.batching == "step" else generator).warmup()
+        runner.warmup()
     dtype = str(loaded.dtype).removeprefix("torch.")
     connection.send(("ready", WorkerInfo(loaded.model, str(loaded.device), dtype, loaded.load_seconds)))
     jobs = _WorkerJobs(connection)
     try:
-        if settings.batching == "step":
-            _serve_steps(engine, jobs)
+        if isinstance(runner, StepEngine):
+            _serve_steps(runner, jobs)
         else:
             observer.between_steps = functools.partial(jobs.receive, block=False)
-            _serve_runs(generator, jobs)
+            _serve_runs(runner, jobs)
     except DeviceFailedError as error:
         # The parent sees the process end, restarts it and retries the requests once.
         logger.critical("%s; exiting so the supervisor starts a new worker", error)
