@@ -17,11 +17,8 @@ app's metrics), the mean UNet batch, and the target ratios. Writes bench/results
 from __future__ import annotations
 
 import argparse
-import os
 import queue
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,9 +30,9 @@ from typing import Any
 from gradio_client import Client
 
 from bench.common import machine, median, percentile, table, write_json
+from bench.serving import running_peer
 from sd_pipeline.tiny import build_tiny_pipeline
-from tests.app_server import ROOT, RunningApp, launched_app
-from tests.servers import free_port, wait_for_port
+from tests.app_server import RunningApp, launched_app
 
 LOADS = (0.5, 0.8, 1.2)
 MODES = ("request", "step")
@@ -208,27 +205,14 @@ def one_client(pool: ClientPool, requests: list[dict[str, Any]], *, size: int) -
 
 def peer_one_client(model: str, requests: list[dict[str, Any]], *, size: int, work: Path) -> float:
     """The naive Gradio peer (bench/naive_peer.py), one client in a row: the same 10-step requests."""
-    port = free_port()
-    with (work / "peer.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bench.naive_peer", "--model", model, "--port", str(port)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "GRADIO_TEMP_DIR": str(work / "peer-gradio")},
-        )
-    try:
-        wait_for_port(port, timeout=120)
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(work / "peer-downloads"))
+    with running_peer(model, work) as url:
+        client = Client(url, verbose=False, download_files=str(work / "peer-downloads"))
         latencies = []
         for fields in [requests[0], *requests]:
             began = time.perf_counter()
             client.predict("a lighthouse at dusk", fields["seed"], fields["steps"], size, size, api_name="/generate")
             latencies.append(time.perf_counter() - began)
         return median(latencies[1:])
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def measure_mode(

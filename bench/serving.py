@@ -17,6 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +91,30 @@ def drive(url: str, *, clients: int, per_client: int, call: Any, downloads: Path
     }
 
 
+@contextmanager
+def running_peer(model: str, work: Path) -> Iterator[str]:
+    """The naive Gradio peer (bench/naive_peer.py) on a free loopback port; yields its URL, stops it after."""
+    port = free_port()
+    with (work / "peer.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.naive_peer", "--model", model, "--port", str(port)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GRADIO_TEMP_DIR": str(work / "peer-gradio")},
+        )
+    try:
+        wait_for_port(port, timeout=120)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def measure_peer(
     model: str, *, size: int, steps: int, per_client: dict[int, int], work: Path
 ) -> dict[int, dict[str, float]]:
-    port = free_port()
-    log = (work / "peer.log").open("wb")
-    command = [sys.executable, "-m", "bench.naive_peer", "--model", model, "--port", str(port)]
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "GRADIO_TEMP_DIR": str(work / "peer-gradio")},
-    )
-    try:
-        wait_for_port(port, timeout=120)
-        url = f"http://127.0.0.1:{port}/"
+    with running_peer(model, work) as url:
 
         def call(client: Client, *, seed: int) -> None:
             client.predict("a lighthouse at dusk", seed, steps, size, size, api_name="/generate")
@@ -119,9 +129,6 @@ def measure_peer(
         }
         measured[0] = drive(url, clients=1, per_client=per_client[1], call=ping, downloads=work / "ping")
         return measured
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def measure_app(
