@@ -147,7 +147,11 @@ def test_load_settings_from_history_reproduces_the_image(context: BrowserContext
     expect(page.locator("#history-gallery img").first).to_be_visible()
     page.locator("#history-gallery img").first.click()
     expect(page.locator("#selected")).to_contain_text("a green tram at night")
-    expect(page.locator("#selected-link a")).to_be_visible()
+    expect(page.locator("#selected")).to_contain_text("4242")
+    expect(page.locator("#selected")).to_contain_text("link valid for 24 hours")
+    expect(page.locator("#selected-link").get_by_role("textbox")).to_have_value(re.compile(r"^http"))
+    expect(page.locator("#selected-image img")).to_be_visible()
+    assert_shown_whole(page, "img", "#selected-image", (64, 64))  # opened whole, not the thumbnail's crop
     shot(page, "07-history-selected")
     page.locator("#prompt textarea").fill("something else")
     set_number(page, "seed", "1")
@@ -168,7 +172,9 @@ def test_invalid_width_shows_a_readable_error_and_the_page_keeps_working(
     fill_form(page, "a bad size")
     set_number(page, "width", "100")
     page.locator("#generate").click()
-    expect(page.get_by_text("width: must be a multiple of 8 from 64 to 1024, got 100").first).to_be_visible()
+    message = "width: must be a multiple of 8 from 64 to 1024, got 100"
+    expect(page.locator("#width").get_by_text(message)).to_be_visible()  # next to the field itself
+    expect(page.locator("#prompt textarea")).to_have_value("a bad size")  # what was typed stays
     shot(page, "09-invalid-width")
     set_number(page, "width", "64")
     page.locator("#generate").click()
@@ -234,6 +240,34 @@ def image_boxes(page: Page, selector: str) -> list[dict[str, float | str]]:
     )
 
 
+def assert_shown_whole(page: Page, image: str, component: str, natural: tuple[int, int]) -> None:
+    """The first ``image`` in ``component`` has this natural size, is drawn undistorted (object-fit: contain),
+    and the picture it draws lies inside the component's box: nothing is cropped or scrolled out of view."""
+    shown = page.eval_on_selector(
+        f"{component} {image}",
+        """(img, component) => {
+            const box = img.getBoundingClientRect();
+            const scale = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
+            const w = img.naturalWidth * scale, h = img.naturalHeight * scale;
+            const outer = document.querySelector(component).getBoundingClientRect();
+            return {nw: img.naturalWidth, nh: img.naturalHeight, fit: getComputedStyle(img).objectFit, w, h,
+                    left: box.x + (box.width - w) / 2, top: box.y + (box.height - h) / 2,
+                    outer: [outer.x, outer.y, outer.right, outer.bottom]};
+        }""",
+        component,
+    )
+    assert (shown["nw"], shown["nh"]) == natural, shown
+    assert shown["fit"] == "contain", shown
+    left, top, right, bottom = shown["outer"]
+    inside = (
+        shown["left"] >= left - 1
+        and shown["top"] >= top - 1
+        and shown["left"] + shown["w"] <= right + 1
+        and shown["top"] + shown["h"] <= bottom + 1
+    )
+    assert inside and shown["w"] >= 64, shown
+
+
 def test_images_keep_their_shape_and_the_phone_page_does_not_scroll_sideways(
     context: BrowserContext, app: RunningApp
 ) -> None:
@@ -247,11 +281,44 @@ def test_images_keep_their_shape_and_the_phone_page_does_not_scroll_sideways(
         page.set_viewport_size(viewport)
         page.wait_for_timeout(500)
         shot(page, name)
-        (result,) = image_boxes(page, "#result-gallery img")
-        assert (result["nw"], result["nh"]) == (128, 64)
-        assert result["fit"] == "contain"  # the whole picture, undistorted, inside its box
+        assert_shown_whole(page, "img", "#result-gallery", (128, 64))
         thumbnails = image_boxes(page, "#history-gallery img")
         assert thumbnails and all(float(t["w"]) <= 256 and float(t["h"]) <= 256 for t in thumbnails), thumbnails
         overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 0, f"{overflow}px of horizontal scroll at {viewport['width']}px"
     assert errors == []
+
+
+def test_a_new_image_has_a_link_to_copy_a_png_to_download_and_its_lifetime(
+    browser: Browser, app: RunningApp, tmp_path: Path
+) -> None:
+    context = browser.new_context(viewport=LAPTOP, permissions=["clipboard-read", "clipboard-write"])
+    try:
+        page, errors = open_page(context, app)
+        fill_form(page, "a yellow kite | over *hills*", seed="31337")
+        page.locator("#generate").click()
+        expect(page.locator("#result-gallery img").first).to_be_visible(timeout=60_000)
+        summary = page.locator("#result-summary")
+        expect(summary).to_contain_text("seed 31337")
+        expect(summary).to_contain_text("link valid for 24 hours")
+        link = page.locator("#result-link").get_by_role("textbox")
+        expect(link).to_have_value(newest_link(page))
+        page.locator("#result-link").get_by_role("button", name=re.compile("copy", re.IGNORECASE)).click()
+        assert page.evaluate("navigator.clipboard.readText()") == link.input_value()
+        with page.expect_download() as download_info:
+            page.locator("#result-download").click()
+        saved = tmp_path / "download.png"
+        download_info.value.save_as(saved)
+        parameters = Image.open(saved).text["parameters"]
+        assert parameters.startswith("a yellow kite | over *hills*\n")
+        assert "Seed: 31337" in parameters and "Size: 64x64" in parameters and "Steps: 4" in parameters
+        shot(page, "17-copy-and-download")
+        assert errors == []
+    finally:
+        context.close()
+
+
+def test_generate_is_reachable_without_scrolling_on_a_laptop(context: BrowserContext, app: RunningApp) -> None:
+    page, _ = open_page(context, app)
+    box = page.locator("#generate").bounding_box()
+    assert box is not None and box["y"] + box["height"] <= LAPTOP["height"], box

@@ -84,6 +84,15 @@ class ImageService:
             time.sleep(0.05)
         return not self.active
 
+    def invalid_field(self, fields: Mapping[str, Any]) -> InvalidRequestError | None:
+        """The first out-of-range field (counted as an invalid request), or None; no queue, no GPU."""
+        try:
+            self.generator.check(fields)
+        except InvalidRequestError as error:
+            self.metrics.request_finished(Outcome.INVALID)
+            return error
+        return None
+
     async def generate(self, fields: Mapping[str, Any], *, owner: str, progress: ProgressSink) -> list[GeneratedImage]:
         """Run one request end to end; raises ``UserFacingError`` with a message for the user."""
         started = time.perf_counter()

@@ -10,6 +10,7 @@ import gradio as gr
 from sd_pipeline.request import RequestLimits
 from sd_pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from webapp.components import validated_by_app
+from webapp.details import parameter_block, summary_line
 from webapp.owners import OWNER_COOKIE, resolve_owner
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
@@ -19,8 +20,19 @@ GalleryItems = list[tuple[str, str]]
 # Gradio draws a single image as one square as wide as the page, zoomed in by its crop.
 PAGE_CSS = """
 #history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)) !important; }
+#selected-image img { width: 100%; height: 100%; object-fit: contain !important; }
 """
-FORM_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
+GENERATE_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "num_images",
+    "scheduler",
+)
 
 
 def owner_of(request: gr.Request) -> str:
@@ -79,17 +91,13 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
             scheduler: one of the listed sampler names
         """
         assert request is not None
-        fields = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "width": width,
-            "height": height,
-            "num_images": num_images,
-            "scheduler": scheduler,
-        }
+        fields = dict(
+            zip(
+                GENERATE_FIELDS,
+                (prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images, scheduler),
+                strict=True,
+            )
+        )
         try:
             images = await service.generate(
                 fields, owner=owner_of(request), progress=lambda desc, done: progress(done, desc=desc)
@@ -97,6 +105,14 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
         except UserFacingError as error:
             raise gr.Error(str(error), print_exception=False) from None
         return _gallery(images), {"images": [image.linked.to_api() for image in images]}
+
+    def check_form(*values: Any) -> list[dict[str, Any]]:
+        """Gradio's validator for /generate: a bad field is named next to its input, before the queue."""
+        error = service.invalid_field(dict(zip(GENERATE_FIELDS, values, strict=True)))
+        return [
+            gr.validate(error is None or error.field != name, str(error) if error is not None else "")
+            for name in GENERATE_FIELDS
+        ]
 
     def history(page: float = 1, request: gr.Request | None = None) -> tuple[GalleryItems, dict[str, Any]]:
         """One page of your earlier images, newest first, with freshly signed links.
@@ -173,12 +189,31 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
                     )
             with gr.Column(scale=7, min_width=320):
                 gallery = gr.Gallery(
-                    label="Images", columns=2, height=420, object_fit="contain", format="png", elem_id="result-gallery"
+                    label="Images",
+                    columns=2,
+                    height=420,
+                    object_fit="contain",
+                    preview=True,
+                    format="png",
+                    buttons=["download", "fullscreen"],
+                    elem_id="result-gallery",
                 )
-                links = gr.Markdown(elem_id="links")
+                with gr.Group():
+                    result_link = gr.Textbox(
+                        label="Shareable link (click an image above to pick it)",
+                        buttons=["copy"],
+                        interactive=False,
+                        max_lines=1,
+                        elem_id="result-link",
+                    )
+                    result_summary = gr.Markdown(elem_id="result-summary")
                 with gr.Row():
+                    result_download = gr.DownloadButton(
+                        "Download PNG", size="sm", interactive=False, elem_id="result-download"
+                    )
                     random_seed = gr.Button("Random seed", size="sm", elem_id="random-seed")
                     reuse_seed = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed")
+                links = gr.Markdown(elem_id="links")
                 with gr.Accordion("API result (JSON)", open=False):
                     result = gr.JSON(label="Result", elem_id="result")
         with gr.Accordion("History", open=True):
@@ -192,11 +227,32 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
             history_gallery = gr.Gallery(
                 label="History", columns=6, height=300, object_fit="cover", preview=False, elem_id="history-gallery"
             )
-            with gr.Row():
-                selected = gr.JSON(label="Selected image", open=True, elem_id="selected")
+            with gr.Row(equal_height=False):
+                selected_image = gr.Image(
+                    label="Selected image",
+                    type="filepath",
+                    format="png",
+                    interactive=False,
+                    height=320,
+                    buttons=["download", "fullscreen"],
+                    elem_id="selected-image",
+                )
                 with gr.Column():
-                    selected_link = gr.Markdown(elem_id="selected-link")
-                    load_settings = gr.Button("Load these settings into the form", elem_id="load-settings")
+                    selected = gr.Markdown("Click an image in the history to see it here.", elem_id="selected")
+                    selected_link = gr.Textbox(
+                        label="Shareable link (freshly signed)",
+                        buttons=["copy"],
+                        interactive=False,
+                        max_lines=1,
+                        elem_id="selected-link",
+                    )
+                    with gr.Row():
+                        selected_download = gr.DownloadButton(
+                            "Download PNG", size="sm", interactive=False, elem_id="selected-download"
+                        )
+                        load_settings = gr.Button(
+                            "Load these settings into the form", size="sm", elem_id="load-settings"
+                        )
             history_json = gr.JSON(label="History page", visible=False)
         chosen = gr.State()
 
@@ -209,13 +265,16 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
             inputs=form,
             outputs=[gallery, result],
             api_name="generate",
+            validator=check_form,
             show_progress_on=[gallery],
             concurrency_limit=None,
             concurrency_id="generate",
         )
-        generation.then(lambda r: _links_markdown(r), inputs=result, outputs=links, api_visibility="private").then(
-            history, inputs=page, outputs=[history_gallery, history_json], api_visibility="private"
-        )
+        new_image = [result_link, result_download, result_summary]
+        generation.success(
+            _new_images, inputs=[result, gallery], outputs=[links, *new_image], api_visibility="private"
+        ).then(history, inputs=page, outputs=[history_gallery, history_json], api_visibility="private")
+        gallery.select(_pick_new_image, inputs=[result, gallery], outputs=new_image, api_visibility="private")
         stop.click(None, cancels=[generation])
         random_seed.click(lambda: -1, outputs=seed, api_visibility="private")
         reuse_seed.click(_last_seed, inputs=[result, seed], outputs=seed, api_visibility="private")
@@ -229,7 +288,10 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
             history, **history_event, api_visibility="private"
         )
         history_gallery.select(
-            _select, inputs=history_json, outputs=[selected, selected_link, chosen], api_visibility="private"
+            _select,
+            inputs=[history_json, history_gallery],
+            outputs=[selected_image, selected, selected_link, selected_download, chosen],
+            api_visibility="private",
         )
         load_settings.click(_settings_of, inputs=chosen, outputs=[*form], api_visibility="private")
     return demo
@@ -249,11 +311,41 @@ def _next_page(page: float, listing: dict[str, Any] | None) -> int:
     return current + 1 if (listing or {}).get("has_more") else current
 
 
-def _select(listing: dict[str, Any] | None, event: gr.SelectData) -> tuple[dict[str, Any], str, dict[str, Any]]:
+def _select(
+    listing: dict[str, Any] | None, shown: GalleryItems | None, event: gr.SelectData
+) -> tuple[str, str, str, Any, dict[str, Any]]:
+    """The history item clicked: the whole image, its parameters, a fresh link, its PNG."""
     image = ((listing or {}).get("images") or [])[event.index]
-    shown = {key: image[key] for key in (*FORM_FIELDS, "model", "created_at", "status")}
-    link = f"[Shareable link]({image['url']}) (expires {image['expires_at']})"
-    return shown, link, image
+    png = _png_at(shown, event.index)
+    download = gr.DownloadButton(value=png, interactive=png is not None)
+    return png or "", parameter_block(image), image["url"], download, image
+
+
+def _new_images(result: dict[str, Any] | None, shown: GalleryItems | None) -> tuple[str, str, Any, str]:
+    """After a generation: every image's link, and the first image picked for copy and download."""
+    return (_links_markdown(result or {}), *_details((result or {}).get("images") or [], shown, 0))
+
+
+def _pick_new_image(
+    result: dict[str, Any] | None, shown: GalleryItems | None, event: gr.SelectData
+) -> tuple[str, Any, str]:
+    return _details((result or {}).get("images") or [], shown, event.index)
+
+
+def _details(images: list[dict[str, Any]], shown: GalleryItems | None, index: int) -> tuple[str, Any, str]:
+    if not 0 <= index < len(images):
+        return "", gr.DownloadButton(value=None, interactive=False), ""
+    png = _png_at(shown, index)
+    return images[index]["url"], gr.DownloadButton(value=png, interactive=png is not None), summary_line(images[index])
+
+
+def _png_at(shown: GalleryItems | None, index: int) -> str | None:
+    """The local PNG a gallery shows at ``index`` (the one with the ``parameters`` chunk)."""
+    items = shown or []
+    if not 0 <= index < len(items):
+        return None
+    item = items[index]
+    return str(item[0] if isinstance(item, (tuple, list)) else item)
 
 
 def _settings_of(image: dict[str, Any] | None) -> list[Any]:
