@@ -72,3 +72,13 @@ def test_cuda_checks_script_runs_on_cpu(tmp_path: Path) -> None:
     assert "PASS compile" in output and "PASS oom_and_memory" in output
     results = json.loads((tmp_path / "cuda_checks.json").read_text())
     assert results["compile"]["new_graphs"] == 0 and results["oom_and_memory"]["events"] == ["call:4"]
+
+
+def test_thread_policy_benchmark_quick(tmp_path: Path) -> None:
+    output = run_module("bench.threads", "--quick", "--out", str(tmp_path))
+    assert "all cores but one" in output and "naive Gradio peer" in output
+    results = json.loads((tmp_path / "threads.json").read_text())
+    assert len(results["app"]) == 2
+    for by_clients in [*results["app"].values(), results["peer"]]:
+        for clients in ("1", "8"):
+            assert by_clients[clients]["p95_s"] >= by_clients[clients]["p50_s"] > 0
