@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,21 +69,20 @@ TINY_TEXT: dict[str, Any] = {
 }
 
 
-def save_random_pipeline(
-    folder: str | Path, *, unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any], seed: int = 0
-) -> Path:
-    """Build an SD pipeline with random weights from component configs and ``save_pretrained`` it."""
+def random_pipeline(*, unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any], seed: int = 0) -> Any:
+    """An SD pipeline (a ``StableDiffusionPipeline``) with random weights, built from component configs."""
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    folder = Path(folder)
     torch.manual_seed(seed)
-    tokenizer_dir = folder / "_tokenizer_source"
-    write_tokenizer_files(tokenizer_dir)
-    tokenizer = CLIPTokenizer(
-        vocab=str(tokenizer_dir / "vocab.json"), merges=str(tokenizer_dir / "merges.txt"), model_max_length=TOKEN_LIMIT
-    )
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tokenizer_dir:
+        write_tokenizer_files(Path(tokenizer_dir))
+        tokenizer = CLIPTokenizer(
+            vocab=str(Path(tokenizer_dir) / "vocab.json"),
+            merges=str(Path(tokenizer_dir) / "merges.txt"),
+            model_max_length=TOKEN_LIMIT,
+        )
     text_config = CLIPTextConfig(
         **{
             "bos_token_id": len(tokenizer) - 2,
@@ -96,7 +96,7 @@ def save_random_pipeline(
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
     )
-    pipeline = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         unet=UNet2DConditionModel(**unet),
         vae=AutoencoderKL(**vae),
         text_encoder=CLIPTextModel(text_config),
@@ -106,10 +106,14 @@ def save_random_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(folder)
-    for leftover in tokenizer_dir.iterdir():
-        leftover.unlink()
-    tokenizer_dir.rmdir()
+
+
+def save_random_pipeline(
+    folder: str | Path, *, unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any], seed: int = 0
+) -> Path:
+    """Build an SD pipeline with random weights from component configs and ``save_pretrained`` it."""
+    folder = Path(folder)
+    random_pipeline(unet=unet, vae=vae, text=text, seed=seed).save_pretrained(folder)
     return folder
 
 
