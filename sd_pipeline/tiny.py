@@ -39,6 +39,19 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
+# Stable Diffusion 1.x's scheduler_config.json (less its class): every sampler the app derives from
+# it gets SD's settings, e.g. DDIM without clipping latents to [-1, 1].
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
 TINY_UNET: dict[str, Any] = {
     "block_out_channels": (32, 64),
     "layers_per_block": 1,
@@ -93,9 +106,7 @@ def random_pipeline(*, unet: dict[str, Any], vae: dict[str, Any], text: dict[str
             **text,
         }
     )
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
+    scheduler = DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel(**unet),
         vae=AutoencoderKL(**vae),
