@@ -41,6 +41,7 @@ class Parts:
     worker: SupervisedWorker | None = None
     scheduler: BatchScheduler | None = None
     service: ImageService | None = None
+    native_size: int = 512  # the model's own side: the default width and height
 
 
 def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, LocalStore | None]:
@@ -90,6 +91,7 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     health.pipeline_readiness = worker.readiness_problem
     health.pipeline_liveness = worker.liveness_problem
     info = worker.start()
+    parts.native_size = info.native_size
     metrics.model_loaded(model=info.model, device=info.device, dtype=info.dtype, seconds=info.load_seconds)
     parts.scheduler = BatchScheduler(
         worker,
@@ -134,7 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     assert parts.service is not None
-    demo = build_demo(parts.service, limits=settings.limits(), model_name=parts.service.generator.model)
+    demo = build_demo(
+        parts.service,
+        limits=settings.limits(),
+        model_name=parts.service.generator.model,
+        default_size=parts.native_size,
+    )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
     app = create_app(
         demo,

@@ -34,6 +34,13 @@ class LoadedPipeline:
     load_seconds: float
     compiled: bool = False
 
+    @property
+    def native_size(self) -> int:
+        """The side the model was trained at (512 for SD 1.x): diffusers' default width and height."""
+        sample_size = self.pipeline.unet.config.sample_size
+        side = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        return int(side) * int(self.pipeline.vae_scale_factor)
+
 
 CUDA_REQUIREMENTS = (
     "PyPI's torch {torch} is built for CUDA {cuda}: it needs an NVIDIA driver >= 580 and a Turing "

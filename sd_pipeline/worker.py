@@ -51,6 +51,7 @@ class WorkerInfo:
     device: str
     dtype: str
     load_seconds: float
+    native_size: int = 512  # the side the model was trained at: the page's and API's default size
 
 
 class _ForwardingObserver:
@@ -140,7 +141,9 @@ def _serve(connection: Connection, settings: PipelineSettings, limits: RequestLi
     if settings.warmup:
         runner.warmup()
     dtype = str(loaded.dtype).removeprefix("torch.")
-    connection.send(("ready", WorkerInfo(loaded.model, str(loaded.device), dtype, loaded.load_seconds)))
+    connection.send(
+        ("ready", WorkerInfo(loaded.model, str(loaded.device), dtype, loaded.load_seconds, loaded.native_size))
+    )
     jobs = _WorkerJobs(connection)
     try:
         if isinstance(runner, StepEngine):

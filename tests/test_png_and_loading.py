@@ -63,6 +63,13 @@ def test_loading_measures_time_and_picks_cpu_fp32(tiny_loaded) -> None:  # type:
     assert resolve_device("cpu").type == "cpu"
 
 
+def test_the_native_size_is_the_unet_sample_size_times_the_vae_factor(tiny_loaded) -> None:  # type: ignore[no-untyped-def]
+    # the tiny random UNet works on 32x32 latents and its VAE shrinks 8x: diffusers' default is 256
+    assert tiny_loaded.native_size == 256
+    default = tiny_loaded.pipeline.unet.config.sample_size * tiny_loaded.pipeline.vae_scale_factor
+    assert tiny_loaded.native_size == default
+
+
 def test_cli_writes_pngs_from_a_prompts_file(tiny_model_dir: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\n\na blue bird\n", encoding="utf-8")

@@ -61,8 +61,11 @@ def _links_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str) -> gr.Blocks:
-    """The page: a form, the new images with links, and the owner's paged history."""
+def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str, default_size: int = 512) -> gr.Blocks:
+    """The page: a form, the new images with links, and the owner's paged history.
+
+    ``default_size`` is the model's native side (512 for SD 1.x): the form's and the API's
+    default width and height."""
 
     async def generate(
         prompt: str,
@@ -70,8 +73,8 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
         seed: float = -1,
         steps: float = 25,
         guidance_scale: float = 7.5,
-        width: float = 512,
-        height: float = 512,
+        width: float = default_size,
+        height: float = default_size,
         num_images: float = 1,
         scheduler: str = DEFAULT_SCHEDULER,
         request: gr.Request | None = None,
@@ -85,8 +88,8 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
             seed: 0 to 4294967295, or -1 for a random seed (the seed used is in the result)
             steps: denoising steps, 1 to 100
             guidance_scale: classifier-free guidance, 0 to 30
-            width: 64 to 1024, a multiple of 8
-            height: 64 to 1024, a multiple of 8
+            width: 64 to 1024, a multiple of 8 (default: the model's native size, 512 for SD 1.x)
+            height: 64 to 1024, a multiple of 8 (default: the model's native size)
             num_images: images for this prompt, 1 to 4 (seeds seed, seed+1, ...)
             scheduler: one of the listed sampler names
         """
@@ -160,12 +163,20 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str)
                     with gr.Row():
                         width = validated_by_app(
                             gr.Number(
-                                label="Width", value=512, precision=0, info="64-1024, multiple of 8", elem_id="width"
+                                label="Width",
+                                value=default_size,
+                                precision=0,
+                                info="64-1024, multiple of 8",
+                                elem_id="width",
                             )
                         )
                         height = validated_by_app(
                             gr.Number(
-                                label="Height", value=512, precision=0, info="64-1024, multiple of 8", elem_id="height"
+                                label="Height",
+                                value=default_size,
+                                precision=0,
+                                info="64-1024, multiple of 8",
+                                elem_id="height",
                             )
                         )
                     steps = validated_by_app(
