@@ -33,6 +33,8 @@ COPY sd_pipeline/ sd_pipeline/
 COPY storage/ storage/
 COPY monitoring/ monitoring/
 COPY webapp/ webapp/
+# The offline demo model (11 MB): SD_MODEL=/app/models/tiny-shapes serves it without the Hub.
+COPY models/tiny-shapes/ models/tiny-shapes/
 
 USER app
 ENV HOST=0.0.0.0 \
