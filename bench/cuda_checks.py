@@ -1,9 +1,10 @@
 """The checks only a GPU can settle, in one run: compile warm-up and request variety, OOM
-recovery under a memory cap, peak-memory facts, fp16 sanity, the step engine in fp16.
+recovery under a memory cap, peak-memory facts, fp16 sanity, the step engine in fp16, and the
+committed shapes model's prompt adherence in fp16, eager and compiled (black or NaN pictures fail).
 
     python -m bench.cuda_checks            # on a CUDA machine (SD 1.5 architecture, random weights)
     python -m bench.cuda_checks --tiny     # the tiny pipeline on the CPU, eager backend: checks the script
-    python -m bench.cuda_checks --only step_engine
+    python -m bench.cuda_checks --only step_engine shapes
 
 Prints one line per check (PASS/FAIL with numbers) and writes bench/results/cuda_checks.json.
 """
@@ -26,6 +27,8 @@ from sd_pipeline.generator import GenerationJob, Generator
 from sd_pipeline.loading import load_pipeline
 from sd_pipeline.request import RequestLimits, check_inputs
 from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.shapes import SHAPES_MODEL_DIR
+from sd_pipeline.shapes.adherence import measure_folder
 
 VARIANTS = [
     {"width": w, "height": h, "scheduler": s, "guidance_scale": g, "num_images": n}
@@ -109,7 +112,7 @@ def check_oom_and_memory(model: Path, device: str, scale: int) -> dict[str, Any]
     }
 
 
-CHECKS = ("oom_and_memory", "step_engine", "compile")
+CHECKS = ("oom_and_memory", "step_engine", "compile", "shapes")
 ENGINE_REQUESTS = [
     {"scheduler": "Euler", "guidance_scale": 7.5, "steps": 25, "seed": 1},
     {"scheduler": "DPM++ 2M Karras", "guidance_scale": 1.0, "steps": 20, "seed": 2},
@@ -164,6 +167,25 @@ def check_step_engine(model: Path, device: str, scale: int) -> dict[str, Any]:
     }
 
 
+def check_shapes(device: str, backend: str, seeds: int) -> dict[str, Any]:
+    """The committed shapes model in this device's dtype (float16 on CUDA), eager and compiled:
+    how often the pictures show the prompt's colour and shape (judged at guidance 1 and 4, where
+    the model is meant to be used; 7.5 reported), and any black or NaN output (always judged)."""
+    results: dict[str, Any] = {}
+    ok = True
+    for compiled in (False, True):
+        report = measure_folder(
+            SHAPES_MODEL_DIR, seeds=seeds, device=device, compile_unet=compiled, compile_backend=backend
+        )
+        judged = [counts for (_, guidance), counts in report.rows.items() if guidance <= 4]
+        ok = ok and all(counts.meets_targets for counts in judged)
+        ok = ok and all(counts.blank == 0 for counts in report.rows.values())
+        results["compiled" if compiled else "eager"] = {
+            f"{sampler} @ {guidance:g}": counts.summary() for (sampler, guidance), counts in report.rows.items()
+        }
+    return {"ok": ok, **results}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny pipeline on the CPU with dynamo's eager backend")
@@ -181,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "oom_and_memory": lambda: check_oom_and_memory(model, device, scale),
         "step_engine": lambda: check_step_engine(model, device, scale),
         "compile": lambda: check_compile(model, device, backend, scale),
+        "shapes": lambda: check_shapes(device, backend, seeds=2 if cuda else 1),
     }
     for name, check in checks.items():
         if args.only and name not in args.only:

@@ -69,7 +69,7 @@ def test_core_and_storage_benchmarks_run() -> None:
 
 def test_cuda_checks_script_runs_on_cpu(tmp_path: Path) -> None:
     output = run_module("bench.cuda_checks", "--tiny", "--out", str(tmp_path))
-    assert "PASS compile" in output and "PASS oom_and_memory" in output
+    assert "PASS compile" in output and "PASS oom_and_memory" in output and "PASS shapes" in output
     results = json.loads((tmp_path / "cuda_checks.json").read_text())
     assert results["compile"]["new_graphs"] == 0 and results["oom_and_memory"]["events"] == ["call:4"]
 
