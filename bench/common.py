@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -13,6 +14,15 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_serving_arguments(parser: argparse.ArgumentParser, results_file: str) -> None:
+    """The options every served benchmark takes: model, size, steps, --quick and --out."""
+    parser.add_argument("--model", help="pipeline folder (default: a fresh tiny pipeline)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="few requests: checks the script, not the speed")
+    parser.add_argument("--out", type=Path, help=f"folder for {results_file} (default bench/results)")
 
 
 def machine() -> dict[str, Any]:

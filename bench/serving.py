@@ -26,7 +26,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from gradio_client import Client
 
-from bench.common import machine, median, percentile, table, write_json
+from bench.common import add_serving_arguments, machine, median, percentile, table, write_json
 from sd_pipeline.tiny import build_tiny_pipeline
 from tests.app_server import ROOT, launched_app
 from tests.servers import free_port, running_s3_server, wait_for_port
@@ -195,11 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return open_loop.main([arg for arg in argv if arg != "--open-loop"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="pipeline folder (default: a fresh tiny pipeline)")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="few requests: checks the script, not the speed")
-    parser.add_argument("--out", type=Path, help="folder for serving.json (default bench/results)")
+    add_serving_arguments(parser, "serving.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")  # for the loopback S3 server only
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")

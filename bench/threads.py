@@ -20,7 +20,7 @@ from typing import Any
 
 from gradio_client import Client
 
-from bench.common import machine, table, write_json
+from bench.common import add_serving_arguments, machine, table, write_json
 from bench.serving import drive, running_peer
 from sd_pipeline.tiny import build_tiny_pipeline
 from tests.app_server import launched_app
@@ -69,11 +69,7 @@ def measure_peer(model: str, *, size: int, steps: int, per_client: dict[int, int
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="pipeline folder (default: a fresh tiny pipeline)")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="few requests: checks the script, not the speed")
-    parser.add_argument("--out", type=Path, help="folder for threads.json (default bench/results)")
+    add_serving_arguments(parser, "threads.json")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-threads-"))
     model = args.model or str(build_tiny_pipeline(work / "tiny"))

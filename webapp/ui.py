@@ -210,13 +210,7 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
                     elem_id="result-gallery",
                 )
                 with gr.Group():
-                    result_link = gr.Textbox(
-                        label="Shareable link (click an image above to pick it)",
-                        buttons=["copy"],
-                        interactive=False,
-                        max_lines=1,
-                        elem_id="result-link",
-                    )
+                    result_link = _link_box("Shareable link (click an image above to pick it)", "result-link")
                     result_summary = gr.Markdown(elem_id="result-summary")
                 with gr.Row():
                     result_download = gr.DownloadButton(
@@ -250,13 +244,7 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
                 )
                 with gr.Column():
                     selected = gr.Markdown("Click an image in the history to see it here.", elem_id="selected")
-                    selected_link = gr.Textbox(
-                        label="Shareable link (freshly signed)",
-                        buttons=["copy"],
-                        interactive=False,
-                        max_lines=1,
-                        elem_id="selected-link",
-                    )
+                    selected_link = _link_box("Shareable link (freshly signed)", "selected-link")
                     with gr.Row():
                         selected_download = gr.DownloadButton(
                             "Download PNG", size="sm", interactive=False, elem_id="selected-download"
@@ -320,6 +308,11 @@ def _last_seed(result: dict[str, Any] | None, current: float) -> float:
 def _next_page(page: float, listing: dict[str, Any] | None) -> int:
     current = int(page or 1)
     return current + 1 if (listing or {}).get("has_more") else current
+
+
+def _link_box(label: str, elem_id: str) -> gr.Textbox:
+    """A read-only, one-line link with Gradio's copy button."""
+    return gr.Textbox(label=label, buttons=["copy"], interactive=False, max_lines=1, elem_id=elem_id)
 
 
 def _select(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sd_pipeline.shapes.drawing import examples
-from sd_pipeline.tiny import random_pipeline
+from sd_pipeline.tiny import TINY_VAE, random_pipeline
 
 SHAPES_UNET: dict[str, Any] = {
     "sample_size": 8,
@@ -41,14 +41,9 @@ SHAPES_UNET: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 16,
 }
-SHAPES_VAE: dict[str, Any] = {  # four blocks: 64x64 pictures, 8x8 latents
+SHAPES_VAE: dict[str, Any] = {  # the tiny VAE's four blocks (64x64 pictures, 8x8 latents), narrower at the top
+    **TINY_VAE,
     "block_out_channels": (16, 32, 32, 32),
-    "layers_per_block": 1,
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "latent_channels": 4,
     "norm_num_groups": 8,
     "sample_size": 64,
 }
