@@ -16,6 +16,7 @@ from monitoring.metrics import Metrics
 from monitoring.server import MetricsServer
 from sd_pipeline.batching import BatchScheduler
 from sd_pipeline.errors import ModelLoadError
+from sd_pipeline.ray_serving import RayBackend
 from sd_pipeline.supervision import SupervisedWorker
 from sd_pipeline.worker import PipelineProcess
 from storage.base import ImageStore, StorageError
@@ -38,7 +39,7 @@ class Parts:
     health: Health
     metrics_server: MetricsServer
     store: ImageStore
-    worker: SupervisedWorker | None = None
+    worker: SupervisedWorker | RayBackend | None = None
     scheduler: BatchScheduler | None = None
     service: ImageService | None = None
     native_size: int = 512  # the model's own side: the default width and height
@@ -65,6 +66,27 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
     return local, local
 
 
+def build_backend(settings: Settings, metrics: Metrics) -> SupervisedWorker | RayBackend:
+    """Ray Serve replicas when RAY_ADDRESS is set, else the supervised local worker process."""
+    plan = settings.ray_plan()
+    if plan is not None:
+        threads = max(1, int(plan.cpus_per_replica))  # a replica's torch threads: the CPUs Ray gave it
+        pipeline = settings.pipeline().model_copy(update={"cpu_threads": settings.sd_cpu_threads or threads})
+        return RayBackend(
+            pipeline, plan, limits=settings.limits(), max_batch_images=settings.max_batch_size, observer=metrics
+        )
+    policy = settings.restart_policy()
+    new_worker = functools.partial(
+        PipelineProcess,
+        settings.pipeline(),
+        limits=settings.limits(),
+        max_batch_images=settings.max_batch_size,
+        observer=metrics,
+        stall_seconds=policy.stall_seconds,
+    )
+    return SupervisedWorker(new_worker, policy=policy, observer=metrics)
+
+
 def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     """Start metrics, storage, the supervised model worker and the batcher; raises on anything unusable."""
     metrics = Metrics(version="0.1.0")
@@ -77,16 +99,7 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     store, local_store = build_store(settings, metrics)
     health.storage_check = store.check
     parts = Parts(metrics=metrics, health=health, metrics_server=metrics_server, store=store)
-    policy = settings.restart_policy()
-    new_worker = functools.partial(
-        PipelineProcess,
-        settings.pipeline(),
-        limits=settings.limits(),
-        max_batch_images=settings.max_batch_size,
-        observer=metrics,
-        stall_seconds=policy.stall_seconds,
-    )
-    worker = SupervisedWorker(new_worker, policy=policy, observer=metrics)
+    worker = build_backend(settings, metrics)
     parts.worker = worker
     health.pipeline_readiness = worker.readiness_problem
     health.pipeline_liveness = worker.liveness_problem
@@ -98,7 +111,7 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
         max_batch_size=settings.max_batch_size,
         capacity=settings.queue_max_size,
         observer=metrics,
-        dispatch="each" if settings.batching == "step" else "batches",
+        dispatch="each" if settings.batching == "step" or isinstance(worker, RayBackend) else "batches",
         max_per_owner=settings.max_requests_per_user,
     )
     parts.scheduler.start()

@@ -137,6 +137,12 @@ class Metrics:
         self.worker_up_gauge = Gauge(
             f"{PREFIX}worker_up", "1 while a pipeline worker is ready to run requests, else 0", registry=r
         )
+        self.pipeline_replicas = Gauge(
+            f"{PREFIX}pipeline_replicas",
+            "Ray Serve pipeline replicas by state (RUNNING, STARTING, ...); absent without Ray",
+            ["state"],
+            registry=r,
+        )
         self.model_load = Gauge(f"{PREFIX}model_load_seconds", "Time the model took to load", registry=r)
         self.model_info = Info(f"{PREFIX}model", "The model served, its device and dtype", registry=r)
         self.build_info = Info(f"{PREFIX}build", "Versions of the app and its main libraries", registry=r)
@@ -188,6 +194,10 @@ class Metrics:
 
     def worker_up(self, *, up: bool) -> None:
         self.worker_up_gauge.set(1 if up else 0)
+
+    def replicas(self, *, by_state: dict[str, int]) -> None:
+        for state in ("RUNNING", "STARTING", "UPDATING", "RECOVERING", "STOPPING"):
+            self.pipeline_replicas.labels(state=state).set(by_state.get(state, 0))
 
     # BatchObserver (sd_pipeline.batching)
     def queued(self, *, depth: int) -> None:

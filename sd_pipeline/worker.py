@@ -282,7 +282,7 @@ class PipelineProcess:
             raise ModelLoadError(payload)
         info: WorkerInfo = payload
         self.info = info
-        self.tokens = _token_budget(self.settings.model)
+        self.tokens = token_budget(self.settings.model)
         self._reader.start()
         return info
 
@@ -422,7 +422,7 @@ class PipelineProcess:
             self._connection.close()
 
 
-def _token_budget(model: str) -> TokenBudget:
+def token_budget(model: str) -> TokenBudget:
     """The tokenizer the worker uses (already downloaded by it), for validating prompts here."""
     from transformers import CLIPTokenizer
 

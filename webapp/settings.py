@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sd_pipeline.ray_serving import RayPlan
 from sd_pipeline.request import RequestLimits
 from sd_pipeline.settings import DEFAULT_MODEL, BatchingName, DeviceName, DtypeName, PipelineSettings
 from sd_pipeline.supervision import RestartPolicy
@@ -84,6 +85,16 @@ class Settings(BaseSettings):
         5, ge=1, description="worker restarts within WORKER_RESTART_WINDOW that make /healthz report unhealthy"
     )
     worker_restart_window: float = Field(600.0, gt=0, description="seconds over which worker restarts are counted")
+    ray_address: str | None = Field(
+        None,
+        description="unset: one local worker process; 'local': a private Ray instance on this machine; "
+        "'auto', 'host:port' or 'ray://host:10001': join that Ray cluster (Ray Serve replicas)",
+    )
+    ray_replicas: int = Field(1, ge=1, le=1024, description="pipeline replicas on Ray (with RAY_ADDRESS)")
+    ray_gpus_per_replica: float | None = Field(
+        None, ge=0, description="GPUs each Ray replica holds (default: 1 when the cluster has GPUs, else 0)"
+    )
+    ray_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each Ray replica holds (its torch threads)")
     history_page_size: int = Field(12, ge=1, le=100, description="images per history page")
     auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
@@ -110,6 +121,18 @@ class Settings(BaseSettings):
             channels_last=self.sd_channels_last,
             fuse_qkv=self.sd_fuse_qkv,
             max_pixels=self.max_pixels,
+        )
+
+    def ray_plan(self) -> RayPlan | None:
+        """Where the Ray replicas run, or None for the local worker process."""
+        if not self.ray_address:
+            return None
+        return RayPlan(
+            address=self.ray_address,
+            replicas=self.ray_replicas,
+            gpus_per_replica=self.ray_gpus_per_replica,
+            cpus_per_replica=self.ray_cpus_per_replica,
+            max_ongoing_requests=self.max_batch_size,
         )
 
     def restart_policy(self) -> RestartPolicy:
