@@ -106,9 +106,10 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     info = worker.start()
     parts.native_size = info.native_size
     metrics.model_loaded(model=info.model, device=info.device, dtype=info.dtype, seconds=info.load_seconds)
+    replicas = settings.ray_replicas if isinstance(worker, RayBackend) else 1
     parts.scheduler = BatchScheduler(
         worker,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.max_batch_size * replicas,  # requests running at once, on all replicas
         capacity=settings.queue_max_size,
         observer=metrics,
         dispatch="each" if settings.batching == "step" or isinstance(worker, RayBackend) else "batches",
