@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.app_server import ROOT
 
 
@@ -82,3 +84,13 @@ def test_thread_policy_benchmark_quick(tmp_path: Path) -> None:
     for by_clients in [*results["app"].values(), results["peer"]]:
         for clients in ("1", "8"):
             assert by_clients[clients]["p95_s"] >= by_clients[clients]["p50_s"] > 0
+
+
+def test_scaleout_benchmark_quick(tmp_path: Path) -> None:
+    pytest.importorskip("ray.serve")
+    output = run_module("bench.scaleout", "--quick", "--clients", "2", "--out", str(tmp_path), timeout=900)
+    assert "x 1 replica" in output and "both running again after" in output
+    results = json.loads((tmp_path / "scaleout.json").read_text())
+    assert results["ratio_2_over_1"] > 0 and results["replicas"]["2"]["recovery_s"] > 0
+    for replicas in ("1", "2"):
+        assert results["replicas"][replicas]["p95_s"] >= results["replicas"][replicas]["p50_s"] > 0
