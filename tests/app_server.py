@@ -6,16 +6,21 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import requests
+from gradio_client import Client
 
 from tests.servers import free_port
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +76,29 @@ def wait_ready(metrics_url: str, process: subprocess.Popen[bytes], log_path: Pat
             pass
         time.sleep(0.2)
     raise TimeoutError(f"app not ready after {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
+def clients_at_once(app: RunningApp, folder: Path, count: int, call: Callable[[Client, int], T]) -> list[T]:
+    """``count`` gradio_clients, connected first, then ``call(client, n)`` from each at the same moment."""
+    results: dict[int, T] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def one(number: int) -> None:
+        client = Client(app.url, verbose=False, download_files=str(folder / str(number)))
+        start.wait()
+        try:
+            results[number] = call(client, number)
+        except BaseException as error:  # noqa: BLE001 - raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return [results[n] for n in range(count)]
 
 
 @contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from sd_pipeline.ray_serving import RayPlan
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import every_ask
 from sd_pipeline.shapes.drawing import read_picture
-from tests.app_server import RunningApp, launched_app
+from tests.app_server import RunningApp, clients_at_once, launched_app
 from tests.servers import wait_until
 from webapp.settings import load_settings
 
@@ -76,24 +75,9 @@ def test_ray_settings_make_the_plan_and_leave_the_local_worker_as_default() -> N
 
 def test_concurrent_clients_get_their_own_images_from_both_replicas(ray_app: RunningApp, tmp_path: Path) -> None:
     asks = every_ask()[:8]
-    answers: dict[int, tuple[Image.Image, dict[str, Any]]] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(asks))
-
-    def one(number: int) -> None:
-        client = Client(ray_app.url, verbose=False, download_files=str(tmp_path / str(number)))
-        start.wait()
-        try:
-            answers[number] = draw(client, asks[number].prompt, seed=100 + number)
-        except BaseException as error:  # noqa: BLE001 - raised below
-            errors.append(error)
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(len(asks))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    answers = clients_at_once(
+        ray_app, tmp_path, len(asks), lambda client, n: draw(client, asks[n].prompt, seed=100 + n)
+    )
     for number, ask in enumerate(asks):
         picture, record = answers[number]
         assert (record["prompt"], record["seed"]) == (ask.prompt, 100 + number)

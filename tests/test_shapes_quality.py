@@ -7,7 +7,6 @@ stepping the wrong slice or an embedding sent to the wrong image drops adherence
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from sd_pipeline.schedulers import SCHEDULER_NAMES
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import COLOUR_TARGET, SHAPE_TARGET, Adherence, Ask, every_ask
 from sd_pipeline.shapes.drawing import read_picture
-from tests.app_server import RunningApp, launched_app
+from tests.app_server import RunningApp, clients_at_once, launched_app
 
 STEPS = 20
 GUIDANCE = 4.0  # this tiny model's sweet spot; at 7.5 some samplers overshoot its colours (see its card)
@@ -53,25 +52,7 @@ def draw(
 
 def draw_together(app: RunningApp, tmp_path: Path, asks: list[Ask], **settings: Any) -> list[Image.Image]:
     """Every ask from its own client at once, so the app batches them into shared steps."""
-    pictures: dict[int, Image.Image] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(asks))
-
-    def one(number: int) -> None:
-        client = Client(app.url, verbose=False, download_files=str(tmp_path / str(number)))
-        start.wait()
-        try:
-            pictures[number] = draw(client, asks[number], seed=100 + number, **settings)
-        except BaseException as error:  # noqa: BLE001 - raised below
-            errors.append(error)
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(len(asks))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
-    return [pictures[n] for n in range(len(asks))]
+    return clients_at_once(app, tmp_path, len(asks), lambda client, n: draw(client, asks[n], seed=100 + n, **settings))
 
 
 def assert_adheres(counts: Adherence) -> None:
