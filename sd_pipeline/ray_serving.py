@@ -116,8 +116,7 @@ class PipelineReplica:
         loaded = load_pipeline(settings)
         self.facts = _FactCollector()
         self.engine = StepEngine(loaded, max_batch_images=max_batch_images, observer=self.facts)
-        dtype = str(loaded.dtype).removeprefix("torch.")
-        self.info = WorkerInfo(loaded.model, str(loaded.device), dtype, loaded.load_seconds, loaded.native_size)
+        self.info = WorkerInfo.of(loaded)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._inbox: queue.Queue[tuple[GenerationJob, Any]] = queue.Queue()
         threading.Thread(target=self._serve, name="step-engine", daemon=True).start()

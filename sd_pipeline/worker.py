@@ -30,7 +30,7 @@ from sd_pipeline.device_errors import DeviceFailedError
 from sd_pipeline.engine import StepEngine
 from sd_pipeline.errors import ModelLoadError, WorkerLostError
 from sd_pipeline.generator import GenerationJob, GenerationObserver, Generator, JobOutcome
-from sd_pipeline.loading import load_pipeline, model_source
+from sd_pipeline.loading import LoadedPipeline, load_pipeline, model_source
 from sd_pipeline.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
 from sd_pipeline.settings import PipelineSettings
 
@@ -52,6 +52,12 @@ class WorkerInfo:
     dtype: str
     load_seconds: float
     native_size: int = 512  # the side the model was trained at: the page's and API's default size
+
+    @classmethod
+    def of(cls, loaded: LoadedPipeline) -> WorkerInfo:
+        """What a loaded pipeline reports once ready."""
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        return cls(loaded.model, str(loaded.device), dtype, loaded.load_seconds, loaded.native_size)
 
 
 class _ForwardingObserver:
@@ -140,10 +146,7 @@ def _serve(connection: Connection, settings: PipelineSettings, limits: RequestLi
         runner = Generator(loaded, limits=limits, max_batch_images=max_batch_images, observer=observer)
     if settings.warmup:
         runner.warmup()
-    dtype = str(loaded.dtype).removeprefix("torch.")
-    connection.send(
-        ("ready", WorkerInfo(loaded.model, str(loaded.device), dtype, loaded.load_seconds, loaded.native_size))
-    )
+    connection.send(("ready", WorkerInfo.of(loaded)))
     jobs = _WorkerJobs(connection)
     try:
         if isinstance(runner, StepEngine):
