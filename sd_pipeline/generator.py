@@ -34,6 +34,35 @@ class GenerationObserver(Protocol):
     def out_of_memory(self) -> None: ...
 
 
+Fact = tuple[str, dict[str, Any]]  # a GenerationObserver method's name and its keyword arguments
+
+
+class FactRelay:
+    """A ``GenerationObserver`` that hands each fact as data to ``send``: how the worker process
+    (down its pipe) and a Ray replica (on its request streams) carry facts to the app."""
+
+    def __init__(self, send: Callable[[Fact], None]) -> None:
+        self.send = send
+
+    def pipeline_call(self, *, seconds: float, images: int) -> None:
+        self.send(("pipeline_call", {"seconds": seconds, "images": images}))
+
+    def denoising_step(self, *, seconds: float) -> None:
+        self.send(("denoising_step", {"seconds": seconds}))
+
+    def first_step_wait(self, *, seconds: float) -> None:
+        self.send(("first_step_wait", {"seconds": seconds}))
+
+    def out_of_memory(self) -> None:
+        self.send(("out_of_memory", {}))
+
+
+def replay(fact: Fact, observer: Any) -> None:
+    """In the app: give a relayed fact to the real observer (the metrics)."""
+    name, fields = fact
+    getattr(observer, name)(**fields)
+
+
 @dataclass(frozen=True)
 class Timings:
     """How long the pipeline call that made an image took, and how many images it made."""

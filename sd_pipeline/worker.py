@@ -29,7 +29,7 @@ import torch
 from sd_pipeline.device_errors import DeviceFailedError
 from sd_pipeline.engine import StepEngine
 from sd_pipeline.errors import ModelLoadError, WorkerLostError
-from sd_pipeline.generator import GenerationJob, GenerationObserver, Generator, JobOutcome
+from sd_pipeline.generator import FactRelay, GenerationJob, GenerationObserver, Generator, JobOutcome, replay
 from sd_pipeline.loading import LoadedPipeline, load_pipeline, model_source
 from sd_pipeline.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
 from sd_pipeline.settings import PipelineSettings
@@ -60,26 +60,17 @@ class WorkerInfo:
         return cls(loaded.model, str(loaded.device), dtype, loaded.load_seconds, loaded.native_size)
 
 
-class _ForwardingObserver:
+class _ForwardingObserver(FactRelay):
     """In the worker: sends observer facts to the parent; reads its messages at every step."""
 
     def __init__(self, connection: Connection) -> None:
-        self.connection = connection
+        super().__init__(connection.send)
         self.between_steps: Callable[[], None] | None = None
 
-    def pipeline_call(self, *, seconds: float, images: int) -> None:
-        self.connection.send(("pipeline_call", {"seconds": seconds, "images": images}))
-
     def denoising_step(self, *, seconds: float) -> None:
-        self.connection.send(("denoising_step", {"seconds": seconds}))
+        super().denoising_step(seconds=seconds)
         if self.between_steps is not None:
             self.between_steps()  # cancellations land before the generator checks for them
-
-    def out_of_memory(self) -> None:
-        self.connection.send(("out_of_memory", {}))
-
-    def first_step_wait(self, *, seconds: float) -> None:
-        self.connection.send(("first_step_wait", {"seconds": seconds}))
 
 
 class _WorkerJobs:
@@ -391,18 +382,8 @@ class PipelineProcess:
                 _, results, error = payload
                 entry.outcome.set_result(JobOutcome(results=list(results), error=error))
             return
-        if self.observer is None:
-            return
-        if kind == "pipeline_call":
-            self.observer.pipeline_call(**payload)
-        elif kind == "denoising_step":
-            self.observer.denoising_step(**payload)
-        elif kind == "out_of_memory":
-            self.observer.out_of_memory()
-        elif kind == "gpu_memory":
-            self.observer.gpu_memory(**payload)
-        elif kind == "first_step_wait":
-            self.observer.first_step_wait(**payload)
+        if self.observer is not None and kind in _FACTS:
+            replay((kind, payload), self.observer)
 
     def kill(self) -> None:
         """End the process at once, without a clean stop."""
@@ -423,6 +404,9 @@ class PipelineProcess:
         self._fail_pending(WorkerLostError("died", "the pipeline worker process stopped"))
         with self._send_lock:
             self._connection.close()
+
+
+_FACTS = {"pipeline_call", "denoising_step", "first_step_wait", "out_of_memory", "gpu_memory"}
 
 
 def token_budget(model: str) -> TokenBudget:
