@@ -70,11 +70,7 @@ def build_backend(settings: Settings, metrics: Metrics) -> SupervisedWorker | Ra
     """Ray Serve replicas when RAY_ADDRESS is set, else the supervised local worker process."""
     plan = settings.ray_plan()
     if plan is not None:
-        threads = max(1, int(plan.cpus_per_replica))  # a replica's torch threads: the CPUs Ray gave it
-        pipeline = settings.pipeline().model_copy(update={"cpu_threads": settings.sd_cpu_threads or threads})
-        return RayBackend(
-            pipeline, plan, limits=settings.limits(), max_batch_images=settings.max_batch_size, observer=metrics
-        )
+        return RayBackend(settings.replica_pipeline(), plan, limits=settings.limits(), observer=metrics)
     policy = settings.restart_policy()
     new_worker = functools.partial(
         PipelineProcess,
@@ -106,10 +102,10 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     info = worker.start()
     parts.native_size = info.native_size
     metrics.model_loaded(model=info.model, device=info.device, dtype=info.dtype, seconds=info.load_seconds)
-    replicas = settings.ray_replicas if isinstance(worker, RayBackend) else 1
     parts.scheduler = BatchScheduler(
         worker,
-        max_batch_size=settings.max_batch_size * replicas,  # requests running at once, on all replicas
+        # Requests handed to the backend at once: with Ray, a full batch for each replica it may have.
+        max_batch_size=worker.most_running if isinstance(worker, RayBackend) else settings.max_batch_size,
         capacity=settings.queue_max_size,
         observer=metrics,
         dispatch="each" if settings.batching == "step" or isinstance(worker, RayBackend) else "batches",

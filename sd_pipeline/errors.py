@@ -36,4 +36,4 @@ class WorkerCrashedError(RuntimeError):
 
 
 class PipelineUnavailableError(RuntimeError):
-    """No image generator can take the request (the service is stopping)."""
+    """No image generator can take the request (the service is stopping, or every replica is full)."""

@@ -6,12 +6,12 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, Json, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sd_pipeline.ray_serving import RayPlan
+from sd_pipeline.ray_serving import DeployPolicy, RayPlan, ReplicaPlan
 from sd_pipeline.request import RequestLimits
 from sd_pipeline.settings import DEFAULT_MODEL, BatchingName, DeviceName, DtypeName, PipelineSettings
 from sd_pipeline.supervision import RestartPolicy
@@ -90,11 +90,30 @@ class Settings(BaseSettings):
         description="unset: one local worker process; 'local': a private Ray instance on this machine; "
         "'auto', 'host:port' or 'ray://host:10001': join that Ray cluster (Ray Serve replicas)",
     )
-    ray_replicas: int = Field(1, ge=1, le=1024, description="pipeline replicas on Ray (with RAY_ADDRESS)")
+    ray_replicas: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        1, description="pipeline replicas on Ray (with RAY_ADDRESS); 'auto': Serve autoscaling between the next two"
+    )
+    ray_min_replicas: int = Field(1, ge=1, le=1024, description="fewest replicas with RAY_REPLICAS=auto")
+    ray_max_replicas: int = Field(4, ge=1, le=1024, description="most replicas with RAY_REPLICAS=auto")
+    ray_autoscaling: Json[dict[str, Any]] = Field(
+        "{}",  # type: ignore[arg-type]  # JSON text, parsed like the environment's
+        description="more fields of Ray Serve's autoscaling_config as JSON, e.g. '{\"upscale_delay_s\": 10}'",
+    )
     ray_gpus_per_replica: float | None = Field(
         None, ge=0, description="GPUs each Ray replica holds (default: 1 when the cluster has GPUs, else 0)"
     )
     ray_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each Ray replica holds (its torch threads)")
+    ray_max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        description="requests each front end may have waiting in Ray for a replica; more get 'busy' at once "
+        "(default: no bound; the app's own queue bounds what it hands to Ray)",
+    )
+    ray_deploy: DeployPolicy = Field(
+        "if-missing",
+        description="on a shared cluster: 'if-missing' deploys the pipeline unless running, 'always' redeploys "
+        "it with these settings, 'never' waits for one (a RayService or another front end deploys it)",
+    )
     history_page_size: int = Field(12, ge=1, le=100, description="images per history page")
     auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
@@ -123,17 +142,42 @@ class Settings(BaseSettings):
             max_pixels=self.max_pixels,
         )
 
+    @field_validator("ray_replicas", mode="before")
+    @classmethod
+    def _replicas_are_a_count_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto" and not value.strip().isdigit():
+            raise ValueError("must be a whole number from 1 to 1024, or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _replica_bounds_in_order(self) -> Settings:
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError("RAY_MIN_REPLICAS must not exceed RAY_MAX_REPLICAS")
+        return self
+
     def ray_plan(self) -> RayPlan | None:
         """Where the Ray replicas run, or None for the local worker process."""
         if not self.ray_address:
             return None
-        return RayPlan(
-            address=self.ray_address,
-            replicas=self.ray_replicas,
+        return RayPlan(address=self.ray_address, deployment=self.replica_plan(), deploy=self.ray_deploy)
+
+    def replica_plan(self) -> ReplicaPlan:
+        """How many Ray replicas, what each holds and how much each takes."""
+        return ReplicaPlan(
+            replicas=None if self.ray_replicas == "auto" else self.ray_replicas,
+            min_replicas=self.ray_min_replicas,
+            max_replicas=self.ray_max_replicas,
+            autoscaling=self.ray_autoscaling,
             gpus_per_replica=self.ray_gpus_per_replica,
             cpus_per_replica=self.ray_cpus_per_replica,
-            max_ongoing_requests=self.max_batch_size,
+            max_batch_images=self.max_batch_size,
+            max_queued_requests=self.ray_max_queued_requests or -1,
         )
+
+    def replica_pipeline(self) -> PipelineSettings:
+        """The pipeline settings of a Ray replica: its torch threads are the CPUs Ray gives it."""
+        threads = self.sd_cpu_threads or max(1, int(self.ray_cpus_per_replica))
+        return self.pipeline().model_copy(update={"cpu_threads": threads})
 
     def restart_policy(self) -> RestartPolicy:
         return RestartPolicy(
@@ -216,5 +260,7 @@ def load_settings(argv: Sequence[str] | None = None, *, env: dict[str, str] | No
         return Settings(**flags)
     except ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]).upper()
+        if not first["loc"]:  # a rule across settings names them in its message
+            raise SettingsError(f"invalid settings: {first['msg'].removeprefix('Value error, ')}") from None
+        field = str(first["loc"][0]).upper()  # the setting, not the branch of its type that failed
         raise SettingsError(f"invalid setting {field}: {first['msg']} (got {first.get('input')!r})") from None
