@@ -3,6 +3,7 @@
 # built against CUDA 13.0 (it brings its own CUDA libraries as nvidia-* wheels), so the base
 # is the CUDA 13.0 runtime: the host needs an NVIDIA driver >= 580 and a Turing or newer GPU.
 # Model weights are never baked in: they download into the Hugging Face cache volume on first start.
+# With Ray, ENTRYPOINT is replaced by "ray start ..." on the head and worker nodes (deploy/).
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -14,14 +15,16 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # gcc, libc6-dev and python3-dev: SD_COMPILE=true has Triton build a small C launcher at run time.
+# wget: KubeRay's default probes of a Ray node run it inside the container.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates curl \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates curl wget \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
-# Dependencies in their own layer, cached until requirements.txt changes.
-COPY requirements.txt /tmp/requirements.txt
-RUN pip install torch==2.13.0 -r /tmp/requirements.txt
+# Dependencies in their own layer, cached until the requirements change. Ray Serve too: the
+# same image runs the app, a Ray head and the Ray worker nodes (compose profile "ray", KubeRay).
+COPY requirements.txt requirements-ray.txt /tmp/
+RUN pip install torch==2.13.0 -r /tmp/requirements.txt -r /tmp/requirements-ray.txt
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app \
     && mkdir -p /data /home/app/.cache/huggingface /home/app/.cache/torchinductor \
@@ -44,7 +47,9 @@ ENV HOST=0.0.0.0 \
     HF_HOME=/home/app/.cache/huggingface \
     TORCHINDUCTOR_CACHE_DIR=/home/app/.cache/torchinductor \
     GRADIO_TEMP_DIR=/tmp/gradio \
-    GRADIO_ANALYTICS_ENABLED=False
+    GRADIO_ANALYTICS_ENABLED=False \
+    PYTHONPATH=/app
+# PYTHONPATH: Ray's worker processes import the pipeline replica's code from /app whatever their directory.
 # The compile cache is a volume: with SD_COMPILE a cold warm-up took over 3 minutes on an H200,
 # a warm-cache one 40 s (docs/BENCHMARKS.md).
 VOLUME ["/data", "/home/app/.cache/huggingface", "/home/app/.cache/torchinductor"]

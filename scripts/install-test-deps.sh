@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs: Python packages and Debian's prometheus, alertmanager,
-# chromium and docker-compose (the tests start real servers and a real browser). Idempotent; needs root
-# (or sudo) for apt-get.
+# chromium, docker-compose and haproxy (the tests start real servers and a real browser, and check
+# the deployment's configs). Idempotent; needs root (or sudo) for apt-get.
 set -euo pipefail
 
-debian_packages=(prometheus prometheus-alertmanager chromium docker-compose)
+debian_packages=(prometheus prometheus-alertmanager chromium docker-compose haproxy)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 import requests
 import yaml
 
+from sd_pipeline.ray_serving import APP_NAME
 from tests.app_server import ROOT, wait_ready
 from tests.servers import free_port
 from tests.test_monitoring import ALERT_RULES, DASHBOARD, DATASOURCE, PROMETHEUS_CONFIG
@@ -22,6 +25,8 @@ COMPOSE = DEPLOY / "compose.yaml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
+HAPROXY_CONFIG = DEPLOY / "haproxy" / "haproxy.cfg"
+RAY_PROFILE = {"ray-head", "ray-gpu-worker", "app-ray", "app-ray-2", "lb"}
 
 
 def compose(*args: str, env_file: Path | None = ENV_EXAMPLE) -> subprocess.CompletedProcess[str]:
@@ -35,7 +40,7 @@ def compose(*args: str, env_file: Path | None = ENV_EXAMPLE) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def resolved() -> dict[str, Any]:
     """The compose file as docker-compose resolves it, with every profile."""
-    shown = compose("--profile", "cpu", "--profile", "gpu", "config")
+    shown = compose("--profile", "cpu", "--profile", "gpu", "--profile", "ray", "config")
     assert shown.returncode == 0, shown.stderr
     parsed: dict[str, Any] = yaml.safe_load(shown.stdout)
     return parsed
@@ -49,16 +54,17 @@ def test_compose_config_is_valid_and_requires_secrets() -> None:
 
 def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    assert set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "alertmanager", "grafana"}
+    assert set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "alertmanager", "grafana"} | RAY_PROFILE
     for name, service in services.items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), (name, image)
     assert "minio" not in COMPOSE.read_text().lower()
-    for app in ("app", "app-cpu"):
-        assert services[app]["depends_on"] == {"seaweedfs": {"condition": "service_healthy"}}
+    for app in ("app", "app-cpu", "app-ray", "app-ray-2"):
+        assert services[app]["depends_on"]["seaweedfs"] == {"condition": "service_healthy"}
         assert services[app]["stop_grace_period"] in ("90s", "1m30s")
-    devices = services["app"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    for gpu_service in ("app", "ray-gpu-worker"):
+        devices = services[gpu_service]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert services["app-cpu"]["environment"]["SD_DEVICE"] == "cpu"
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
 
@@ -75,6 +81,7 @@ def test_each_app_has_its_own_profile_and_a_plain_up_starts_neither(resolved: di
     # Compose starts a service with profiles only when one of them is active; the rest always start.
     profiles = {name: service.get("profiles", []) for name, service in resolved["services"].items()}
     assert profiles.pop("app") == ["gpu"] and profiles.pop("app-cpu") == ["cpu"]
+    assert all(profiles.pop(name) == ["ray"] for name in RAY_PROFILE)
     assert all(found == [] for found in profiles.values()), profiles
 
 
@@ -204,3 +211,87 @@ def test_the_image_entrypoint_starts_the_app_here(tiny_model_dir: Path, tmp_path
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0
+
+
+def test_the_ray_profile_wires_one_cluster_two_front_ends_and_one_token(resolved: dict[str, Any]) -> None:
+    services = resolved["services"]
+    image = services["app-ray"]["image"]
+    assert all(services[name]["image"] == image for name in ("ray-head", "ray-gpu-worker", "app-ray-2"))
+    head, worker = services["ray-head"], services["ray-gpu-worker"]
+    assert head["entrypoint"] == worker["entrypoint"] == ["ray", "start"]
+    assert {"--head", "--port=6379", "--num-cpus=0", "--num-gpus=0", "--block"} <= set(head["command"])
+    assert {"--address=ray-head:6379", "--num-gpus=1", "--block"} <= set(worker["command"])
+    for node in (head, worker):
+        assert "--metrics-export-port=8080" in node["command"]  # what Prometheus's "ray" job scrapes
+        assert "--dashboard-agent-listen-port=52365" in node["command"]  # what the health checks ask
+        assert "52365/api/local_raylet_healthz" in " ".join(node["healthcheck"]["test"])
+    assert worker["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    for name in ("ray-head", "ray-gpu-worker", "app-ray", "app-ray-2"):
+        environment = services[name]["environment"]
+        assert environment["RAY_AUTH_MODE"] == "token" and environment["RAY_AUTH_TOKEN"] == "change-me-ray-token"
+    for name, deploy in (("app-ray", "if-missing"), ("app-ray-2", "never")):
+        front_end = services[name]
+        assert front_end["environment"]["RAY_ADDRESS"] == "auto" and front_end["environment"]["RAY_DEPLOY"] == deploy
+        # A node with nothing to offer, so its driver joins the cluster and no replica lands there.
+        assert "ray start --address=ray-head:6379 --num-cpus=0 --num-gpus=0" in front_end["command"][0]
+        assert front_end["command"][0].endswith("&& exec python app.py")
+        assert "ports" not in front_end  # reached through the load balancer only
+    assert services["app-ray-2"]["depends_on"]["app-ray"] == {"condition": "service_healthy"}
+    missing = compose("--profile", "ray", "config", "-q", env_file=None)
+    assert missing.returncode != 0
+
+
+def test_the_load_balancer_keeps_each_client_on_one_ready_front_end(resolved: dict[str, Any]) -> None:
+    if shutil.which("haproxy") is None:
+        pytest.skip("Debian's haproxy is not installed (scripts/install-test-deps.sh installs it)")
+    checked = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CONFIG)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = HAPROXY_CONFIG.read_text()
+    servers = [line.split() for line in config.splitlines() if line.strip().startswith("server ")]
+    assert {server[2] for server in servers} == {"app-ray:7860", "app-ray-2:7860"}
+    assert all(server[-2:] == ["cookie", server[1]] for server in servers)  # sticky by cookie
+    assert "cookie SDFRONTEND insert indirect nocache" in config
+    assert "option httpchk GET /readyz" in config and "check port 8000" in config  # the metrics side port
+    lb = resolved["services"]["lb"]
+    assert lb["depends_on"] == {"app-ray": {"condition": "service_healthy"}}
+    assert lb["ports"] == ["127.0.0.1:7860:7860/tcp"]  # APP_BIND and APP_PORT from the env file
+    assert "monitor-uri /healthz" in config and "8404/healthz" in " ".join(lb["healthcheck"]["test"])
+
+
+KUBERAY = DEPLOY / "kuberay" / "rayservice.yaml"
+
+
+def test_the_kuberay_example_deploys_the_pipeline_and_front_ends_that_join_it() -> None:
+    ray_service, web, service = yaml.safe_load_all(KUBERAY.read_text())
+    assert (ray_service["kind"], web["kind"], service["kind"]) == ("RayService", "Deployment", "Service")
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    pinned = next(line for line in (ROOT / "requirements-ray.txt").read_text().splitlines() if "==" in line)
+    assert cluster["rayVersion"] == pinned.split("==")[1]
+    serve_config = yaml.safe_load(ray_service["spec"]["serveConfigV2"])
+    assert serve_config["proxy_location"] == "HeadOnly"  # never on a front end, whose port 8000 is the metrics port
+    (application,) = serve_config["applications"]
+    assert application["name"] == APP_NAME
+    module_name, builder_name = application["import_path"].split(":")
+    builder = getattr(importlib.import_module(module_name), builder_name)
+    deployment = builder(application["args"])._bound_deployment  # what Serve would deploy from this config
+    assert (deployment.name, deployment.ray_actor_options["num_gpus"]) == ("pipeline", 1)
+    autoscaling = deployment._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 4)
+
+    images = {cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]}
+    images |= {group["template"]["spec"]["containers"][0]["image"] for group in cluster["workerGroupSpecs"]}
+    (container,) = web["spec"]["template"]["spec"]["containers"]
+    assert images == {container["image"]}  # one image serves both
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["RAY_ADDRESS"] == "auto" and env["RAY_DEPLOY"] == "never" and env["RAY_AUTH_MODE"] == "token"
+    args = application["args"]
+    assert (env["RAY_REPLICAS"], env["RAY_MAX_REPLICAS"]) == (args["ray_replicas"], str(args["ray_max_replicas"]))
+    assert env["MAX_BATCH_SIZE"] == str(args["max_batch_size"]) and env["SD_MODEL"] == args["sd_model"]
+    head_service = f"{ray_service['metadata']['name']}-head-svc:6379"
+    assert f"ray start --address={head_service} --num-cpus=0 --num-gpus=0" in container["args"][0]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"web": 7860, "metrics": 8000}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert service["spec"]["sessionAffinity"] == "ClientIP"  # Gradio's queue needs sticky clients
+    assert service["spec"]["selector"] == web["spec"]["selector"]["matchLabels"]
