@@ -292,7 +292,7 @@ class RayBackend:
             self._handle = serve.get_app_handle(APP_NAME)
         self.info = self._handle.describe.remote().result()
         self._tokens = token_budget(self.settings.model)  # front ends share the replicas' settings
-        self._replicas_by_state, self._replica_problem = {"RUNNING": 1}, None  # describe() was just answered
+        self._look_at_replicas()
         threading.Thread(target=self._watch_replicas, name="ray-replica-watch", daemon=True).start()
         return self.info
 
@@ -304,20 +304,24 @@ class RayBackend:
         return None if by_state.get("RUNNING", 0) > 0 else f"no pipeline replica is running ({by_state})"
 
     def _watch_replicas(self) -> None:
-        """Every few seconds: the replica counts by state, for readiness and the metrics."""
+        """Every few seconds, until closed: look at the replicas again."""
+        while not self._closing.wait(REPLICA_WATCH_SECONDS):
+            self._look_at_replicas()
+
+    def _look_at_replicas(self) -> None:
+        """The replica counts by state, for readiness and the metrics."""
         from ray import serve
 
-        while not self._closing.wait(REPLICA_WATCH_SECONDS):
-            try:
-                deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
-            except Exception as error:  # noqa: BLE001 - any failure to ask Ray is a readiness problem
-                self._replica_problem = f"Ray Serve status unavailable: {type(error).__name__}"
-                continue
-            states = deployment.replica_states.items()
-            self._replicas_by_state = {str(getattr(state, "value", state)): count for state, count in states}
-            self._replica_problem = None
-            if self.observer is not None:
-                self.observer.replicas(by_state=self._replicas_by_state)
+        try:
+            deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+        except Exception as error:  # noqa: BLE001 - any failure to ask Ray is a readiness problem
+            self._replica_problem = f"Ray Serve status unavailable: {type(error).__name__}"
+            return
+        states = deployment.replica_states.items()
+        self._replicas_by_state = {str(getattr(state, "value", state)): count for state, count in states}
+        self._replica_problem = None
+        if self.observer is not None:
+            self.observer.replicas(by_state=self._replicas_by_state)
 
     def liveness_problem(self) -> str | None:
         """Ray replaces dead replicas itself; this process stays live."""
