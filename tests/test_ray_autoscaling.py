@@ -38,7 +38,9 @@ def autoscaled_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
         "RAY_MAX_REPLICAS": "2",
         "RAY_CPUS_PER_REPLICA": "1",
         "MAX_BATCH_SIZE": "1",
-        "RAY_AUTOSCALING": '{"upscale_delay_s": 0, "downscale_delay_s": 3, "metrics_interval_s": 0.5,'
+        # Up at once; down only after 30 s idle, so a fast machine that finishes both requests before the
+        # second replica is up still sees it arrive.
+        "RAY_AUTOSCALING": '{"upscale_delay_s": 0, "downscale_delay_s": 30, "metrics_interval_s": 0.5,'
         ' "look_back_period_s": 1}',
         "SD_WARMUP": "false",
     }
