@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
 from monitoring.health import Health
 from monitoring.metrics import Metrics
 from monitoring.server import MetricsServer
-from sd_pipeline.batching import BatchScheduler
-from sd_pipeline.errors import ModelLoadError
-from sd_pipeline.ray_serving import RayBackend
-from sd_pipeline.supervision import SupervisedWorker
-from sd_pipeline.worker import PipelineProcess
+from sd_pipeline.admission import Admission
+from sd_pipeline.contract.backend import Backend
+from sd_pipeline.contract.errors import ModelLoadError
 from storage.base import ImageStore, StorageError
 from storage.local import LocalStore, load_or_create_secret
 from storage.s3 import S3Store
@@ -39,8 +39,8 @@ class Parts:
     health: Health
     metrics_server: MetricsServer
     store: ImageStore
-    worker: SupervisedWorker | RayBackend | None = None
-    scheduler: BatchScheduler | None = None
+    backend: Backend | None = None
+    admission: Admission | None = None
     service: ImageService | None = None
     native_size: int = 512  # the model's own side: the default width and height
 
@@ -66,25 +66,43 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
     return local, local
 
 
-def build_backend(settings: Settings, metrics: Metrics) -> SupervisedWorker | RayBackend:
+def build_backend(settings: Settings, metrics: Metrics) -> Backend:
     """Ray Serve replicas when RAY_ADDRESS is set, else the supervised local worker process."""
     plan = settings.ray_plan()
     if plan is not None:
+        from sd_pipeline.backends.ray.backend import RayBackend
+
         return RayBackend(settings.replica_pipeline(), plan, limits=settings.limits(), observer=metrics)
+    from sd_pipeline.backends.local.process import PipelineProcess
+    from sd_pipeline.backends.local.supervisor import LocalBackend
+
     policy = settings.restart_policy()
     new_worker = functools.partial(
         PipelineProcess,
         settings.pipeline(),
-        limits=settings.limits(),
         max_batch_images=settings.max_batch_size,
         observer=metrics,
+        start_timeout=settings.pipeline_start_timeout,
         stall_seconds=policy.stall_seconds,
     )
-    return SupervisedWorker(new_worker, policy=policy, observer=metrics)
+    return LocalBackend(
+        new_worker, limits=settings.limits(), max_running=settings.max_batch_size, policy=policy, observer=metrics
+    )
+
+
+def build_ray_app(args: dict[str, Any]) -> Any:
+    """The Serve application for Ray's own tools (``serve run app:build_ray_app``, a Serve config's
+    ``import_path``, KubeRay's serveConfigV2): the replicas the app would deploy itself, from the
+    same settings: this process's environment, then the config's ``args`` (setting names, any case)."""
+    from sd_pipeline.backends.ray.replica import pipeline_application
+
+    overrides = {name.upper(): str(value) for name, value in args.items()}
+    settings = load_settings([], env={**os.environ, **overrides})
+    return pipeline_application(settings.replica_pipeline(), settings.replica_plan())
 
 
 def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
-    """Start metrics, storage, the supervised model worker and the batcher; raises on anything unusable."""
+    """Start metrics, storage, the backend and admission; raises on anything unusable."""
     metrics = Metrics(version="0.1.0")
     metrics.queue_capacity.set(settings.queue_max_size)
     health = Health()
@@ -95,24 +113,18 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     store, local_store = build_store(settings, metrics)
     health.storage_check = store.check
     parts = Parts(metrics=metrics, health=health, metrics_server=metrics_server, store=store)
-    worker = build_backend(settings, metrics)
-    parts.worker = worker
-    health.pipeline_readiness = worker.readiness_problem
-    health.pipeline_liveness = worker.liveness_problem
-    info = worker.start()
+    backend = build_backend(settings, metrics)
+    parts.backend = backend
+    health.pipeline_readiness = backend.readiness_problem
+    health.pipeline_liveness = backend.liveness_problem
+    info = backend.start()
     parts.native_size = info.native_size
     metrics.model_loaded(model=info.model, device=info.device, dtype=info.dtype, seconds=info.load_seconds)
-    parts.scheduler = BatchScheduler(
-        worker,
-        # Requests handed to the backend at once: with Ray, a full batch for each replica it may have.
-        max_batch_size=worker.most_running if isinstance(worker, RayBackend) else settings.max_batch_size,
-        capacity=settings.queue_max_size,
-        observer=metrics,
-        dispatch="each" if settings.batching == "step" or isinstance(worker, RayBackend) else "batches",
-        max_per_owner=settings.max_requests_per_user,
+    parts.admission = Admission(
+        backend, capacity=settings.queue_max_size, observer=metrics, max_per_owner=settings.max_requests_per_user
     )
-    parts.scheduler.start()
-    parts.service = ImageService(worker, parts.scheduler, store, metrics, page_size=settings.history_page_size)
+    parts.admission.start()
+    parts.service = ImageService(backend, parts.admission, store, metrics, page_size=settings.history_page_size)
     health.model_loaded()
     return parts, local_store
 
@@ -120,17 +132,17 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
 def drain(parts: Parts, settings: Settings) -> None:
     """Stop taking requests, finish queued and running work, then let in-flight saves complete."""
     parts.health.shutting_down()
-    if parts.scheduler is not None:
-        parts.scheduler.close(timeout=settings.shutdown_timeout)
+    if parts.admission is not None:
+        parts.admission.close(timeout=settings.shutdown_timeout)
     if parts.service is not None:
         parts.service.wait_idle(timeout=10)
     time.sleep(settings.shutdown_linger)  # clients fetch their result files before the listener closes
 
 
 def stop(parts: Parts) -> None:
-    """Stop the pipeline worker, flush uploads (the spool keeps the rest) and close the side port."""
-    if parts.worker is not None:
-        parts.worker.close()
+    """Stop the backend, flush uploads (the spool keeps the rest) and close the side port."""
+    if parts.backend is not None:
+        parts.backend.close()
     parts.store.close()
     parts.metrics_server.stop()
 
@@ -149,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = build_demo(
         parts.service,
         limits=settings.limits(),
-        model_name=parts.service.generator.model,
+        model_name=parts.service.backend.model,
         default_size=parts.native_size,
     )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)

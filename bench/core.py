@@ -1,4 +1,4 @@
-"""Generation core: time per image, and one batch of 4 against 4 single calls, in one run.
+"""The step engine: time per image, and 4 requests stepping together against 4 run one after another, in one run.
 
 python -m bench.core [--model DIR] [--size 64] [--steps 10] [--repeats 5]
 """
@@ -10,10 +10,10 @@ import tempfile
 from pathlib import Path
 
 from bench.common import machine, median, table, timed, write_json
-from sd_pipeline.generator import Generator
-from sd_pipeline.loading import load_pipeline
-from sd_pipeline.request import check_inputs
-from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.tiny import build_tiny_pipeline
 
 
@@ -25,17 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     model = args.model or str(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny"))
-    generator = Generator(load_pipeline(PipelineSettings(model=model)))
+    engine = StepEngine(load_pipeline(PipelineSettings(model=model)))
     fields = {"prompt": "a lighthouse at dusk", "steps": args.steps, "width": args.size, "height": args.size}
     singles = [check_inputs({**fields, "seed": seed}) for seed in range(4)]
-    generator.generate(singles[:1])  # warm-up
+    engine.generate(singles[:1])  # warm-up
 
-    one = timed(lambda: generator.generate(singles[:1]), repeats=args.repeats)
-    four_single = timed(lambda: [generator.generate([request]) for request in singles], repeats=args.repeats)
-    four_batched = timed(lambda: generator.generate(singles), repeats=args.repeats)
+    one = timed(lambda: engine.generate(singles[:1]), repeats=args.repeats)
+    four_single = timed(lambda: [engine.generate([request]) for request in singles], repeats=args.repeats)
+    four_batched = timed(lambda: engine.generate(singles), repeats=args.repeats)
     results = {
         "machine": machine(),
-        "settings": {"model": generator.model, "size": args.size, "steps": args.steps, "repeats": args.repeats},
+        "settings": {"model": engine.loaded.model, "size": args.size, "steps": args.steps, "repeats": args.repeats},
         "seconds_per_image_single": median(one),
         "four_single_calls_seconds": median(four_single),
         "one_batch_of_four_seconds": median(four_batched),

@@ -22,13 +22,14 @@ import torch
 
 from bench.common import machine, write_json
 from bench.gpu import benchmark_model
-from sd_pipeline.engine import StepEngine
-from sd_pipeline.generator import GenerationJob, Generator
-from sd_pipeline.loading import load_pipeline
-from sd_pipeline.request import RequestLimits, check_inputs
-from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.contract.jobs import GenerationJob
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import measure_folder
+from tests.images import pipeline_image
 
 VARIANTS = [
     {"width": w, "height": h, "scheduler": s, "guidance_scale": g, "num_images": n}
@@ -49,16 +50,14 @@ def check_compile(model: Path, device: str, backend: str, scale: int) -> dict[st
     """Warm-up time, then every variant served with no new graph and no error."""
     settings = PipelineSettings(model=str(model), device=device, compile_unet=True, compile_backend=backend)
     loaded = load_pipeline(settings)
-    generator = Generator(loaded, limits=RequestLimits(max_pixels=1024 * 1024), max_batch_images=8)
-    started = time.perf_counter()
-    generator.warmup()
-    warmup_s = time.perf_counter() - started
+    engine = StepEngine(loaded, max_batch_images=8)
+    warmup_s = engine.warmup()
     before, slowest, errors = graphs(), 0.0, []
     for variant in VARIANTS:
         sized = {**variant, "width": variant["width"] // scale, "height": variant["height"] // scale}
         job = GenerationJob(check_inputs({"prompt": "variety", "steps": 4, **sized}))
         started = time.perf_counter()
-        (outcome,) = generator.run([job])
+        (outcome,) = engine.run([job])
         slowest = max(slowest, time.perf_counter() - started)
         if outcome.error is not None:
             errors.append(repr(outcome.error))
@@ -74,7 +73,7 @@ def check_compile(model: Path, device: str, backend: str, scale: int) -> dict[st
 
 
 def check_oom_and_memory(model: Path, device: str, scale: int) -> dict[str, Any]:
-    """Under a memory cap a big batch splits down and still returns every image; fp16 images are finite."""
+    """Under a memory cap one request's 4 images split into smaller UNet calls and all return; fp16 is finite."""
     loaded = load_pipeline(PipelineSettings(model=str(model), device=device))
     events: list[str] = []
 
@@ -91,14 +90,14 @@ def check_oom_and_memory(model: Path, device: str, scale: int) -> dict[str, Any]
         def out_of_memory(self) -> None:
             events.append("oom")
 
-    generator = Generator(loaded, limits=RequestLimits(max_pixels=1024 * 1024), observer=Observer(), max_batch_images=8)
+    engine = StepEngine(loaded, observer=Observer(), max_batch_images=8)
     if device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, OOM_CAP_BYTES / total))
         torch.cuda.reset_peak_memory_stats()
     side = 1024 // scale
     request = check_inputs({"prompt": "a big batch", "steps": 2, "width": side, "height": side, "num_images": 4})
-    (outcome,) = generator.run([GenerationJob(request)])
+    (outcome,) = engine.run([GenerationJob(request)])
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     if device == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -123,7 +122,7 @@ ENGINE_REQUESTS = [
 
 def check_step_engine(model: Path, device: str, scale: int) -> dict[str, Any]:
     """Four requests with different samplers, guidance and steps: each alone through the engine,
-    then all four stepping together, against ``Generator`` (four separate pipeline calls);
+    then all four stepping together, against diffusers' own pipeline call (four separate calls);
     images agree, are finite and not flat, and the wall times side by side."""
     loaded = load_pipeline(PipelineSettings(model=str(model), device=device))
     side = 512 // scale
@@ -131,7 +130,6 @@ def check_step_engine(model: Path, device: str, scale: int) -> dict[str, Any]:
         check_inputs({"prompt": "a lighthouse at dusk", "width": side, "height": side, **r}) for r in ENGINE_REQUESTS
     ]
     engine = StepEngine(loaded, max_batch_images=8)
-    generator = Generator(loaded, max_batch_images=8)
     outcomes: dict[int, Any] = {}
 
     def through_engine(batch: list[Any]) -> list[np.ndarray]:
@@ -142,15 +140,14 @@ def check_step_engine(model: Path, device: str, scale: int) -> dict[str, Any]:
         return [np.asarray(outcomes[n].results[0].image, dtype=np.int16) for n in range(len(jobs))]
 
     through_engine(requests[:1])  # warm-up
-    generator.run([GenerationJob(requests[0])])
+    pipeline_image(loaded, requests[0])
     alone = [through_engine([request])[0] for request in requests]
     started = time.perf_counter()
     together = through_engine(requests)
     engine_s = time.perf_counter() - started
     started = time.perf_counter()
-    by_call = generator.run([GenerationJob(request) for request in requests])
-    generator_s = time.perf_counter() - started
-    called = [np.asarray(outcome.results[0].image, dtype=np.int16) for outcome in by_call]
+    called = [np.asarray(pipeline_image(loaded, request)[0], dtype=np.int16) for request in requests]
+    pipeline_s = time.perf_counter() - started
     batched_diff = max(int(np.abs(a - b).max()) for a, b in zip(alone, together, strict=True))
     call_diff = max(int(np.abs(a - b).max()) for a, b in zip(alone, called, strict=True))
     sane = all(image.std() > 0 for image in together)
@@ -162,8 +159,8 @@ def check_step_engine(model: Path, device: str, scale: int) -> dict[str, Any]:
         "max_diff_batched_vs_alone": batched_diff,
         "max_diff_engine_vs_pipeline_call": call_diff,
         "engine_4_together_s": engine_s,
-        "generator_4_calls_s": generator_s,
-        "speedup": generator_s / engine_s,
+        "pipeline_4_calls_s": pipeline_s,
+        "speedup": pipeline_s / engine_s,
     }
 
 

@@ -6,7 +6,7 @@ depend on the weights), 512x512, 25 steps with classifier-free guidance, batch 1
 
 Modes, each adding one real optimisation to the one before, all against (a): (a) plain
 diffusers fp16 eager (SDPA attention is already diffusers' default); (b) this project's
-Generator with channels-last; (c) + fused QKV projections; (d) + torch.compile (CUDA, or
+step engine with channels-last; (c) + fused QKV projections; (d) + torch.compile (CUDA, or
 --tiny). Reports images/s, UNet iterations/s and model FLOP utilisation, both from the time
 spent inside the UNet alone (timed with CUDA events, so the text encoder, VAE decode and
 PIL conversion do not count against UNet FLOPs), against a matmul peak measured over at
@@ -27,11 +27,11 @@ from diffusers import StableDiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import machine, table, write_json
-from sd_pipeline.generator import Generator
-from sd_pipeline.loading import load_pipeline
-from sd_pipeline.request import RequestLimits, check_inputs
-from sd_pipeline.schedulers import make_scheduler
-from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import load_pipeline
+from sd_pipeline.model.schedulers import make_scheduler
 from sd_pipeline.tiny import TOKEN_LIMIT, build_tiny_pipeline, save_random_pipeline
 
 # Published configuration of runwayml/stable-diffusion-v1-5 (unet, vae, text_encoder).
@@ -193,13 +193,11 @@ def run_mode(
         settings = PipelineSettings(model=str(model), device=device.type, **mode)
         loaded = load_pipeline(settings)
         pipeline = loaded.pipeline
-        generator = Generator(
-            loaded, limits=RequestLimits(max_pixels=args.size * args.size), max_batch_images=max(args.batches)
-        )
+        engine = StepEngine(loaded, max_batch_images=max(args.batches))
 
         def generate(batch: int) -> np.ndarray:
             requests = [check_inputs({**fields, "seed": seed}) for seed in range(batch)]
-            results = generator.generate(requests)
+            results = engine.generate(requests)
             return np.stack([np.asarray(r[0].image, dtype=np.float32) / 255 for r in results])
 
     flops = unet_flops_per_image_step(pipeline, args.size)

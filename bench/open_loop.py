@@ -1,15 +1,16 @@
-"""Open-loop serving: Poisson arrivals with mixed settings, step-level against request-level batching.
+"""Open-loop serving: Poisson arrivals with mixed settings on the step engine.
 
     python -m bench.open_loop [--model DIR] [--size 64] [--requests 60] [--quick]
     python -m bench.serving --open-loop      # the same
 
 Closed-loop clients (``bench.serving``) slow down when the server does, which hides queueing.
 Here requests arrive on their own clock (exponential gaps) at 50 %, 80 % and 120 % of the
-capacity measured first (8 closed-loop clients, request batching, the same mixed workload:
-10/20/30 steps, guidance 7.5 or 1.0, random seeds). The launched app (local storage) runs once
-with ``BATCHING=request`` and once with ``BATCHING=step``; each sees the same arrival times
-and requests. Also in the same run: a 6-step request sent while a 60-step one runs (its time
-as a share of the long one's), and one client in a row against the naive Gradio peer.
+capacity measured first (8 closed-loop clients, the same mixed workload: 10/20/30 steps,
+guidance 7.5 or 1.0, random seeds), against the launched app (local storage). Also in the
+same run: a 6-step request sent while a 60-step one runs (its time as a share of the long
+one's), and one client in a row against the naive Gradio peer. (Request-level batching, the
+earlier comparison, is gone: the step engine is the only runner; docs/BENCHMARKS.md keeps
+its last numbers.)
 Reports p50/p95 latency, images/s, mean wait to the first step (web queue + worker, from the
 app's metrics), the mean UNet batch, and the target ratios. Writes bench/results/open_loop.json.
 """
@@ -35,7 +36,7 @@ from sd_pipeline.tiny import build_tiny_pipeline
 from tests.app_server import RunningApp, launched_app
 
 LOADS = (0.5, 0.8, 1.2)
-MODES = ("request", "step")
+MODES = ("step",)
 CLIENT_POOL = 24
 METRICS = (
     "sdapp_queue_wait_seconds_sum",
@@ -218,8 +219,7 @@ def peer_one_client(model: str, requests: list[dict[str, Any]], *, size: int, wo
 def measure_mode(
     model: Path, mode: str, *, capacity: float | None, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
-    env = {"BATCHING": mode}
-    with launched_app(model, work, env=env) as app:
+    with launched_app(model, work) as app:
         pool = ClientPool(app.url, CLIENT_POOL, work / f"downloads-{mode}")
         warm = workload(4, seed=99)
         closed_loop(pool, warm, clients=4, size=args.size)
@@ -283,22 +283,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ]
             )
     print(table(["load", "batching", "images/s", "p50 ms", "p95 ms", "wait to 1st step ms", "mean UNet batch"], rows))
-    step, request = modes["step"], modes["request"]
-    p95_ratio = step["0.8"]["p95_s"] / request["0.8"]["p95_s"]
-    throughput_ratio = step["1.2"]["images_per_s"] / request["1.2"]["images_per_s"]
+    step = modes["step"]
     wait_in_steps = step["0.8"]["wait_to_first_step_s"] / max(step["0.8"]["step_s"], 1e-9)
-    print(f"\ncapacity (8 closed-loop clients, request batching): {capacity:.2f} images/s")
-    print(f"80 % load: step p95 / request p95 = {p95_ratio:.2f} (target <= 0.6)")
-    print(f"120 % load: step images/s / request images/s = {throughput_ratio:.2f} (target >= 1.0)")
-    print(f"80 % load, step: mean wait to first step = {wait_in_steps:.1f} step-times (target <= 2)")
+    print(f"\ncapacity (8 closed-loop clients): {capacity:.2f} images/s")
+    print(f"80 % load: mean wait to first step = {wait_in_steps:.1f} step-times (target <= 2)")
+    share = step["short_share_of_long"]
+    print(f"6-step request during a 60-step one: {share:.0%} of the long one's time (target <= 35 %)")
     print(
-        f"6-step request during a 60-step one: {step['short_share_of_long']:.0%} of the long one's time with step "
-        f"batching, {request['short_share_of_long']:.0%} with request batching (target <= 35 %)"
-    )
-    print(
-        f"one client, 10 steps: p50 step {step['one_client_p50_s'] * 1000:.0f} ms, request "
-        f"{request['one_client_p50_s'] * 1000:.0f} ms, naive peer {peer_p50 * 1000:.0f} ms "
-        "(target: step <= peer + 20 ms)"
+        f"one client, 10 steps: p50 {step['one_client_p50_s'] * 1000:.0f} ms, naive peer {peer_p50 * 1000:.0f} ms "
+        "(target: <= peer + 20 ms)"
     )
     results = {
         "machine": machine(),
@@ -307,9 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "modes": modes,
         "peer_one_client_p50_s": peer_p50,
         "ratios": {
-            "p95_step_over_request_at_80": p95_ratio,
-            "images_per_s_step_over_request_at_120": throughput_ratio,
             "wait_to_first_step_in_step_times_at_80": wait_in_steps,
+            "one_client_p50_over_peer": step["one_client_p50_s"] / peer_p50,
         },
     }
     print(f"written {write_json('open_loop.json', results, folder=args.out)}")

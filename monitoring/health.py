@@ -30,7 +30,7 @@ class Health:
     """Flags set by the app as it starts and stops, a cached storage check, and the pipeline's own checks.
 
     ``pipeline_readiness`` and ``pipeline_liveness`` return a reason when the pipeline cannot
-    run requests now, or is crash-looping (``SupervisedWorker`` provides both).
+    run requests now, or is crash-looping (the backend provides both).
     """
 
     def __init__(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import platform
 from enum import StrEnum
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
-import torch
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -65,13 +66,13 @@ class Metrics:
         )
         self.generation = Histogram(
             f"{PREFIX}generation_seconds",
-            "Wall time of one pipeline call (request batching) or one engine step (step batching)",
+            "Wall time of one engine step (one UNet call over the running batch)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.first_step_waits = Histogram(
             f"{PREFIX}first_step_wait_seconds",
-            "Time a request waited inside the pipeline worker before its first denoising step (step batching)",
+            "Time a request waited inside the pipeline worker or replica before its first denoising step",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -146,7 +147,7 @@ class Metrics:
         self.model_load = Gauge(f"{PREFIX}model_load_seconds", "Time the model took to load", registry=r)
         self.model_info = Info(f"{PREFIX}model", "The model served, its device and dtype", registry=r)
         self.build_info = Info(f"{PREFIX}build", "Versions of the app and its main libraries", registry=r)
-        self.build_info.info({"version": version, "python": platform.python_version(), "torch": torch.__version__})
+        self.build_info.info({"version": version, "python": platform.python_version(), "torch": _installed("torch")})
         for outcome in Outcome:
             self.requests.labels(outcome=outcome.value)
         for operation in StorageOperation:
@@ -168,7 +169,7 @@ class Metrics:
         self.model_load.set(seconds)
         self.model_info.info({"model": model, "device": device, "dtype": dtype})
 
-    # GenerationObserver (sd_pipeline.generator)
+    # GenerationObserver and WorkerObserver (sd_pipeline.contract.facts)
     def pipeline_call(self, *, seconds: float, images: int) -> None:
         self.generation.observe(seconds)
         self.batch_size.observe(images)
@@ -188,7 +189,7 @@ class Metrics:
         self.gpu_allocated.labels(device="0").set(allocated)
         self.gpu_reserved.labels(device="0").set(reserved)
 
-    # SupervisorObserver (sd_pipeline.supervision)
+    # SupervisorObserver (sd_pipeline.backends.local.supervisor) and ReplicaObserver (backends.ray)
     def worker_restarted(self, *, reason: str) -> None:
         self.worker_restarts.labels(reason=WorkerRestartReason(reason).value).inc()
 
@@ -199,7 +200,7 @@ class Metrics:
         for state in ("RUNNING", "STARTING", "UPDATING", "RECOVERING", "STOPPING"):
             self.pipeline_replicas.labels(state=state).set(by_state.get(state, 0))
 
-    # BatchObserver (sd_pipeline.batching)
+    # AdmissionObserver (sd_pipeline.admission)
     def queued(self, *, depth: int) -> None:
         self.queue_depth.set(depth)
 
@@ -218,3 +219,11 @@ class Metrics:
 
     def pending(self, *, count: int) -> None:
         self.uploads_pending.set(count)
+
+
+def _installed(name: str) -> str:
+    """A package's installed version, read without importing it (the web process never loads torch)."""
+    try:
+        return package_version(name)
+    except PackageNotFoundError:
+        return "not installed"

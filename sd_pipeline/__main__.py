@@ -6,13 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from sd_pipeline.errors import InvalidRequestError, ModelLoadError
-from sd_pipeline.generator import Generator
-from sd_pipeline.loading import load_pipeline
+from sd_pipeline.contract.errors import InvalidRequestError, ModelLoadError
+from sd_pipeline.contract.request import RequestLimits, TokenBudget, check_inputs
+from sd_pipeline.contract.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sd_pipeline.contract.settings import DEFAULT_MODEL, PipelineSettings
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.png import encode_png
-from sd_pipeline.request import RequestLimits
-from sd_pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
-from sd_pipeline.settings import DEFAULT_MODEL, PipelineSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = _prompts(args)
     settings = PipelineSettings(model=args.model, device=args.device, safety_checker=not args.no_safety_checker)
     try:
-        generator = Generator(load_pipeline(settings), limits=RequestLimits(max_pixels=settings.max_pixels))
+        loaded = load_pipeline(settings)
+        limits = RequestLimits(max_pixels=settings.max_pixels)
+        tokens = TokenBudget.of(loaded.pipeline.tokenizer)
         fields = {
             "negative_prompt": args.negative_prompt,
             "seed": args.seed,
@@ -59,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             "num_images": args.num_images,
             "scheduler": args.scheduler,
         }
-        requests = [generator.check({"prompt": prompt, **fields}) for prompt in prompts]
+        requests = [check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens) for prompt in prompts]
     except (InvalidRequestError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    for number, results in enumerate(generator.generate(requests)):
+    engine = StepEngine(loaded, max_batch_images=max(8, len(requests)))
+    for number, results in enumerate(engine.generate(requests)):
         for result in results:
             path = args.out / f"{number:04d}-{result.seed}.png"
             path.write_bytes(encode_png(result))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sd_pipeline.generator import GenerationResult
+from sd_pipeline.contract.jobs import GenerationResult
 
 PARAMETERS_CHUNK = "parameters"
 

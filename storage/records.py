@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from sd_pipeline.generator import GenerationResult
+from sd_pipeline.contract.jobs import GenerationResult
 
 Status = Literal["stored", "pending"]
 

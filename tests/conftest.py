@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sd_pipeline.generator import Generator
-from sd_pipeline.loading import LoadedPipeline, load_pipeline
-from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.tiny import build_tiny_pipeline
 from tests.servers import S3Server, running_s3_server
 
@@ -20,6 +21,12 @@ AWS_TEST_ENV = {
     "AWS_SECRET_ACCESS_KEY": "test-secret-key",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ray reads its loopback switch when first imported; the app sets it before it imports Ray, and so
+    does the suite, whose modules import Ray in this process (the Serve builder, the Ray backend)."""
+    os.environ.setdefault(LOOPBACK_SWITCH, "0")
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +41,8 @@ def tiny_loaded(tiny_model_dir: Path) -> LoadedPipeline:
 
 
 @pytest.fixture()
-def generator(tiny_loaded: LoadedPipeline) -> Generator:
-    return Generator(tiny_loaded)
+def engine(tiny_loaded: LoadedPipeline) -> StepEngine:
+    return StepEngine(tiny_loaded)
 
 
 @pytest.fixture(scope="session", autouse=True)

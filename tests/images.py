@@ -1,4 +1,4 @@
-"""What "the same image" means in tests: every channel within 1/255, as the product promises.
+"""What "the same image" means in tests (every channel within 1/255, as the product promises), and the oracle.
 
 CPU kernels do not promise bit-identical results across batch rows, thread counts or
 machines, so no test asks for exact pixel equality.
@@ -9,6 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+
+from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.model.loading import LoadedPipeline
+from sd_pipeline.model.schedulers import make_scheduler
 
 SAME_IMAGE_TOLERANCE = 1  # levels of 255
 
@@ -24,3 +29,23 @@ def assert_same_image(first: Any, second: Any, *, tolerance: int = SAME_IMAGE_TO
     """Both images have the same size and no channel differs by more than ``tolerance``/255."""
     difference = max_difference(first, second)
     assert difference <= tolerance, f"images differ by {difference}/255 (allowed {tolerance}/255)"
+
+
+def pipeline_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:
+    """``StableDiffusionPipeline.__call__`` with the request's settings and one generator per image."""
+    pipeline = loaded.pipeline
+    saved = pipeline.scheduler
+    pipeline.scheduler = make_scheduler(request.scheduler, saved.config)
+    try:
+        output = pipeline(
+            prompt=[request.prompt] * request.num_images,
+            negative_prompt=[request.negative_prompt] * request.num_images,
+            width=request.width,
+            height=request.height,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in request.seeds()],
+        )
+    finally:
+        pipeline.scheduler = saved
+    return list(output.images)

@@ -1,16 +1,16 @@
-"""Admission without a model: fair order across owners, the per-owner limit, and both dispatch modes."""
+"""Admission without a model: fair order across owners, the per-owner limit, running side by side, wait estimates."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 
-from sd_pipeline.batching import BatchScheduler, QueueFullError, TooManyRequestsError
-from sd_pipeline.generator import GenerationJob, JobOutcome
-from sd_pipeline.request import GenerationRequest
+from sd_pipeline.admission import Admission, QueueFullError, TooManyRequestsError
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.request import GenerationRequest
 from tests.servers import wait_until
 
 
@@ -19,7 +19,8 @@ class GatedBackend:
 
     model = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, max_running: int = 8) -> None:
+        self.max_running = max_running
         self.calls: list[list[str]] = []
         self.gate = threading.Semaphore(0)
         self.lock = threading.Lock()
@@ -44,21 +45,21 @@ def job(owner: str, name: str, steps: int = 25) -> GenerationJob:
     return GenerationJob(GenerationRequest(prompt=name, steps=steps), owner=owner)
 
 
-def scheduler(backend: GatedBackend, dispatch: Literal["batches", "each"], **options: Any) -> BatchScheduler:
-    started = BatchScheduler(backend, dispatch=dispatch, **options)
+def admission(backend: GatedBackend, **options: Any) -> Admission:
+    started = Admission(backend, **options)
     started.start()
     return started
 
 
-def finish(backend: GatedBackend, queue: BatchScheduler, count: int) -> None:
+def finish(backend: GatedBackend, queue: Admission, count: int) -> None:
     for _ in range(count):
         backend.gate.release()
     assert queue.close(timeout=10)
 
 
 def test_owners_take_turns_instead_of_first_come() -> None:
-    backend = GatedBackend()
-    queue = scheduler(backend, "batches", max_batch_size=1)
+    backend = GatedBackend(max_running=1)
+    queue = admission(backend)
     queue.submit(job("script", "blocker"))
     wait_until(lambda: len(backend.calls) == 1, timeout=5)
     futures = [queue.submit(job("script", f"flood-{n}")) for n in range(4)]
@@ -72,8 +73,8 @@ def test_owners_take_turns_instead_of_first_come() -> None:
 
 
 def test_one_owner_is_limited_and_others_are_not() -> None:
-    backend = GatedBackend()
-    queue = scheduler(backend, "each", max_batch_size=2, max_per_owner=3)
+    backend = GatedBackend(max_running=2)
+    queue = admission(backend, max_per_owner=3)
     for n in range(3):
         queue.submit(job("script", f"flood-{n}"))
     with pytest.raises(TooManyRequestsError, match="you already have 3 requests in progress"):
@@ -85,8 +86,8 @@ def test_one_owner_is_limited_and_others_are_not() -> None:
 
 
 def test_a_finished_request_frees_its_owner_slot() -> None:
-    backend = GatedBackend()
-    queue = scheduler(backend, "each", max_batch_size=1, max_per_owner=1)
+    backend = GatedBackend(max_running=1)
+    queue = admission(backend, max_per_owner=1)
     first = queue.submit(job("user", "first"))
     backend.gate.release()
     first.result(timeout=5)
@@ -96,9 +97,9 @@ def test_a_finished_request_frees_its_owner_slot() -> None:
     assert second.result(timeout=5) == []
 
 
-def test_each_dispatch_runs_requests_side_by_side_up_to_the_batch_size() -> None:
-    backend = GatedBackend()
-    queue = scheduler(backend, "each", max_batch_size=3)
+def test_requests_run_side_by_side_up_to_the_backends_max_running() -> None:
+    backend = GatedBackend(max_running=3)
+    queue = admission(backend)
     futures = [queue.submit(job(f"user-{n}", f"r{n}")) for n in range(5)]
     wait_until(lambda: backend.running == 3, timeout=5)
     assert all(len(call) == 1 for call in backend.calls)
@@ -108,21 +109,9 @@ def test_each_dispatch_runs_requests_side_by_side_up_to_the_batch_size() -> None
     assert backend.most_at_once == 3
 
 
-def test_batches_dispatch_sends_what_waits_as_one_run() -> None:
-    backend = GatedBackend()
-    queue = scheduler(backend, "batches", max_batch_size=8)
-    queue.submit(job("a", "first"))
-    wait_until(lambda: backend.running == 1, timeout=5)
-    for n in range(3):
-        queue.submit(job(f"user-{n}", f"r{n}"))
-    finish(backend, queue, 2)
-    assert [len(call) for call in backend.calls] == [1, 3]
-    assert backend.most_at_once == 1
-
-
 def test_steps_before_start_with_slots() -> None:
-    backend = GatedBackend()
-    queue = scheduler(backend, "each", max_batch_size=2)
+    backend = GatedBackend(max_running=2)
+    queue = admission(backend)
     short, long = job("a", "short", steps=10), job("b", "long", steps=30)
     queue.submit(short)
     queue.submit(long)
@@ -136,17 +125,3 @@ def test_steps_before_start_with_slots() -> None:
     assert queue.steps_before_start(first) == 6
     assert queue.steps_before_start(short) is None  # running: no wait to estimate
     finish(backend, queue, 4)
-
-
-def test_steps_before_start_with_whole_batches() -> None:
-    backend = GatedBackend()
-    queue = scheduler(backend, "batches", max_batch_size=2)
-    running = job("a", "running", steps=10)
-    queue.submit(running)
-    wait_until(lambda: backend.running == 1, timeout=5)
-    waiting = [job(f"user-{n}", f"w{n}", steps=steps) for n, steps in enumerate((5, 7, 3))]
-    for queued in waiting:
-        queue.submit(queued)
-    assert queue.steps_before_start(waiting[0]) == 10
-    assert queue.steps_before_start(waiting[2]) == 10 + 7  # after the batch of 5 and 7 steps
-    finish(backend, queue, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,49 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     test_command = blocks[2].split("\n")[1]
     assert test_command == "bash scripts/install-test-deps.sh && python -m pytest"
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_import_rules_hold() -> None:
+    """The layers and forbidden imports declared in pyproject.toml ([tool.importlinter]), checked by import-linter."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    finished = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "0 broken" in finished.stdout
+
+
+HEAVY = ("torch", "diffusers", "ray", "transformers")
+
+
+def loaded_modules(code: str) -> tuple[list[str], str]:
+    """The heavy packages a fresh interpreter has loaded after ``code``, and what it printed."""
+    script = f"{code}\nimport sys\nprint('LOADED', [m for m in {HEAVY!r} if m in sys.modules])"
+    finished = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    loaded = next(line for line in finished.stdout.splitlines() if line.startswith("LOADED"))
+    return ast.literal_eval(loaded.removeprefix("LOADED ")), finished.stdout + finished.stderr
+
+
+def test_help_and_a_bad_setting_load_no_model_stack() -> None:
+    help_text = subprocess.run(
+        [sys.executable, "-X", "importtime", "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert help_text.returncode == 0 and "--sd-model" in help_text.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in help_text.stderr.splitlines() if "|" in line}
+    assert imported.isdisjoint(HEAVY), imported & set(HEAVY)
+    bad = subprocess.run(
+        [sys.executable, "-X", "importtime", "app.py", "--max-batch-size", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "invalid setting MAX_BATCH_SIZE" in bad.stderr
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in bad.stderr.splitlines() if "|" in line}
+    assert imported.isdisjoint(HEAVY), imported & set(HEAVY)
+
+
+def test_settings_the_web_layer_and_the_backends_parent_side_load_no_model_stack() -> None:
+    loaded, output = loaded_modules(
+        "import app, webapp.settings, webapp.ui, sd_pipeline.admission, sd_pipeline.backends.local.supervisor\n"
+        "app.load_settings(['--ray-replicas', '2'], env={'RAY_ADDRESS': 'local'}).ray_plan()"
+    )
+    assert loaded == [], output

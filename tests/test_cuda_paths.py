@@ -9,25 +9,26 @@ from typing import Any
 import pytest
 import torch
 
-from sd_pipeline import loading
-from sd_pipeline import worker as worker_module
-from sd_pipeline.device_errors import DeviceFailedError, is_out_of_memory, is_sticky_device_error
-from sd_pipeline.engine import StepEngine
-from sd_pipeline.errors import ModelLoadError, OutOfMemoryError
-from sd_pipeline.generator import GenerationJob, Generator
-from sd_pipeline.loading import LoadedPipeline, apply_speedups, load_pipeline, resolve_device
-from sd_pipeline.request import check_inputs
-from sd_pipeline.schedulers import SCHEDULER_NAMES
-from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.backends import engine_loop
+from sd_pipeline.backends.engine_loop import EngineLoop
+from sd_pipeline.contract.errors import ModelLoadError, OutOfMemoryError
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model import loading
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.failures import DeviceFailedError, is_out_of_memory, is_sticky_device_error
+from sd_pipeline.model.loading import LoadedPipeline, apply_speedups, load_pipeline, resolve_device
+from sd_pipeline.model.schedulers import SCHEDULER_NAMES
 from tests.images import assert_same_image
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 2, "guidance_scale": 7.5}
 
 
 def test_out_of_memory_retries_run_after_the_failed_call_is_freed(
-    generator: Generator, monkeypatch: pytest.MonkeyPatch
+    engine: StepEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unet = generator.loaded.pipeline.unet
+    unet = engine.loaded.pipeline.unet
     real_forward = unet.forward
     failed_inputs: list[weakref.ref[torch.Tensor]] = []
     alive_at_retry: list[int] = []
@@ -40,17 +41,17 @@ def test_out_of_memory_retries_run_after_the_failed_call_is_freed(
         return real_forward(sample, *args, **kwargs)
 
     monkeypatch.setattr(unet, "forward", forward_with_memory_limit)
-    results = generator.generate([check_inputs({"prompt": f"p{i}", "seed": i, **SMALL}) for i in range(2)])
+    results = engine.generate([check_inputs({"prompt": f"p{i}", "seed": i, **SMALL}) for i in range(2)])
     assert [rs[0].timings.batch_images for rs in results] == [1, 1]
     assert failed_inputs and alive_at_retry and max(alive_at_retry) == 0, "the failed call's tensors were still alive"
 
 
-def test_a_failed_call_keeps_no_traceback(generator: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_call_keeps_no_traceback(engine: StepEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         raise ValueError("a bug in a custom scheduler")
 
-    monkeypatch.setattr(generator.loaded.pipeline.unet, "forward", broken)
-    (outcome,) = generator.run([GenerationJob(check_inputs({"prompt": "x", **SMALL}))])
+    monkeypatch.setattr(engine.loaded.pipeline.unet, "forward", broken)
+    (outcome,) = engine.run([GenerationJob(check_inputs({"prompt": "x", **SMALL}))])
     assert isinstance(outcome.error, ValueError) and outcome.error.__traceback__ is None
 
 
@@ -86,16 +87,16 @@ def test_out_of_memory_while_compiling_is_recognised_through_the_wrapper() -> No
     ],
 )
 def test_sticky_cuda_errors_end_the_worker_instead_of_failing_one_request(
-    generator: Generator, monkeypatch: pytest.MonkeyPatch, message: str
+    engine: StepEngine, monkeypatch: pytest.MonkeyPatch, message: str
 ) -> None:
     assert is_sticky_device_error(RuntimeError(message)) and not is_out_of_memory(RuntimeError(message))
 
     def poisoned(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(message)
 
-    monkeypatch.setattr(generator.loaded.pipeline.unet, "forward", poisoned)
+    monkeypatch.setattr(engine.loaded.pipeline.unet, "forward", poisoned)
     with pytest.raises(DeviceFailedError, match="needs a new process"):
-        generator.run([GenerationJob(check_inputs({"prompt": "x", **SMALL}))])
+        engine.run([GenerationJob(check_inputs({"prompt": "x", **SMALL}))])
 
 
 def test_a_plain_error_is_neither() -> None:
@@ -103,13 +104,13 @@ def test_a_plain_error_is_neither() -> None:
     assert not is_out_of_memory(error) and not is_sticky_device_error(error)
 
 
-def test_single_image_out_of_memory_names_the_size(generator: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_single_image_out_of_memory_names_the_size(engine: StepEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     def always(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
 
-    monkeypatch.setattr(generator.loaded.pipeline.unet, "forward", always)
-    with pytest.raises(OutOfMemoryError, match="out of GPU memory generating one 64x64 image"):
-        generator.generate([check_inputs({"prompt": "x", **SMALL})])
+    monkeypatch.setattr(engine.loaded.pipeline.unet, "forward", always)
+    with pytest.raises(OutOfMemoryError, match="out of GPU memory generating 64x64 images"):
+        engine.generate([check_inputs({"prompt": "x", **SMALL})])
 
 
 @pytest.fixture()
@@ -139,14 +140,14 @@ def test_warmup_compiles_the_served_size_with_and_without_guidance(
     compiled: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shapes = unet_shapes(compiled, monkeypatch)
-    Generator(compiled).warmup()
+    StepEngine(compiled).warmup()
     latent = (4, 64, 64)  # 512x512, the default size, in latents
     assert sorted(set(shapes)) == [(1, *latent), (2, *latent), (4, *latent)]  # no guidance; guidance x1, x2
 
 
 def test_compiled_unet_serves_more_shapes_than_the_recompile_limit(compiled: LoadedPipeline) -> None:
-    generator = Generator(compiled)
-    generator.warmup()
+    compiled_engine = StepEngine(compiled)
+    compiled_engine.warmup()
     compiles_after_warmup = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     variants = [
         {"width": width, "height": height, "scheduler": scheduler, "guidance_scale": guidance, "num_images": images}
@@ -155,17 +156,17 @@ def test_compiled_unet_serves_more_shapes_than_the_recompile_limit(compiled: Loa
     ]
     assert len(variants) > torch._dynamo.config.recompile_limit
     for variant in variants:
-        (outcome,) = generator.run([GenerationJob(check_inputs({"prompt": "v", "steps": 2, **variant}))])
+        (outcome,) = compiled_engine.run([GenerationJob(check_inputs({"prompt": "v", "steps": 2, **variant}))])
         assert outcome.error is None and len(outcome.results) == variant["num_images"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles_after_warmup  # none blocked serving
 
 
-def test_compiled_and_eager_give_the_same_image(compiled: LoadedPipeline, generator: Generator) -> None:
-    compiled_generator = Generator(compiled)
-    compiled_generator.warmup()
+def test_compiled_and_eager_give_the_same_image(compiled: LoadedPipeline, engine: StepEngine) -> None:
+    compiled_engine = StepEngine(compiled)
+    compiled_engine.warmup()
     for scheduler in SCHEDULER_NAMES[:2]:
         request = check_inputs({"prompt": "same", "seed": 3, "scheduler": scheduler, **SMALL})
-        assert_same_image(compiled_generator.generate([request])[0][0].image, generator.generate([request])[0][0].image)
+        assert_same_image(compiled_engine.generate([request])[0][0].image, engine.generate([request])[0][0].image)
 
 
 def test_cudnn_benchmark_is_opt_in(tiny_loaded: LoadedPipeline) -> None:
@@ -181,48 +182,49 @@ def test_cudnn_benchmark_is_opt_in(tiny_loaded: LoadedPipeline) -> None:
         torch.backends.cudnn.benchmark = saved
 
 
-class ScriptedConnection:
-    """The parent's end of the pipe, as the worker sees it: scripted messages in, sent ones recorded."""
+class MemoryFacts:
+    """The facts a worker or replica relays, in order."""
 
-    def __init__(self, script: list[tuple[str, Any]]) -> None:
-        self.script = script
-        self.sent: list[tuple[str, Any]] = []
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.memory: dict[str, int] = {}
 
-    def send(self, message: tuple[str, Any]) -> None:
-        self.sent.append(message)
+    def pipeline_call(self, *, seconds: float, images: int) -> None:
+        self.seen.append("pipeline_call")
 
-    def poll(self) -> bool:
-        return bool(self.script)
+    def denoising_step(self, *, seconds: float) -> None:
+        self.seen.append("denoising_step")
 
-    def recv(self) -> tuple[str, Any]:
-        if not self.script:
-            raise EOFError
-        return self.script.pop(0)
+    def first_step_wait(self, *, seconds: float) -> None:
+        self.seen.append("first_step_wait")
+
+    def out_of_memory(self) -> None:
+        self.seen.append("out_of_memory")
+
+    def gpu_memory(self, *, allocated: int, reserved: int) -> None:
+        self.seen.append("gpu_memory")
+        self.memory = {"allocated": allocated, "reserved": reserved}
 
 
-@pytest.mark.parametrize("batching", ["step", "request"])
 def test_gpu_memory_is_the_runs_peak_and_travels_before_its_result(
-    generator: Generator, monkeypatch: pytest.MonkeyPatch, batching: str
+    tiny_loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     resets: list[bool] = []
-    monkeypatch.setattr(worker_module, "_cuda_in_use", lambda: True)
+    monkeypatch.setattr(engine_loop, "cuda_in_use", lambda: True)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(True))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 123)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 456)
-    request = check_inputs({"prompt": "m", **SMALL})
-    connection = ScriptedConnection([("run", [(7, request)]), ("stop", None)])  # the stop waits for the run
-    jobs = worker_module._WorkerJobs(connection)  # type: ignore[arg-type]
-    if batching == "step":
-        engine = StepEngine(generator.loaded, observer=worker_module._ForwardingObserver(connection))  # type: ignore[arg-type]
-        worker_module._serve_steps(engine, jobs)
-    else:
-        worker_module._serve_runs(generator, jobs)
-    kinds = [kind for kind, _ in connection.sent]
-    assert kinds.count("step") == SMALL["steps"] and kinds[-2:] == ["gpu_memory", "done"]
-    assert connection.sent[-2][1] == {"allocated": 123, "reserved": 456}
+    facts = MemoryFacts()
+    loop = EngineLoop(StepEngine(tiny_loaded, observer=facts))
+    outcomes: list[JobOutcome] = []
+    loop.submit(GenerationJob(check_inputs({"prompt": "m", **SMALL})), lambda outcome: facts.seen.append("done"))
+    loop.submit(GenerationJob(check_inputs({"prompt": "n", **SMALL})), outcomes.append)
+    loop.stop()  # the stop waits for the jobs already submitted
+    loop.run()
+    assert loop.failure is None and len(outcomes) == 1 and outcomes[0].error is None
+    assert facts.seen.count("gpu_memory") == 1 and facts.seen[-2:] == ["done", "gpu_memory"]  # after both, once
+    assert facts.memory == {"allocated": 123, "reserved": 456}
     assert resets == [True]  # after reporting: the next run's peak is its own
-    job_id, results, error = connection.sent[-1][1]
-    assert (job_id, error, len(results)) == (7, None, 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without usable CUDA gives")

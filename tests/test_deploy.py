@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from sd_pipeline.ray_serving import APP_NAME
+from sd_pipeline.backends.ray.replica import APP_NAME
 from tests.app_server import ROOT, wait_ready
 from tests.servers import free_port
 from tests.test_monitoring import ALERT_RULES, DASHBOARD, DATASOURCE, PROMETHEUS_CONFIG

@@ -8,35 +8,15 @@ from typing import Any
 import pytest
 import torch
 
-from sd_pipeline.engine import StepEngine
-from sd_pipeline.errors import GenerationCancelledError, OutOfMemoryError
-from sd_pipeline.generator import GenerationJob, JobOutcome
-from sd_pipeline.loading import LoadedPipeline
-from sd_pipeline.request import GenerationRequest
-from sd_pipeline.schedulers import SCHEDULER_NAMES, make_scheduler
-from tests.images import assert_same_image, max_difference
+from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryError
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import LoadedPipeline
+from sd_pipeline.model.schedulers import SCHEDULER_NAMES
+from tests.images import assert_same_image, max_difference, pipeline_image
 
 BATCHED_TOLERANCE = 2  # levels of 255: the same request in a different batch (issue 13)
-
-
-def pipeline_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:
-    """``StableDiffusionPipeline.__call__`` with the request's settings and one generator per image."""
-    pipeline = loaded.pipeline
-    saved = pipeline.scheduler
-    pipeline.scheduler = make_scheduler(request.scheduler, saved.config)
-    try:
-        output = pipeline(
-            prompt=[request.prompt] * request.num_images,
-            negative_prompt=[request.negative_prompt] * request.num_images,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in request.seeds()],
-        )
-    finally:
-        pipeline.scheduler = saved
-    return list(output.images)
 
 
 class Collector:

@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_pipeline.errors import ModelLoadError
-from sd_pipeline.generator import Generator
-from sd_pipeline.loading import load_pipeline, resolve_device, resolve_dtype
+from sd_pipeline.contract.errors import ModelLoadError
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import load_pipeline, resolve_device, resolve_dtype
 from sd_pipeline.png import encode_png, format_parameters, parse_parameters, read_png_parameters
-from sd_pipeline.request import check_inputs
-from sd_pipeline.settings import PipelineSettings
 
 
-def test_png_parameters_round_trip(generator: Generator) -> None:
+def test_png_parameters_round_trip(engine: StepEngine) -> None:
     request = check_inputs(
         {"prompt": "a castle, ink", "negative_prompt": "blurry", "seed": 42, "steps": 3, "width": 64, "height": 72}
     )
-    result = generator.generate([request])[0][0]
+    result = engine.generate([request])[0][0]
     data = encode_png(result)
     assert data.startswith(b"\x89PNG")
     parameters = read_png_parameters(data)
@@ -29,7 +29,7 @@ def test_png_parameters_round_trip(generator: Generator) -> None:
     assert parameters.negative_prompt == "blurry"
     assert (parameters.steps, parameters.seed, parameters.width, parameters.height) == (3, 42, 64, 72)
     assert parameters.sampler == request.scheduler and parameters.cfg_scale == 7.5
-    assert parameters.model == generator.model
+    assert parameters.model == engine.loaded.model
 
 
 def test_parameters_text_is_automatic1111_format() -> None:

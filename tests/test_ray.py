@@ -20,13 +20,13 @@ from gradio_client import Client
 from gradio_client.client import Job
 from PIL import Image
 
-from sd_pipeline.ray_serving import RayPlan, ReplicaPlan
+from app import build_ray_app
+from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import every_ask
 from sd_pipeline.shapes.drawing import read_picture
 from tests.app_server import RunningApp, clients_at_once, launched_app
 from tests.servers import wait_until
-from webapp.ray_app import build
 from webapp.settings import SettingsError, load_settings
 
 pytest.importorskip("ray.serve")
@@ -93,6 +93,8 @@ def test_ray_settings_make_the_plan_and_leave_the_local_worker_as_default() -> N
         "num_replicas": 3,
         "max_ongoing_requests": 6,
         "max_queued_requests": -1,
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 30.0,
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1},
     }
 
@@ -136,7 +138,7 @@ def test_bad_ray_settings_name_the_setting(env: dict[str, str], message: str) ->
 
 
 def test_the_serve_config_builder_deploys_what_the_app_would() -> None:
-    application = build(
+    application = build_ray_app(
         {
             "sd_model": str(SHAPES_MODEL_DIR),
             "ray_replicas": "auto",

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from sd_pipeline.errors import InvalidRequestError
-from sd_pipeline.request import MAX_SEED, RequestLimits, TokenBudget, check_inputs
-from sd_pipeline.schedulers import SCHEDULER_NAMES
+from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.request import MAX_SEED, RequestLimits, TokenBudget, check_inputs
+from sd_pipeline.model.schedulers import SCHEDULER_NAMES
 
 GOOD: dict[str, Any] = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2}
 

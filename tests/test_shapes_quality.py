@@ -15,7 +15,7 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
-from sd_pipeline.schedulers import SCHEDULER_NAMES
+from sd_pipeline.model.schedulers import SCHEDULER_NAMES
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import COLOUR_TARGET, SHAPE_TARGET, Adherence, Ask, every_ask
 from sd_pipeline.shapes.drawing import read_picture

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sd_pipeline.generator import Generator
-from sd_pipeline.loading import load_pipeline
-from sd_pipeline.request import GenerationRequest
-from sd_pipeline.settings import PipelineSettings
+from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.shapes.adherence import measure_folder
 from tests.app_server import ROOT
 
@@ -33,7 +33,7 @@ def test_a_short_training_run_writes_a_pipeline_the_app_loads(tmp_path: Path) ->
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == pytest.approx(report["scaling_factor"])
     loaded = load_pipeline(PipelineSettings(model=str(folder), device="cpu"))
-    (results,) = Generator(loaded).generate([GenerationRequest(prompt="a red circle", steps=2, width=64, height=64)])
+    (results,) = StepEngine(loaded).generate([GenerationRequest(prompt="a red circle", steps=2, width=64, height=64)])
     assert np.asarray(results[0].image).shape == (64, 64, 3)
 
 

@@ -14,9 +14,9 @@ import requests
 from PIL import Image
 from pydantic import ValidationError
 
-from sd_pipeline.generator import Generator
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.png import encode_png, read_png_parameters
-from sd_pipeline.request import check_inputs
 from storage import keys
 from storage.base import SpoolFullError, StorageError
 from storage.local import ForbiddenLinkError, LocalStore, load_or_create_secret
@@ -58,8 +58,8 @@ def s3_store(server: S3Server, bucket: str, **overrides: object) -> S3Store:
     return S3Store.from_settings(settings)
 
 
-def test_saved_image_link_serves_identical_png(generator: Generator, s3_server: S3Server, bucket: str) -> None:
-    result = generator.generate([check_inputs({"prompt": "a kite", "seed": 3, "steps": 2, "width": 64, "height": 64})])
+def test_saved_image_link_serves_identical_png(engine: StepEngine, s3_server: S3Server, bucket: str) -> None:
+    result = engine.generate([check_inputs({"prompt": "a kite", "seed": 3, "steps": 2, "width": 64, "height": 64})])
     png = encode_png(result[0][0])
     store = s3_store(s3_server, bucket, prefix="sd/")
     saved = store.save(png, make_record(OWNER))
@@ -280,8 +280,8 @@ def test_local_history_matches_s3_layout(tmp_path: Path) -> None:
     assert (tmp_path / "objects" / "owners" / OWNER / "images").is_dir()
 
 
-def test_record_carries_the_safety_checker_flag(generator: Generator) -> None:
-    result = generator.generate([check_inputs({"prompt": "flag", "steps": 1, "width": 64, "height": 64})])[0][0]
+def test_record_carries_the_safety_checker_flag(engine: StepEngine) -> None:
+    result = engine.generate([check_inputs({"prompt": "flag", "steps": 1, "width": 64, "height": 64})])[0][0]
     flagged = dataclasses.replace(result, nsfw=True)
     record = ImageRecord.from_result(
         flagged, image_id="0" * 13 + "-" + "0" * 12, owner=OWNER, created_at=dt.datetime.now(dt.UTC)

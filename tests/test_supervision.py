@@ -1,4 +1,4 @@
-"""The supervised worker: real worker processes killed, stopped and crash-looped, and the retry rules."""
+"""The local backend: real worker processes killed, stopped and crash-looped, and the retry rules."""
 
 from __future__ import annotations
 
@@ -12,12 +12,19 @@ from typing import Any
 
 import pytest
 
-from sd_pipeline.errors import GenerationCancelledError, WorkerCrashedError, WorkerLostError
-from sd_pipeline.generator import GenerationJob, JobOutcome
-from sd_pipeline.request import check_inputs
-from sd_pipeline.settings import PipelineSettings
-from sd_pipeline.supervision import CRASHED_TWICE, RestartPolicy, SupervisedWorker, run_with_retry
-from sd_pipeline.worker import PipelineProcess
+from sd_pipeline.backends.local.process import PipelineProcess
+from sd_pipeline.backends.local.supervisor import LocalBackend
+from sd_pipeline.backends.retry import CRASHED_TWICE, run_with_retry
+from sd_pipeline.contract.errors import (
+    GenerationCancelledError,
+    InvalidRequestError,
+    WorkerCrashedError,
+    WorkerLostError,
+)
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.plans import RestartPolicy
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
 from tests.images import assert_same_image
 from tests.servers import wait_until
 
@@ -90,20 +97,35 @@ def test_a_cancelled_job_is_not_retried_and_a_clean_run_is_run_once() -> None:
     assert calls == [["keep"]]
 
 
+def test_only_the_jobs_lost_with_their_worker_are_retried() -> None:
+    done, lost = job("done"), job("lost")
+    calls: list[list[str]] = []
+
+    def run_once(jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        calls.append([j.request.prompt for j in jobs])
+        if len(jobs) > 1:  # the shared run: one job finished before the replica holding the other was lost
+            return [JobOutcome(), JobOutcome(error=WorkerLostError("died", "a pipeline replica died"))]
+        return [JobOutcome()]
+
+    outcomes = run_with_retry([done, lost], run_once)
+    assert calls == [["done", "lost"], ["lost"]]
+    assert [outcome.error for outcome in outcomes] == [None, None]
+
+
 # Real worker processes on the tiny model.
 @pytest.fixture(scope="module")
-def supervised(tiny_model_dir: Path) -> Iterator[tuple[SupervisedWorker, RecordingObserver]]:
+def supervised(tiny_model_dir: Path) -> Iterator[tuple[LocalBackend, RecordingObserver]]:
     observer = RecordingObserver()
     policy = RestartPolicy(stall_seconds=STALL_SECONDS, max_restarts=100)
     settings = PipelineSettings(model=str(tiny_model_dir), device="cpu", cpu_threads=1)
     new_worker = functools.partial(PipelineProcess, settings, stall_seconds=policy.stall_seconds)
-    worker = SupervisedWorker(new_worker, policy=policy, observer=observer)
+    worker = LocalBackend(new_worker, policy=policy, observer=observer)
     worker.start()
     yield worker, observer
     worker.close()
 
 
-def signal_at_step(worker: SupervisedWorker, signum: int, *, at_step: int = 3) -> tuple[GenerationJob, list[int]]:
+def signal_at_step(worker: LocalBackend, signum: int, *, at_step: int = 3) -> tuple[GenerationJob, list[int]]:
     """A long job whose worker gets ``signum`` once it reports ``at_step`` (the first time only)."""
     steps: list[int] = []
     sent = threading.Event()
@@ -120,7 +142,7 @@ def signal_at_step(worker: SupervisedWorker, signum: int, *, at_step: int = 3) -
 
 
 def test_a_killed_worker_is_replaced_and_its_request_still_gets_its_image(
-    supervised: tuple[SupervisedWorker, RecordingObserver],
+    supervised: tuple[LocalBackend, RecordingObserver],
 ) -> None:
     worker, observer = supervised
     (reference,) = worker.run([job_for(worker)])
@@ -135,12 +157,22 @@ def test_a_killed_worker_is_replaced_and_its_request_still_gets_its_image(
     assert observer.up[-2:] == [False, True]
 
 
-def job_for(worker: SupervisedWorker) -> GenerationJob:
+def test_the_backend_validates_with_the_models_tokenizer_in_this_process(
+    supervised: tuple[LocalBackend, RecordingObserver],
+) -> None:
+    worker, _ = supervised
+    assert worker.check({"prompt": "x" * 75}).prompt == "x" * 75  # 77 tokens with start and end
+    with pytest.raises(InvalidRequestError, match="prompt: is 78 tokens long but the model reads at most 77"):
+        worker.check({"prompt": "x" * 76})
+    assert worker.max_running == 8
+
+
+def job_for(worker: LocalBackend) -> GenerationJob:
     return GenerationJob(worker.check({"prompt": "a long one", **LONG}))
 
 
 def test_a_stalled_worker_is_killed_after_the_stall_timeout_and_replaced(
-    supervised: tuple[SupervisedWorker, RecordingObserver],
+    supervised: tuple[LocalBackend, RecordingObserver],
 ) -> None:
     worker, observer = supervised
     restarts_before, first_pid = len(observer.restarts), worker.pid
@@ -152,7 +184,7 @@ def test_a_stalled_worker_is_killed_after_the_stall_timeout_and_replaced(
 
 
 def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_request(
-    supervised: tuple[SupervisedWorker, RecordingObserver],
+    supervised: tuple[LocalBackend, RecordingObserver],
 ) -> None:
     worker, observer = supervised
     restarts_before, first_pid = len(observer.restarts), worker.pid
@@ -166,7 +198,7 @@ def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_request(
 
 
 def test_a_request_sent_just_as_the_idle_worker_dies_is_served(
-    supervised: tuple[SupervisedWorker, RecordingObserver],
+    supervised: tuple[LocalBackend, RecordingObserver],
 ) -> None:
     worker, _ = supervised
     wait_until(lambda: worker.readiness_problem() is None)
@@ -179,7 +211,7 @@ def test_a_request_sent_just_as_the_idle_worker_dies_is_served(
 
 
 def test_a_request_that_kills_the_worker_twice_is_refused_and_the_next_one_served(
-    supervised: tuple[SupervisedWorker, RecordingObserver],
+    supervised: tuple[LocalBackend, RecordingObserver],
 ) -> None:
     worker, observer = supervised
     restarts_before = len(observer.restarts)
@@ -204,7 +236,7 @@ def test_a_request_that_kills_the_worker_twice_is_refused_and_the_next_one_serve
 
 
 def test_a_request_sharing_steps_with_one_that_kills_the_worker_is_retried_alone_and_served(
-    supervised: tuple[SupervisedWorker, RecordingObserver],
+    supervised: tuple[LocalBackend, RecordingObserver],
 ) -> None:
     """Step batching: two runs from two threads share steps; each retry runs with nothing beside it."""
     worker, observer = supervised
@@ -236,7 +268,7 @@ def test_a_request_sharing_steps_with_one_that_kills_the_worker_is_retried_alone
 
 
 def test_a_request_cancelled_while_the_worker_restarts_ends_cancelled(
-    supervised: tuple[SupervisedWorker, RecordingObserver],
+    supervised: tuple[LocalBackend, RecordingObserver],
 ) -> None:
     worker, _ = supervised
     steps: list[int] = []
@@ -268,7 +300,7 @@ def test_repeated_start_failures_back_off_and_report_a_crash_loop(tiny_model_dir
 
     observer = RecordingObserver()
     policy = RestartPolicy(max_restarts=2, restart_window=600, backoff_initial=0.5, backoff_max=1)
-    worker = SupervisedWorker(new_worker, policy=policy, observer=observer)
+    worker = LocalBackend(new_worker, policy=policy, observer=observer)
     worker.start()
     try:
         assert worker.liveness_problem() is None

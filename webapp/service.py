@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from monitoring.metrics import Metrics, Outcome
-from sd_pipeline.batching import BatchScheduler, QueueFullError, ShuttingDownError
-from sd_pipeline.errors import (
+from sd_pipeline.admission import Admission, QueueFullError, ShuttingDownError
+from sd_pipeline.contract.backend import Backend
+from sd_pipeline.contract.errors import (
     GenerationCancelledError,
     InvalidRequestError,
     OutOfMemoryError,
     PipelineUnavailableError,
     WorkerCrashedError,
 )
-from sd_pipeline.generator import GenerationBackend, GenerationJob, GenerationResult
+from sd_pipeline.contract.jobs import GenerationJob, GenerationResult
 from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError
 from storage.keys import new_image_id
@@ -59,16 +60,16 @@ class ImageService:
 
     def __init__(
         self,
-        generator: GenerationBackend,
-        scheduler: BatchScheduler,
+        backend: Backend,
+        admission: Admission,
         store: ImageStore,
         metrics: Metrics,
         *,
         page_size: int,
         gallery_dir: Path | None = None,
     ) -> None:
-        self.generator = generator
-        self.scheduler = scheduler
+        self.backend = backend
+        self.admission = admission
         self.store = store
         self.metrics = metrics
         self.page_size = page_size
@@ -87,7 +88,7 @@ class ImageService:
     def invalid_field(self, fields: Mapping[str, Any]) -> InvalidRequestError | None:
         """The first out-of-range field (counted as an invalid request), or None; no queue, no GPU."""
         try:
-            self.generator.check(fields)
+            self.backend.check(fields)
         except InvalidRequestError as error:
             self.metrics.request_finished(Outcome.INVALID)
             return error
@@ -118,24 +119,24 @@ class ImageService:
 
     async def _generate(self, fields: Mapping[str, Any], owner: str, progress: ProgressSink) -> list[GenerationResult]:
         try:
-            request = self.generator.check(fields)
+            request = self.backend.check(fields)
         except InvalidRequestError as error:
             raise InvalidInputError(str(error)) from error
         timer = StepTimer(self.step_clock)
         job = GenerationJob(request, on_step=lambda step, total: timer.step(step), owner=owner)
         try:
-            future = self.scheduler.submit(job)
+            future = self.admission.submit(job)
         except (QueueFullError, ShuttingDownError) as error:
             raise BusyError(str(error)) from error
         wrapped = asyncio.wrap_future(future)
         shown = ""
         try:
             while not wrapped.done():
-                ahead = self.scheduler.position(job)
+                ahead = self.admission.position(job)
                 waiting = ahead is not None
                 step_seconds = self.step_clock.seconds
                 if ahead is not None:
-                    before = self.scheduler.steps_before_start(job)
+                    before = self.admission.steps_before_start(job)
                     until_done = None if before is None else before + request.steps
                     status = waiting_status(ahead, until_done, step_seconds)
                 else:
@@ -147,7 +148,7 @@ class ImageService:
                 await asyncio.wait({wrapped}, timeout=_PROGRESS_INTERVAL)
             return wrapped.result()
         except asyncio.CancelledError:
-            self.scheduler.cancel(job)
+            self.admission.cancel(job)
             raise
         except (OutOfMemoryError, WorkerCrashedError) as error:
             raise GenerationFailedError(str(error)) from error

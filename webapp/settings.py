@@ -11,10 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, Json, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sd_pipeline.ray_serving import DeployPolicy, RayPlan, ReplicaPlan
-from sd_pipeline.request import RequestLimits
-from sd_pipeline.settings import DEFAULT_MODEL, BatchingName, DeviceName, DtypeName, PipelineSettings
-from sd_pipeline.supervision import RestartPolicy
+from sd_pipeline.contract.plans import DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
+from sd_pipeline.contract.request import RequestLimits
+from sd_pipeline.contract.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
 
 
@@ -70,10 +69,7 @@ class Settings(BaseSettings):
 
     queue_max_size: int = Field(64, ge=1, description="requests accepted at once; more get 'busy, try again'")
     max_batch_size: int = Field(
-        8, ge=1, le=64, description="most requests running together (step batching) or in one pipeline run"
-    )
-    batching: BatchingName = Field(
-        "step", description="step: requests join the running batch between denoising steps; request: whole calls"
+        8, ge=1, le=64, description="most requests stepping together in the engine (on Ray: in each replica)"
     )
     max_requests_per_user: int = Field(
         4, ge=1, description="requests one user (login, browser or API session) may have waiting or running"
@@ -85,6 +81,15 @@ class Settings(BaseSettings):
         5, ge=1, description="worker restarts within WORKER_RESTART_WINDOW that make /healthz report unhealthy"
     )
     worker_restart_window: float = Field(600.0, gt=0, description="seconds over which worker restarts are counted")
+    pipeline_start_timeout: float = Field(
+        3600.0, gt=0, description="seconds to wait at start-up for the model to load (or, on Ray, for a replica)"
+    )
+    ray_health_check_period: float = Field(
+        5.0, gt=0, description="seconds between Serve's health checks of each replica (a failed engine is replaced)"
+    )
+    ray_health_check_timeout: float = Field(
+        30.0, gt=0, description="a replica that does not answer its health check this long (frozen) is replaced"
+    )
     ray_address: str | None = Field(
         None,
         description="unset: one local worker process; 'local': a private Ray instance on this machine; "
@@ -135,7 +140,6 @@ class Settings(BaseSettings):
             cpu_threads=self.sd_cpu_threads or serving_cpu_threads(),
             warmup=self.sd_warmup,
             compile_unet=self.sd_compile,
-            batching=self.batching,
             cudnn_benchmark=self.sd_cudnn_benchmark,
             channels_last=self.sd_channels_last,
             fuse_qkv=self.sd_fuse_qkv,
@@ -159,7 +163,12 @@ class Settings(BaseSettings):
         """Where the Ray replicas run, or None for the local worker process."""
         if not self.ray_address:
             return None
-        return RayPlan(address=self.ray_address, deployment=self.replica_plan(), deploy=self.ray_deploy)
+        return RayPlan(
+            address=self.ray_address,
+            deployment=self.replica_plan(),
+            deploy=self.ray_deploy,
+            start_timeout=self.pipeline_start_timeout,
+        )
 
     def replica_plan(self) -> ReplicaPlan:
         """How many Ray replicas, what each holds and how much each takes."""
@@ -172,6 +181,9 @@ class Settings(BaseSettings):
             cpus_per_replica=self.ray_cpus_per_replica,
             max_batch_images=self.max_batch_size,
             max_queued_requests=self.ray_max_queued_requests or -1,
+            stall_seconds=self.worker_stall_seconds,
+            health_check_period_s=self.ray_health_check_period,
+            health_check_timeout_s=self.ray_health_check_timeout,
         )
 
     def replica_pipeline(self) -> PipelineSettings:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from http.cookies import SimpleCookie
 from typing import Any
 
 import gradio as gr
 
-from sd_pipeline.request import RequestLimits
-from sd_pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sd_pipeline.contract.request import RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
+from webapp.form import FormField, generate_fields, settings_of, with_signature
 from webapp.owners import OWNER_COOKIE, resolve_owner
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
@@ -22,17 +23,6 @@ PAGE_CSS = """
 #history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)) !important; }
 #selected-image img { width: 100%; height: 100%; object-fit: contain !important; }
 """
-GENERATE_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "num_images",
-    "scheduler",
-)
 
 
 def owner_of(request: gr.Request) -> str:
@@ -67,54 +57,29 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
     ``default_size`` is the model's native side (512 for SD 1.x): the form's and the API's
     default width and height."""
 
-    async def generate(
-        prompt: str,
-        negative_prompt: str = "",
-        seed: float = -1,
-        steps: float = 25,
-        guidance_scale: float = 7.5,
-        width: float = default_size,
-        height: float = default_size,
-        num_images: float = 1,
-        scheduler: str = DEFAULT_SCHEDULER,
-        request: gr.Request | None = None,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's documented way to get progress
-    ) -> tuple[GalleryItems, dict[str, Any]]:
-        """Generate images from a prompt, store them, and return them with shareable links.
+    fields = generate_fields(limits, default_size=default_size)
+    names = [field.name for field in fields]
 
-        Args:
-            prompt: what to draw (required; at most the model's token limit)
-            negative_prompt: what to avoid
-            seed: 0 to 4294967295, or -1 for a random seed (the seed used is in the result)
-            steps: denoising steps, 1 to 100
-            guidance_scale: classifier-free guidance, 0 to 30
-            width: 64 to 1024, a multiple of 8 (default: the model's native size, 512 for SD 1.x)
-            height: 64 to 1024, a multiple of 8 (default: the model's native size)
-            num_images: images for this prompt, 1 to 4 (seeds seed, seed+1, ...)
-            scheduler: one of the listed sampler names
-        """
-        assert request is not None
-        fields = dict(
-            zip(
-                GENERATE_FIELDS,
-                (prompt, negative_prompt, seed, steps, guidance_scale, width, height, num_images, scheduler),
-                strict=True,
-            )
-        )
+    async def generate(*arguments: Any) -> tuple[GalleryItems, dict[str, Any]]:
+        *values, request, progress = arguments  # Gradio passes the request and progress after the fields
+        assert isinstance(request, gr.Request)
         try:
             images = await service.generate(
-                fields, owner=owner_of(request), progress=lambda desc, done: progress(done, desc=desc)
+                dict(zip(names, values, strict=True)),
+                owner=owner_of(request),
+                progress=lambda desc, done: progress(done, desc=desc),
             )
         except UserFacingError as error:
             raise gr.Error(str(error), print_exception=False) from None
         return _gallery(images), {"images": [image.linked.to_api() for image in images]}
 
+    with_signature(generate, fields, summary="Generate images from a prompt, store them, return them with links.")
+
     def check_form(*values: Any) -> list[dict[str, Any]]:
         """Gradio's validator for /generate: a bad field is named next to its input, before the queue."""
-        error = service.invalid_field(dict(zip(GENERATE_FIELDS, values, strict=True)))
+        error = service.invalid_field(dict(zip(names, values, strict=True)))
         return [
-            gr.validate(error is None or error.field != name, str(error) if error is not None else "")
-            for name in GENERATE_FIELDS
+            gr.validate(error is None or error.field != name, str(error) if error is not None else "") for name in names
         ]
 
     def history(page: float = 1, request: gr.Request | None = None) -> tuple[GalleryItems, dict[str, Any]]:
@@ -136,68 +101,27 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
         gr.Markdown(f"## Text to image\nModel: `{model_name}` · images are stored with shareable links.")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
-                prompt = gr.Textbox(
-                    label="Prompt",
-                    lines=3,
-                    placeholder="A lighthouse on a cliff at dusk, oil painting",
-                    elem_id="prompt",
-                )
-                negative = gr.Textbox(
-                    label="Negative prompt", value="", lines=1, placeholder="blurry, low quality", elem_id="negative"
-                )
+                form_inputs: dict[str, Any] = {}
+
+                def place(name: str) -> Any:
+                    """Draw the field called ``name`` here in the layout."""
+                    form_inputs[name] = next(field for field in fields if field.name == name).render()
+                    return form_inputs[name]
+
+                prompt = place("prompt")
+                place("negative_prompt")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", scale=3, elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
-                        seed = validated_by_app(
-                            gr.Number(label="Seed", value=-1, precision=0, info="-1 = random", elem_id="seed")
-                        )
-                        scheduler = gr.Dropdown(
-                            list(SCHEDULER_NAMES),
-                            value=DEFAULT_SCHEDULER,
-                            label="Sampler",
-                            allow_custom_value=True,
-                            elem_id="scheduler",
-                        )
+                        seed = place("seed")
+                        place("scheduler")
                     with gr.Row():
-                        width = validated_by_app(
-                            gr.Number(
-                                label="Width",
-                                value=default_size,
-                                precision=0,
-                                info="64-1024, multiple of 8",
-                                elem_id="width",
-                            )
-                        )
-                        height = validated_by_app(
-                            gr.Number(
-                                label="Height",
-                                value=default_size,
-                                precision=0,
-                                info="64-1024, multiple of 8",
-                                elem_id="height",
-                            )
-                        )
-                    steps = validated_by_app(
-                        gr.Slider(
-                            limits.min_steps,
-                            limits.max_steps,
-                            value=25,
-                            step=1,
-                            precision=0,
-                            label="Steps",
-                            elem_id="steps",
-                        )
-                    )
-                    guidance = validated_by_app(
-                        gr.Slider(
-                            0, limits.max_guidance, value=7.5, step=0.5, label="Guidance scale", elem_id="guidance"
-                        )
-                    )
-                    count = validated_by_app(
-                        gr.Slider(1, limits.max_images, value=1, step=1, precision=0, label="Images", elem_id="count")
-                    )
+                        place("width")
+                        place("height")
+                    for name in ("steps", "guidance_scale", "num_images"):
+                        place(name)
             with gr.Column(scale=7, min_width=320):
                 gallery = gr.Gallery(
                     label="Images",
@@ -257,7 +181,7 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
 
         history_event = dict(inputs=page, outputs=[history_gallery, history_json])
         demo.load(history, **history_event, api_name="history", concurrency_limit=None)
-        form = [prompt, negative, seed, steps, guidance, width, height, count, scheduler]
+        form = [form_inputs[name] for name in names]
         generation = gr.on(
             [run.click, prompt.submit],
             generate,
@@ -292,7 +216,9 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
             outputs=[selected_image, selected, selected_link, selected_download, chosen],
             api_visibility="private",
         )
-        load_settings.click(_settings_of, inputs=chosen, outputs=[*form], api_visibility="private")
+        load_settings.click(
+            functools.partial(_settings_of, fields=fields), inputs=chosen, outputs=form, api_visibility="private"
+        )
     return demo
 
 
@@ -352,17 +278,7 @@ def _png_at(shown: GalleryItems | None, index: int) -> str | None:
     return str(item[0] if isinstance(item, (tuple, list)) else item)
 
 
-def _settings_of(image: dict[str, Any] | None) -> list[Any]:
+def _settings_of(image: dict[str, Any] | None, *, fields: list[FormField]) -> list[Any]:
     if not image:
         raise gr.Error("Select an image in the history first", print_exception=False)
-    return [
-        image["prompt"],
-        image["negative_prompt"],
-        image["seed"],
-        image["steps"],
-        image["guidance_scale"],
-        image["width"],
-        image["height"],
-        1,
-        image["scheduler"],
-    ]
+    return settings_of(image, fields)

@@ -112,14 +112,14 @@ def measure_folder(
     compile_backend: str = "inductor",
 ) -> AdherenceReport:
     """Load ``folder`` with the app's loading code and measure every sampler at each guidance scale."""
-    from sd_pipeline.generator import Generator
-    from sd_pipeline.loading import load_pipeline
-    from sd_pipeline.request import GenerationRequest
-    from sd_pipeline.schedulers import SCHEDULER_NAMES
-    from sd_pipeline.settings import PipelineSettings
+    from sd_pipeline.contract.request import GenerationRequest
+    from sd_pipeline.contract.samplers import SCHEDULER_NAMES
+    from sd_pipeline.contract.settings import PipelineSettings
+    from sd_pipeline.model.engine import StepEngine
+    from sd_pipeline.model.loading import load_pipeline
 
     settings = PipelineSettings(model=str(folder), device=device, dtype=dtype, compile_unet=compile_unet, warmup=False)
-    generator = Generator(load_pipeline(settings), max_batch_images=len(every_ask()) * seeds)
+    engine = StepEngine(load_pipeline(settings), max_batch_images=len(every_ask()) * seeds)
     report = AdherenceReport()
     asks = [ask for ask in every_ask() for _ in range(seeds)]
     for sampler in samplers or SCHEDULER_NAMES:
@@ -136,6 +136,6 @@ def measure_folder(
                 )
                 for number, ask in enumerate(asks)
             ]
-            pictures = [results[0].image for results in generator.generate(requests)]
+            pictures = [results[0].image for results in engine.generate(requests)]
             report.rows[(sampler, guidance)] = Adherence().add_all(asks, pictures)
     return report

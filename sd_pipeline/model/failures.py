@@ -11,6 +11,7 @@ so the only way back is a new process.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -79,3 +80,20 @@ def detached(error: ErrorType) -> ErrorType:
     for link in _chain(error):
         link.__traceback__ = None
     return error
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a piece of pipeline work failed: out of memory (free memory, retry smaller), or an error
+    for the requests it served. Holds no traceback, so no tensors of the failed work."""
+
+    out_of_memory: bool
+    error: Exception | None = None
+
+
+def classify(error: Exception) -> Failure:
+    """The one place a failed pipeline call is judged; a sticky device error raises ``DeviceFailedError``."""
+    raise_if_device_failed(error)
+    if is_out_of_memory(error):
+        return Failure(out_of_memory=True)
+    return Failure(out_of_memory=False, error=detached(error))

@@ -1,9 +1,9 @@
-"""Step-level (continuous) batching: requests join and leave the running batch between steps.
+"""The one way the service generates: step-level (continuous) batching.
 
-Request-level batching (``Generator``) runs one diffusers pipeline call per batch, so a request
-that arrives one step into a 60-step call waits for all 60 steps, and requests with different
-steps, guidance or samplers never share a call. ``StepEngine`` keeps a set of active requests
-and, between two denoising steps, admits waiting ones and drops finished and cancelled ones.
+A diffusers pipeline call runs a batch from first step to last, so a request that arrives one
+step into a 60-step call waits for all 60 steps, and requests with different steps, guidance
+or samplers never share a call. ``StepEngine`` keeps a set of active requests and, between
+two denoising steps, admits waiting ones and drops finished and cancelled ones.
 Each step is one UNet call over every active image of one size, with a timestep per image,
 classifier-free guidance only for the images that use it, and each request's own scheduler
 stepping its own slice. The math is the diffusers pipeline's own parts: ``encode_prompt``,
@@ -11,17 +11,20 @@ stepping its own slice. The math is the diffusers pipeline's own parts: ``encode
 ``scale_model_input`` / ``step``, the VAE, ``run_safety_checker`` and the image processor, so
 a request alone gives ``StableDiffusionPipeline.__call__``'s image.
 
-The engine is driven by whoever owns the model (the worker process, a Ray replica): call
-``submit`` from any thread, and ``step`` in a loop on the thread that owns the pipeline.
+The engine is driven by whoever owns the model (``sd_pipeline.backends.engine_loop`` in the
+worker process and in each Ray replica): ``submit`` from any thread, ``step`` in a loop on the
+thread that owns the pipeline. ``run`` and ``generate`` drive it to the end on the calling
+thread (the CLI, tools, benchmarks and tests).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +32,13 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from sd_pipeline.device_errors import detached, is_out_of_memory, raise_if_device_failed
-from sd_pipeline.errors import GenerationCancelledError, OutOfMemoryError
-from sd_pipeline.generator import GenerationJob, GenerationObserver, GenerationResult, JobOutcome, Timings
-from sd_pipeline.loading import LoadedPipeline, freeze_compiled_shapes
-from sd_pipeline.request import GenerationRequest
-from sd_pipeline.schedulers import make_scheduler
+from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryError
+from sd_pipeline.contract.facts import GenerationObserver
+from sd_pipeline.contract.jobs import GenerationJob, GenerationResult, JobOutcome, Timings
+from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.model.failures import Failure, classify
+from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
+from sd_pipeline.model.schedulers import make_scheduler
 
 Done = Callable[[JobOutcome], None]
 
@@ -62,6 +66,7 @@ class _Active:
     last_stepped_at: float
     step: int = 0
     largest_batch: int = 0
+    unet_chunks: int = 1  # UNet calls its images need: more than 1 after running out of memory
     results: list[GenerationResult] = field(default_factory=list)
 
     @property
@@ -113,25 +118,41 @@ class StepEngine:
         with self._lock:
             self._waiting.append(_Waiting(job, done, time.perf_counter()))
 
-    def warmup(self) -> None:
-        """Generate before the first user does, through the engine (see ``Generator.warmup``).
+    def warmup(self) -> float:
+        """Generate before the first user does; returns the seconds it took.
 
-        On CUDA, or with a compiled UNet, the default size runs with and without guidance and
-        as two requests stepping together; after that a compiled UNet never recompiles.
+        On the CPU one tiny image pays for lazy initialisation. On CUDA, or with a compiled
+        UNet, the default size runs with and without guidance (two UNet batch sizes) and as two
+        requests stepping together, so the first real request finds its shapes compiled; after
+        that a compiled UNet never recompiles (new shapes run eagerly).
         """
+        started = time.perf_counter()
         if not (self.loaded.compiled or self.loaded.device.type == "cuda"):
-            requests = [GenerationRequest(prompt="warm-up", steps=1, width=64, height=64)]
-        else:
-            guided = GenerationRequest(prompt="warm-up", steps=2)
-            requests = [guided, GenerationRequest(prompt="warm-up", steps=2, guidance_scale=1.0), guided, guided]
-        for request in requests[:2]:
-            self.submit(GenerationJob(request), lambda outcome: None)
-            self.run_until_idle()
-        for request in requests[2:]:
-            self.submit(GenerationJob(request), lambda outcome: None)
-        self.run_until_idle()
+            self.generate([GenerationRequest(prompt="warm-up", steps=1, width=64, height=64)])
+            return time.perf_counter() - started
+        guided = GenerationRequest(prompt="warm-up", steps=2)
+        self.generate([guided])
+        self.generate([GenerationRequest(prompt="warm-up", steps=2, guidance_scale=1.0)])
+        self.generate([guided, guided])
         if self.loaded.compiled:
             freeze_compiled_shapes()
+        return time.perf_counter() - started
+
+    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        """Submit jobs and step on this thread until the engine is idle; each job's outcome, in order."""
+        outcomes: dict[int, JobOutcome] = {}
+        for job in jobs:
+            self.submit(job, functools.partial(outcomes.__setitem__, id(job)))
+        self.run_until_idle()
+        return [outcomes[id(job)] for job in jobs]
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationResult]]:
+        """Generate every request together; each request's images, in order. Raises the first error."""
+        outcomes = self.run([GenerationJob(request) for request in requests])
+        for outcome in outcomes:
+            if outcome.error is not None:
+                raise outcome.error
+        return [outcome.results for outcome in outcomes]
 
     def run_until_idle(self) -> None:
         while not self.idle:
@@ -227,21 +248,26 @@ class StepEngine:
         return [active for active in self._active if active.size == oldest.size]
 
     # One step.
-    def _denoise(self, group: list[_Active]) -> None:
+    def _denoise(self, group: list[_Active], *, chunks: int | None = None) -> None:
+        """One step for ``group``. Out of memory, the group is halved by requests, and one request's
+        UNet batch by images (``chunks`` UNet calls, kept for its later steps), before that request fails."""
+        chunks = chunks or max(active.unet_chunks for active in group)
         started = time.perf_counter()
-        failure = self._unet_step(group)
-        if failure is _OUT_OF_MEMORY:
+        failure = self._unet_step(group, chunks)
+        if failure is not None and failure.out_of_memory:
             self._free_memory()
-            if len(group) == 1:
+            if len(group) > 1:
+                half = len(group) // 2
+                self._denoise(group[:half])
+                self._denoise([active for active in group[half:] if active in self._active])
+            elif chunks < group[0].unet_samples:
+                self._denoise(group, chunks=chunks * 2)
+            else:
                 self._end(group[0], JobOutcome(error=OutOfMemoryError(_oom_message(group[0]))))
-                return
-            half = len(group) // 2
-            self._denoise(group[:half])
-            self._denoise([active for active in group[half:] if active in self._active])
             return
-        if isinstance(failure, Exception):
+        if failure is not None:
             for active in group:
-                self._end(active, JobOutcome(error=failure))
+                self._end(active, JobOutcome(error=failure.error))
             return
         now = time.perf_counter()
         images = sum(active.images for active in group)
@@ -250,23 +276,21 @@ class StepEngine:
             self.observer.pipeline_call(seconds=now - started, images=images)
         for active in group:
             active.step += 1
+            active.unet_chunks = chunks if len(group) == 1 else active.unet_chunks
             active.last_stepped_at = now
             active.largest_batch = max(active.largest_batch, images)
             active.job.report_step(active.step, len(active.timesteps))
 
-    def _unet_step(self, group: list[_Active]) -> object | None:
-        """One UNet call over the group and each request's scheduler step; None, or how it failed."""
+    def _unet_step(self, group: list[_Active], chunks: int) -> Failure | None:
+        """The group's UNet batch (in ``chunks`` calls) and each request's scheduler step; None, or how it failed."""
         try:
             with torch.no_grad():
-                self._unet_step_unguarded(group)
+                self._unet_step_unguarded(group, chunks)
             return None
         except Exception as error:  # noqa: BLE001 - classified here, recovery happens outside
-            raise_if_device_failed(error)
-            if is_out_of_memory(error):
-                return _OUT_OF_MEMORY
-            return detached(error)
+            return classify(error)
 
-    def _unet_step_unguarded(self, group: list[_Active]) -> None:
+    def _unet_step_unguarded(self, group: list[_Active], chunks: int) -> None:
         unet = self.loaded.pipeline.unet
         inputs, contexts, timesteps = [], [], []
         for active in group:
@@ -276,13 +300,16 @@ class StepEngine:
             inputs.append(active.scheduler.scale_model_input(sample, t))
             contexts.append(active.prompt_embeds if negative is None else torch.cat([negative, active.prompt_embeds]))
             timesteps.append(t.reshape(1).expand(sample.shape[0]))
-        noise = unet(
-            torch.cat(inputs),
-            torch.cat(timesteps),
-            encoder_hidden_states=torch.cat(contexts),
-            return_dict=False,
-        )[0]
-        for active, predicted in zip(group, noise.split([a.unet_samples for a in group]), strict=True):
+        pieces = zip(
+            torch.cat(inputs).tensor_split(chunks),
+            torch.cat(timesteps).tensor_split(chunks),
+            torch.cat(contexts).tensor_split(chunks),
+            strict=True,
+        )
+        noise = torch.cat(
+            [unet(sample, t, encoder_hidden_states=context, return_dict=False)[0] for sample, t, context in pieces]
+        )
+        for active, predicted in zip(group, torch.split(noise, [a.unet_samples for a in group]), strict=True):
             if active.negative_embeds is not None:
                 uncond, text = predicted.chunk(2)
                 predicted = uncond + active.job.request.guidance_scale * (text - uncond)
@@ -297,19 +324,20 @@ class StepEngine:
         try:
             images, flags = self._decode(finished)
         except Exception as error:  # noqa: BLE001 - classified below
-            raise_if_device_failed(error)
-            failure: Exception = OutOfMemoryError("") if is_out_of_memory(error) else detached(error)
+            failure = classify(error)
         else:
             self._deliver(finished, images, flags)
             return
-        if isinstance(failure, OutOfMemoryError) and len(finished) > 1:
+        if failure.out_of_memory and len(finished) > 1:
             self._free_memory()
             for active in finished:
                 self._finish([active])
             return
         for active in finished:
-            message = _oom_message(active) if isinstance(failure, OutOfMemoryError) else None
-            self._end(active, JobOutcome(error=OutOfMemoryError(message) if message else failure))
+            self._end(
+                active,
+                JobOutcome(error=OutOfMemoryError(_oom_message(active)) if failure.out_of_memory else failure.error),
+            )
 
     def _decode(self, finished: list[_Active]) -> tuple[list[Any], list[bool]]:
         pipeline = self.loaded.pipeline
@@ -350,21 +378,18 @@ class StepEngine:
             active.done(outcome)
 
     def _fail_all(self, admitted: list[_Waiting], error: Exception) -> None:
-        raise_if_device_failed(error)
-        failure: Exception = detached(error)
-        if is_out_of_memory(error):
-            failure = OutOfMemoryError("out of GPU memory encoding the prompts; try again in a moment")
+        failure = classify(error)
+        reported = failure.error
+        if failure.out_of_memory:
+            reported = OutOfMemoryError("out of GPU memory encoding the prompts; try again in a moment")
         for waiting in admitted:
-            waiting.done(JobOutcome(error=failure))
+            waiting.done(JobOutcome(error=reported))
 
     def _free_memory(self) -> None:
         if self.observer is not None:
             self.observer.out_of_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-_OUT_OF_MEMORY = object()
 
 
 def _step_kwargs(scheduler: SchedulerMixin, generators: list[torch.Generator]) -> dict[str, Any]:

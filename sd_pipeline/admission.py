@@ -1,19 +1,12 @@
-"""Admission in front of the generation backend: a bounded, fair queue, drained in batches.
+"""Admission in front of the backend: who runs next, from a bounded, fair queue.
 
-Callers ``submit`` a job and get a future. Two ways to drain it, matching the backend's
-batching (``BATCHING``):
-
-- ``request``: one thread owns the pipeline; whatever is waiting when it frees up, up to
-  ``max_batch_size`` requests, goes into the next ``run`` (which groups compatible requests
-  into shared pipeline calls).
-- ``step``: up to ``max_batch_size`` requests run at once, each handed to the backend as soon
-  as there is room, where it joins the running batch at the next denoising step.
-
-Either way the next request is chosen round-robin across owners (the owner served least
-recently goes first), not strictly first-come, and one owner may hold at most
-``max_per_owner`` requests waiting or running: one script flooding the queue cannot starve
-the page's users. Each caller validates its own request first, so a bad request never fails
-anyone else's batch, and each can cancel its own job, queued or running.
+Callers ``submit`` a job and get a future. Up to the backend's ``max_running`` requests run
+at once, each handed to the backend as soon as there is room, where it joins the running
+batch at the next denoising step. The next request is chosen round-robin across owners (the
+owner served least recently goes first), not strictly first-come, and one owner may hold at
+most ``max_per_owner`` requests waiting or running: one script flooding the queue cannot
+starve the page's users. Each caller validates its own request first, so a bad request never
+fails anyone else's, and each can cancel its own job, queued or running.
 """
 
 from __future__ import annotations
@@ -25,10 +18,11 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
-from sd_pipeline.errors import GenerationCancelledError
-from sd_pipeline.generator import GenerationBackend, GenerationJob, GenerationResult
+from sd_pipeline.contract.backend import Backend
+from sd_pipeline.contract.errors import GenerationCancelledError
+from sd_pipeline.contract.jobs import GenerationJob, GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +39,7 @@ class ShuttingDownError(RuntimeError):
     """The service is stopping and takes no new requests."""
 
 
-class BatchObserver(Protocol):
+class AdmissionObserver(Protocol):
     """Receives queue facts (implemented by the metrics module)."""
 
     def queued(self, *, depth: int) -> None: ...
@@ -62,24 +56,21 @@ class _Entry:
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
-class BatchScheduler:
-    """A bounded, fair queue in front of one generation backend, drained by worker threads."""
+class Admission:
+    """A bounded, fair queue in front of one backend; one dispatch thread per request that may run."""
 
     def __init__(
         self,
-        generator: GenerationBackend,
+        backend: Backend,
         *,
-        max_batch_size: int = 8,
         capacity: int = 64,
-        observer: BatchObserver | None = None,
-        dispatch: Literal["batches", "each"] = "batches",
+        observer: AdmissionObserver | None = None,
         max_per_owner: int | None = None,
     ) -> None:
-        self.generator = generator
-        self.max_batch_size = max_batch_size
+        self.backend = backend
+        self.max_running = backend.max_running
         self.capacity = capacity
         self.observer = observer
-        self.dispatch = dispatch
         self.max_per_owner = max_per_owner
         self._waiting: deque[_Entry] = deque()
         self._running: list[_Entry] = []
@@ -88,9 +79,9 @@ class BatchScheduler:
         self._idle_since = time.perf_counter()
         self._turns = itertools.count()
         self._last_turn: dict[str, int] = {}
-        threads = 1 if dispatch == "batches" else max_batch_size
         self._threads = [
-            threading.Thread(target=self._work, name=f"pipeline-dispatch-{n}", daemon=True) for n in range(threads)
+            threading.Thread(target=self._work, name=f"pipeline-dispatch-{n}", daemon=True)
+            for n in range(self.max_running)
         ]
 
     def start(self) -> None:
@@ -130,9 +121,7 @@ class BatchScheduler:
         """About how many denoising steps run before ``job`` starts (None once it runs or is gone).
 
         Counted in arrival order from the running requests' remaining steps and the steps of the
-        requests waiting ahead. With ``dispatch="each"`` a request starts when one of the
-        ``max_batch_size`` slots frees; with ``"batches"`` when the running batch and the
-        batches ahead have finished (each as long as its longest request).
+        requests waiting ahead: a request starts when one of the ``max_running`` slots frees.
         """
         with self._condition:
             waiting = [entry.job for entry in self._waiting]
@@ -141,11 +130,7 @@ class BatchScheduler:
                 return None
             running = [entry.job.steps_left for entry in self._running]
         before = [queued.request.steps for queued in waiting[:ahead]]
-        if self.dispatch == "batches":
-            size = self.max_batch_size
-            batches = [max(before[start : start + size]) for start in range(0, len(before) - len(before) % size, size)]
-            return max(running, default=0) + sum(batches)
-        slots = sorted(running) + [0] * max(0, self.max_batch_size - len(running))  # when each slot frees
+        slots = sorted(running) + [0] * max(0, self.max_running - len(running))  # when each slot frees
         for steps in before:  # each request ahead takes the first slot to free
             slots[0] += steps
             slots.sort()
@@ -182,20 +167,18 @@ class BatchScheduler:
             self._waiting.clear()
         return finished
 
-    def _take_batch(self) -> tuple[list[_Entry], bool] | None:
-        """The next requests to run (None once closed and drained): a batch, or one request when
-        each runs on its own (``dispatch="each"``, one thread per running request)."""
+    def _take_next(self) -> tuple[_Entry, bool] | None:
+        """The next request to run and whether the backend was idle (None once closed and drained)."""
         with self._condition:
             while not self._waiting and not self._closed:
                 self._condition.wait()
             if not self._waiting:
                 return None
-            count = min(self.max_batch_size, len(self._waiting)) if self.dispatch == "batches" else 1
-            batch = [self._next_fair() for _ in range(count)]
-            pipeline_was_idle = not self._running
-            self._running.extend(batch)
+            entry = self._next_fair()
+            backend_was_idle = not self._running
+            self._running.append(entry)
             self._report_depth()
-            return batch, pipeline_was_idle
+            return entry, backend_was_idle
 
     def _next_fair(self) -> _Entry:
         """Remove and return the oldest entry of the owner served least recently."""
@@ -215,41 +198,36 @@ class BatchScheduler:
 
     def _work(self) -> None:
         while True:
-            taken = self._take_batch()
+            taken = self._take_next()
             if taken is None:
                 return
-            batch, pipeline_was_idle = taken
+            entry, backend_was_idle = taken
             started = time.perf_counter()
             if self.observer is not None:
-                if pipeline_was_idle:
-                    first_arrival = min(entry.enqueued_at for entry in batch)
-                    idle = max(0.0, started - max(self._idle_since, first_arrival))
+                if backend_was_idle:
+                    idle = max(0.0, started - max(self._idle_since, entry.enqueued_at))
                     self.observer.idle_while_waiting(seconds=idle)
-                for entry in batch:
-                    self.observer.started(waited_seconds=started - entry.enqueued_at)
-            self._run(batch)
+                self.observer.started(waited_seconds=started - entry.enqueued_at)
+            self._run(entry)
             with self._condition:
-                for entry in batch:
-                    self._running.remove(entry)
+                self._running.remove(entry)
                 if not self._running:
                     self._idle_since = time.perf_counter()
                 self._condition.notify_all()
 
-    def _run(self, batch: list[_Entry]) -> None:
+    def _run(self, entry: _Entry) -> None:
         try:
-            outcomes = self.generator.run([entry.job for entry in batch])
-        except Exception as error:  # the worker must survive; every caller gets the error
-            logger.exception("pipeline worker failed")
-            for entry in batch:
-                entry.future.set_exception(error)
+            (outcome,) = self.backend.run([entry.job])
+        except Exception as error:  # the dispatch thread must survive; the caller gets the error
+            logger.exception("the backend failed a request")
+            entry.future.set_exception(error)
             return
-        for entry, outcome in zip(batch, outcomes, strict=True):
-            if entry.future.done():
-                continue
-            if outcome.error is not None:
-                entry.future.set_exception(outcome.error)
-            else:
-                entry.future.set_result(outcome.results)
+        if entry.future.done():
+            return
+        if outcome.error is not None:
+            entry.future.set_exception(outcome.error)
+        else:
+            entry.future.set_result(outcome.results)
 
     def _report_depth(self) -> None:
         if self.observer is not None:

@@ -1,55 +1,39 @@
-"""Keep the pipeline worker running, and the failure rules every backend shares.
+"""The local backend: one worker process, replaced when it dies or stalls.
 
 A worker process can die (the kernel's OOM killer, a segfault in a native library, a fatal
-CUDA error) or hang. ``SupervisedWorker`` notices within a fraction of a second, starts a new
-one (with back-off while starting keeps failing) and reports readiness and crash loops for
-``/readyz`` and ``/healthz``. ``run_with_retry`` holds the rules for the requests that were
-running, so any backend that raises ``WorkerLostError`` applies the same ones:
-
-- a request running when its worker was lost is retried once, alone, on the next worker;
-- lost again while it runs, it fails with ``WorkerCrashedError``: a request that kills the
-  worker cannot crash-loop the service, and the others of its batch still get their images;
-- a cancelled request is never retried.
+CUDA error, an engine that stopped serving) or hang. ``LocalBackend`` notices within a
+fraction of a second, starts a new one (with back-off while starting keeps failing) and
+reports readiness and crash loops for ``/readyz`` and ``/healthz``. The requests that were
+running are retried under the rules every backend shares (``sd_pipeline.backends.retry``).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import wait
 from typing import Any, Protocol
 
-from sd_pipeline.errors import (
+from sd_pipeline.backends.local.process import PipelineProcess
+from sd_pipeline.backends.retry import Runs
+from sd_pipeline.backends.tokens import token_budget
+from sd_pipeline.contract.backend import BackendInfo, RequestChecker
+from sd_pipeline.contract.errors import (
     GenerationCancelledError,
     ModelLoadError,
     PipelineUnavailableError,
-    WorkerCrashedError,
     WorkerLostError,
 )
-from sd_pipeline.generator import GenerationJob, JobOutcome
-from sd_pipeline.request import GenerationRequest
-from sd_pipeline.worker import PipelineProcess, WorkerInfo
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.plans import RestartPolicy
+from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 
 logger = logging.getLogger(__name__)
 
-CRASHED_TWICE = "this request stopped the image generator twice; try other settings"
 _WATCH_INTERVAL = 0.25
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """When a worker counts as stalled, how fast to restart it, and what counts as a crash loop."""
-
-    stall_seconds: float = 120.0
-    max_restarts: int = 5
-    restart_window: float = 600.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 30.0
 
 
 class SupervisorObserver(Protocol):
@@ -60,82 +44,21 @@ class SupervisorObserver(Protocol):
     def worker_up(self, *, up: bool) -> None: ...
 
 
-RunOnce = Callable[[Sequence[GenerationJob]], list[JobOutcome]]
-
-
-def run_with_retry(
-    jobs: Sequence[GenerationJob], run_once: RunOnce, run_alone: RunOnce | None = None
-) -> list[JobOutcome]:
-    """Run jobs; after a lost worker retry each live job once, alone; a second loss fails it clearly.
-
-    ``run_alone`` runs a retry with nothing else on the worker (a backend whose runs can share
-    steps passes one; by default ``run_once``, for backends that run one call at a time).
-    """
-    try:
-        return run_once(jobs)
-    except WorkerLostError as lost:
-        logger.warning("%s; retrying its %d request(s) once each", lost, len(jobs))
-    outcomes = []
-    for job in jobs:
-        if job.cancelled:
-            outcomes.append(JobOutcome(error=GenerationCancelledError("cancelled")))
-            continue
-        try:
-            outcomes += (run_alone or run_once)([job])
-        except WorkerLostError as lost:
-            logger.error("%s again while one request ran alone; refusing that request", lost)
-            outcomes.append(JobOutcome(error=WorkerCrashedError(CRASHED_TWICE)))
-    return outcomes
-
-
-class RunGate:
-    """Shared runs go side by side; a run ``alone`` waits for them to finish, and holds back new
-    ones (it goes first) until it is done."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._shared = 0
-        self._alone_waiting = 0
-        self._alone_running = False
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._condition:
-            self._condition.wait_for(lambda: not self._alone_running and not self._alone_waiting)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._shared -= 1
-                self._condition.notify_all()
-
-    @contextlib.contextmanager
-    def alone(self) -> Iterator[None]:
-        with self._condition:
-            self._alone_waiting += 1
-            self._condition.wait_for(lambda: not self._alone_running and not self._shared)
-            self._alone_waiting -= 1
-            self._alone_running = True
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._alone_running = False
-                self._condition.notify_all()
-
-
-class SupervisedWorker:
-    """A ``GenerationBackend`` over a pipeline worker process that is replaced when it dies or stalls."""
+class LocalBackend:
+    """The ``Backend`` over a pipeline worker process that is replaced when it dies or stalls."""
 
     def __init__(
         self,
         new_worker: Callable[[], PipelineProcess],
         *,
+        limits: RequestLimits | None = None,
+        max_running: int = 8,
         policy: RestartPolicy | None = None,
         observer: SupervisorObserver | None = None,
     ) -> None:
         self.new_worker = new_worker
+        self.checker = RequestChecker(limits or RequestLimits())
+        self.max_running = max_running
         self.policy = policy or RestartPolicy()
         self.observer = observer
         self._condition = threading.Condition()
@@ -146,32 +69,28 @@ class SupervisedWorker:
         self._closed = False
         self._restarts: collections.deque[float] = collections.deque()
         self._crash_loop_logged = False
-        self._gate = RunGate()
+        self._runs = Runs(self._run_once)
         self._watcher = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
-    # The GenerationBackend surface.
+    # The Backend surface.
     @property
     def model(self) -> str:
         return self._current().model
 
     def check(self, data: Mapping[str, Any]) -> GenerationRequest:
         """Validate in this process (works while the worker restarts)."""
-        return self._current().check(data)
+        return self.checker.check(data)
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        """Run jobs on the current worker, waiting for a restart if needed; see ``run_with_retry``.
-
-        Runs from several threads share the worker (with step batching they share steps); a
-        retry after a lost worker waits for the others and runs with nothing beside it, so a
-        request that kills the worker cannot take an innocent neighbour down twice.
-        """
-        return run_with_retry(jobs, self._run_shared, self._run_alone)
+        """Run jobs on the current worker, waiting for a restart if needed (``backends.retry``)."""
+        return self._runs.run(jobs)
 
     # Lifecycle and health.
-    def start(self) -> WorkerInfo:
+    def start(self) -> BackendInfo:
         """Start the first worker (raises ``ModelLoadError``) and begin watching it."""
         worker = self.new_worker()
         info = worker.start()
+        self.checker.tokens = token_budget(worker.settings.model)
         with self._condition:
             self._worker, self._ready, self._problem = worker, True, None
         self._report_up(True)
@@ -217,14 +136,6 @@ class SupervisedWorker:
         if self._worker is None:
             raise PipelineUnavailableError("the image generator has not started")
         return self._worker
-
-    def _run_shared(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        with self._gate.shared():
-            return self._run_once(jobs)
-
-    def _run_alone(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        with self._gate.alone():
-            return self._run_once(jobs)
 
     def _run_once(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
         worker = self._wait_for_worker(jobs)

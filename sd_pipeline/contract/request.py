@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sd_pipeline.errors import InvalidRequestError
-from sd_pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
@@ -52,10 +52,6 @@ class GenerationRequest:
     def seeds(self) -> list[int]:
         """Seed of each image: consecutive from ``seed``, wrapping at 2**32 (AUTOMATIC1111 convention)."""
         return [(self.seed + index) % (MAX_SEED + 1) for index in range(self.num_images)]
-
-    def batch_key(self) -> tuple[int, int, int, float, str]:
-        """Requests with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from huggingface_hub.errors import HfHubHTTPError
 
-from sd_pipeline.errors import ModelLoadError
-from sd_pipeline.settings import DeviceName, DtypeName, PipelineSettings
+from sd_pipeline.contract.backend import BackendInfo
+from sd_pipeline.contract.errors import ModelLoadError
+from sd_pipeline.contract.settings import DeviceName, DtypeName, PipelineSettings, model_source
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ class LoadedPipeline:
         sample_size = self.pipeline.unet.config.sample_size
         side = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
         return int(side) * int(self.pipeline.vae_scale_factor)
+
+    def describe(self, *, warmup_seconds: float | None = None) -> BackendInfo:
+        """What a worker process or replica reports once this pipeline is ready."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return BackendInfo(self.model, str(self.device), dtype, self.load_seconds, self.native_size, warmup_seconds)
 
 
 CUDA_REQUIREMENTS = (
@@ -165,12 +171,6 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
         load_seconds=load_seconds,
         compiled=settings.compile_unet,
     )
-
-
-def model_source(model: str) -> str:
-    """What ``from_pretrained`` should be given: an existing local folder's path, else the Hub id."""
-    local = Path(model).expanduser()
-    return str(local) if local.is_dir() else model
 
 
 def model_name(model: str) -> str:

@@ -9,6 +9,10 @@ class InvalidRequestError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message
+
+    def __reduce__(self) -> tuple[type[InvalidRequestError], tuple[str, str]]:
+        return (type(self), (self.field, self.detail))  # crosses process and Ray boundaries intact
 
 
 class ModelLoadError(RuntimeError):
@@ -24,11 +28,15 @@ class OutOfMemoryError(RuntimeError):
 
 
 class WorkerLostError(RuntimeError):
-    """The process running the pipeline died or stalled mid-run; ``reason`` is ``died`` or ``stalled``."""
+    """The worker process or replica running a request died, stalled or stopped serving mid-run;
+    ``reason`` is ``died`` or ``stalled``. The request is retried once (``backends.retry``)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[WorkerLostError], tuple[str, str]]:
+        return (type(self), (self.reason, str(self)))  # crosses process and Ray boundaries intact
 
 
 class WorkerCrashedError(RuntimeError):

@@ -1,14 +1,14 @@
-"""Settings for loading and running the model."""
+"""Settings for loading and running the model (plain data: they travel to the worker process and the replicas)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
 
-BatchingName = Literal["step", "request"]
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 DtypeName = Literal["auto", "float16", "bfloat16", "float32"]
 
@@ -30,6 +30,9 @@ class PipelineSettings(BaseModel):
     channels_last: bool = Field(False, description="channels-last memory format for the UNet and VAE")
     fuse_qkv: bool = Field(False, description="fuse attention q/k/v projections")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
-    batching: BatchingName = Field(
-        "step", description="step: requests join the running batch between denoising steps; request: whole calls"
-    )
+
+
+def model_source(model: str) -> str:
+    """What ``from_pretrained`` should be given: an existing local folder's path, else the Hub id."""
+    local = Path(model).expanduser()
+    return str(local) if local.is_dir() else model

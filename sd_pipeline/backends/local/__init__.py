@@ -1,0 +1,1 @@
+"""The engine in a worker process of its own, replaced by a supervisor when it dies or stalls."""

@@ -1,0 +1,1 @@
+"""The engine in Ray Serve replicas, reached through a deployment handle."""

@@ -1,0 +1,315 @@
+"""The ``Backend`` over Ray Serve replicas: validation here, generation in the replicas.
+
+Ray does the cluster work: the router picks a replica, ``max_ongoing_requests`` bounds each,
+``max_queued_requests`` bounds what waits at this caller (more is refused as busy), Serve's
+autoscaler adds and removes replicas, and replicas that die or fail their health check are
+replaced. A call lost with its replica becomes ``WorkerLostError``, so the rules every backend
+shares (``sd_pipeline.backends.retry``) apply: retried once, alone, after the lost replica is
+gone, then a clear error. Stop cancels a call at once, also while it waits for a replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH, keep_token_private, owner_only_files
+from sd_pipeline.backends.ray.replica import (
+    APP_NAME,
+    DEPLOYMENT_NAME,
+    Finished,
+    PipelineReplica,
+    StepReport,
+    pipeline_application,
+)
+from sd_pipeline.backends.retry import Runs
+from sd_pipeline.backends.tokens import token_budget
+from sd_pipeline.contract.backend import BackendInfo, RequestChecker
+from sd_pipeline.contract.errors import (
+    GenerationCancelledError,
+    ModelLoadError,
+    PipelineUnavailableError,
+    WorkerLostError,
+)
+from sd_pipeline.contract.facts import Fact, GenerationObserver, replay
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.plans import RayPlan
+from sd_pipeline.contract.request import GenerationRequest, RequestLimits
+from sd_pipeline.contract.settings import PipelineSettings
+
+logger = logging.getLogger(__name__)
+
+REPLICA_WATCH_SECONDS = 2.0
+SERVE_NAMESPACE = "serve"  # where Serve names its replica actors (by their full replica id)
+
+
+class ReplicaObserver(GenerationObserver, Protocol):
+    """The generation facts replayed from the replicas, and the replica counts."""
+
+    def replicas(self, *, by_state: dict[str, int]) -> None: ...
+
+
+class RayBackend:
+    """``Backend`` over the Ray Serve deployment of ``PipelineReplica``."""
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        plan: RayPlan,
+        *,
+        limits: RequestLimits,
+        observer: ReplicaObserver | None = None,
+        replica_class: type[PipelineReplica] = PipelineReplica,
+    ) -> None:
+        self.settings = settings
+        self.replica_class = replica_class
+        self.plan = plan
+        self.observer = observer
+        self.checker = RequestChecker(limits)
+        self.info: BackendInfo | None = None
+        self._handle: Any = None
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ray-call")
+        self._runs = Runs(self._run_all, before_retry=self._wait_for_lost_replicas)
+        self._started_ray = False
+        self._private_dir: Path | None = None
+        self._closing = threading.Event()
+        self._replicas_by_state: dict[str, int] = {}
+        self._replica_problem: str | None = "not started"
+        self._lost_lock = threading.Lock()
+        self._lost_replicas: set[str] = set()
+        self._environment_set: list[str] = []  # variables this backend set, removed again on close
+
+    # The Backend surface.
+    @property
+    def model(self) -> str:
+        return self.info.model if self.info else self.settings.model
+
+    @property
+    def max_running(self) -> int:
+        """Requests the replicas can run at once, at the most replicas the plan allows."""
+        return self.plan.deployment.most_replicas * self.plan.deployment.max_batch_images
+
+    def check(self, data: Mapping[str, Any]) -> GenerationRequest:
+        return self.checker.check(data)
+
+    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        """Each job is its own Ray call, side by side; a call lost with its replica is retried once, alone."""
+        return self._runs.run(jobs)
+
+    def start(self) -> BackendInfo:
+        """Connect to (or start) Ray, deploy or join the pipeline application, wait (bounded) for a replica."""
+        deadline = time.monotonic() + self.plan.start_timeout
+        self._connect()
+        from ray import serve
+        from ray.exceptions import GetTimeoutError
+
+        # No HTTP proxy: the app calls the replicas through handles (Serve's proxy would take port 8000).
+        # Where Serve already runs (another front end, a RayService) this joins it as it is.
+        serve.start(proxy_location="Disabled")
+        private = self.plan.address == "local"
+        if private or self.plan.deploy == "always" or (self.plan.deploy == "if-missing" and not _app_exists()):
+            logger.info("deploying the pipeline application (%s)", self.plan.deployment)
+            application = pipeline_application(self.settings, self.plan.deployment, replica_class=self.replica_class)
+            self._handle = serve.run(application, name=APP_NAME, route_prefix=None)
+        else:
+            logger.info("joining the pipeline application already deployed on the cluster")
+            while not _app_exists():
+                if time.monotonic() > deadline:
+                    raise ModelLoadError(self._not_within("no pipeline application appeared on the cluster"))
+                time.sleep(2)
+            self._handle = serve.get_app_handle(APP_NAME)
+        try:
+            self.info = self._handle.describe.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
+        except (GetTimeoutError, TimeoutError):
+            raise ModelLoadError(self._not_within("no pipeline replica answered")) from None
+        self.checker.tokens = token_budget(self.settings.model)  # front ends share the replicas' settings
+        self._look_at_replicas()
+        threading.Thread(target=self._watch_replicas, name="ray-replica-watch", daemon=True).start()
+        return self.info
+
+    def readiness_problem(self) -> str | None:
+        """Why no request can run (None while at least one replica is running)."""
+        if self._replica_problem is not None:
+            return self._replica_problem
+        by_state = self._replicas_by_state
+        return None if by_state.get("RUNNING", 0) > 0 else f"no pipeline replica is running ({by_state})"
+
+    def liveness_problem(self) -> str | None:
+        """Ray replaces dead replicas itself; this process stays live."""
+        return None
+
+    def close(self) -> None:
+        """Stop a private Ray instance; on a shared cluster leave the application to the others."""
+        import ray
+        from ray import serve
+
+        self._closing.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if ray.is_initialized() and self._started_ray:
+            if self.plan.address == "local":
+                serve.shutdown()
+            ray.shutdown()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+        for name in self._environment_set:
+            os.environ.pop(name, None)
+
+    # Start-up.
+    def _connect(self) -> None:
+        private = self.plan.address == "local"
+        if private or _on_loopback(self.plan.address):
+            # A private instance (or one reached on loopback): Ray's own switch for single-machine use
+            # (its default on macOS) keeps the node on the loopback address instead of the machine's
+            # network address. Ray reads it when imported, so it is set first.
+            self._set_environment(LOOPBACK_SWITCH, "0")
+        import ray
+
+        if ray.is_initialized():
+            return
+        if private:
+            self._start_private_instance()
+        else:
+            ray.init(address=self.plan.address, log_to_driver=False, configure_logging=False)
+        self._started_ray = True
+
+    def _start_private_instance(self) -> None:
+        """Ray on this machine alone: loopback only, its files in a folder only this user can read."""
+        import ray
+
+        self._private_dir = Path(tempfile.mkdtemp(prefix="sd-ray-"))  # 0700
+        plan = self.plan.deployment
+        with owner_only_files():  # Ray 2.60 turns on token auth for it and writes the token if missing
+            ray.init(
+                include_dashboard=False,
+                object_store_memory=self.plan.object_store_bytes,
+                num_cpus=max(1, int(plan.most_replicas * plan.cpus_per_replica)),
+                log_to_driver=False,
+                configure_logging=False,
+                _temp_dir=str(self._private_dir / "ray"),  # Ray opens this to all (0777); its parent is 0700
+            )
+        keep_token_private()
+        node = ray.util.get_node_ip_address()
+        if not node.startswith("127."):
+            ray.shutdown()
+            raise ModelLoadError(
+                f"the private Ray instance came up on {node}, not on loopback: Ray was imported before "
+                f"{LOOPBACK_SWITCH}=0 was set (set it in the environment, or import Ray only through the app)"
+            )
+        logger.info("private Ray instance at %s", ray.get_runtime_context().gcs_address)
+
+    def _set_environment(self, name: str, value: str) -> None:
+        """Set a variable for Ray (read by this process and inherited by Ray's), unless already set."""
+        if name not in os.environ:
+            os.environ[name] = value
+            self._environment_set.append(name)
+
+    def _not_within(self, what: str) -> str:
+        return f"{what} within {self.plan.start_timeout:g}s (PIPELINE_START_TIMEOUT); is the Ray cluster up?"
+
+    # Replicas.
+    def _watch_replicas(self) -> None:
+        """Every few seconds, until closed: look at the replicas again."""
+        while not self._closing.wait(REPLICA_WATCH_SECONDS):
+            self._look_at_replicas()
+
+    def _look_at_replicas(self) -> None:
+        """The replica counts by state, for readiness and the metrics."""
+        from ray import serve
+
+        try:
+            deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+        except Exception as error:  # noqa: BLE001 - any failure to ask Ray is a readiness problem
+            self._replica_problem = f"Ray Serve status unavailable: {type(error).__name__}"
+            return
+        states = deployment.replica_states.items()
+        self._replicas_by_state = {str(getattr(state, "value", state)): count for state, count in states}
+        self._replica_problem = None
+        if self.observer is not None:
+            self.observer.replicas(by_state=self._replicas_by_state)
+
+    def _wait_for_lost_replicas(self) -> None:
+        """Before a retry: wait (bounded) until every replica that lost a call is gone, so Ray's
+        router cannot hand the retry to a replica that is being replaced."""
+        import ray
+
+        deadline = time.monotonic() + self.plan.deployment.health_check_timeout_s + 60
+        with self._lost_lock:
+            lost = set(self._lost_replicas)
+        for name in lost:
+            while time.monotonic() < deadline and not self._closing.is_set():
+                try:
+                    ray.get_actor(name, namespace=SERVE_NAMESPACE)
+                except ValueError:  # no such live actor: gone
+                    break
+                time.sleep(0.2)
+            with self._lost_lock:
+                self._lost_replicas.discard(name)
+
+    # Calls.
+    def _run_all(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        return list(self._pool.map(self._run_one, jobs))
+
+    def _run_one(self, job: GenerationJob) -> JobOutcome:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, RequestCancelledError
+
+        stream = self._handle.options(stream=True).generate.remote(asdict(job.request))
+        job.when_cancelled(stream.cancel)  # at once, also while the call waits for a replica
+        replica = None
+        try:
+            for event in stream:
+                self._replay(event.facts)
+                replica = event.replica
+                if isinstance(event, StepReport):
+                    job.report_step(event.step, event.total)
+                elif isinstance(event, Finished):
+                    outcome: JobOutcome = event.outcome
+                    if isinstance(outcome.error, WorkerLostError):
+                        self._remember_lost(event.replica)
+                    else:
+                        logger.info("request served by replica %s", event.replica.rsplit("#", 1)[-1])
+                    return outcome
+        except (RequestCancelledError, GenerationCancelledError):
+            pass
+        except BackPressureError as error:
+            waiting = error.args[1]  # max_queued_requests
+            busy = f"the server is busy ({waiting} requests wait for a pipeline replica); try again shortly"
+            return JobOutcome(error=PipelineUnavailableError(busy))
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as error:
+            if replica is not None:
+                self._remember_lost(replica)
+            return JobOutcome(error=WorkerLostError("died", f"a pipeline replica died ({type(error).__name__})"))
+        return JobOutcome(error=GenerationCancelledError("cancelled"))
+
+    def _remember_lost(self, replica: str) -> None:
+        with self._lost_lock:
+            self._lost_replicas.add(replica)
+
+    def _replay(self, facts: list[Fact]) -> None:
+        """Hand a replica's generation facts to this process's observer (the metrics)."""
+        if self.observer is None:
+            return
+        for fact in facts:
+            replay(fact, self.observer)
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether a Ray address names this machine's loopback interface."""
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _app_exists() -> bool:
+    """Whether the pipeline application is deployed on the cluster this process is connected to."""
+    from ray import serve
+
+    return APP_NAME in serve.status().applications

@@ -1,0 +1,81 @@
+"""The one surface every backend offers, and what it reports once started.
+
+``app.py`` wires a backend (the supervised local worker, or Ray Serve replicas) and hands it
+to admission and the web layer, which use only this protocol and never learn which it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a worker process or replica loaded, reported once it is ready."""
+
+    model: str
+    device: str
+    dtype: str
+    load_seconds: float
+    native_size: int = 512  # the side the model was trained at: the page's and API's default size
+    warmup_seconds: float | None = None  # None when warm-up was off
+
+
+class RequestChecker:
+    """``check_inputs`` with a deployment's limits and the model's token budget (once it is known)."""
+
+    def __init__(self, limits: RequestLimits) -> None:
+        self.limits = limits
+        self.tokens: TokenBudget | None = None
+
+    def check(self, data: Mapping[str, Any]) -> GenerationRequest:
+        """Validate raw fields; raises ``InvalidRequestError`` naming the field and its range."""
+        return check_inputs(data, limits=self.limits, tokens=self.tokens)
+
+
+class Backend(Protocol):
+    """Runs validated jobs on the model, with progress and cancel; started and closed by the app.
+
+    ``run`` may be called from ``max_running`` threads at once: their jobs share the engine's
+    steps. A job running when its worker or replica is lost is retried once, alone, then fails
+    with ``WorkerCrashedError`` (``sd_pipeline.backends.retry``), the same on every backend.
+    """
+
+    @property
+    def model(self) -> str:
+        """The model's name as records and PNGs carry it."""
+        ...
+
+    @property
+    def max_running(self) -> int:
+        """How many requests may run at once (more wait in admission)."""
+        ...
+
+    def start(self) -> BackendInfo:
+        """Load the model and wait, bounded, until it can serve; raises ``ModelLoadError``."""
+        ...
+
+    def close(self) -> None:
+        """Stop serving and release what was started."""
+        ...
+
+    def check(self, data: Mapping[str, Any]) -> GenerationRequest:
+        """Validate raw fields before any GPU work; raises ``InvalidRequestError``."""
+        ...
+
+    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+        """Run jobs to their outcomes, reporting steps; a cancelled job ends within one step."""
+        ...
+
+    def readiness_problem(self) -> str | None:
+        """Why no request can run right now, or None."""
+        ...
+
+    def liveness_problem(self) -> str | None:
+        """Why this process should be restarted (a crash loop), or None."""
+        ...

@@ -1,0 +1,58 @@
+"""Plain facts about pipeline work, and how they travel from a worker or replica to the metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class GenerationObserver(Protocol):
+    """Receives plain facts about pipeline work (implemented by the metrics module)."""
+
+    def pipeline_call(self, *, seconds: float, images: int) -> None: ...
+
+    def denoising_step(self, *, seconds: float) -> None: ...
+
+    def first_step_wait(self, *, seconds: float) -> None: ...
+
+    def out_of_memory(self) -> None: ...
+
+
+class WorkerObserver(GenerationObserver, Protocol):
+    """Generation facts plus the accelerator's memory (implemented by the metrics module)."""
+
+    def gpu_memory(self, *, allocated: int, reserved: int) -> None: ...
+
+
+Fact = tuple[str, dict[str, Any]]  # an observer method's name and its keyword arguments
+FACT_NAMES = frozenset({"pipeline_call", "denoising_step", "first_step_wait", "out_of_memory", "gpu_memory"})
+
+
+class FactRelay:
+    """A ``GenerationObserver`` that hands each fact as data to ``send``: how the worker process
+    (down its pipe) and a Ray replica (on its request streams) carry facts to the app."""
+
+    def __init__(self, send: Callable[[Fact], None]) -> None:
+        self.send = send
+
+    def pipeline_call(self, *, seconds: float, images: int) -> None:
+        self.send(("pipeline_call", {"seconds": seconds, "images": images}))
+
+    def denoising_step(self, *, seconds: float) -> None:
+        self.send(("denoising_step", {"seconds": seconds}))
+
+    def first_step_wait(self, *, seconds: float) -> None:
+        self.send(("first_step_wait", {"seconds": seconds}))
+
+    def out_of_memory(self) -> None:
+        self.send(("out_of_memory", {}))
+
+    def gpu_memory(self, *, allocated: int, reserved: int) -> None:
+        self.send(("gpu_memory", {"allocated": allocated, "reserved": reserved}))
+
+
+def replay(fact: Fact, observer: Any) -> None:
+    """In the app: give a relayed fact to the real observer (the metrics); unknown names are ignored."""
+    name, fields = fact
+    if name in FACT_NAMES and hasattr(observer, name):
+        getattr(observer, name)(**fields)

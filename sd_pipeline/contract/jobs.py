@@ -1,0 +1,87 @@
+"""A request on its way through a backend (``GenerationJob``), and what comes back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from sd_pipeline.contract.request import GenerationRequest
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How long the engine worked on the request that made an image, and its largest batch."""
+
+    generation_seconds: float
+    batch_images: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One image with everything needed to reproduce it."""
+
+    image: Image.Image
+    request: GenerationRequest
+    seed: int
+    index: int
+    model: str
+    timings: Timings
+    nsfw: bool = False
+
+
+@dataclass
+class GenerationJob:
+    """A request on its way through a backend: progress out, cancellation in."""
+
+    request: GenerationRequest
+    on_step: StepCallback | None = None
+    owner: str = ""  # whose request it is, for fair admission; "" when nobody is named
+    steps_done: int = 0
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _on_cancel: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def steps_left(self) -> int:
+        return max(0, self.request.steps - self.steps_done)
+
+    def report_step(self, step: int, total: int) -> None:
+        """Record that ``step`` of ``total`` is done and tell ``on_step``."""
+        self.steps_done = step
+        if self.on_step is not None:
+            self.on_step(step, total)
+
+    def cancel(self) -> None:
+        """Ask the backend to stop this job: at once while it waits, within one denoising step once it runs."""
+        with self._lock:
+            if self._cancelled.is_set():
+                return
+            self._cancelled.set()
+            callbacks, self._on_cancel = self._on_cancel, []
+        for callback in callbacks:
+            callback()
+
+    def when_cancelled(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when the job is cancelled (at once if it already is)."""
+        with self._lock:
+            if not self._cancelled.is_set():
+                self._on_cancel.append(callback)
+                return
+        callback()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass
+class JobOutcome:
+    """What happened to one job: its images, or the error that ended it."""
+
+    results: list[GenerationResult] = field(default_factory=list)
+    error: Exception | None = None

@@ -1,0 +1,86 @@
+"""The engine loop both backends run: jobs from other threads, a stop that finishes them, failures and stalls."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from sd_pipeline.backends.engine_loop import EngineLoop
+from sd_pipeline.contract.errors import WorkerLostError
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.failures import DeviceFailedError
+
+SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 3}
+
+
+def job(name: str) -> GenerationJob:
+    return GenerationJob(check_inputs({"prompt": name, **SMALL}))
+
+
+def test_jobs_from_another_thread_are_served_and_a_stop_finishes_them(engine: StepEngine) -> None:
+    loop = EngineLoop(engine)
+    outcomes: list[JobOutcome] = []
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    for name in ("a", "b"):
+        loop.submit(job(name), outcomes.append)
+    loop.stop()
+    runner.join(timeout=60)
+    assert not runner.is_alive() and loop.failure is None and loop.health_problem() is None
+    assert [len(outcome.results) for outcome in outcomes] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("error", "reported"),
+    [
+        (RuntimeError("a bug"), "the step engine failed: RuntimeError: a bug"),
+        (DeviceFailedError("the accelerator failed and needs a new process"), "needs a new process"),
+    ],
+)
+def test_a_failing_engine_ends_the_loop_and_its_jobs_are_answered_only_when_asked(
+    engine: StepEngine, monkeypatch: pytest.MonkeyPatch, error: Exception, reported: str
+) -> None:
+    def broken() -> None:
+        raise error
+
+    monkeypatch.setattr(engine, "step", broken)
+    loop = EngineLoop(engine)
+    outcomes: list[JobOutcome] = []
+    loop.submit(job("held"), outcomes.append)
+    loop.run()  # returns: the worker process then exits, a replica fails its health check
+    assert loop.failure is not None and reported in loop.failure
+    assert loop.health_problem() == loop.failure and outcomes == []
+    lost = WorkerLostError("died", "a pipeline replica stopped serving")
+    loop.fail_held(lost)  # what a replica does, so its calls end and are retried elsewhere
+    loop.submit(job("late"), outcomes.append)  # a call that still arrives is answered at once
+    assert [outcome.error for outcome in outcomes] == [lost, lost]
+
+
+def test_an_engine_with_work_and_no_step_is_reported_stalled(
+    engine: StepEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_step = engine.step
+
+    def stuck() -> None:
+        release.wait(timeout=30)  # a hung device call, until the test releases it
+        real_step()
+
+    monkeypatch.setattr(engine, "step", stuck)
+    loop = EngineLoop(engine, stall_seconds=0.2)
+    assert loop.health_problem() is None  # idle is never stalled
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    loop.submit(job("stuck"), lambda outcome: None)
+    time.sleep(0.5)
+    problem = loop.health_problem()
+    release.set()
+    loop.stop()
+    runner.join(timeout=30)
+    assert problem is not None and "made no progress" in problem
+    assert not runner.is_alive() and loop.health_problem() is None  # stepping again: no longer stalled

@@ -1,0 +1,181 @@
+"""The Ray backend without the web app: a private Ray instance on loopback, one CPU replica of the tiny model.
+
+A replica whose engine loop fails, or whose process freezes (SIGSTOP), is replaced by Serve
+and the request it held is served after one retry; Stop ends a request still waiting for a
+replica at once; replicas warm up; every socket the private instance listens on is on
+127.0.0.1, and its token and files are private.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from sd_pipeline.backends.ray.backend import RayBackend
+from sd_pipeline.backends.ray.loopback import keep_token_private
+from sd_pipeline.backends.ray.replica import PipelineReplica
+from sd_pipeline.contract.errors import GenerationCancelledError
+from sd_pipeline.contract.jobs import GenerationJob
+from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
+from sd_pipeline.contract.request import RequestLimits, check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
+from tests.servers import wait_until
+
+pytest.importorskip("ray.serve")
+
+FAIL_MARKER = "SD_TEST_FAIL_ONCE_MARKER"
+
+
+class FailingOnceReplica(PipelineReplica):
+    """A replica whose engine loop raises at its third step once the test arms it (``MARKER.armed``),
+    once only (``MARKER`` then names the replica that failed; its replacement serves)."""
+
+    def __init__(self, settings: PipelineSettings, max_batch_images: int, stall_seconds: float = 120.0) -> None:
+        super().__init__(settings, max_batch_images, stall_seconds)
+        marker = Path(os.environ[FAIL_MARKER])
+        engine = self.loop.engine
+        real_step = engine.step
+
+        armed_steps: list[int] = []
+
+        def step() -> None:
+            if engine.active_images and marker.with_suffix(".armed").exists() and not marker.exists():
+                armed_steps.append(1)
+            if len(armed_steps) == 3 and not marker.exists():
+                marker.write_text(self.replica)
+                raise RuntimeError("a bug in the engine (injected by the test)")
+            real_step()
+
+        engine.step = step  # type: ignore[method-assign]
+
+
+def on_loopback(ip: str) -> bool:
+    """127.0.0.1, also as IPv6 writes it (``::ffff:127.0.0.1``); never ``::``, ``0.0.0.0`` or a real address."""
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address) == "127.0.0.1"
+
+
+def ray_children() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def replica_process() -> psutil.Process:
+    found = [process for process in ray_children() if "ServeReplica" in " ".join(process.cmdline())]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayBackend]:
+    os.environ[FAIL_MARKER] = str(tmp_path_factory.mktemp("ray-marker") / "failed-once")  # inherited by Ray
+    settings = PipelineSettings(model=str(tiny_model_dir), device="cpu", cpu_threads=1, warmup=True)
+    replicas = ReplicaPlan(
+        replicas=1, max_batch_images=1, health_check_period_s=1.0, health_check_timeout_s=5.0, stall_seconds=30.0
+    )
+    backend = RayBackend(
+        settings,
+        RayPlan(address="local", deployment=replicas, start_timeout=300),
+        limits=RequestLimits(),
+        replica_class=FailingOnceReplica,
+    )
+    try:
+        backend.start()
+        yield backend
+    finally:
+        children = ray_children()
+        backend.close()
+        os.environ.pop(FAIL_MARKER, None)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], f"Ray processes outlived the backend: {alive}"
+
+
+def long_job(steps: int = 60, **fields: Any) -> tuple[GenerationJob, list[int]]:
+    seen: list[int] = []
+    job = GenerationJob(check_inputs({"prompt": "a long one", "steps": steps, "width": 64, "height": 64, **fields}))
+    job.on_step = lambda step, total: seen.append(step)
+    return job, seen
+
+
+def test_replicas_warm_up_and_the_backend_validates_with_the_models_tokens(backend: RayBackend) -> None:
+    assert backend.info is not None and backend.info.warmup_seconds is not None and backend.info.warmup_seconds > 0
+    assert backend.max_running == 1
+    assert backend.check({"prompt": "x" * 75}).prompt == "x" * 75  # the tiny tokenizer: 77 with start and end
+
+
+def test_the_private_instance_listens_on_loopback_only_and_keeps_its_files_private(backend: RayBackend) -> None:
+    listening = []
+    for process in ray_children():
+        try:
+            connections = process.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(process.name(), c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN]
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names and any("ServeReplica" in name for name in names), names
+    assert [entry for entry in listening if not on_loopback(entry[1])] == []
+    token = keep_token_private()
+    assert token is not None and stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert backend._private_dir is not None and stat.S_IMODE(backend._private_dir.stat().st_mode) == 0o700
+
+
+def test_a_request_cancelled_while_waiting_for_a_replica_ends_at_once(backend: RayBackend) -> None:
+    running, running_steps = long_job(steps=100)
+    outcomes: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: outcomes.update(running=backend.run([running])[0]))
+    first.start()
+    wait_until(lambda: len(running_steps) >= 2, timeout=60)  # it holds the replica's only slot
+    waiting, waiting_steps = long_job(steps=5)
+    second = threading.Thread(target=lambda: outcomes.update(waiting=backend.run([waiting])[0]))
+    second.start()
+    waiting.cancel()
+    second.join(timeout=30)
+    assert not second.is_alive() and isinstance(outcomes["waiting"].error, GenerationCancelledError)
+    assert waiting_steps == [] and running.steps_done < 100  # ended while the other still ran
+    running.cancel()
+    first.join(timeout=60)
+
+
+def test_a_replica_whose_engine_fails_is_replaced_and_its_request_served_after_one_retry(
+    backend: RayBackend,
+) -> None:
+    marker = Path(os.environ[FAIL_MARKER])
+    marker.with_suffix(".armed").touch()
+    job, steps = long_job(steps=8)
+    (outcome,) = backend.run([job])
+    assert outcome.error is None, outcome.error
+    assert len(outcome.results) == 1 and outcome.results[0].image.size == (64, 64)
+    assert marker.exists()  # the first replica did fail
+    assert steps.count(1) == 2 and steps[-1] == 8  # progress started again on the new replica
+    wait_until(lambda: backend.readiness_problem() is None, timeout=120)
+
+
+def test_a_frozen_replica_is_replaced_and_its_request_served(backend: RayBackend) -> None:
+    frozen = replica_process()
+    job, steps = long_job(steps=40)
+    sent = threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 3 and not sent.is_set():
+            sent.set()
+            os.kill(frozen.pid, signal.SIGSTOP)  # the process stops answering, health checks included
+
+    job.on_step = on_step
+    try:
+        (outcome,) = backend.run([job])
+    finally:
+        if frozen.is_running():
+            os.kill(frozen.pid, signal.SIGCONT)
+    assert outcome.error is None, outcome.error
+    assert steps.count(1) == 2 and steps[-1] == 40
+    assert replica_process().pid != frozen.pid

@@ -1,0 +1,176 @@
+"""The one list of /generate's fields: it drives the form, the handler's API signature and
+descriptions, the validator, and "Load these settings". Ranges and defaults come from
+``RequestLimits`` and ``GenerationRequest``, so the page, the API page and validation agree.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from sd_pipeline.contract.request import MAX_SEED, RANDOM_SEED, GenerationRequest, RequestLimits
+from sd_pipeline.contract.samplers import SCHEDULER_NAMES
+from webapp.components import validated_by_app
+
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One input of /generate: its name (a ``GenerationRequest`` field), API type and default,
+    its description on the API page, and how the page draws it."""
+
+    name: str
+    kind: type
+    default: Any
+    doc: str
+    component: Callable[[], gr.components.Component]
+
+    def render(self) -> gr.components.Component:
+        """The form input, placed wherever the layout calls this."""
+        return self.component()
+
+
+def generate_fields(limits: RequestLimits, *, default_size: int) -> list[FormField]:
+    """/generate's inputs in API order; ``default_size`` is the model's native side (512 for SD 1.x)."""
+    defaults = GenerationRequest(prompt="", width=default_size, height=default_size)
+    sides = f"{limits.min_side}-{limits.max_side}, multiple of 8"
+
+    def side(label: str, elem_id: str) -> Callable[[], gr.components.Component]:
+        return lambda: validated_by_app(
+            gr.Number(label=label, value=default_size, precision=0, info=sides, elem_id=elem_id)
+        )
+
+    return [
+        FormField(
+            "prompt",
+            str,
+            REQUIRED,
+            "what to draw (required; at most the model's token limit)",
+            lambda: gr.Textbox(
+                label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dusk, oil painting", elem_id="prompt"
+            ),
+        ),
+        FormField(
+            "negative_prompt",
+            str,
+            defaults.negative_prompt,
+            "what to avoid",
+            lambda: gr.Textbox(
+                label="Negative prompt",
+                value=defaults.negative_prompt,
+                lines=1,
+                placeholder="blurry, low quality",
+                elem_id="negative",
+            ),
+        ),
+        FormField(
+            "seed",
+            float,
+            RANDOM_SEED,
+            f"0 to {MAX_SEED}, or {RANDOM_SEED} for a random seed (the seed used is in the result)",
+            lambda: validated_by_app(
+                gr.Number(label="Seed", value=RANDOM_SEED, precision=0, info=f"{RANDOM_SEED} = random", elem_id="seed")
+            ),
+        ),
+        FormField(
+            "steps",
+            float,
+            defaults.steps,
+            f"denoising steps, {limits.min_steps} to {limits.max_steps}",
+            lambda: validated_by_app(
+                gr.Slider(
+                    limits.min_steps,
+                    limits.max_steps,
+                    value=defaults.steps,
+                    step=1,
+                    precision=0,
+                    label="Steps",
+                    elem_id="steps",
+                )
+            ),
+        ),
+        FormField(
+            "guidance_scale",
+            float,
+            defaults.guidance_scale,
+            f"classifier-free guidance, 0 to {limits.max_guidance:g}",
+            lambda: validated_by_app(
+                gr.Slider(
+                    0,
+                    limits.max_guidance,
+                    value=defaults.guidance_scale,
+                    step=0.5,
+                    label="Guidance scale",
+                    elem_id="guidance",
+                )
+            ),
+        ),
+        FormField(
+            "width",
+            float,
+            default_size,
+            f"{sides} (default: the model's native size, 512 for SD 1.x)",
+            side("Width", "width"),
+        ),
+        FormField(
+            "height", float, default_size, f"{sides} (default: the model's native size)", side("Height", "height")
+        ),
+        FormField(
+            "num_images",
+            float,
+            defaults.num_images,
+            f"images for this prompt, 1 to {limits.max_images} (seeds seed, seed+1, ...)",
+            lambda: validated_by_app(
+                gr.Slider(
+                    1,
+                    limits.max_images,
+                    value=defaults.num_images,
+                    step=1,
+                    precision=0,
+                    label="Images",
+                    elem_id="count",
+                )
+            ),
+        ),
+        FormField(
+            "scheduler",
+            str,
+            defaults.scheduler,
+            "one of the listed sampler names",
+            lambda: gr.Dropdown(
+                list(SCHEDULER_NAMES),
+                value=defaults.scheduler,
+                label="Sampler",
+                allow_custom_value=True,
+                elem_id="scheduler",
+            ),
+        ),
+    ]
+
+
+def with_signature(handler: Callable[..., Any], fields: Sequence[FormField], *, summary: str) -> None:
+    """Give ``handler(*values, request, progress)`` the named signature and docstring Gradio's API
+    page and ``gradio_client`` read: one parameter per field, then the request and progress."""
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [
+        inspect.Parameter(field.name, positional, default=field.default, annotation=field.kind) for field in fields
+    ]
+    parameters += [
+        inspect.Parameter("request", positional, default=None, annotation=gr.Request | None),
+        inspect.Parameter("progress", positional, default=gr.Progress(), annotation=gr.Progress),
+    ]
+    returns = tuple[list[tuple[str, str]], dict[str, Any]]
+    handler.__signature__ = inspect.Signature(parameters, return_annotation=returns)  # type: ignore[attr-defined]
+    handler.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    arguments = "\n".join(f"    {field.name}: {field.doc}" for field in fields)
+    handler.__doc__ = f"{summary}\n\nArgs:\n{arguments}\n"
+
+
+def settings_of(image: dict[str, Any], fields: Sequence[FormField]) -> list[Any]:
+    """A stored image's parameters as form values, in field order (fields it lacks take their defaults)."""
+    return [image.get(field.name, field.default) for field in fields]
