@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, OutOfMemoryError
+from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError
 from sd_pipeline.contract.jobs import GenerationJob, GenerationResult
 from sd_pipeline.contract.request import TokenBudget, check_inputs
 from sd_pipeline.model.engine import StepEngine
-from sd_pipeline.model.schedulers import SCHEDULER_NAMES
+from sd_pipeline.model.schedulers import SCHEDULER_NAMES, scheduler_names
 from tests.images import assert_same_image
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 4, "guidance_scale": 7.5}
@@ -94,31 +94,8 @@ def test_progress_reports_every_step(engine: StepEngine) -> None:
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
-def test_out_of_memory_retries_in_smaller_pieces(engine: StepEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    unet = engine.loaded.pipeline.unet
-    real_forward = unet.forward
-    batch_sizes: list[int] = []
-
-    def forward_with_memory_limit(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        batch_sizes.append(sample.shape[0])
-        if sample.shape[0] > 2:  # classifier-free guidance doubles the batch: one image fits
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_forward(sample, *args, **kwargs)
-
-    monkeypatch.setattr(unet, "forward", forward_with_memory_limit)
-    requests = [check_inputs({"prompt": f"p{i}", "seed": i, **SMALL}) for i in range(3)]
-    results = engine.generate(requests)
-    assert [rs[0].timings.batch_images for rs in results] == [1, 1, 1]
-    assert max(batch_sizes) == 6 and batch_sizes[-1] == 2
-
-    def always_out_of_memory(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-
-    monkeypatch.setattr(unet, "forward", always_out_of_memory)
-    with pytest.raises(OutOfMemoryError, match="out of GPU memory generating 64x64 images"):
-        engine.generate([requests[0]])
-    monkeypatch.setattr(unet, "forward", real_forward)
-    assert engine.generate([requests[0]])[0][0].image.size == (64, 64)
+def test_every_offered_sampler_name_builds_a_scheduler() -> None:
+    assert scheduler_names() == SCHEDULER_NAMES  # the contract's names and the model's schedulers agree
 
 
 def test_check_uses_the_model_token_limit(engine: StepEngine) -> None:
