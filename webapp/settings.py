@@ -84,12 +84,6 @@ class Settings(BaseSettings):
     pipeline_start_timeout: float = Field(
         3600.0, gt=0, description="seconds to wait at start-up for the model to load (or, on Ray, for a replica)"
     )
-    ray_health_check_period: float = Field(
-        5.0, gt=0, description="seconds between Serve's health checks of each replica (a failed engine is replaced)"
-    )
-    ray_health_check_timeout: float = Field(
-        30.0, gt=0, description="a replica that does not answer its health check this long (frozen) is replaced"
-    )
     ray_address: str | None = Field(
         None,
         description="unset: one local worker process; 'local': a private Ray instance on this machine; "
@@ -118,6 +112,12 @@ class Settings(BaseSettings):
         "if-missing",
         description="on a shared cluster: 'if-missing' deploys the pipeline unless running, 'always' redeploys "
         "it with these settings, 'never' waits for one (a RayService or another front end deploys it)",
+    )
+    ray_health_check_period: float = Field(
+        5.0, gt=0, description="seconds between Serve's health checks of each replica (a failed engine is replaced)"
+    )
+    ray_health_check_timeout: float = Field(
+        30.0, gt=0, description="a replica that does not answer its health check this long (frozen) is replaced"
     )
     history_page_size: int = Field(12, ge=1, le=100, description="images per history page")
     auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")

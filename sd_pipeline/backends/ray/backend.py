@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,7 +120,11 @@ class RayBackend:
         if private or self.plan.deploy == "always" or (self.plan.deploy == "if-missing" and not _app_exists()):
             logger.info("deploying the pipeline application (%s)", self.plan.deployment)
             application = pipeline_application(self.settings, self.plan.deployment, replica_class=self.replica_class)
-            self._handle = serve.run(application, name=APP_NAME, route_prefix=None)
+            deploying = self._pool.submit(serve.run, application, name=APP_NAME, route_prefix=None)
+            try:  # serve.run waits for the replicas, unbounded (e.g. while no node has a free GPU)
+                self._handle = deploying.result(timeout=max(1.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise ModelLoadError(self._not_within("the pipeline application was not running")) from None
         else:
             logger.info("joining the pipeline application already deployed on the cluster")
             while not _app_exists():
