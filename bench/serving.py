@@ -1,7 +1,8 @@
 """Served throughput: the raw pipeline, a naive Gradio peer, and this app, in one run.
 
     python -m bench.serving [--model DIR] [--size 64] [--steps 10] [--quick]
-    python -m bench.serving --open-loop [...]   # bench.open_loop: Poisson arrivals, step vs request batching
+    python -m bench.serving --open-loop [...]   # bench.open_loop: Poisson arrivals on the step engine
+    python -m bench.serving --previews [...]    # bench.previews: 8 clients with previews off, approx, taesd
 
 Starts an S3-compatible server (moto) on loopback, the naive peer (bench/naive_peer.py) and
 the real app (python app.py) with S3 storage, and drives both with gradio_client from 1, 4
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from bench import open_loop
 
         return open_loop.main([arg for arg in argv if arg != "--open-loop"])
+    if "--previews" in argv:
+        from bench import previews
+
+        return previews.main([arg for arg in argv if arg != "--previews"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serving_arguments(parser, "serving.json")
     args = parser.parse_args(argv)

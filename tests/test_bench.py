@@ -47,6 +47,18 @@ def test_open_loop_benchmark_quick(tmp_path: Path) -> None:
     assert results["modes"]["step"]["0.8"]["wait_to_first_step_s"] >= 0
 
 
+def test_previews_benchmark_quick(tmp_path: Path) -> None:
+    output = run_module("bench.serving", "--previews", "--quick", "--out", str(tmp_path), timeout=900)
+    assert "approx:" in output and "taesd:" in output
+    results = json.loads((tmp_path / "previews.json").read_text())
+    assert results["modes"]["off"]["previews_per_request"] == 0
+    for mode in ("approx", "taesd"):
+        measured = results["modes"][mode]
+        assert measured["previews_per_request"] >= 1 and measured["images_per_s"] > 0
+        assert measured["first_preview_after_first_step_s"] >= 0
+        assert results["ratios"][mode] > 0
+
+
 def test_gpu_benchmark_tiny_on_cpu(tmp_path: Path) -> None:
     args = ["--tiny", "--batches", "1", "2", "--steps", "3", "--repeats", "1", "--skip-compile", "--out", str(tmp_path)]
     output = run_module("bench.gpu", *args)

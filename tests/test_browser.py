@@ -121,6 +121,32 @@ def test_generate_see_progress_image_and_link(context: BrowserContext, app: Runn
     assert errors == []
 
 
+def test_the_preview_forms_in_the_result_box_and_the_final_image_replaces_it(
+    context: BrowserContext, app: RunningApp
+) -> None:
+    page, errors = open_page(context, app)
+    fill_form(page, "a forming picture", size="256", steps="100")
+    page.locator("#generate").click()
+    shown: list[str] = []
+    preview = page.locator("#result-gallery img").first
+    for _ in range(300):  # while it renders: the preview's picture, as it changes
+        if page.locator("#links a").count():
+            break
+        if preview.count() and (source := preview.get_attribute("src")) and source not in shown:
+            shown.append(source)
+        page.wait_for_timeout(100)
+        if len(shown) == 2:
+            shot(page, "05-preview")
+    final = newest_link(page)
+    expect(page.get_by_text(re.compile(r"step \d+/100"))).to_have_count(0)
+    final_picture = page.locator("#result-gallery img").first.get_attribute("src")
+    previews = [source for source in shown if source != final_picture]
+    assert len(previews) >= 2, shown  # it appeared, then changed, and the final image replaced it
+    assert png_pixels(page, final).shape == (256, 256, 3)
+    shot(page, "06-final-after-preview")
+    assert errors == []
+
+
 def test_history_survives_reload_and_is_private(context: BrowserContext, browser: Browser, app: RunningApp) -> None:
     page, _ = open_page(context, app)
     fill_form(page, "a lighthouse for history", seed="77")

@@ -24,7 +24,7 @@ from sd_pipeline.backends.ray.backend import RayBackend
 from sd_pipeline.backends.ray.loopback import keep_token_private
 from sd_pipeline.backends.ray.replica import PipelineReplica
 from sd_pipeline.contract.errors import GenerationCancelledError
-from sd_pipeline.contract.jobs import GenerationJob
+from sd_pipeline.contract.jobs import GenerationJob, Preview
 from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.contract.request import RequestLimits, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
@@ -78,7 +78,9 @@ def replica_process() -> psutil.Process:
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayBackend]:
     os.environ[FAIL_MARKER] = str(tmp_path_factory.mktemp("ray-marker") / "failed-once")  # inherited by Ray
-    settings = PipelineSettings(model=str(tiny_model_dir), device="cpu", cpu_threads=1, warmup=True)
+    settings = PipelineSettings(
+        model=str(tiny_model_dir), device="cpu", cpu_threads=1, warmup=True, preview="approx", preview_interval=0.01
+    )
     replicas = ReplicaPlan(
         replicas=1, max_batch_images=1, health_check_period_s=1.0, health_check_timeout_s=5.0, stall_seconds=30.0
     )
@@ -110,6 +112,20 @@ def test_replicas_warm_up_and_the_backend_validates_with_the_models_tokens(backe
     assert backend.info is not None and backend.info.warmup_seconds is not None and backend.info.warmup_seconds > 0
     assert backend.max_running == 1
     assert backend.check({"prompt": "x" * 75}).prompt == "x" * 75  # the tiny tokenizer: 77 with start and end
+
+
+def test_previews_travel_on_the_request_stream_to_the_caller_that_asked(backend: RayBackend) -> None:
+    seen: list[Preview] = []
+    asking = GenerationJob(
+        check_inputs({"prompt": "show", "steps": 6, "width": 64, "height": 64}), on_preview=seen.append
+    )
+    (outcome,) = backend.run([asking])
+    steps = [preview.step for preview in seen]
+    assert outcome.error is None and len(steps) >= 2 and steps == sorted(steps) and steps[-1] < 6
+    assert {preview.picture().size for preview in seen} == {(64, 64)}
+    silent, silent_steps = long_job(steps=6)
+    (outcome,) = backend.run([silent])
+    assert outcome.error is None and silent_steps == [1, 2, 3, 4, 5, 6]  # steps, and no preview asked for
 
 
 def test_the_private_instance_listens_on_loopback_only_and_keeps_its_files_private(backend: RayBackend) -> None:

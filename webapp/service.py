@@ -23,7 +23,7 @@ from sd_pipeline.contract.errors import (
     PipelineUnavailableError,
     WorkerCrashedError,
 )
-from sd_pipeline.contract.jobs import GenerationJob, GenerationResult
+from sd_pipeline.contract.jobs import GenerationJob, GenerationResult, PreviewCallback
 from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError
 from storage.keys import new_image_id
@@ -94,13 +94,23 @@ class ImageService:
             return error
         return None
 
-    async def generate(self, fields: Mapping[str, Any], *, owner: str, progress: ProgressSink) -> list[GeneratedImage]:
-        """Run one request end to end; raises ``UserFacingError`` with a message for the user."""
+    async def generate(
+        self,
+        fields: Mapping[str, Any],
+        *,
+        owner: str,
+        progress: ProgressSink,
+        on_preview: PreviewCallback | None = None,
+    ) -> list[GeneratedImage]:
+        """Run one request end to end; raises ``UserFacingError`` with a message for the user.
+
+        ``on_preview`` (called from another thread) gets the request's live previews, if the
+        backend makes them; they are never stored."""
         started = time.perf_counter()
         self.metrics.in_progress.inc()
         self.active += 1
         try:
-            results = await self._generate(fields, owner, progress)
+            results = await self._generate(fields, owner, progress, on_preview)
             images = await asyncio.to_thread(self._store_all, results, owner)
         except UserFacingError as error:
             self.metrics.request_finished(_outcome_of(error))
@@ -117,13 +127,15 @@ class ImageService:
         self.metrics.request_finished(Outcome.SUCCESS, seconds=time.perf_counter() - started, images=len(images))
         return images
 
-    async def _generate(self, fields: Mapping[str, Any], owner: str, progress: ProgressSink) -> list[GenerationResult]:
+    async def _generate(
+        self, fields: Mapping[str, Any], owner: str, progress: ProgressSink, on_preview: PreviewCallback | None
+    ) -> list[GenerationResult]:
         try:
             request = self.backend.check(fields)
         except InvalidRequestError as error:
             raise InvalidInputError(str(error)) from error
         timer = StepTimer(self.step_clock)
-        job = GenerationJob(request, on_step=lambda step, total: timer.step(step), owner=owner)
+        job = GenerationJob(request, on_step=lambda step, total: timer.step(step), on_preview=on_preview, owner=owner)
         try:
             future = self.admission.submit(job)
         except (QueueFullError, ShuttingDownError) as error:

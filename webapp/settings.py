@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sd_pipeline.contract.plans import DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
 from sd_pipeline.contract.request import RequestLimits
-from sd_pipeline.contract.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings
+from sd_pipeline.contract.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings, PreviewName
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
 
 
@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     )
     sd_channels_last: bool = Field(False, description="channels-last memory format")
     sd_fuse_qkv: bool = Field(False, description="fuse attention projections")
+    sd_preview: PreviewName = Field(
+        "approx",
+        description="live previews while a request renders: approx (a linear map of the latents, nearly free), "
+        "taesd (the tiny decoder in SD_PREVIEW_DECODER), full (the model's own VAE) or off",
+    )
+    sd_preview_decoder: str | None = Field(
+        None, description="local folder of a diffusers AutoencoderTiny (e.g. madebyollin/taesd), for SD_PREVIEW=taesd"
+    )
+    preview_interval_seconds: float = Field(
+        0.5, gt=0, description="at most one preview per request this often (and only after a new step)"
+    )
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
 
     host: str = Field("127.0.0.1", description="address the web app binds (0.0.0.0 in containers)")
@@ -143,6 +154,9 @@ class Settings(BaseSettings):
             cudnn_benchmark=self.sd_cudnn_benchmark,
             channels_last=self.sd_channels_last,
             fuse_qkv=self.sd_fuse_qkv,
+            preview=self.sd_preview,
+            preview_decoder=self.sd_preview_decoder,
+            preview_interval=self.preview_interval_seconds,
             max_pixels=self.max_pixels,
         )
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
+from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.request import RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
 from webapp.form import FormField, generate_fields, settings_of, with_signature
 from webapp.owners import OWNER_COOKIE, resolve_owner
+from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
 GalleryItems = list[tuple[str, str]]
@@ -60,18 +65,27 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
     fields = generate_fields(limits, default_size=default_size)
     names = [field.name for field in fields]
 
-    async def generate(*arguments: Any) -> tuple[GalleryItems, dict[str, Any]]:
+    async def generate(*arguments: Any) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
         *values, request, progress = arguments  # Gradio passes the request and progress after the fields
         assert isinstance(request, gr.Request)
-        try:
-            images = await service.generate(
+        previews = LatestPreview(asyncio.get_running_loop())
+        running = asyncio.ensure_future(
+            service.generate(
                 dict(zip(names, values, strict=True)),
                 owner=owner_of(request),
                 progress=lambda desc, done: progress(done, desc=desc),
+                on_preview=previews.put,
             )
+        )
+        try:
+            async for preview in previews.until(running):  # intermediate outputs: the picture so far
+                yield _preview_output(preview)
+            images = running.result()
         except UserFacingError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        return _gallery(images), {"images": [image.linked.to_api() for image in images]}
+        finally:
+            running.cancel()  # Stop (the generator is closed): the request ends too
+        yield _gallery(images), {"images": [image.linked.to_api() for image in images]}
 
     with_signature(generate, fields, summary="Generate images from a prompt, store them, return them with links.")
 
@@ -123,6 +137,9 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
                     for name in ("steps", "guidance_scale", "num_images"):
                         place(name)
             with gr.Column(scale=7, min_width=320):
+                # Progress ("waiting ...", "step n/N ...") shows here, above the images, so the live
+                # preview below it stays in sight while the request renders.
+                status = gr.Markdown(elem_id="result-status", min_height=64, container=True)
                 gallery = gr.Gallery(
                     label="Images",
                     columns=2,
@@ -189,7 +206,7 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
             outputs=[gallery, result],
             api_name="generate",
             validator=check_form,
-            show_progress_on=[gallery],
+            show_progress_on=[status],
             concurrency_limit=None,
             concurrency_id="generate",
         )
@@ -198,7 +215,9 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
             _new_images, inputs=[result, gallery], outputs=[links, *new_image], api_visibility="private"
         ).then(history, inputs=page, outputs=[history_gallery, history_json], api_visibility="private")
         gallery.select(_pick_new_image, inputs=[result, gallery], outputs=new_image, api_visibility="private")
-        stop.click(None, cancels=[generation])
+        stop.click(
+            _clear_preview, inputs=result, outputs=[gallery, result], cancels=[generation], api_visibility="private"
+        )
         random_seed.click(lambda: -1, outputs=seed, api_visibility="private")
         reuse_seed.click(_last_seed, inputs=[result, seed], outputs=seed, api_visibility="private")
 
@@ -220,6 +239,19 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
             functools.partial(_settings_of, fields=fields), inputs=chosen, outputs=form, api_visibility="private"
         )
     return demo
+
+
+def _preview_output(preview: Preview) -> tuple[list[tuple[Image.Image, str]], dict[str, Any]]:
+    """An intermediate /generate output: the preview where the images will be, and the step it shows."""
+    caption = f"preview · step {preview.step}/{preview.total}"
+    return [(preview.picture(), caption)], {"images": [], "preview": {"step": preview.step, "total": preview.total}}
+
+
+def _clear_preview(result: dict[str, Any] | None) -> tuple[Any, Any]:
+    """On Stop: a preview goes with its request; finished images stay."""
+    if result and result.get("preview"):
+        return [], None
+    return gr.skip(), gr.skip()
 
 
 def _gallery(images: list[GeneratedImage]) -> GalleryItems:

@@ -19,9 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from sd_pipeline.contract.backend import BackendInfo
+from sd_pipeline.contract.facts import GenerationObserver
 from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import Done, StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
+from sd_pipeline.model.loading import load_pipeline
+from sd_pipeline.model.previews import load_previewer
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +144,23 @@ class EngineLoop:
             return
         observer.gpu_memory(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
+
+
+def start_engine(
+    settings: PipelineSettings, *, max_batch_images: int, observer: GenerationObserver | None
+) -> tuple[StepEngine, BackendInfo]:
+    """What the worker process and every replica do before serving: load the model and its previewer,
+    build the engine, warm it up (``settings.warmup``); raises ``ModelLoadError``."""
+    loaded = load_pipeline(settings)
+    engine = StepEngine(
+        loaded,
+        max_batch_images=max_batch_images,
+        observer=observer,
+        previewer=load_previewer(settings, loaded),
+        preview_interval=settings.preview_interval,
+    )
+    warmup_seconds = engine.warmup() if settings.warmup else None
+    return engine, loaded.describe(warmup_seconds=warmup_seconds)
 
 
 def cuda_in_use() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,25 @@ from PIL import Image
 from sd_pipeline.contract.request import GenerationRequest
 
 StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a request's image looks like so far: a small encoded picture (PNG or JPEG, never the
+    latents), made where the latents are and carried up beside the step reports."""
+
+    step: int
+    total: int
+    image: bytes
+    size: tuple[int, int]  # the final image's width and height
+
+    def picture(self) -> Image.Image:
+        """The preview at the final image's size (the page shows it in its place)."""
+        with Image.open(io.BytesIO(self.image)) as encoded:
+            return encoded.convert("RGB").resize(self.size, Image.Resampling.BILINEAR)
+
+
+PreviewCallback = Callable[[Preview], None]
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,7 @@ class GenerationJob:
 
     request: GenerationRequest
     on_step: StepCallback | None = None
+    on_preview: PreviewCallback | None = None  # set only when the caller shows previews
     owner: str = ""  # whose request it is, for fair admission; "" when nobody is named
     steps_done: int = 0
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -55,6 +76,15 @@ class GenerationJob:
         self.steps_done = step
         if self.on_step is not None:
             self.on_step(step, total)
+
+    @property
+    def wants_previews(self) -> bool:
+        return self.on_preview is not None
+
+    def report_preview(self, preview: Preview) -> None:
+        """Hand a preview to ``on_preview`` (ignored once cancelled: Stop ends the pictures too)."""
+        if self.on_preview is not None and not self.cancelled:
+            self.on_preview(preview)
 
     def cancel(self) -> None:
         """Ask the backend to stop this job: at once while it waits, within one denoising step once it runs."""

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
 
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
+PreviewName = Literal["approx", "taesd", "full", "off"]
 DtypeName = Literal["auto", "float16", "bfloat16", "float32"]
 
 
@@ -30,6 +31,12 @@ class PipelineSettings(BaseModel):
     channels_last: bool = Field(False, description="channels-last memory format for the UNet and VAE")
     fuse_qkv: bool = Field(False, description="fuse attention q/k/v projections")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
+    preview: PreviewName = Field(
+        "off",
+        description="live previews: approx (a linear map of the latents), taesd (a tiny decoder), full (the VAE), off",
+    )
+    preview_decoder: str | None = Field(None, description="folder of a diffusers AutoencoderTiny (for taesd)")
+    preview_interval: float = Field(0.5, gt=0, description="seconds between two previews of one request")
 
 
 def model_source(model: str) -> str:

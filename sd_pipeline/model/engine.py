@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import math
 import threading
 import time
 from collections import deque
@@ -34,13 +36,15 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryError
 from sd_pipeline.contract.facts import GenerationObserver
-from sd_pipeline.contract.jobs import GenerationJob, GenerationResult, JobOutcome, Timings
+from sd_pipeline.contract.jobs import GenerationJob, GenerationResult, JobOutcome, Preview, Timings
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
+from sd_pipeline.model.previews import Previewer, predicted_clean
 from sd_pipeline.model.schedulers import make_scheduler
 
 Done = Callable[[JobOutcome], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +71,9 @@ class _Active:
     step: int = 0
     largest_batch: int = 0
     unet_chunks: int = 1  # UNet calls its images need: more than 1 after running out of memory
+    last_preview_at: float = -math.inf
+    preview_due: bool = False  # this step also predicts the clean latents for a preview
+    clean: torch.Tensor | None = None  # those latents (first image), once predicted
     results: list[GenerationResult] = field(default_factory=list)
 
     @property
@@ -95,10 +102,14 @@ class StepEngine:
         *,
         max_batch_images: int = 8,
         observer: GenerationObserver | None = None,
+        previewer: Previewer | None = None,
+        preview_interval: float = 0.5,
     ) -> None:
         self.loaded = loaded
         self.max_batch_images = max_batch_images
         self.observer = observer
+        self.previewer = previewer
+        self.preview_interval = preview_interval
         self._lock = threading.Lock()
         self._waiting: deque[_Waiting] = deque()
         self._active: list[_Active] = []
@@ -253,6 +264,8 @@ class StepEngine:
         UNet batch by images (``chunks`` UNet calls, kept for its later steps), before that request fails."""
         chunks = chunks or max(active.unet_chunks for active in group)
         started = time.perf_counter()
+        for active in group:
+            active.preview_due = self._preview_due(active, started)
         failure = self._unet_step(group, chunks)
         if failure is not None and failure.out_of_memory:
             self._free_memory()
@@ -280,6 +293,7 @@ class StepEngine:
             active.last_stepped_at = now
             active.largest_batch = max(active.largest_batch, images)
             active.job.report_step(active.step, len(active.timesteps))
+        self._send_previews([active for active in group if active.clean is not None and not active.finished], now)
 
     def _unet_step(self, group: list[_Active], chunks: int) -> Failure | None:
         """The group's UNet batch (in ``chunks`` calls) and each request's scheduler step; None, or how it failed."""
@@ -314,9 +328,33 @@ class StepEngine:
                 uncond, text = predicted.chunk(2)
                 predicted = uncond + active.job.request.guidance_scale * (text - uncond)
             t = active.timesteps[active.step]
-            active.latents = active.scheduler.step(
-                predicted, t, active.latents, **active.step_kwargs, return_dict=False
-            )[0]
+            output = active.scheduler.step(predicted, t, active.latents, **active.step_kwargs, return_dict=True)
+            if active.preview_due:
+                active.clean = predicted_clean(active.scheduler, output, predicted[:1], t, active.latents[:1])[:1]
+            active.latents = output.prev_sample
+
+    # Previews.
+    def _preview_due(self, active: _Active, now: float) -> bool:
+        """A preview for this request on this step: asked for, and the last one is old enough."""
+        wanted = self.previewer is not None and active.job.wants_previews
+        return wanted and now - active.last_preview_at >= self.preview_interval
+
+    def _send_previews(self, due: list[_Active], now: float) -> None:
+        """One picture each for the requests due a preview, rendered together; a failed preview only logs."""
+        if not due or self.previewer is None:
+            return
+        clean = torch.cat([active.clean for active in due if active.clean is not None])
+        try:
+            pictures = self.previewer.render(clean)
+        except Exception as error:  # noqa: BLE001 - a preview never fails its request; sticky errors still raise
+            failure = classify(error)
+            logger.warning("no preview this step: %s", failure.error or "out of memory")
+            pictures = []
+        for active, picture in zip(due, pictures, strict=False):
+            preview = Preview(step=active.step, total=len(active.timesteps), image=picture, size=active.size)
+            active.job.report_preview(preview)
+        for active in due:
+            active.last_preview_at, active.clean = now, None
 
     # Finishing.
     def _finish(self, finished: list[_Active]) -> None:

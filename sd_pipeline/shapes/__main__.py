@@ -28,8 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--seeds", type=int, default=4, help="images per prompt, sampler and guidance")
     check.add_argument("--steps", type=int, default=20)
     check.add_argument("--save", action="store_true", help="also write the table to DIR/adherence.md")
+    fit = commands.add_parser("fit-preview", help="fit the live preview's latent-to-RGB map (latent_rgb.json)")
+    fit.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
-    if args.command == "train":
+    if args.command == "fit-preview":
+        from sd_pipeline.shapes.preview_fit import write_latent_rgb
+
+        print(json.dumps(write_latent_rgb(args.folder), indent=2))
+    elif args.command == "train":
         from sd_pipeline.shapes.card import write_model_card
         from sd_pipeline.shapes.train import TrainingPlan, train_pipeline
 
@@ -38,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed, pictures=args.pictures, **{name: n for name, n in steps.items() if n is not None}
         )
         report = train_pipeline(args.folder, plan)
+        from sd_pipeline.shapes.preview_fit import write_latent_rgb
+
+        report["preview"] = write_latent_rgb(args.folder)
         write_model_card(args.folder, report)
         print(json.dumps(report, indent=2))
     else:

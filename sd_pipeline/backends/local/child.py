@@ -1,8 +1,9 @@
 """Inside the worker process: load, warm up, report ready, then feed the engine loop from the pipe.
 
-Messages from the parent: ``("run", [(job_id, request), ...])``, ``("cancel", job_id)``,
-``("stop", None)``. To the parent: facts, ``("step", (job_id, step, total))``,
-``("done", (job_id, results, error))``, then ``("ready", info)`` or ``("failed", reason)`` at start.
+Messages from the parent: ``("run", [(job_id, request, wants_previews), ...])``,
+``("cancel", job_id)``, ``("stop", None)``. To the parent: facts, ``("step", (job_id, step, total))``,
+``("preview", (job_id, preview))``, ``("done", (job_id, results, error))``, and at start
+``("ready", info)`` or ``("failed", reason)``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import signal
 import threading
 from multiprocessing.connection import Connection
 
-from sd_pipeline.backends.engine_loop import EngineLoop
+from sd_pipeline.backends.engine_loop import EngineLoop, start_engine
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.facts import FactRelay
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, StepCallback
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, Preview, PreviewCallback, StepCallback
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.model.engine import Done, StepEngine
-from sd_pipeline.model.loading import load_pipeline
+from sd_pipeline.model.engine import Done
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +29,11 @@ def serve(connection: Connection, settings: PipelineSettings, max_batch_images: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop (Ctrl-C reaches both)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        loaded = load_pipeline(settings)
+        engine, info = start_engine(settings, max_batch_images=max_batch_images, observer=FactRelay(connection.send))
     except ModelLoadError as error:
         connection.send(("failed", str(error)))
         return
-    engine = StepEngine(loaded, max_batch_images=max_batch_images, observer=FactRelay(connection.send))
-    warmup_seconds = engine.warmup() if settings.warmup else None
-    connection.send(("ready", loaded.describe(warmup_seconds=warmup_seconds)))
+    connection.send(("ready", info))
     loop = EngineLoop(engine)
     jobs = _PipeJobs(connection, loop)
     threading.Thread(target=jobs.read, name="pipe-reader", daemon=True).start()
@@ -68,8 +66,9 @@ class _PipeJobs:
                 if job is not None:
                     job.cancel()
             elif kind == "run":
-                for job_id, request in payload:
-                    job = GenerationJob(request, on_step=self._step_reporter(job_id))
+                for job_id, request, wants_previews in payload:
+                    previews = self._preview_reporter(job_id) if wants_previews else None
+                    job = GenerationJob(request, on_step=self._step_reporter(job_id), on_preview=previews)
                     with self._lock:
                         self._jobs[job_id] = job
                     self.loop.submit(job, self._finisher(job_id))
@@ -77,6 +76,12 @@ class _PipeJobs:
     def _step_reporter(self, job_id: int) -> StepCallback:
         def report(step: int, total: int) -> None:
             self.connection.send(("step", (job_id, step, total)))
+
+        return report
+
+    def _preview_reporter(self, job_id: int) -> PreviewCallback:
+        def report(preview: Preview) -> None:
+            self.connection.send(("preview", (job_id, preview)))
 
         return report
 

@@ -137,7 +137,8 @@ class PipelineProcess:
                 raise self._lost_error
             self._pending.update(entries)
         try:
-            self._send(("run", [(job_id, entry.job.request) for job_id, entry in entries.items()]))
+            runs = [(job_id, entry.job.request, entry.job.wants_previews) for job_id, entry in entries.items()]
+            self._send(("run", runs))
             for job_id, entry in entries.items():
                 entry.job.when_cancelled(functools.partial(self._send_cancel, job_id))
             return [entry.outcome.result() for entry in entries.values()]
@@ -208,7 +209,7 @@ class PipelineProcess:
         self.kill()
 
     def _relay(self, kind: str, payload: Any) -> None:
-        if kind in ("step", "done"):
+        if kind in ("step", "preview", "done"):
             with self._pending_lock:
                 entry = self._pending.get(payload[0])
             if entry is None:
@@ -216,6 +217,8 @@ class PipelineProcess:
             if kind == "step":
                 _, step, total = payload
                 entry.job.report_step(step, total)
+            elif kind == "preview":
+                entry.job.report_preview(payload[1])
             else:
                 _, results, error = payload
                 entry.outcome.set_result(JobOutcome(results=list(results), error=error))

@@ -29,6 +29,7 @@ from sd_pipeline.backends.ray.replica import (
     DEPLOYMENT_NAME,
     Finished,
     PipelineReplica,
+    PreviewReport,
     StepReport,
     pipeline_application,
 )
@@ -267,7 +268,7 @@ class RayBackend:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
-        stream = self._handle.options(stream=True).generate.remote(asdict(job.request))
+        stream = self._handle.options(stream=True).generate.remote(asdict(job.request), job.wants_previews)
         job.when_cancelled(stream.cancel)  # at once, also while the call waits for a replica
         replica = None
         try:
@@ -276,6 +277,8 @@ class RayBackend:
                 replica = event.replica
                 if isinstance(event, StepReport):
                     job.report_step(event.step, event.total)
+                elif isinstance(event, PreviewReport):
+                    job.report_preview(event.preview)
                 elif isinstance(event, Finished):
                     outcome: JobOutcome = event.outcome
                     if isinstance(outcome.error, WorkerLostError):

@@ -17,7 +17,7 @@ from typing import Any
 
 from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.facts import Fact, FactRelay
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, Preview
 from sd_pipeline.contract.plans import ReplicaPlan
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import PipelineSettings
@@ -32,6 +32,15 @@ class StepReport:
 
     step: int
     total: int
+    replica: str
+    facts: list[Fact]
+
+
+@dataclass(frozen=True)
+class PreviewReport:
+    """Replica to app: what a request's image looks like so far (only to a caller that asked)."""
+
+    preview: Preview
     replica: str
     facts: list[Fact]
 
@@ -69,19 +78,14 @@ class PipelineReplica:
     def __init__(self, settings: PipelineSettings, max_batch_images: int, stall_seconds: float = 120.0) -> None:
         from ray import serve
 
-        from sd_pipeline.backends.engine_loop import EngineLoop
+        from sd_pipeline.backends.engine_loop import EngineLoop, start_engine
         from sd_pipeline.backends.ray.loopback import keep_replica_grpc_on_loopback, loopback_requested
-        from sd_pipeline.model.engine import StepEngine
-        from sd_pipeline.model.loading import load_pipeline
 
         if loopback_requested():
             keep_replica_grpc_on_loopback()
-        loaded = load_pipeline(settings)
         self.facts = _FactCollector()
-        engine = StepEngine(loaded, max_batch_images=max_batch_images, observer=self.facts)
-        warmup_seconds = engine.warmup() if settings.warmup else None
+        engine, self.info = start_engine(settings, max_batch_images=max_batch_images, observer=self.facts)
         self.facts.take()  # the warm-up's facts are not the users' work
-        self.info = loaded.describe(warmup_seconds=warmup_seconds)
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()  # also its actor's name
         self.loop = EngineLoop(engine, stall_seconds=stall_seconds)
         threading.Thread(target=self._serve, name="engine-loop", daemon=True).start()
@@ -105,10 +109,12 @@ class PipelineReplica:
         if problem is not None:
             raise RuntimeError(f"replica {self.replica}: {problem}")
 
-    async def generate(self, fields: dict[str, Any]) -> AsyncIterator[StepReport | Finished]:
-        """Run one request; yields its steps, then its outcome."""
+    async def generate(
+        self, fields: dict[str, Any], previews: bool = False
+    ) -> AsyncIterator[StepReport | PreviewReport | Finished]:
+        """Run one request; yields its steps (and previews, if asked), then its outcome."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[StepReport | Finished] = asyncio.Queue()
+        events: asyncio.Queue[StepReport | PreviewReport | Finished] = asyncio.Queue()
 
         def on_step(step: int, total: int) -> None:
             loop.call_soon_threadsafe(events.put_nowait, StepReport(step, total, self.replica, self.facts.take()))
@@ -116,7 +122,10 @@ class PipelineReplica:
         def done(outcome: JobOutcome) -> None:
             loop.call_soon_threadsafe(events.put_nowait, Finished(outcome, self.replica, self.facts.take()))
 
-        job = GenerationJob(GenerationRequest(**fields), on_step=on_step)
+        def on_preview(preview: Preview) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, PreviewReport(preview, self.replica, self.facts.take()))
+
+        job = GenerationJob(GenerationRequest(**fields), on_step=on_step, on_preview=on_preview if previews else None)
         self.loop.submit(job, done)
         try:
             while True:

@@ -1,0 +1,142 @@
+"""Live previews: what a request's image looks like so far, from the predicted clean latents (x0).
+
+Made where the latents are (the worker process, a Ray replica), for the images due a preview on
+the same step together, and encoded small: never the latents themselves.
+
+- ``approx``: a linear map from the 4 latent channels to RGB (plus a bias). For SD 1.x the
+  published factors (ComfyUI's ``comfy/latent_formats.py``, class ``SD15``; the same idea as
+  AUTOMATIC1111's "Approx cheap" preview); a model folder may carry its own in ``latent_rgb.json``
+  (the shapes model's are fitted by ``python -m sd_pipeline.shapes fit-preview``). The picture is
+  the latents' size (1/8 of the image per side): a PNG of a few hundred bytes to a few KB.
+- ``taesd``: diffusers' ``AutoencoderTiny`` (a local folder, ``SD_PREVIEW_DECODER``) decodes the
+  latents into a sharper picture, sent as a JPEG of at most ``DECODED_SIDE`` pixels a side.
+- ``full``: the model's own VAE decodes them (AUTOMATIC1111's "Full" preview): exact, and as
+  costly as a VAE decode per preview, so for small models (the shapes demo model, whose latents
+  no linear map reads: its best fitted map gets the colour of 21 in 48 clean pictures right).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sd_pipeline.contract.errors import ModelLoadError
+from sd_pipeline.contract.settings import PipelineSettings, model_source
+from sd_pipeline.model.loading import LoadedPipeline
+
+logger = logging.getLogger(__name__)
+
+LATENT_RGB_FILE = "latent_rgb.json"
+# SD 1.x latents (scaled by the VAE's 0.18215) to RGB in [-1, 1]: ComfyUI, comfy/latent_formats.py, SD15.
+SD15_LATENT_RGB = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+DECODED_SIDE = 256
+JPEG_QUALITY = 80
+
+
+class Previewer(Protocol):
+    """Turns predicted clean latents (N, C, h, w) into one encoded picture each."""
+
+    def render(self, latents: torch.Tensor) -> list[bytes]: ...
+
+
+class LinearPreview:
+    """``approx``: RGB = latents x factors + bias, at the latents' size."""
+
+    def __init__(self, factors: torch.Tensor, bias: torch.Tensor) -> None:
+        self.factors = factors.float()  # (channels, 3)
+        self.bias = bias.float()  # (3,)
+
+    @classmethod
+    def for_model(cls, model: str) -> LinearPreview:
+        """The factors a model folder carries in ``latent_rgb.json``, else SD 1.x's."""
+        path = Path(model_source(model)) / LATENT_RGB_FILE
+        if path.is_file():
+            fitted = json.loads(path.read_text())
+            return cls(torch.tensor(fitted["factors"]), torch.tensor(fitted["bias"]))
+        return cls(torch.tensor(SD15_LATENT_RGB), torch.zeros(3))
+
+    def render(self, latents: torch.Tensor) -> list[bytes]:
+        rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), self.factors) + self.bias
+        return [_png(picture) for picture in _to_uint8(rgb)]
+
+
+class DecoderPreview:
+    """``taesd`` and ``full``: a decoder turns the latents into pictures, batched."""
+
+    def __init__(self, decoder: Any, *, latent_scale: float = 1.0) -> None:
+        self.decoder = decoder
+        self.latent_scale = latent_scale  # what the decoder's input is divided by (the VAE's scaling factor)
+
+    def render(self, latents: torch.Tensor) -> list[bytes]:
+        parameter = next(self.decoder.parameters())
+        scaled = latents.to(parameter.device, parameter.dtype) / self.latent_scale
+        with torch.no_grad():
+            decoded = self.decoder.decode(scaled, return_dict=False)[0]
+        pictures = _to_uint8(decoded.float().cpu().permute(0, 2, 3, 1))
+        return [_jpeg(picture) for picture in pictures]
+
+
+def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previewer | None:
+    """The previewer ``settings.preview`` asks for (None when off); raises ``ModelLoadError``."""
+    if settings.preview == "off":
+        return None
+    if settings.preview == "approx":
+        return LinearPreview.for_model(settings.model)
+    if settings.preview == "full":
+        vae = loaded.pipeline.vae
+        return DecoderPreview(vae, latent_scale=float(vae.config.scaling_factor))
+    if not settings.preview_decoder or not Path(settings.preview_decoder).expanduser().is_dir():
+        raise ModelLoadError(
+            "SD_PREVIEW=taesd needs SD_PREVIEW_DECODER: a local folder with a diffusers AutoencoderTiny "
+            f"(e.g. madebyollin/taesd saved with save_pretrained); got {settings.preview_decoder!r}"
+        )
+    from diffusers import AutoencoderTiny
+
+    try:
+        decoder = AutoencoderTiny.from_pretrained(str(Path(settings.preview_decoder).expanduser()), dtype=loaded.dtype)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load the preview decoder {settings.preview_decoder!r}: {error}") from error
+    return DecoderPreview(decoder.to(loaded.device).eval())
+
+
+def predicted_clean(scheduler: Any, output: Any, model_output: torch.Tensor, t: Any, sample: torch.Tensor) -> Any:
+    """The scheduler's predicted clean latents (x0) for this step: its own where it reports them (Euler,
+    DDIM), else from the noise prediction and the cumulative alphas (DPM-Solver, UniPC)."""
+    reported = getattr(output, "pred_original_sample", None)
+    if reported is not None:
+        return reported
+    alpha = scheduler.alphas_cumprod[int(t)].to(sample.device, sample.dtype)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha.sqrt() * sample - (1 - alpha).sqrt() * model_output
+    return (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
+
+
+def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    """(N, h, w, 3) in [-1, 1] to 8-bit pictures."""
+    return (((rgb + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def _png(picture: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(picture: np.ndarray) -> bytes:
+    image = Image.fromarray(picture)
+    image.thumbnail((DECODED_SIDE, DECODED_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
