@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -121,11 +120,10 @@ class RayBackend:
         if private or self.plan.deploy == "always" or (self.plan.deploy == "if-missing" and not _app_exists()):
             logger.info("deploying the pipeline application (%s)", self.plan.deployment)
             application = pipeline_application(self.settings, self.plan.deployment, replica_class=self.replica_class)
-            deploying = self._pool.submit(serve.run, application, name=APP_NAME, route_prefix=None)
-            try:  # serve.run waits for the replicas, unbounded (e.g. while no node has a free GPU)
-                self._handle = deploying.result(timeout=max(1.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                raise ModelLoadError(self._not_within("the pipeline application was not running")) from None
+            # Not serve.run: it waits for the replicas without a bound (e.g. while no node has a free GPU).
+            target = serve.RunTarget(target=application, name=APP_NAME, route_prefix=None)
+            (self._handle,) = serve.run_many([target], wait_for_applications_running=False)
+            self._wait_until_running(deadline)
         else:
             logger.info("joining the pipeline application already deployed on the cluster")
             while not _app_exists():
@@ -211,6 +209,19 @@ class RayBackend:
                 f"{LOOPBACK_SWITCH}=0 was set (set it in the environment, or import Ray only through the app)"
             )
         logger.info("private Ray instance at %s", ray.get_runtime_context().gcs_address)
+
+    def _wait_until_running(self, deadline: float) -> None:
+        """Until the application runs: a clear error if its deployment failed or the deadline passed."""
+        from ray import serve
+
+        while time.monotonic() < deadline:
+            status = serve.status().applications[APP_NAME]
+            if status.status == "RUNNING":
+                return
+            if status.status == "DEPLOY_FAILED":
+                raise ModelLoadError(f"the pipeline replicas failed to start: {status.message}")
+            time.sleep(0.5)
+        raise ModelLoadError(self._not_within("the pipeline application was not running"))
 
     def _set_environment(self, name: str, value: str) -> None:
         """Set a variable for Ray (read by this process and inherited by Ray's), unless already set."""
