@@ -4,7 +4,9 @@
     python -m bench.serving --previews [...]   # the same
 
 The app (local storage, tiny model) runs once per mode; ``--clients`` gradio_client clients make
-requests in a row through ``submit`` (so they receive the previews as intermediate outputs).
+requests in a row through ``submit`` (so they receive the previews as intermediate outputs),
+keeping the links they are sent; then again downloading every file (preview and image), which on
+a 2-core machine takes CPU from the server (the table shows both).
 ``taesd`` decodes with diffusers' AutoencoderTiny at its real size, random weights (the Hub is out
 of reach: the cost is the same). Also per mode: how long after the first denoising step the first
 preview reaches a lone client (target: within one preview interval). Prints a table with each
@@ -76,8 +78,10 @@ def measure_mode(mode: str, model: Path, args: argparse.Namespace, work: Path, d
 
         drive(app.url, clients=1, per_client=1, call=call, downloads=work / f"{mode}-warm")
         previews.clear()
-        measured = drive(app.url, clients=args.clients, per_client=args.per_client, call=call, downloads=work / mode)
+        measured = drive(app.url, clients=args.clients, per_client=args.per_client, call=call, downloads=None)
         measured["previews_per_request"] = sum(previews) / max(len(previews), 1)
+        downloading = drive(app.url, clients=args.clients, per_client=args.per_client, call=call, downloads=work / mode)
+        measured["downloading_images_per_s"] = downloading["images_per_s"]
         if mode != "off":
             measured["first_preview_after_first_step_s"] = first_preview_delay(app, fields, work / f"{mode}-first")
     print(f"{mode}: {measured}", flush=True)
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = Path(args.model) if args.model else build_tiny_pipeline(work / "tiny")
     decoder = tiny_decoder(work / "taesd-decoder")
     modes = {mode: measure_mode(mode, model, args, work, decoder) for mode in MODES}
-    off = modes["off"]["images_per_s"]
+    off, off_downloading = modes["off"]["images_per_s"], modes["off"]["downloading_images_per_s"]
     rows = [
         [
             mode,
@@ -107,13 +111,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{m['previews_per_request']:.1f}",
             "-" if mode == "off" else f"{m['first_preview_after_first_step_s'] * 1000:.0f}",
             f"{m['images_per_s'] / off:.2f}",
+            f"{m['downloading_images_per_s']:.2f}",
+            f"{m['downloading_images_per_s'] / off_downloading:.2f}",
         ]
         for mode, m in modes.items()
     ]
     headers = ["previews", "images/s", "p50 ms", "p95 ms", "previews/request", "1st preview after step 1 ms", "x off"]
+    headers += ["images/s, clients download all", "x off"]
     print(table(headers, rows))
     ratios = {mode: modes[mode]["images_per_s"] / off for mode in ("approx", "taesd")}
     print(f"\napprox: {ratios['approx']:.2f}x off (target >= 0.97); taesd: {ratios['taesd']:.2f}x off (target >= 0.9)")
+    print("(clients that take links; when the clients on this machine also download every preview, they take")
+    print(" CPU from the server: the last two columns)")
     results = {
         "machine": machine(),
         "settings": {k: str(v) for k, v in vars(args).items()},

@@ -57,9 +57,13 @@ def raw_pipeline(model: str, *, size: int, steps: int, requests_count: int) -> d
     return {"images_per_s": requests_count / wall, "p50_s": median(latencies), "p95_s": percentile(latencies, 0.95)}
 
 
-def drive(url: str, *, clients: int, per_client: int, call: Any, downloads: Path) -> dict[str, float]:
-    """``clients`` threads, each with its own gradio_client, making ``per_client`` calls in a row."""
-    connected = [Client(url, verbose=False, download_files=str(downloads / str(n))) for n in range(clients)]
+def drive(url: str, *, clients: int, per_client: int, call: Any, downloads: Path | None) -> dict[str, float]:
+    """``clients`` threads, each with its own gradio_client, making ``per_client`` calls in a row;
+    each client downloads every file it is sent into ``downloads`` (None: it keeps the links)."""
+    connected = [
+        Client(url, verbose=False, download_files=str(downloads / str(n)) if downloads else False)
+        for n in range(clients)
+    ]
     latencies: list[float] = []
     errors: list[BaseException] = []
     lock = threading.Lock()

@@ -55,6 +55,7 @@ def test_previews_benchmark_quick(tmp_path: Path) -> None:
     for mode in ("approx", "taesd"):
         measured = results["modes"][mode]
         assert measured["previews_per_request"] >= 1 and measured["images_per_s"] > 0
+        assert measured["downloading_images_per_s"] > 0
         assert measured["first_preview_after_first_step_s"] >= 0
         assert results["ratios"][mode] > 0
 

@@ -335,9 +335,15 @@ class StepEngine:
 
     # Previews.
     def _preview_due(self, active: _Active, now: float) -> bool:
-        """A preview for this request on this step: asked for, and the last one is old enough."""
-        wanted = self.previewer is not None and active.job.wants_previews
-        return wanted and now - active.last_preview_at >= self.preview_interval
+        """A preview for this request on this step: asked for; the first at once, then once the last
+        is ``preview_interval`` old, unless the final image is due within an interval anyway."""
+        if self.previewer is None or not active.job.wants_previews:
+            return False
+        if active.last_preview_at == -math.inf:
+            return True
+        steps_left = len(active.timesteps) - active.step - 1
+        final_soon = steps_left * (active.last_stepped_at - active.admitted_at) / max(active.step, 1)
+        return now - active.last_preview_at >= self.preview_interval and final_soon >= self.preview_interval
 
     def _send_previews(self, due: list[_Active], now: float) -> None:
         """One picture each for the requests due a preview, rendered together; a failed preview only logs."""
