@@ -28,7 +28,7 @@ FIELDS: dict[str, Any] = {"steps": 2 * HALF_WAY, "guidance_scale": 4.0, "width":
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
-    env = {"SD_PREVIEW": "full", "PREVIEW_INTERVAL_SECONDS": "0.05", "SD_WARMUP": "false"}
+    env = {"SD_PREVIEW": "full", "PREVIEW_INTERVAL_SECONDS": "0.01", "SD_WARMUP": "false"}
     with launched_app(SHAPES_MODEL_DIR, tmp_path_factory.mktemp("previews"), env=env) as running:
         yield running
 
@@ -89,7 +89,8 @@ def test_each_client_gets_only_its_own_previews(app: RunningApp, tmp_path: Path)
 def test_stop_during_previews_ends_the_request(app: RunningApp, tmp_path: Path) -> None:
     cancelled = app.metric('sdapp_requests_total{outcome="cancelled"}')
     client = Client(app.url, verbose=False, download_files=str(tmp_path))
-    job = client.submit(prompt="a green triangle", seed=9, api_name="/generate", **{**FIELDS, "steps": 100})
+    long_render = {**FIELDS, "steps": 100, "width": 256, "height": 256}  # long enough to stop on any machine
+    job = client.submit(prompt="a green triangle", seed=9, api_name="/generate", **long_render)
     wait_until(lambda: len(previews(job)) >= 2, timeout=120)
     job.cancel()
     wait_until(lambda: app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled + 1, timeout=60)

@@ -145,7 +145,7 @@ def test_the_private_instance_listens_on_loopback_only_and_keeps_its_files_priva
 
 
 def test_a_request_cancelled_while_waiting_for_a_replica_ends_at_once(backend: RayBackend) -> None:
-    running, running_steps = long_job(steps=100)
+    running, running_steps = long_job(steps=100, width=128, height=128)  # seconds: outlasts the cancel
     outcomes: dict[str, Any] = {}
     first = threading.Thread(target=lambda: outcomes.update(running=backend.run([running])[0]))
     first.start()
@@ -177,7 +177,7 @@ def test_a_replica_whose_engine_fails_is_replaced_and_its_request_served_after_o
 
 def test_a_frozen_replica_is_replaced_and_its_request_served(backend: RayBackend) -> None:
     frozen = replica_process()
-    job, steps = long_job(steps=40)
+    job, steps = long_job(steps=100, width=128, height=128)  # still running when the signal lands
     sent = threading.Event()
 
     def on_step(step: int, total: int) -> None:
@@ -193,5 +193,5 @@ def test_a_frozen_replica_is_replaced_and_its_request_served(backend: RayBackend
         if frozen.is_running():
             os.kill(frozen.pid, signal.SIGCONT)
     assert outcome.error is None, outcome.error
-    assert steps.count(1) == 2 and steps[-1] == 40
+    assert steps.count(1) == 2 and steps[-1] == 100
     assert replica_process().pid != frozen.pid
