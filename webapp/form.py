@@ -40,6 +40,13 @@ def generate_fields(limits: RequestLimits, *, default_size: int) -> list[FormFie
     defaults = GenerationRequest(prompt="", width=default_size, height=default_size)
     sides = f"{limits.min_side}-{limits.max_side}, multiple of 8"
 
+    def whole_slider(
+        low: int, high: int, value: int, label: str, elem_id: str
+    ) -> Callable[[], gr.components.Component]:
+        return lambda: validated_by_app(
+            gr.Slider(low, high, value=value, step=1, precision=0, label=label, elem_id=elem_id)
+        )
+
     def side(label: str, elem_id: str) -> Callable[[], gr.components.Component]:
         return lambda: validated_by_app(
             gr.Number(label=label, value=default_size, precision=0, info=sides, elem_id=elem_id)
@@ -82,17 +89,7 @@ def generate_fields(limits: RequestLimits, *, default_size: int) -> list[FormFie
             float,
             defaults.steps,
             f"denoising steps, {limits.min_steps} to {limits.max_steps}",
-            lambda: validated_by_app(
-                gr.Slider(
-                    limits.min_steps,
-                    limits.max_steps,
-                    value=defaults.steps,
-                    step=1,
-                    precision=0,
-                    label="Steps",
-                    elem_id="steps",
-                )
-            ),
+            whole_slider(limits.min_steps, limits.max_steps, defaults.steps, "Steps", "steps"),
         ),
         FormField(
             "guidance_scale",
@@ -125,17 +122,7 @@ def generate_fields(limits: RequestLimits, *, default_size: int) -> list[FormFie
             float,
             defaults.num_images,
             f"images for this prompt, 1 to {limits.max_images} (seeds seed, seed+1, ...)",
-            lambda: validated_by_app(
-                gr.Slider(
-                    1,
-                    limits.max_images,
-                    value=defaults.num_images,
-                    step=1,
-                    precision=0,
-                    label="Images",
-                    elem_id="count",
-                )
-            ),
+            whole_slider(1, limits.max_images, defaults.num_images, "Images", "count"),
         ),
         FormField(
             "scheduler",

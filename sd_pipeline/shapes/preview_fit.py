@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sd_pipeline.model.previews import LATENT_RGB_FILE
 from sd_pipeline.shapes.drawing import examples
-
-LATENT_RGB_FILE = "latent_rgb.json"  # the name sd_pipeline.model.previews reads
 
 
 def fit_latent_rgb(vae: Any, pictures: list[Image.Image]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError, WorkerLostError
-from sd_pipeline.contract.facts import FACT_NAMES, WorkerObserver, replay
+from sd_pipeline.contract.facts import WorkerObserver, replay
 from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
 from sd_pipeline.contract.settings import PipelineSettings
 
@@ -223,8 +223,8 @@ class PipelineProcess:
                 _, results, error = payload
                 entry.outcome.set_result(JobOutcome(results=list(results), error=error))
             return
-        if self.observer is not None and kind in FACT_NAMES:
-            replay((kind, payload), self.observer)
+        if self.observer is not None:
+            replay((kind, payload), self.observer)  # facts only: replay ignores any other kind
 
     def kill(self) -> None:
         """End the process at once, without a clean stop."""

@@ -87,7 +87,6 @@ class RayBackend:
         self._replica_problem: str | None = "not started"
         self._lost_lock = threading.Lock()
         self._lost_replicas: set[str] = set()
-        self._environment_set: list[str] = []  # variables this backend set, removed again on close
 
     # The Backend surface.
     @property
@@ -164,8 +163,6 @@ class RayBackend:
             ray.shutdown()
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
-        for name in self._environment_set:
-            os.environ.pop(name, None)
 
     # Start-up.
     def _connect(self) -> None:
@@ -174,7 +171,7 @@ class RayBackend:
             # A private instance (or one reached on loopback): Ray's own switch for single-machine use
             # (its default on macOS) keeps the node on the loopback address instead of the machine's
             # network address. Ray reads it when imported, so it is set first.
-            self._set_environment(LOOPBACK_SWITCH, "0")
+            os.environ.setdefault(LOOPBACK_SWITCH, "0")
         import ray
 
         if ray.is_initialized():
@@ -222,12 +219,6 @@ class RayBackend:
                 raise ModelLoadError(f"the pipeline replicas failed to start: {status.message}")
             time.sleep(0.5)
         raise ModelLoadError(self._not_within("the pipeline application was not running"))
-
-    def _set_environment(self, name: str, value: str) -> None:
-        """Set a variable for Ray (read by this process and inherited by Ray's), unless already set."""
-        if name not in os.environ:
-            os.environ[name] = value
-            self._environment_set.append(name)
 
     def _not_within(self, what: str) -> str:
         return f"{what} within {self.plan.start_timeout:g}s (PIPELINE_START_TIMEOUT); is the Ray cluster up?"
