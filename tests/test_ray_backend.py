@@ -65,8 +65,12 @@ def on_loopback(ip: str) -> bool:
     return str(mapped or address) == "127.0.0.1"
 
 
+EARLIER_CHILDREN: set[int] = set()  # this process's children before Ray started (e.g. multiprocessing's tracker)
+
+
 def ray_children() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
+    """The processes the private Ray instance started under this one."""
+    return [child for child in psutil.Process().children(recursive=True) if child.pid not in EARLIER_CHILDREN]
 
 
 def replica_process() -> psutil.Process:
@@ -77,6 +81,7 @@ def replica_process() -> psutil.Process:
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayBackend]:
+    EARLIER_CHILDREN.update(child.pid for child in psutil.Process().children(recursive=True))
     os.environ[FAIL_MARKER] = str(tmp_path_factory.mktemp("ray-marker") / "failed-once")  # inherited by Ray
     settings = PipelineSettings(
         model=str(tiny_model_dir), device="cpu", cpu_threads=1, warmup=True, preview="approx", preview_interval=0.01

@@ -22,11 +22,12 @@ def test_a_replica_that_cannot_be_placed_stops_start_up_within_the_timeout(tiny_
     backend = RayBackend(
         settings, RayPlan(address="local", deployment=needs_a_gpu, start_timeout=15), limits=RequestLimits()
     )
+    earlier = {child.pid for child in psutil.Process().children(recursive=True)}  # not Ray's
     children: list[psutil.Process] = []
     try:
         with pytest.raises(ModelLoadError, match=r"was not running within 15s \(PIPELINE_START_TIMEOUT\)"):
             backend.start()
-        children = psutil.Process().children(recursive=True)
+        children = [child for child in psutil.Process().children(recursive=True) if child.pid not in earlier]
     finally:
         backend.close()
     _, alive = psutil.wait_procs(children, timeout=30)
