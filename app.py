@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -17,8 +19,14 @@ from monitoring.health import Health
 from monitoring.metrics import Metrics
 from monitoring.server import MetricsServer
 from sd_pipeline.admission import Admission
-from sd_pipeline.contract.backend import Backend
+from sd_pipeline.contract.backend import Backend, BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
+from sd_pipeline.contract.models import is_s3_model
+from sd_pipeline.models.cache import ModelCache
+from sd_pipeline.models.location import ModelLocation
+from sd_pipeline.models.registry import ModelRegistry, make_client
+from sd_pipeline.models.resolve import ResolvedModel, resolve_model
+from sd_pipeline.models.rollout import ModelRollout
 from storage.base import ImageStore, StorageError
 from storage.local import LocalStore, load_or_create_secret
 from storage.s3 import S3Store
@@ -42,6 +50,7 @@ class Parts:
     backend: Backend | None = None
     admission: Admission | None = None
     service: ImageService | None = None
+    rollout: ModelRollout | None = None
     native_size: int = 512  # the model's own side: the default width and height
 
 
@@ -66,27 +75,66 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
     return local, local
 
 
-def build_backend(settings: Settings, metrics: Metrics) -> Backend:
-    """Ray Serve replicas when RAY_ADDRESS is set, else the supervised local worker process."""
+def build_backend(settings: Settings, metrics: Metrics, *, model: str) -> Backend:
+    """Ray Serve replicas when RAY_ADDRESS is set, else the supervised local worker process;
+    ``model`` is SD_MODEL with an S3 model's version pinned (the one to start)."""
     plan = settings.ray_plan()
     if plan is not None:
         from sd_pipeline.backends.ray.backend import RayBackend
 
-        return RayBackend(settings.replica_pipeline(), plan, limits=settings.limits(), observer=metrics)
+        pipeline = settings.replica_pipeline().model_copy(update={"model": model})
+        return RayBackend(pipeline, plan, limits=settings.limits(), observer=metrics)
     from sd_pipeline.backends.local.process import PipelineProcess
     from sd_pipeline.backends.local.supervisor import LocalBackend
 
     policy = settings.restart_policy()
     new_worker = functools.partial(
         PipelineProcess,
-        settings.pipeline(),
         max_batch_images=settings.max_batch_size,
         observer=metrics,
         start_timeout=settings.pipeline_start_timeout,
         stall_seconds=policy.stall_seconds,
     )
     return LocalBackend(
-        new_worker, limits=settings.limits(), max_running=settings.max_batch_size, policy=policy, observer=metrics
+        settings.pipeline().model_copy(update={"model": model}),
+        new_worker,
+        limits=settings.limits(),
+        max_running=settings.max_batch_size,
+        policy=policy,
+        observer=metrics,
+        rollout=settings.model_rollout,
+    )
+
+
+def build_rollout(
+    settings: Settings, backend: Backend, resolved: ResolvedModel, metrics: Metrics
+) -> ModelRollout | None:
+    """The watcher of an ``s3://`` model's ``current`` version (None for a pinned version, a folder or a Hub id)."""
+    store = settings.model_store()
+    if store is None or ModelLocation.parse(settings.sd_model).pinned is not None:
+        return None
+    location = ModelLocation.parse(settings.sd_model)
+    cache = ModelCache(Path(store.cache_dir))
+    cache.remember_served(location, resolved.version)
+    return ModelRollout(
+        backend,
+        ModelRegistry(make_client(store), location),
+        cache,
+        serving=resolved.version,
+        poll_seconds=settings.model_poll_seconds,
+        observer=metrics,
+        on_switched=lambda info: report_model(metrics, info),
+    )
+
+
+def report_model(metrics: Metrics, info: BackendInfo) -> None:
+    metrics.model_loaded(
+        model=info.model,
+        version=info.version,
+        model_hash=info.model_hash,
+        device=info.device,
+        dtype=info.dtype,
+        seconds=info.load_seconds,
     )
 
 
@@ -113,13 +161,24 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     store, local_store = build_store(settings, metrics)
     health.storage_check = store.check
     parts = Parts(metrics=metrics, health=health, metrics_server=metrics_server, store=store)
-    backend = build_backend(settings, metrics)
+    # An S3 model: the version to start, fetched and verified here (or the last one served, if S3 is down).
+    resolved = resolve_model(settings.sd_model, settings.model_store()) if is_s3_model(settings.sd_model) else None
+    backend = build_backend(settings, metrics, model=resolved.pinned if resolved else settings.sd_model)
     parts.backend = backend
     health.pipeline_readiness = backend.readiness_problem
     health.pipeline_liveness = backend.liveness_problem
     info = backend.start()
     parts.native_size = info.native_size
-    metrics.model_loaded(model=info.model, device=info.device, dtype=info.dtype, seconds=info.load_seconds)
+    report_model(metrics, info)
+    if resolved is not None:
+        parts.rollout = build_rollout(settings, backend, resolved, metrics)
+        rollout = parts.rollout
+        if rollout is not None:
+            rollout.detail = resolved.note
+            health.model_detail = lambda: rollout.detail
+            rollout.start()
+        elif resolved.note:
+            health.model_detail = lambda: resolved.note
     parts.admission = Admission(
         backend, capacity=settings.queue_max_size, observer=metrics, max_per_owner=settings.max_requests_per_user
     )
@@ -141,6 +200,8 @@ def drain(parts: Parts, settings: Settings) -> None:
 
 def stop(parts: Parts) -> None:
     """Stop the backend, flush uploads (the spool keeps the rest) and close the side port."""
+    if parts.rollout is not None:
+        parts.rollout.close()
     if parts.backend is not None:
         parts.backend.close()
     parts.store.close()
@@ -176,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5
     )
     server = GracefulServer(config, drain=lambda: drain(parts, settings), on_started=parts.health.serving)
+    if parts.rollout is not None:
+        rollout = parts.rollout
+        signal.signal(signal.SIGHUP, lambda signum, frame: rollout.check_now())  # look at 'current' now
     logger.info("serving on %s (metrics on port %d)", settings.base_url(), parts.metrics_server.port)
     try:
         server.run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ProblemCheck = Callable[[], str | None]
 
@@ -16,6 +16,7 @@ class ReadinessReport:
 
     ready: bool
     reasons: list[str]
+    details: list[str] = field(default_factory=list)  # worth knowing, not a reason to stop traffic
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Health:
         self.pipeline_readiness = pipeline_readiness
         self.pipeline_liveness = pipeline_liveness
         self.cache_seconds = cache_seconds
+        self.model_detail: ProblemCheck | None = None  # e.g. a version served from the cache while S3 is down
         self._model_loaded = False
         self._serving = False
         self._shutting_down = False
@@ -75,7 +77,8 @@ class Health:
         problem = self._storage()
         if problem:
             reasons.append(problem)
-        return ReadinessReport(ready=not reasons, reasons=reasons)
+        detail = self.model_detail() if self.model_detail is not None else None
+        return ReadinessReport(ready=not reasons, reasons=reasons, details=[detail] if detail else [])
 
     def liveness(self) -> LivenessReport:
         """Alive unless the pipeline is crash-looping."""

@@ -145,7 +145,13 @@ class Metrics:
             registry=r,
         )
         self.model_load = Gauge(f"{PREFIX}model_load_seconds", "Time the model took to load", registry=r)
-        self.model_info = Info(f"{PREFIX}model", "The model served, its device and dtype", registry=r)
+        self.model_info = Info(f"{PREFIX}model", "The model served, its version, device and dtype", registry=r)
+        self.model_rollouts = Counter(
+            f"{PREFIX}model_rollouts",
+            "Model versions rolled out (succeeded) or refused (the old version kept serving)",
+            ["outcome"],
+            registry=r,
+        )
         self.build_info = Info(f"{PREFIX}build", "Versions of the app and its main libraries", registry=r)
         self.build_info.info({"version": version, "python": platform.python_version(), "torch": _installed("torch")})
         for outcome in Outcome:
@@ -154,6 +160,8 @@ class Metrics:
             self.storage_failures.labels(operation=operation.value)
         for reason in WorkerRestartReason:
             self.worker_restarts.labels(reason=reason.value)
+        for rollout in ("succeeded", "refused"):
+            self.model_rollouts.labels(outcome=rollout)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
@@ -165,9 +173,16 @@ class Metrics:
             self.request_duration.observe(seconds)
             self.images.inc(images)
 
-    def model_loaded(self, *, model: str, device: str, dtype: str, seconds: float) -> None:
+    def model_loaded(
+        self, *, model: str, device: str, dtype: str, seconds: float, version: str = "", model_hash: str = ""
+    ) -> None:
+        """The model in service (again after each rollout)."""
         self.model_load.set(seconds)
-        self.model_info.info({"model": model, "device": device, "dtype": dtype})
+        self.model_info.info({"model": model, "version": version, "hash": model_hash, "device": device, "dtype": dtype})
+
+    # RolloutObserver (sd_pipeline.models.rollout)
+    def model_rollout(self, *, outcome: str) -> None:
+        self.model_rollouts.labels(outcome=outcome).inc()
 
     # GenerationObserver and WorkerObserver (sd_pipeline.contract.facts)
     def pipeline_call(self, *, seconds: float, images: int) -> None:

@@ -54,6 +54,8 @@ class MetricsServer:
                 elif path == "/readyz":
                     report = server.health.readiness()
                     body = {"status": "ready" if report.ready else "not ready", "reasons": report.reasons}
+                    if report.details:
+                        body["details"] = report.details
                     self._send_json(200 if report.ready else 503, body)
                 else:
                     self._send_json(404, {"error": "not found"})

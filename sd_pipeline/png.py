@@ -26,6 +26,8 @@ class ImageParameters:
     width: int
     height: int
     model: str
+    model_version: str = ""
+    model_hash: str = ""
 
 
 def parameters_of(result: GenerationResult) -> ImageParameters:
@@ -41,6 +43,8 @@ def parameters_of(result: GenerationResult) -> ImageParameters:
         width=request.width,
         height=request.height,
         model=result.model,
+        model_version=result.model_version,
+        model_hash=result.model_hash,
     )
 
 
@@ -49,10 +53,19 @@ def format_parameters(parameters: ImageParameters) -> str:
     lines = [parameters.prompt]
     if parameters.negative_prompt:
         lines.append(f"Negative prompt: {parameters.negative_prompt}")
-    lines.append(
-        f"Steps: {parameters.steps}, Sampler: {parameters.sampler}, CFG scale: {parameters.cfg_scale:g}, "
-        f"Seed: {parameters.seed}, Size: {parameters.width}x{parameters.height}, Model: {parameters.model}"
-    )
+    pairs = [
+        f"Steps: {parameters.steps}",
+        f"Sampler: {parameters.sampler}",
+        f"CFG scale: {parameters.cfg_scale:g}",
+        f"Seed: {parameters.seed}",
+        f"Size: {parameters.width}x{parameters.height}",
+    ]
+    if parameters.model_hash:
+        pairs.append(f"Model hash: {parameters.model_hash}")
+    pairs.append(f"Model: {parameters.model}")
+    if parameters.model_version:
+        pairs.append(f"Model version: {parameters.model_version}")
+    lines.append(", ".join(pairs))
     return "\n".join(lines)
 
 
@@ -76,6 +89,8 @@ def parse_parameters(text: str) -> ImageParameters:
         width=int(width),
         height=int(height),
         model=values.get("Model", ""),
+        model_version=values.get("Model version", ""),
+        model_hash=values.get("Model hash", ""),
     )
 
 

@@ -28,6 +28,8 @@ class ImageRecord(BaseModel):
     height: int
     scheduler: str
     model: str
+    model_version: str = ""  # the published version that drew it (models from S3)
+    model_hash: str = ""
     nsfw: bool = False
     status: Status = "stored"
 
@@ -50,6 +52,8 @@ class ImageRecord(BaseModel):
             height=request.height,
             scheduler=request.scheduler,
             model=result.model,
+            model_version=result.model_version,
+            model_hash=result.model_hash,
             nsfw=result.nsfw,
         )
 

@@ -37,6 +37,10 @@ def test_parameters_text_is_automatic1111_format() -> None:
     parsed = parse_parameters(text)
     assert (parsed.prompt, parsed.negative_prompt, parsed.sampler, parsed.height) == ("a cat", "dog", "Euler a", 768)
     assert format_parameters(parsed) == text
+    published = text.replace("Model: m", "Model hash: 1a2b3c4d5e, Model: m, Model version: v2")
+    parsed = parse_parameters(published)
+    assert (parsed.model, parsed.model_version, parsed.model_hash) == ("m", "v2", "1a2b3c4d5e")
+    assert format_parameters(parsed) == published
 
 
 def test_missing_local_folder_gives_clear_error(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -95,11 +96,12 @@ def test_the_preview_is_made_from_the_predicted_clean_latents(tiny_loaded: Loade
 
 def test_previewers_by_setting(tiny_loaded: LoadedPipeline, tmp_path: Path) -> None:
     assert load_previewer(PipelineSettings(preview="off"), tiny_loaded) is None
-    shapes = load_previewer(PipelineSettings(model=str(SHAPES_MODEL_DIR), preview="approx"), tiny_loaded)
+    shapes_loaded = dataclasses.replace(tiny_loaded, source=str(SHAPES_MODEL_DIR))
+    shapes = load_previewer(PipelineSettings(preview="approx"), shapes_loaded)
     fitted = json.loads((SHAPES_MODEL_DIR / "latent_rgb.json").read_text())
     assert isinstance(shapes, LinearPreview)
     assert torch.allclose(shapes.factors, torch.tensor(fitted["factors"]))
-    sd15 = load_previewer(PipelineSettings(model="some/hub-id", preview="approx"), tiny_loaded)
+    sd15 = load_previewer(PipelineSettings(preview="approx"), dataclasses.replace(tiny_loaded, source="some/hub-id"))
     assert isinstance(sd15, LinearPreview) and torch.allclose(sd15.factors, torch.tensor(SD15_LATENT_RGB))
     with pytest.raises(ModelLoadError, match="SD_PREVIEW=taesd needs SD_PREVIEW_DECODER"):
         load_previewer(PipelineSettings(preview="taesd"), tiny_loaded)

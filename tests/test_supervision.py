@@ -118,8 +118,8 @@ def supervised(tiny_model_dir: Path) -> Iterator[tuple[LocalBackend, RecordingOb
     observer = RecordingObserver()
     policy = RestartPolicy(stall_seconds=STALL_SECONDS, max_restarts=100)
     settings = PipelineSettings(model=str(tiny_model_dir), device="cpu", cpu_threads=1)
-    new_worker = functools.partial(PipelineProcess, settings, stall_seconds=policy.stall_seconds)
-    worker = LocalBackend(new_worker, policy=policy, observer=observer)
+    new_worker = functools.partial(PipelineProcess, stall_seconds=policy.stall_seconds)
+    worker = LocalBackend(settings, new_worker, policy=policy, observer=observer)
     worker.start()
     yield worker, observer
     worker.close()
@@ -294,13 +294,13 @@ def test_repeated_start_failures_back_off_and_report_a_crash_loop(tiny_model_dir
     missing = PipelineSettings(model=str(tmp_path / "gone"), device="cpu")
     made: list[PipelineProcess] = []
 
-    def new_worker() -> PipelineProcess:  # the model vanishes after the first start
-        made.append(PipelineProcess(good if not made else missing))
+    def new_worker(settings: PipelineSettings) -> PipelineProcess:  # the model vanishes after the first start
+        made.append(PipelineProcess(settings if not made else missing))
         return made[-1]
 
     observer = RecordingObserver()
     policy = RestartPolicy(max_restarts=2, restart_window=600, backoff_initial=0.5, backoff_max=1)
-    worker = LocalBackend(new_worker, policy=policy, observer=observer)
+    worker = LocalBackend(good, new_worker, policy=policy, observer=observer)
     worker.start()
     try:
         assert worker.liveness_problem() is None

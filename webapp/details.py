@@ -48,7 +48,7 @@ def parameter_block(image: dict[str, Any]) -> str:
         ("Guidance", f"{image['guidance_scale']:g}"),
         ("Size", f"{image['width']}×{image['height']}"),
         ("Sampler", image["scheduler"]),
-        ("Model", image["model"]),
+        ("Model", model_words(image)),
         ("Created", _readable_date(image["created_at"])),
         ("Status", status_words(image)),
         ("Link", lifetime_words(image["expires_at"])),
@@ -56,6 +56,16 @@ def parameter_block(image: dict[str, Any]) -> str:
     lines = ["| Parameter | Value |", "|---|---|"]
     lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
     return "\n".join(lines)
+
+
+def model_words(image: dict[str, Any]) -> str:
+    """The model, its version and short hash when it was published (``demo v2 · 1a2b3c4d5e``)."""
+    words = str(image["model"])
+    if image.get("model_version"):
+        words += f" {image['model_version']}"
+    if image.get("model_hash"):
+        words += f" · {image['model_hash']}"
+    return words
 
 
 def _readable_date(created_at: str) -> str:

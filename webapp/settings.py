@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, Json, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sd_pipeline.contract.models import ModelStore, is_s3_model
 from sd_pipeline.contract.plans import DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
 from sd_pipeline.contract.request import RequestLimits
 from sd_pipeline.contract.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings, PreviewName
@@ -31,7 +32,25 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    sd_model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local pipeline folder")
+    sd_model: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face model id, local pipeline folder, or s3://BUCKET/PREFIX (follows its 'current' "
+        "version) or s3://BUCKET/PREFIX@VERSION (one version)",
+    )
+    model_s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint of the model versions when it differs from S3_ENDPOINT_URL"
+    )
+    model_cache_dir: Path | None = Field(
+        None, description="verified model versions on this host (default: DATA_DIR/models)"
+    )
+    model_poll_seconds: float = Field(
+        30.0, ge=0, description="how often to check the model's 'current' version (0: never; SIGHUP: at once)"
+    )
+    model_rollout: Literal["overlap", "drain"] = Field(
+        "overlap",
+        description="overlap: load a new version beside the old one; drain: finish running requests, then swap "
+        "(a GPU that cannot hold two models; requests wait meanwhile)",
+    )
     sd_device: DeviceName = Field("auto", description="auto, cuda, mps or cpu")
     sd_dtype: DtypeName = Field(
         "auto", description="auto (float16 on CUDA, float32 otherwise), float16, bfloat16, float32"
@@ -142,9 +161,21 @@ class Settings(BaseSettings):
     def _prefix_ends_with_slash(cls, value: str) -> str:
         return value if not value or value.endswith("/") else value + "/"
 
+    def model_store(self) -> ModelStore | None:
+        """Where versions of an ``s3://`` model come from and are cached (None for a Hub id or folder)."""
+        if not is_s3_model(self.sd_model):
+            return None
+        return ModelStore(
+            endpoint_url=self.model_s3_endpoint_url or self.s3_endpoint_url,
+            region=self.s3_region,
+            addressing_style=self.s3_addressing_style,
+            cache_dir=str((self.model_cache_dir or self.data_dir / "models").resolve()),
+        )
+
     def pipeline(self) -> PipelineSettings:
         return PipelineSettings(
             model=self.sd_model,
+            model_store=self.model_store(),
             device=self.sd_device,
             dtype=self.sd_dtype,
             safety_checker=self.sd_safety_checker,
@@ -198,6 +229,7 @@ class Settings(BaseSettings):
             stall_seconds=self.worker_stall_seconds,
             health_check_period_s=self.ray_health_check_period,
             health_check_timeout_s=self.ray_health_check_timeout,
+            graceful_shutdown_s=self.shutdown_timeout,
         )
 
     def replica_pipeline(self) -> PipelineSettings:

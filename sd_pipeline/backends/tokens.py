@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from sd_pipeline.contract.request import TokenBudget
-from sd_pipeline.contract.settings import model_source
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.models.resolve import resolve_model
 
 
-def token_budget(model: str) -> TokenBudget:
-    """The tokenizer the worker or replica uses (already downloaded by it); transformers only, no torch."""
+def token_budget(settings: PipelineSettings) -> TokenBudget:
+    """The tokenizer the worker or replica uses: a version from S3 is fetched and verified into this
+    host's cache first (a no-op once there), which also checks it before any replica loads it.
+    transformers only, no torch."""
     from transformers import CLIPTokenizer
 
-    return TokenBudget.of(CLIPTokenizer.from_pretrained(model_source(model), subfolder="tokenizer"))
+    source = resolve_model(settings.model, settings.model_store).source
+    return TokenBudget.of(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"))

@@ -7,10 +7,11 @@ to admission and the web layer, which use only this protocol and never learn whi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
 
 
@@ -24,6 +25,14 @@ class BackendInfo:
     load_seconds: float
     native_size: int = 512  # the side the model was trained at: the page's and API's default size
     warmup_seconds: float | None = None  # None when warm-up was off
+    version: str = ""  # the published version (models from S3), "" for a Hub id or a plain folder
+    model_hash: str = ""  # short hash of the version's manifest, as PNGs carry it ("Model hash:")
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)  # what the model recommends
+
+    @property
+    def label(self) -> str:
+        """The model and its version, as logs and status lines name them."""
+        return f"{self.model}@{self.version}" if self.version else self.model
 
 
 class RequestChecker:
@@ -70,6 +79,12 @@ class Backend(Protocol):
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
         """Run jobs to their outcomes, reporting steps; a cancelled job ends within one step."""
+        ...
+
+    def switch_model(self, model: str) -> BackendInfo:
+        """Serve ``model`` (a pinned ``s3://`` version or a folder) instead of the current one, with
+        no request failing: new requests go to it once it is loaded and warm, running ones finish
+        on the old one. Raises ``ModelLoadError`` and keeps serving the old one if it cannot."""
         ...
 
     def readiness_problem(self) -> str | None:

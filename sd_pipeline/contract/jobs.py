@@ -52,6 +52,8 @@ class GenerationResult:
     model: str
     timings: Timings
     nsfw: bool = False
+    model_version: str = ""  # the published version that drew it ("" for a Hub id or a plain folder)
+    model_hash: str = ""
 
 
 @dataclass

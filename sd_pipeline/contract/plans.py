@@ -32,6 +32,7 @@ class ReplicaPlan:
     stall_seconds: float = 120.0  # a replica whose engine has work but makes no step this long fails its health check
     health_check_period_s: float = 5.0  # Serve calls each replica's check_health this often
     health_check_timeout_s: float = 30.0  # a check unanswered this long (a frozen process) fails
+    graceful_shutdown_s: float = 60.0  # a replica being stopped (a new model version) finishes its requests this long
 
     @property
     def most_replicas(self) -> int:
@@ -45,6 +46,7 @@ class ReplicaPlan:
             "max_queued_requests": self.max_queued_requests,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_s,
             "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": gpus_per_replica},
         }
         if self.replicas is None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from sd_pipeline.contract.models import ModelStore
 
 DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
 
@@ -17,7 +18,10 @@ DtypeName = Literal["auto", "float16", "bfloat16", "float32"]
 class PipelineSettings(BaseModel):
     """How to load the model and which speedups to apply."""
 
-    model: str = Field(DEFAULT_MODEL, description="Hugging Face model id or local pipeline folder")
+    model: str = Field(
+        DEFAULT_MODEL, description="Hugging Face model id, local pipeline folder, or s3://BUCKET/PREFIX@VERSION"
+    )
+    model_store: ModelStore | None = Field(None, description="where s3:// versions are fetched from and cached")
     device: DeviceName = Field("auto", description="auto picks cuda, then mps, then cpu")
     dtype: DtypeName = Field("auto", description="auto: float16 on CUDA, float32 elsewhere")
     safety_checker: bool = Field(True, description="run the model's safety checker when it has one")
@@ -37,9 +41,3 @@ class PipelineSettings(BaseModel):
     )
     preview_decoder: str | None = Field(None, description="folder of a diffusers AutoencoderTiny (for taesd)")
     preview_interval: float = Field(0.5, gt=0, description="seconds between two previews of one request")
-
-
-def model_source(model: str) -> str:
-    """What ``from_pretrained`` should be given: an existing local folder's path, else the Hub id."""
-    local = Path(model).expanduser()
-    return str(local) if local.is_dir() else model

@@ -410,6 +410,8 @@ class StepEngine:
                     model=self.loaded.model,
                     timings=timings,
                     nsfw=flags[offset + index],
+                    model_version=self.loaded.version,
+                    model_hash=self.loaded.model_hash,
                 )
                 for index, seed in enumerate(request.seeds())
             ]

@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion pipeline from a Hugging Face id or a local folder."""
+"""Load a Stable Diffusion pipeline from a Hugging Face id, a local folder or a published S3 version."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import shutil
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +17,9 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
-from sd_pipeline.contract.settings import DeviceName, DtypeName, PipelineSettings, model_source
+from sd_pipeline.contract.models import ModelDefaults
+from sd_pipeline.contract.settings import DeviceName, DtypeName, PipelineSettings
+from sd_pipeline.models.resolve import ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ class LoadedPipeline:
     dtype: torch.dtype
     load_seconds: float
     compiled: bool = False
+    source: str = ""  # the folder (or Hub id) it was loaded from
+    version: str = ""
+    model_hash: str = ""
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
 
     @property
     def native_size(self) -> int:
@@ -45,7 +51,17 @@ class LoadedPipeline:
     def describe(self, *, warmup_seconds: float | None = None) -> BackendInfo:
         """What a worker process or replica reports once this pipeline is ready."""
         dtype = str(self.dtype).removeprefix("torch.")
-        return BackendInfo(self.model, str(self.device), dtype, self.load_seconds, self.native_size, warmup_seconds)
+        return BackendInfo(
+            self.model,
+            str(self.device),
+            dtype,
+            self.load_seconds,
+            self.native_size,
+            warmup_seconds,
+            version=self.version,
+            model_hash=self.model_hash,
+            defaults=self.defaults,
+        )
 
 
 CUDA_REQUIREMENTS = (
@@ -82,7 +98,7 @@ def resolve_dtype(name: DtypeName, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _from_pretrained(settings: PipelineSettings, dtype: torch.dtype) -> StableDiffusionPipeline:
+def _from_pretrained(settings: PipelineSettings, source: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     extra = {} if settings.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     if settings.model.startswith((".", "/", "~")) and not Path(settings.model).expanduser().is_dir():
         raise ModelLoadError(
@@ -90,9 +106,7 @@ def _from_pretrained(settings: PipelineSettings, dtype: torch.dtype) -> StableDi
             "save_pretrained (for an offline try: python -m sd_pipeline.tiny ./tiny-model) or to a Hugging Face id."
         )
     try:
-        pipeline: StableDiffusionPipeline = StableDiffusionPipeline.from_pretrained(
-            model_source(settings.model), dtype=dtype, **extra
-        )
+        pipeline: StableDiffusionPipeline = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **extra)
     except (OSError, ValueError, HfHubHTTPError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
@@ -157,23 +171,23 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     started = time.perf_counter()
-    pipeline = _from_pretrained(settings, dtype)
+    resolved: ResolvedModel = resolve_model(settings.model, settings.model_store)
+    pipeline = _from_pretrained(settings, resolved.source, dtype)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     apply_speedups(pipeline, settings, device)
     load_seconds = time.perf_counter() - started
-    logger.info("loaded %s on %s (%s) in %.1fs", settings.model, device, dtype, load_seconds)
+    label = f"{resolved.name}@{resolved.version}" if resolved.version else settings.model
+    logger.info("loaded %s on %s (%s) in %.1fs", label, device, dtype, load_seconds)
     return LoadedPipeline(
         pipeline=pipeline,
-        model=model_name(settings.model),
+        model=resolved.name,
         device=device,
         dtype=dtype,
         load_seconds=load_seconds,
         compiled=settings.compile_unet,
+        source=resolved.source,
+        version=resolved.version,
+        model_hash=resolved.model_hash,
+        defaults=resolved.defaults,
     )
-
-
-def model_name(model: str) -> str:
-    """How records and PNGs name the model: the Hub id, or a local folder's own name (no server path)."""
-    local = Path(model).expanduser()
-    return local.resolve().name if local.is_dir() else model

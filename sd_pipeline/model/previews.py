@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from sd_pipeline.contract.errors import ModelLoadError
-from sd_pipeline.contract.settings import PipelineSettings, model_source
+from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.loading import LoadedPipeline
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ class LinearPreview:
         self.bias = bias.float()  # (3,)
 
     @classmethod
-    def for_model(cls, model: str) -> LinearPreview:
+    def for_model(cls, source: str) -> LinearPreview:
         """The factors a model folder carries in ``latent_rgb.json``, else SD 1.x's."""
-        path = Path(model_source(model)) / LATENT_RGB_FILE
+        path = Path(source) / LATENT_RGB_FILE
         if path.is_file():
             fitted = json.loads(path.read_text())
             return cls(torch.tensor(fitted["factors"]), torch.tensor(fitted["bias"]))
@@ -93,7 +93,7 @@ def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previe
     if settings.preview == "off":
         return None
     if settings.preview == "approx":
-        return LinearPreview.for_model(settings.model)
+        return LinearPreview.for_model(loaded.source)
     if settings.preview == "full":
         vae = loaded.pipeline.vae
         return DecoderPreview(vae, latent_scale=float(vae.config.scaling_factor))

@@ -5,6 +5,11 @@ CUDA error, an engine that stopped serving) or hang. ``LocalBackend`` notices wi
 fraction of a second, starts a new one (with back-off while starting keeps failing) and
 reports readiness and crash loops for ``/readyz`` and ``/healthz``. The requests that were
 running are retried under the rules every backend shares (``sd_pipeline.backends.retry``).
+
+A new model version is started beside the old worker (``overlap``) or after it (``drain``, for
+a GPU that cannot hold two models); new requests go to it once it is ready, requests running on
+the old worker finish there, then the old worker stops. A version that cannot start is refused
+and the old worker keeps serving.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import wait
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from sd_pipeline.backends.local.process import PipelineProcess
 from sd_pipeline.backends.retry import Runs
@@ -30,10 +35,13 @@ from sd_pipeline.contract.errors import (
 from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
 from sd_pipeline.contract.plans import RestartPolicy
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
+from sd_pipeline.contract.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
 
 _WATCH_INTERVAL = 0.25
+
+RolloutMode = Literal["overlap", "drain"]
 
 
 class SupervisorObserver(Protocol):
@@ -49,14 +57,18 @@ class LocalBackend:
 
     def __init__(
         self,
-        new_worker: Callable[[], PipelineProcess],
+        settings: PipelineSettings,
+        new_worker: Callable[[PipelineSettings], PipelineProcess],
         *,
         limits: RequestLimits | None = None,
         max_running: int = 8,
         policy: RestartPolicy | None = None,
         observer: SupervisorObserver | None = None,
+        rollout: RolloutMode = "overlap",
     ) -> None:
+        self.settings = settings  # what a new (or replacement) worker loads
         self.new_worker = new_worker
+        self.rollout = rollout
         self.checker = RequestChecker(limits or RequestLimits())
         self.max_running = max_running
         self.policy = policy or RestartPolicy()
@@ -68,6 +80,9 @@ class LocalBackend:
         self._problem: str | None = "pipeline worker not started"
         self._closed = False
         self._restarts: collections.deque[float] = collections.deque()
+        self._in_use: collections.Counter[PipelineProcess] = collections.Counter()  # runs per worker
+        self._switching = False  # a drained switch: new runs wait, the worker is swapped
+        self._switch_lock = threading.Lock()  # one model switch at a time
         self._crash_loop_logged = False
         self._runs = Runs(self._run_once)
         self._watcher = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
@@ -85,12 +100,87 @@ class LocalBackend:
         """Run jobs on the current worker, waiting for a restart if needed (``backends.retry``)."""
         return self._runs.run(jobs)
 
+    def switch_model(self, model: str) -> BackendInfo:
+        """Serve ``model`` instead of the current one (see the module's docstring); raises
+        ``ModelLoadError`` and keeps the old worker serving if the new one cannot start."""
+        with self._switch_lock:
+            settings = self.settings.model_copy(update={"model": model})
+            tokens = token_budget(settings)  # fetches and verifies a version from S3 first
+            info = self._switch_drained(settings) if self.rollout == "drain" else self._switch_beside(settings)
+            self.checker.tokens = tokens
+            return info
+
+    def _switch_beside(self, settings: PipelineSettings) -> BackendInfo:
+        """Load the new worker while the old one serves, then send new runs to it."""
+        worker, info = self._start_new(settings)
+        with self._condition:
+            old, self._worker, self.settings = self._worker, worker, settings
+            self._ready, self._problem = True, None
+            self._condition.notify_all()
+        if old is not None:
+            self._retire(old)
+        return info
+
+    def _switch_drained(self, settings: PipelineSettings) -> BackendInfo:
+        """Hold new runs, let the old worker finish, stop it, then start the new one (or the old
+        one again if the new cannot start): requests wait, none fail."""
+        with self._condition:
+            self._switching = True
+            old = self._worker
+        try:
+            if old is not None:
+                self._retire(old)
+            try:
+                worker, info = self._start_new(settings)
+            except ModelLoadError:
+                logger.error("model %s refused; starting the previous one again", settings.model)
+                worker, _ = self._start_new(self.settings)
+                with self._condition:
+                    self._worker = worker
+                raise
+            with self._condition:
+                self._worker, self.settings = worker, settings
+            return info
+        finally:
+            with self._condition:
+                self._switching = False
+                self._condition.notify_all()
+
+    def _start_new(self, settings: PipelineSettings) -> tuple[PipelineProcess, BackendInfo]:
+        """A worker for ``settings``, loaded and warm; raises ``ModelLoadError``."""
+        worker = self.new_worker(settings)
+        with self._condition:
+            if self._closed:
+                raise PipelineUnavailableError("the server is stopping")
+            self._starting = worker
+        try:
+            info = worker.start()
+        except ModelLoadError:
+            worker.close(timeout=1)
+            raise
+        finally:
+            with self._condition:
+                self._starting = None
+        with self._condition:
+            if self._closed:
+                worker.close(timeout=1)
+                raise PipelineUnavailableError("the server is stopping")
+        logger.info("pipeline worker for %s ready (pid %s)", info.label, worker.pid)
+        return worker, info
+
+    def _retire(self, worker: PipelineProcess) -> None:
+        """Stop a worker once no run uses it (its requests finish there)."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._in_use[worker] <= 0 or self._closed)
+        worker.close()
+        logger.info("previous pipeline worker (pid %s) stopped", worker.pid)
+
     # Lifecycle and health.
     def start(self) -> BackendInfo:
         """Start the first worker (raises ``ModelLoadError``) and begin watching it."""
-        worker = self.new_worker()
+        worker = self.new_worker(self.settings)
         info = worker.start()
-        self.checker.tokens = token_budget(worker.settings.model)
+        self.checker.tokens = token_budget(self.settings)
         with self._condition:
             self._worker, self._ready, self._problem = worker, True, None
         self._report_up(True)
@@ -145,19 +235,26 @@ class LocalBackend:
             return worker.run(jobs)
         except WorkerLostError as lost:
             with self._condition:
-                if self._worker is worker:
+                if self._worker is worker and not self._switching:
                     self._ready, self._problem = False, f"pipeline worker restarting (it {lost.reason})"
             raise
+        finally:
+            with self._condition:
+                self._in_use[worker] -= 1
+                if self._in_use[worker] <= 0:
+                    del self._in_use[worker]
+                self._condition.notify_all()
 
     def _wait_for_worker(self, jobs: Sequence[GenerationJob]) -> PipelineProcess | None:
-        """The ready worker; None if every job was cancelled while waiting for it."""
+        """The ready worker, counted as in use; None if every job was cancelled while waiting for it."""
         with self._condition:
-            while not self._ready and not self._closed:
+            while (not self._ready or self._switching) and not self._closed:
                 if all(job.cancelled for job in jobs):
                     return None
                 self._condition.wait(timeout=0.1)
             if self._closed or self._worker is None:
                 raise PipelineUnavailableError("the server is stopping; try again in a moment")
+            self._in_use[self._worker] += 1
             return self._worker
 
     def _watch(self) -> None:
@@ -173,6 +270,8 @@ class LocalBackend:
             with self._condition:
                 if self._closed:
                     return
+                if worker is not self._worker or self._switching:
+                    continue  # a worker retired by a model switch, not a crash
             self._replace(worker)
 
     def _replace(self, dead: PipelineProcess) -> None:
@@ -186,7 +285,7 @@ class LocalBackend:
         delay = 0.0
         while True:
             self._count_restart(reason)
-            worker = self.new_worker()
+            worker = self.new_worker(self.settings)
             with self._condition:
                 if self._closed:
                     return

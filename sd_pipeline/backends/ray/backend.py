@@ -6,6 +6,11 @@ autoscaler adds and removes replicas, and replicas that die or fail their health
 replaced. A call lost with its replica becomes ``WorkerLostError``, so the rules every backend
 shares (``sd_pipeline.backends.retry``) apply: retried once, alone, after the lost replica is
 gone, then a clear error. Stop cancels a call at once, also while it waits for a replica.
+
+A new model version is a new deployment version: the application is deployed again with the
+new model and Serve's rolling update replaces the replicas (each stops only after finishing
+its requests, within ``graceful_shutdown_timeout_s``; calls meanwhile wait for a replica). A
+version whose replicas cannot start is refused: the previous version is deployed again.
 """
 
 from __future__ import annotations
@@ -118,11 +123,7 @@ class RayBackend:
         private = self.plan.address == "local"
         if private or self.plan.deploy == "always" or (self.plan.deploy == "if-missing" and not _app_exists()):
             logger.info("deploying the pipeline application (%s)", self.plan.deployment)
-            application = pipeline_application(self.settings, self.plan.deployment, replica_class=self.replica_class)
-            # Not serve.run: it waits for the replicas without a bound (e.g. while no node has a free GPU).
-            target = serve.RunTarget(target=application, name=APP_NAME, route_prefix=None)
-            (self._handle,) = serve.run_many([target], wait_for_applications_running=False)
-            self._wait_until_running(deadline)
+            self._deploy(self.settings, deadline)
         else:
             logger.info("joining the pipeline application already deployed on the cluster")
             while not _app_exists():
@@ -134,10 +135,32 @@ class RayBackend:
             self.info = self._handle.describe.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
         except (GetTimeoutError, TimeoutError):
             raise ModelLoadError(self._not_within("no pipeline replica answered")) from None
-        self.checker.tokens = token_budget(self.settings.model)  # front ends share the replicas' settings
+        self.checker.tokens = token_budget(self.settings)  # front ends share the replicas' settings
         self._look_at_replicas()
         threading.Thread(target=self._watch_replicas, name="ray-replica-watch", daemon=True).start()
         return self.info
+
+    def switch_model(self, model: str) -> BackendInfo:
+        """Deploy ``model`` as a new deployment version (Serve's rolling update); refused (the old
+        version deployed again) if its replicas cannot start. No-op when the replicas already
+        serve it (another front end rolled it out)."""
+        settings = self.settings.model_copy(update={"model": model})
+        tokens = token_budget(settings)  # fetches and verifies a version from S3 first
+        target = _pinned_version(model)
+        if target and self.info is not None and self._describe(timeout=30).version == target:
+            self.settings, self.checker.tokens = settings, tokens
+            self.info = self._describe(timeout=30)
+            return self.info
+        deadline = time.monotonic() + self.plan.start_timeout
+        try:
+            self._deploy(settings, deadline)
+            info = self._describe(timeout=max(1.0, deadline - time.monotonic()))
+        except ModelLoadError as error:
+            logger.error("model %s refused (%s); deploying the previous version again", model, error)
+            self._deploy(self.settings, time.monotonic() + self.plan.start_timeout)
+            raise
+        self.settings, self.info, self.checker.tokens = settings, info, tokens
+        return info
 
     def readiness_problem(self) -> str | None:
         """Why no request can run (None while at least one replica is running)."""
@@ -165,6 +188,25 @@ class RayBackend:
             shutil.rmtree(self._private_dir, ignore_errors=True)
 
     # Start-up.
+    def _deploy(self, settings: PipelineSettings, deadline: float) -> None:
+        """Deploy (or update) the application with ``settings`` and wait, bounded, until it runs."""
+        from ray import serve
+
+        application = pipeline_application(settings, self.plan.deployment, replica_class=self.replica_class)
+        # Not serve.run: it waits for the replicas without a bound (e.g. while no node has a free GPU).
+        target = serve.RunTarget(target=application, name=APP_NAME, route_prefix=None)
+        (self._handle,) = serve.run_many([target], wait_for_applications_running=False)
+        self._wait_until_running(deadline)
+
+    def _describe(self, *, timeout: float) -> BackendInfo:
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            info: BackendInfo = self._handle.describe.remote().result(timeout_s=timeout)
+        except (GetTimeoutError, TimeoutError):
+            raise ModelLoadError(f"no pipeline replica answered within {timeout:g}s") from None
+        return info
+
     def _connect(self) -> None:
         private = self.plan.address == "local"
         if private or _on_loopback(self.plan.address):
@@ -310,6 +352,11 @@ class RayBackend:
             return
         for fact in facts:
             replay(fact, self.observer)
+
+
+def _pinned_version(model: str) -> str:
+    """The version a pinned ``s3://...@NAME`` names ("" for anything else)."""
+    return model.rpartition("@")[2] if model.startswith("s3://") and "@" in model else ""
 
 
 def _on_loopback(address: str) -> bool:

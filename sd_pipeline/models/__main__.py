@@ -1,0 +1,79 @@
+"""``python -m sd_pipeline.models publish|promote|list``: manage a model's versions in S3.
+
+The store is the one the app uses: ``MODEL_S3_ENDPOINT_URL`` or ``S3_ENDPOINT_URL`` (unset: AWS),
+``S3_REGION``, ``S3_ADDRESSING_STYLE``; keys from boto3's usual chain (``AWS_ACCESS_KEY_ID`` ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sd_pipeline.contract.models import ModelStore
+from sd_pipeline.models.location import LocationError, ModelLocation
+from sd_pipeline.models.registry import ModelRegistry, RegistryError, make_client
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sd_pipeline.models", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--endpoint-url", help="S3 endpoint (default: MODEL_S3_ENDPOINT_URL, then S3_ENDPOINT_URL)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    publish = commands.add_parser("publish", help="upload a diffusers pipeline folder as a new version")
+    publish.add_argument("folder", type=Path)
+    publish.add_argument("location", help="s3://BUCKET/PREFIX")
+    publish.add_argument("--version", required=True, help="the new version's name (never overwritten)")
+    publish.add_argument("--promote", action="store_true", help="make it the current version once uploaded")
+    publish.add_argument("--source", default="", help="where it comes from (default: the folder's name)")
+    promote = commands.add_parser("promote", help="make a version the current one (also how to roll back)")
+    promote.add_argument("location", help="s3://BUCKET/PREFIX")
+    promote.add_argument("version")
+    listing = commands.add_parser("list", help="the versions, their sizes, and which is current")
+    listing.add_argument("location", help="s3://BUCKET/PREFIX")
+    return parser
+
+
+def _registry(location: str, endpoint_url: str | None) -> ModelRegistry:
+    store = ModelStore(
+        endpoint_url=endpoint_url or os.environ.get("MODEL_S3_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL"),
+        region=os.environ.get("S3_REGION"),
+        addressing_style=os.environ.get("S3_ADDRESSING_STYLE", "auto"),
+        cache_dir="",
+    )
+    parsed = ModelLocation.parse(location)
+    if parsed.pinned:
+        raise LocationError(f"location: {location!r} names a version; give s3://BUCKET/PREFIX and the version apart")
+    return ModelRegistry(make_client(store), parsed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        registry = _registry(args.location, args.endpoint_url)
+        if args.command == "publish":
+            manifest = registry.publish(args.folder, args.version, promote=args.promote, source=args.source)
+            print(f"published {registry.location}@{manifest.version} (hash {manifest.short_hash})")
+        elif args.command == "promote":
+            registry.promote(args.version)
+            print(f"current version of {registry.location}: {args.version}")
+        else:
+            print(f"{'VERSION':<20} {'CREATED':<26} {'SIZE':>10} {'FILES':>6}  HASH        CURRENT")
+            for summary in registry.versions():
+                mark = "*" if summary.current else ""
+                size = f"{summary.total_bytes / 1e6:.1f} MB"
+                print(
+                    f"{summary.name:<20} {summary.created_at:<26} {size:>10} {summary.files:>6}  "
+                    f"{summary.short_hash}  {mark}"
+                )
+    except (LocationError, RegistryError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
