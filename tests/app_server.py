@@ -103,7 +103,7 @@ def clients_at_once(app: RunningApp, folder: Path, count: int, call: Callable[[C
 
 @contextmanager
 def launched_app(
-    model_dir: Path, tmp_path: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None
+    model_dir: Path | str, tmp_path: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None
 ) -> Iterator[RunningApp]:
     """Start ``python app.py`` with the tiny model; SIGTERM (then SIGKILL) on exit."""
     port, metrics_port = free_port(), free_port()
