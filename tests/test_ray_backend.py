@@ -3,16 +3,20 @@
 A replica whose engine loop fails, or whose process freezes (SIGSTOP), is replaced by Serve
 and the request it held is served after one retry; Stop ends a request still waiting for a
 replica at once; replicas warm up; every socket the private instance listens on is on
-127.0.0.1, and its token and files are private.
+127.0.0.1, and its token and files are private. The replicas load a version published to the
+loopback S3 server; a new version is rolled out as a new deployment version while a request
+runs (it finishes, later ones report the new version) and a corrupt one is refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import signal
 import stat
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,15 @@ import pytest
 from sd_pipeline.backends.ray.backend import RayBackend
 from sd_pipeline.backends.ray.loopback import keep_token_private
 from sd_pipeline.backends.ray.replica import PipelineReplica
-from sd_pipeline.contract.errors import GenerationCancelledError
+from sd_pipeline.contract.errors import GenerationCancelledError, ModelLoadError
 from sd_pipeline.contract.jobs import GenerationJob, Preview
+from sd_pipeline.contract.models import ModelStore
 from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.contract.request import RequestLimits, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
-from tests.servers import wait_until
+from sd_pipeline.models.location import ModelLocation
+from sd_pipeline.models.registry import ModelRegistry, make_client
+from tests.servers import S3Server, wait_until
 
 pytest.importorskip("ray.serve")
 
@@ -80,14 +87,42 @@ def replica_process() -> psutil.Process:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayBackend]:
+def registry(s3_server: S3Server, tiny_model_dir: Path) -> ModelRegistry:
+    """The tiny model published as v1 (current) and v2 in a bucket of the loopback S3 server."""
+    bucket = f"ray-models-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    store = ModelStore(endpoint_url=s3_server.endpoint_url, region="us-east-1", cache_dir="")
+    registry = ModelRegistry(make_client(store), ModelLocation.parse(f"s3://{bucket}/tiny"))
+    registry.publish(tiny_model_dir, "v1", promote=True)
+    registry.publish(tiny_model_dir, "v2")
+    return registry
+
+
+@pytest.fixture(scope="module")
+def backend(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayBackend]:
     EARLIER_CHILDREN.update(child.pid for child in psutil.Process().children(recursive=True))
     os.environ[FAIL_MARKER] = str(tmp_path_factory.mktemp("ray-marker") / "failed-once")  # inherited by Ray
+    store = ModelStore(
+        endpoint_url=registry.client.meta.endpoint_url,
+        region="us-east-1",
+        cache_dir=str(tmp_path_factory.mktemp("ray-model-cache")),
+    )
     settings = PipelineSettings(
-        model=str(tiny_model_dir), device="cpu", cpu_threads=1, warmup=True, preview="approx", preview_interval=0.01
+        model=str(registry.location.pin("v1")),
+        model_store=store,
+        device="cpu",
+        cpu_threads=1,
+        warmup=True,
+        preview="approx",
+        preview_interval=0.01,
     )
     replicas = ReplicaPlan(
-        replicas=1, max_batch_images=1, health_check_period_s=1.0, health_check_timeout_s=5.0, stall_seconds=30.0
+        replicas=1,
+        max_batch_images=1,
+        health_check_period_s=1.0,
+        health_check_timeout_s=5.0,
+        stall_seconds=30.0,
+        graceful_shutdown_s=120.0,
     )
     backend = RayBackend(
         settings,
@@ -200,3 +235,33 @@ def test_a_frozen_replica_is_replaced_and_its_request_served(backend: RayBackend
     assert outcome.error is None, outcome.error
     assert steps.count(1) == 2 and steps[-1] == 100
     assert replica_process().pid != frozen.pid
+
+
+def test_a_new_version_rolls_out_as_a_deployment_version_and_a_corrupt_one_is_refused(
+    backend: RayBackend, registry: ModelRegistry
+) -> None:
+    assert backend.info is not None and backend.info.version == "v1"
+    running, running_steps = long_job(steps=40, width=96, height=96)
+    outcomes: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcomes.update(running=backend.run([running])[0]))
+    thread.start()
+    wait_until(lambda: len(running_steps) >= 2, timeout=60)
+    info = backend.switch_model(str(registry.location.pin("v2")))
+    assert info.version == "v2" and backend.info.version == "v2"
+    thread.join(timeout=120)
+    running_outcome = outcomes["running"]
+    assert running_outcome.error is None and running_outcome.results[0].model_version == "v1"  # finished on v1
+    assert running_steps == list(range(1, 41))  # never restarted: the old replica finished it
+    (after,) = backend.run([long_job(steps=2)[0]])
+    assert after.error is None and after.results[0].model_version == "v2"
+
+    key = registry.location.version_prefix("v1") + "unet/config.json"
+    registry.client.put_object(Bucket=registry.location.bucket, Key=key, Body=b"{}")  # v1 changed after publishing
+    store = backend.settings.model_store
+    assert store is not None
+    for leftover in Path(store.cache_dir).rglob("v1"):
+        shutil.rmtree(leftover)  # as on a host that never had it
+    with pytest.raises(ModelLoadError, match="does not match its manifest"):
+        backend.switch_model(str(registry.location.pin("v1")))
+    (still,) = backend.run([long_job(steps=2)[0]])
+    assert still.error is None and still.results[0].model_version == "v2"
