@@ -54,13 +54,17 @@ def test_compose_config_is_valid_and_requires_secrets() -> None:
 
 def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    assert set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "alertmanager", "grafana"} | RAY_PROFILE
+    assert set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "alertmanager", "grafana"} | RAY_PROFILE | {
+        "models-publish"
+    }
     for name, service in services.items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), (name, image)
     assert "minio" not in COMPOSE.read_text().lower()
     for app in ("app", "app-cpu", "app-ray", "app-ray-2"):
         assert services[app]["depends_on"]["seaweedfs"] == {"condition": "service_healthy"}
+        assert services[app]["depends_on"]["models-publish"] == {"condition": "service_completed_successfully"}
+        assert services[app]["environment"]["SD_MODEL"] == "s3://models/demo"
         assert services[app]["stop_grace_period"] in ("90s", "1m30s")
     for gpu_service in ("app", "ray-gpu-worker"):
         devices = services[gpu_service]["deploy"]["resources"]["reservations"]["devices"]

@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sd_pipeline.backends.local.process import PipelineProcess
 from sd_pipeline.backends.local.supervisor import LocalBackend
@@ -244,3 +246,26 @@ def test_the_local_backend_switches_versions_with_no_request_failing(
         assert backend.readiness_problem() is None
     finally:
         backend.close()
+
+
+def test_the_stacks_publish_step_creates_the_bucket_once_and_never_promotes_again(
+    s3_server: S3Server, store: ModelStore, tiny_model_dir: Path
+) -> None:
+    """The exact command compose's models-publish runs, against a store that has no bucket yet."""
+    service = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["models-publish"]
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    swaps = {
+        "--endpoint-url=http://seaweedfs:8333": f"--endpoint-url={s3_server.endpoint_url}",
+        "/app/models/tiny-shapes": str(ROOT / "models" / "tiny-shapes"),
+        "s3://models/demo": f"s3://{bucket}/demo",
+    }
+    command = [sys.executable, "-m", "sd_pipeline.models", *(swaps.get(arg, arg) for arg in service["command"])]
+    assert service["entrypoint"] == ["python", "-m", "sd_pipeline.models"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    registry = ModelRegistry(make_client(store), ModelLocation.parse(f"s3://{bucket}/demo"))
+    assert registry.current() == "shapes-1"
+    registry.publish(tiny_model_dir, "v2", promote=True)  # the operator rolled a new version out
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already published" in again.stdout
+    assert registry.current() == "v2"

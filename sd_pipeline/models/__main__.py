@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--version", required=True, help="the new version's name (never overwritten)")
     publish.add_argument("--promote", action="store_true", help="make it the current version once uploaded")
     publish.add_argument("--source", default="", help="where it comes from (default: the folder's name)")
+    publish.add_argument("--create-bucket", action="store_true", help="create the bucket when it is missing")
+    publish.add_argument(
+        "--if-missing", action="store_true", help="do nothing (and promote nothing) when the version exists"
+    )
     promote = commands.add_parser("promote", help="make a version the current one (also how to roll back)")
     promote.add_argument("location", help="s3://BUCKET/PREFIX")
     promote.add_argument("version")
@@ -55,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         registry = _registry(args.location, args.endpoint_url)
         if args.command == "publish":
+            if args.create_bucket:
+                registry.create_bucket()
+            if args.if_missing and registry.exists(args.version):
+                print(f"{registry.location}@{args.version} is already published; nothing to do")
+                return 0
             manifest = registry.publish(args.folder, args.version, promote=args.promote, source=args.source)
             print(f"published {registry.location}@{manifest.version} (hash {manifest.short_hash})")
         elif args.command == "promote":

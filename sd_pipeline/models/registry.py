@@ -135,18 +135,35 @@ class ModelRegistry:
         return sorted(summaries, key=lambda summary: (summary.created_at, summary.name))
 
     # Writing.
+    def exists(self, version: str) -> bool:
+        """Whether anything is stored under the version's name (complete or not)."""
+        prefix = self.location.version_prefix(check_version_name(version))
+        try:
+            found = self.client.list_objects_v2(Bucket=self.location.bucket, Prefix=prefix, MaxKeys=1)
+        except S3_ERRORS as error:
+            raise RegistryUnavailableError(f"{self.location}: cannot check {version!r}: {_reason(error)}") from error
+        return bool(found.get("KeyCount", 0))
+
+    def create_bucket(self) -> None:
+        """Create the bucket if it is missing (a new store's first publish)."""
+        try:
+            self.client.head_bucket(Bucket=self.location.bucket)
+            return
+        except ClientError as error:
+            if not _missing(error) and error.response.get("Error", {}).get("Code") != "NoSuchBucket":
+                raise RegistryUnavailableError(f"{self.location}: {_reason(error)}") from error
+        except BotoCoreError as error:
+            raise RegistryUnavailableError(f"{self.location}: {_reason(error)}") from error
+        try:
+            self.client.create_bucket(Bucket=self.location.bucket)
+        except S3_ERRORS as error:
+            raise RegistryUnavailableError(f"{self.location}: cannot create the bucket: {_reason(error)}") from error
+
     def publish(self, folder: Path, version: str, *, promote: bool = False, source: str = "") -> Manifest:
         """Upload a pipeline folder as a new version, manifest last; never overwrites a version."""
         manifest = build_manifest(folder, version=version, source=source)
         prefix = self.location.version_prefix(version)
-        try:
-            taken = self.client.list_objects_v2(Bucket=self.location.bucket, Prefix=prefix, MaxKeys=1).get(
-                "KeyCount", 0
-            )
-        except S3_ERRORS as error:
-            raise RegistryUnavailableError(
-                f"{self.location}: cannot check version {version!r}: {_reason(error)}"
-            ) from error
+        taken = self.exists(version)
         if taken:
             raise RegistryError(f"{self.location}: version {version!r} already exists; publish under a new name")
 
