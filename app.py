@@ -8,8 +8,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from monitoring.server import MetricsServer
 from sd_pipeline.admission import Admission
 from sd_pipeline.contract.backend import Backend, BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
-from sd_pipeline.contract.models import is_s3_model
+from sd_pipeline.contract.models import ModelDefaults, is_s3_model
 from sd_pipeline.models.cache import ModelCache
 from sd_pipeline.models.location import ModelLocation
 from sd_pipeline.models.registry import ModelRegistry, make_client
@@ -52,6 +52,7 @@ class Parts:
     service: ImageService | None = None
     rollout: ModelRollout | None = None
     native_size: int = 512  # the model's own side: the default width and height
+    model_defaults: ModelDefaults = field(default_factory=ModelDefaults)  # what the model recommends at start
 
 
 def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, LocalStore | None]:
@@ -107,7 +108,11 @@ def build_backend(settings: Settings, metrics: Metrics, *, model: str) -> Backen
 
 
 def build_rollout(
-    settings: Settings, backend: Backend, resolved: ResolvedModel, metrics: Metrics
+    settings: Settings,
+    backend: Backend,
+    resolved: ResolvedModel,
+    metrics: Metrics,
+    on_switched: Callable[[BackendInfo], None],
 ) -> ModelRollout | None:
     """The watcher of an ``s3://`` model's ``current`` version (None for a pinned version, a folder or a Hub id)."""
     store = settings.model_store()
@@ -123,7 +128,7 @@ def build_rollout(
         serving=resolved.version,
         poll_seconds=settings.model_poll_seconds,
         observer=metrics,
-        on_switched=lambda info: report_model(metrics, info),
+        on_switched=on_switched,
     )
 
 
@@ -168,22 +173,30 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     health.pipeline_readiness = backend.readiness_problem
     health.pipeline_liveness = backend.liveness_problem
     info = backend.start()
-    parts.native_size = info.native_size
+    parts.native_size, parts.model_defaults = info.native_size, info.defaults
     report_model(metrics, info)
-    if resolved is not None:
-        parts.rollout = build_rollout(settings, backend, resolved, metrics)
-        rollout = parts.rollout
-        if rollout is not None:
-            rollout.detail = resolved.note
-            health.model_detail = lambda: rollout.detail
-            rollout.start()
-        elif resolved.note:
-            health.model_detail = lambda: resolved.note
     parts.admission = Admission(
         backend, capacity=settings.queue_max_size, observer=metrics, max_per_owner=settings.max_requests_per_user
     )
     parts.admission.start()
     parts.service = ImageService(backend, parts.admission, store, metrics, page_size=settings.history_page_size)
+    parts.service.model_defaults = info.defaults
+    service = parts.service
+
+    def on_switched(switched: BackendInfo) -> None:
+        """A new model version serves: metrics, and the defaults new pages get."""
+        report_model(metrics, switched)
+        service.model_defaults = switched.defaults
+
+    if resolved is not None:
+        rollout = parts.rollout = build_rollout(settings, backend, resolved, metrics, on_switched)
+        note = resolved.note  # e.g. S3 was down at start: the cached version serves
+        if rollout is None:
+            health.model_detail = lambda: note
+        else:
+            rollout.detail = note
+            health.model_detail = lambda: rollout.detail
+            rollout.start()
     health.model_loaded()
     return parts, local_store
 
@@ -224,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits=settings.limits(),
         model_name=parts.service.backend.model,
         default_size=parts.native_size,
+        model_defaults=parts.model_defaults,
     )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
     app = create_app(

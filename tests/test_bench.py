@@ -108,3 +108,13 @@ def test_scaleout_benchmark_quick(tmp_path: Path) -> None:
     assert results["ratio_2_over_1"] > 0 and results["replicas"]["2"]["recovery_s"] > 0
     for replicas in ("1", "2"):
         assert results["replicas"][replicas]["p95_s"] >= results["replicas"][replicas]["p50_s"] > 0
+
+
+def test_rollout_benchmark_quick(tmp_path: Path) -> None:
+    output = run_module("bench.rollout", "--quick", "--out", str(tmp_path), timeout=900)
+    results = json.loads((tmp_path / "rollout.json").read_text())
+    (mode,) = results["modes"]
+    assert mode["mode"] == "overlap" and mode["failed_requests"] == 0 and mode["served"] > 0
+    (rollout,) = mode["rollouts"]
+    assert rollout["promote_to_first_new_image_s"] > 0 and rollout["promote_to_switch_counted_s"] > 0
+    assert "promote->first new image" in output

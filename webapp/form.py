@@ -6,17 +6,21 @@ descriptions, the validator, and "Load these settings". Ranges and defaults come
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
-from sd_pipeline.contract.request import MAX_SEED, RANDOM_SEED, GenerationRequest, RequestLimits
+from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.models import ModelDefaults
+from sd_pipeline.contract.request import MAX_SEED, RANDOM_SEED, GenerationRequest, RequestLimits, check_inputs
 from sd_pipeline.contract.samplers import SCHEDULER_NAMES
 from webapp.components import validated_by_app
 
 REQUIRED = inspect.Parameter.empty
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,28 @@ class FormField:
         return self.component()
 
 
-def generate_fields(limits: RequestLimits, *, default_size: int) -> list[FormField]:
-    """/generate's inputs in API order; ``default_size`` is the model's native side (512 for SD 1.x)."""
-    defaults = GenerationRequest(prompt="", width=default_size, height=default_size)
+def form_defaults(limits: RequestLimits, *, default_size: int, model: ModelDefaults | None = None) -> GenerationRequest:
+    """The form's and the API's defaults: what the model recommends (its manifest or
+    ``model_defaults.json``) where it fits this app's limits, else the app's own; the size
+    defaults to the model's native side (512 for SD 1.x)."""
+    recommended = {name: value for name, value in (model or ModelDefaults()).model_dump().items() if value is not None}
+    chosen = {"width": default_size, "height": default_size, **recommended}
+    try:
+        check_inputs({"prompt": "defaults", **chosen}, limits=limits)
+    except InvalidRequestError as error:
+        logger.warning("the model's recommended settings do not fit this app (%s); the app's defaults apply", error)
+        chosen = {"width": default_size, "height": default_size}
+    return GenerationRequest(prompt="", **chosen)
+
+
+DEFAULTED = ("steps", "guidance_scale", "scheduler", "width", "height")  # the fields a model may recommend
+
+
+def generate_fields(
+    limits: RequestLimits, *, default_size: int, model_defaults: ModelDefaults | None = None
+) -> list[FormField]:
+    """/generate's inputs in API order, with the model's recommended defaults (``form_defaults``)."""
+    defaults = form_defaults(limits, default_size=default_size, model=model_defaults)
     sides = f"{limits.min_side}-{limits.max_side}, multiple of 8"
 
     def whole_slider(
@@ -45,11 +68,6 @@ def generate_fields(limits: RequestLimits, *, default_size: int) -> list[FormFie
     ) -> Callable[[], gr.components.Component]:
         return lambda: validated_by_app(
             gr.Slider(low, high, value=value, step=1, precision=0, label=label, elem_id=elem_id)
-        )
-
-    def side(label: str, elem_id: str) -> Callable[[], gr.components.Component]:
-        return lambda: validated_by_app(
-            gr.Number(label=label, value=default_size, precision=0, info=sides, elem_id=elem_id)
         )
 
     return [
@@ -110,12 +128,20 @@ def generate_fields(limits: RequestLimits, *, default_size: int) -> list[FormFie
         FormField(
             "width",
             float,
-            default_size,
+            defaults.width,
             f"{sides} (default: the model's native size, 512 for SD 1.x)",
-            side("Width", "width"),
+            lambda: validated_by_app(
+                gr.Number(label="Width", value=defaults.width, precision=0, info=sides, elem_id="width")
+            ),
         ),
         FormField(
-            "height", float, default_size, f"{sides} (default: the model's native size)", side("Height", "height")
+            "height",
+            float,
+            defaults.height,
+            f"{sides} (default: the model's native size)",
+            lambda: validated_by_app(
+                gr.Number(label="Height", value=defaults.height, precision=0, info=sides, elem_id="height")
+            ),
         ),
         FormField(
             "num_images",

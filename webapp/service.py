@@ -24,6 +24,7 @@ from sd_pipeline.contract.errors import (
     WorkerCrashedError,
 )
 from sd_pipeline.contract.jobs import GenerationJob, GenerationResult, PreviewCallback
+from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError
 from storage.keys import new_image_id
@@ -76,6 +77,7 @@ class ImageService:
         self.gallery_dir = gallery_dir or Path(tempfile.gettempdir()) / "sd-service-gallery"
         self.active = 0
         self.step_clock = StepClock()
+        self.model_defaults = ModelDefaults()  # what the served model recommends (updated on each rollout)
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="history-fetch")
 
     def wait_idle(self, *, timeout: float) -> bool:

@@ -12,10 +12,11 @@ import gradio as gr
 from PIL import Image
 
 from sd_pipeline.contract.jobs import Preview
+from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
-from webapp.form import FormField, generate_fields, settings_of, with_signature
+from webapp.form import DEFAULTED, FormField, form_defaults, generate_fields, settings_of, with_signature
 from webapp.owners import OWNER_COOKIE, resolve_owner
 from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
@@ -56,13 +57,22 @@ def _links_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str, default_size: int = 512) -> gr.Blocks:
+def build_demo(
+    service: ImageService,
+    *,
+    limits: RequestLimits,
+    model_name: str,
+    default_size: int = 512,
+    model_defaults: ModelDefaults | None = None,
+) -> gr.Blocks:
     """The page: a form, the new images with links, and the owner's paged history.
 
-    ``default_size`` is the model's native side (512 for SD 1.x): the form's and the API's
-    default width and height."""
+    ``default_size`` is the model's native side (512 for SD 1.x) and ``model_defaults`` what the
+    model recommends: the form's and the API's defaults. A page opened after a model rollout
+    gets the new model's recommendations (``service.model_defaults``)."""
 
-    fields = generate_fields(limits, default_size=default_size)
+    fields = generate_fields(limits, default_size=default_size, model_defaults=model_defaults)
+    built_with = form_defaults(limits, default_size=default_size, model=model_defaults)
     names = [field.name for field in fields]
 
     async def generate(*arguments: Any) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
@@ -198,6 +208,22 @@ def build_demo(service: ImageService, *, limits: RequestLimits, model_name: str,
 
         history_event = dict(inputs=page, outputs=[history_gallery, history_json])
         demo.load(history, **history_event, api_name="history", concurrency_limit=None)
+
+        def model_recommends() -> list[Any]:
+            """On page load: the served model's recommendations, where they changed since the page was built."""
+            now = form_defaults(limits, default_size=default_size, model=service.model_defaults)
+            return [
+                gr.skip() if getattr(now, name) == getattr(built_with, name) else getattr(now, name)
+                for name in DEFAULTED
+            ]
+
+        demo.load(
+            model_recommends,
+            outputs=[form_inputs[name] for name in DEFAULTED],
+            api_name=False,
+            queue=False,
+            show_progress="hidden",
+        )
         form = [form_inputs[name] for name in names]
         generation = gr.on(
             [run.click, prompt.submit],

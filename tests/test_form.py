@@ -1,0 +1,54 @@
+"""The form's and the API's defaults follow what the served model recommends."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import gradio as gr
+
+from sd_pipeline.contract.models import ModelDefaults
+from sd_pipeline.contract.request import RequestLimits
+from webapp.form import DEFAULTED, form_defaults, generate_fields
+from webapp.ui import build_demo
+
+
+def test_the_models_recommendations_become_the_defaults_where_they_fit() -> None:
+    limits = RequestLimits(max_pixels=512 * 512)
+    plain = form_defaults(limits, default_size=64)
+    assert (plain.steps, plain.guidance_scale, plain.width, plain.height) == (25, 7.5, 64, 64)
+    recommended = ModelDefaults(steps=12, guidance_scale=4.0, scheduler="UniPC", width=96)
+    chosen = form_defaults(limits, default_size=64, model=recommended)
+    assert (chosen.steps, chosen.guidance_scale, chosen.scheduler, chosen.width, chosen.height) == (
+        12,
+        4.0,
+        "UniPC",
+        96,
+        64,
+    )
+    too_big = form_defaults(limits, default_size=64, model=ModelDefaults(steps=12, width=1024, height=1024))
+    assert (too_big.steps, too_big.width) == (25, 64)  # beyond this app's MAX_PIXELS: the app's own defaults
+    fields = {
+        field.name: field.default for field in generate_fields(limits, default_size=64, model_defaults=recommended)
+    }
+    assert (fields["steps"], fields["guidance_scale"], fields["scheduler"], fields["width"]) == (12, 4.0, "UniPC", 96)
+
+
+class Service:
+    """What the page reads from the service at load: the served model's recommendations."""
+
+    model_defaults = ModelDefaults()
+
+
+def test_a_page_opened_after_a_rollout_gets_the_new_models_defaults() -> None:
+    service: Any = Service()
+    demo = build_demo(service, limits=RequestLimits(), model_name="tiny", default_size=64)
+    (recommends,) = [block.fn for block in demo.fns.values() if getattr(block.fn, "__name__", "") == "model_recommends"]
+    skipped = type(gr.skip())
+    assert all(isinstance(value, skipped) for value in recommends())  # nothing changed: nothing is touched
+    service.model_defaults = ModelDefaults(steps=12, scheduler="UniPC")
+    values = dict(zip(DEFAULTED, recommends(), strict=True))
+    assert (values["steps"], values["scheduler"]) == (12, "UniPC")
+    assert isinstance(values["width"], skipped)  # unchanged fields are left as the user has them
+    generate = next(block.fn for block in demo.fns.values() if getattr(block, "api_name", None) == "generate")
+    assert inspect.signature(generate).parameters["steps"].default == 25  # built before the rollout
