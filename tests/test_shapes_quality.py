@@ -85,12 +85,16 @@ def test_every_sampler_draws_the_asked_colour_and_shape_alone(
 
 
 def test_the_default_settings_draw_what_is_asked(shapes_app: RunningApp, tmp_path: Path) -> None:
-    """What a new user gets: the page's default sampler and guidance (7.5)."""
+    """What a new user gets: only a prompt and a seed, so the steps, guidance, sampler and size are
+    the API's defaults, which follow the model's model_defaults.json (guidance 4, 20 steps)."""
     client = Client(shapes_app.url, verbose=False, download_files=str(tmp_path))
     asks = [ask for ask in every_ask() for _ in range(2)]
     counts = Adherence()
     for number, ask in enumerate(asks):
-        counts.add(ask, draw(client, ask, seed=300 + number, sampler="DPM++ 2M Karras", guidance=7.5))
+        gallery, result = client.predict(prompt=ask.prompt, seed=300 + number, api_name="/generate")
+        record = result["images"][0]
+        assert (record["steps"], record["guidance_scale"], record["width"]) == (20, 4.0, 64)
+        counts.add(ask, Image.open(gallery[0]["image"]).convert("RGB"))
     assert_adheres(counts)
 
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(json.dumps(write_latent_rgb(args.folder), indent=2))
     elif args.command == "train":
-        from sd_pipeline.shapes.card import write_model_card
+        from sd_pipeline.shapes.card import write_model_card, write_recommended_defaults
         from sd_pipeline.shapes.train import TrainingPlan, train_pipeline
 
         steps = {"vae_steps": args.vae_steps, "unet_steps": args.unet_steps}
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         from sd_pipeline.shapes.preview_fit import write_latent_rgb
 
         report["preview"] = write_latent_rgb(args.folder)
+        write_recommended_defaults(args.folder)
         write_model_card(args.folder, report)
         print(json.dumps(report, indent=2))
     else:
