@@ -228,8 +228,20 @@ def test_the_local_backend_switches_versions_with_no_request_failing(
         running = GenerationJob(check_inputs({"prompt": "at the switch", "steps": 40, "width": 96, "height": 96}))
         thread, running_outcome = run_in_thread(backend, running)
         wait_until(lambda: running.steps_done >= 2, timeout=60)
-        info = backend.switch_model(str(location.pin("v2")))
-        assert (info.version, info.defaults.steps) == ("v2", 9)
+        infos: list[BackendInfo] = []
+        switch = threading.Thread(target=lambda: infos.append(backend.switch_model(str(location.pin("v2")))))
+        switch.start()
+        if mode == "drain":  # new requests are held (with a notice for the page) until v2 runs
+            wait_until(lambda: backend.notice() is not None, timeout=60)
+            assert "v2" in (backend.notice() or "")
+            held = GenerationJob(check_inputs({"prompt": "held", "steps": 2, "width": 64, "height": 64}))
+            held_thread, held_outcome = run_in_thread(backend, held)
+        switch.join(timeout=180)
+        (info,) = infos
+        assert (info.version, info.defaults.steps) == ("v2", 9) and backend.notice() is None
+        if mode == "drain":
+            held_thread.join(timeout=60)
+            assert held_outcome[0].error is None and held_outcome[0].results[0].model_version == "v2"
         thread.join(timeout=120)
         (outcome,) = running_outcome
         assert outcome.error is None and outcome.results[0].model_version == "v1"  # finished where it started

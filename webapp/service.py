@@ -155,6 +155,8 @@ class ImageService:
                     status = waiting_status(ahead, until_done, step_seconds)
                 else:
                     status = running_status(job.steps_done, request.steps, step_seconds)
+                    if job.steps_done == 0 and (notice := self.backend.notice()):
+                        status = notice  # e.g. held while the model switches (MODEL_ROLLOUT=drain)
                 if status != shown:  # only changes go to the client: fewer messages, less CPU per request
                     # A fraction even while waiting: the page shows the text only next to a value.
                     progress(status, 0.0 if waiting else job.steps_done / request.steps)

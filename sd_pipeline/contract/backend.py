@@ -87,6 +87,10 @@ class Backend(Protocol):
         on the old one. Raises ``ModelLoadError`` and keeps serving the old one if it cannot."""
         ...
 
+    def notice(self) -> str | None:
+        """Why a request that has not started may wait longer than usual (a model switch), or None."""
+        ...
+
     def readiness_problem(self) -> str | None:
         """Why no request can run right now, or None."""
         ...

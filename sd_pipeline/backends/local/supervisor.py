@@ -83,6 +83,7 @@ class LocalBackend:
         self._in_use: collections.Counter[PipelineProcess] = collections.Counter()  # runs per worker
         self._switching = False  # a drained switch: new runs wait, the worker is swapped
         self._switch_lock = threading.Lock()  # one model switch at a time
+        self._notice: str | None = None
         self._crash_loop_logged = False
         self._runs = Runs(self._run_once)
         self._watcher = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
@@ -126,6 +127,7 @@ class LocalBackend:
         one again if the new cannot start): requests wait, none fail."""
         with self._condition:
             self._switching = True
+            self._notice = f"waiting while the model switches to {_version_of(settings.model)}"
             old = self._worker
         try:
             if old is not None:
@@ -143,7 +145,7 @@ class LocalBackend:
             return info
         finally:
             with self._condition:
-                self._switching = False
+                self._switching, self._notice = False, None
                 self._condition.notify_all()
 
     def _start_new(self, settings: PipelineSettings) -> tuple[PipelineProcess, BackendInfo]:
@@ -174,6 +176,10 @@ class LocalBackend:
             self._condition.wait_for(lambda: self._in_use[worker] <= 0 or self._closed)
         worker.close()
         logger.info("previous pipeline worker (pid %s) stopped", worker.pid)
+
+    def notice(self) -> str | None:
+        """Set while a drained model switch holds new requests."""
+        return self._notice
 
     # Lifecycle and health.
     def start(self) -> BackendInfo:
@@ -340,3 +346,8 @@ class LocalBackend:
     def _report_up(self, up: bool) -> None:
         if self.observer is not None:
             self.observer.worker_up(up=up)
+
+
+def _version_of(model: str) -> str:
+    """``v2`` for ``s3://bucket/prefix@v2``; the model itself otherwise."""
+    return model.rpartition("@")[2] or model

@@ -92,6 +92,7 @@ class RayBackend:
         self._replica_problem: str | None = "not started"
         self._lost_lock = threading.Lock()
         self._lost_replicas: set[str] = set()
+        self._notice: str | None = None
 
     # The Backend surface.
     @property
@@ -152,6 +153,7 @@ class RayBackend:
             self.info = self._describe(timeout=30)
             return self.info
         deadline = time.monotonic() + self.plan.start_timeout
+        self._notice = f"waiting for a replica while the model is updated to {target or model}"
         try:
             self._deploy(settings, deadline)
             info = self._describe(timeout=max(1.0, deadline - time.monotonic()))
@@ -159,8 +161,14 @@ class RayBackend:
             logger.error("model %s refused (%s); deploying the previous version again", model, error)
             self._deploy(self.settings, time.monotonic() + self.plan.start_timeout)
             raise
+        finally:
+            self._notice = None
         self.settings, self.info, self.checker.tokens = settings, info, tokens
         return info
+
+    def notice(self) -> str | None:
+        """Set while Serve's rolling update replaces the replicas (calls may wait for one)."""
+        return self._notice
 
     def readiness_problem(self) -> str | None:
         """Why no request can run (None while at least one replica is running)."""
