@@ -61,7 +61,7 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
     if s3_settings is not None:
         spool = Spool(settings.data_dir / "spool", limits=SpoolLimits(max_items=settings.spool_max_items))
         s3 = SpoolingStore(S3Store.from_settings(s3_settings), spool, observer=metrics)
-        s3.check()
+        s3.primary.check()  # the bucket exists (or is created) and answers before the first request
         s3.start()
         return s3, None
     secret = (
@@ -165,6 +165,7 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     metrics_server.start()
     store, local_store = build_store(settings, metrics)
     health.storage_check = store.check
+    health.storage_detail = store.degraded
     parts = Parts(metrics=metrics, health=health, metrics_server=metrics_server, store=store)
     # An S3 model: the version to start, fetched and verified here (or the last one served, if S3 is down).
     resolved = resolve_model(settings.sd_model, settings.model_store()) if is_s3_model(settings.sd_model) else None

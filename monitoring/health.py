@@ -47,6 +47,8 @@ class Health:
         self.pipeline_liveness = pipeline_liveness
         self.cache_seconds = cache_seconds
         self.model_detail: ProblemCheck | None = None  # e.g. a version served from the cache while S3 is down
+        self.storage_detail: ProblemCheck | None = None  # e.g. S3 down while the spool takes the images
+        self._storage_detail: str | None = None
         self._model_loaded = False
         self._serving = False
         self._shutting_down = False
@@ -77,8 +79,8 @@ class Health:
         problem = self._storage()
         if problem:
             reasons.append(problem)
-        detail = self.model_detail() if self.model_detail is not None else None
-        return ReadinessReport(ready=not reasons, reasons=reasons, details=[detail] if detail else [])
+        details = [self.model_detail() if self.model_detail is not None else None, self._storage_detail]
+        return ReadinessReport(ready=not reasons, reasons=reasons, details=[detail for detail in details if detail])
 
     def liveness(self) -> LivenessReport:
         """Alive unless the pipeline is crash-looping."""
@@ -95,5 +97,6 @@ class Health:
                     self._storage_problem = None
                 except Exception as error:  # noqa: BLE001 - any failure means "not ready", reported by type
                     self._storage_problem = f"storage unreachable: {type(error).__name__}"
+                self._storage_detail = self.storage_detail() if self.storage_detail is not None else None
                 self._storage_checked_at = time.monotonic()
             return self._storage_problem

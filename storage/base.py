@@ -35,7 +35,11 @@ class ImageStore(Protocol):
         ...
 
     def check(self) -> None:
-        """Raise ``StorageError`` when the store cannot be reached."""
+        """Raise ``StorageError`` when the store cannot take images now (not ready)."""
+        ...
+
+    def degraded(self) -> str | None:
+        """What is wrong without stopping service (e.g. S3 down while the spool takes images), or None."""
         ...
 
     def close(self) -> None:

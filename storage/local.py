@@ -114,6 +114,10 @@ class LocalStore:
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"data folder {self.root} is not writable")
 
+    def degraded(self) -> str | None:
+        """The folder either works (``check``) or it does not: never degraded."""
+        return None
+
     def close(self) -> None:
         """Nothing to release."""
 

@@ -1,12 +1,22 @@
-"""Nothing lost in an outage: a bounded on-disk spool and a background uploader in front of S3."""
+"""Nothing lost in an outage: a bounded on-disk spool and a background uploader in front of S3.
+
+Several front ends may share one spool folder (one ``DATA_DIR``): an entry is uploaded by
+whichever uploader holds its lock (``flock`` on the entry's folder, released by the kernel if
+that process dies), so two never take the same one, and a starting front end removes only
+staging folders old enough to be abandoned, never another's write in progress.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FILE = "image.png"
 RECORD_FILE = "record.json"
+STAGING_MAX_AGE = 3600.0  # a staging folder this old was abandoned by a crash (a write takes milliseconds)
 
 
 class StorageObserver(Protocol):
@@ -47,8 +58,11 @@ class Spool:
         self.limits = limits or SpoolLimits()
         self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - STAGING_MAX_AGE
         for leftover in folder.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime < cutoff:
+                    shutil.rmtree(leftover, ignore_errors=True)
 
     def entries(self) -> list[Path]:
         """Waiting uploads, oldest first (image ids sort newest first)."""
@@ -66,25 +80,76 @@ class Spool:
                 )
             staging = self.folder / f".tmp-{uuid.uuid4().hex}"
             staging.mkdir()
-            (staging / IMAGE_FILE).write_bytes(png)
-            (staging / RECORD_FILE).write_text(record.model_dump_json(), encoding="utf-8")
+            write_synced(staging / IMAGE_FILE, png)
+            write_synced(staging / RECORD_FILE, record.model_dump_json().encode())
+            sync_folder(staging)
             staging.rename(self.folder / record.id)
+            sync_folder(self.folder)  # the entry survives a power cut once put returns
+
+    def has_room(self) -> bool:
+        """Whether one more image fits (a write test too: a read-only or missing folder has none)."""
+        entries = self.entries()
+        return len(entries) < self.limits.max_items and os.access(self.folder, os.W_OK)
 
     def load(self, entry: Path) -> tuple[bytes, ImageRecord]:
         record = ImageRecord.model_validate_json((entry / RECORD_FILE).read_bytes())
         return (entry / IMAGE_FILE).read_bytes(), record
 
     def remove(self, entry: Path) -> None:
-        shutil.rmtree(entry)
+        shutil.rmtree(entry, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def claim(self, entry: Path) -> Iterator[bool]:
+        """Hold ``entry`` for this uploader: True while held; False when another process (or
+        thread) holds it, or it is gone (uploaded by another)."""
+        try:
+            handle = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield entry.exists()  # removed by the uploader that held it just before
+        finally:
+            os.close(handle)  # releases the lock
 
     def pending_for(self, owner: str) -> list[ImageRecord]:
         """Records still waiting for upload that belong to ``owner``, newest first."""
-        records = [self.load(entry)[1] for entry in reversed(self.entries())]
+        records = []
+        for entry in reversed(self.entries()):
+            try:
+                records.append(ImageRecord.model_validate_json((entry / RECORD_FILE).read_bytes()))
+            except (OSError, ValueError):  # uploaded meanwhile, or being written
+                continue
         return [record for record in records if record.owner == owner]
 
 
 def _size(entry: Path) -> int:
-    return sum(path.stat().st_size for path in entry.iterdir())
+    try:
+        return sum(path.stat().st_size for path in entry.iterdir())
+    except FileNotFoundError:  # uploaded (and removed) by another front end meanwhile
+        return 0
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync a file."""
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so the names created or renamed in it are on disk."""
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 class SpoolingStore:
@@ -167,13 +232,28 @@ class SpoolingStore:
         return self.primary.link(owner, image_id)
 
     def check(self) -> None:
-        self.primary.check()
+        """Can this front end take images now? Yes while the spool has room, S3 or not: an S3
+        outage is ``degraded``, not unready (balancers route on readiness)."""
+        if not self.spool.has_room():
+            raise SpoolFullError(f"S3 is unavailable and the upload spool at {self.spool.folder} is full")
+
+    def degraded(self) -> str | None:
+        """What is wrong but does not stop serving: S3 unreachable, images waiting in the spool."""
+        try:
+            self.primary.check()
+        except StorageError as error:
+            if self.observer is not None:
+                self.observer.failure(operation="check")
+            waiting = len(self.spool.entries())
+            return f"{error}; images are kept in the upload spool ({waiting} waiting) and uploaded when it returns"
+        return None
 
     def flush(self, *, timeout: float) -> bool:
-        """Try to upload everything waiting; True when the spool is empty."""
+        """Try to upload everything waiting; True when the spool is empty (other front ends' uploads included)."""
         deadline = time.monotonic() + timeout
         while (entries := self.spool.entries()) and time.monotonic() < deadline:
-            if not self._upload_one(entries[0]):
+            uploaded = self._upload_waiting()
+            if not uploaded or self.spool.entries() == entries:  # failed, or others hold what is left
                 time.sleep(min(self.min_backoff, max(0.0, deadline - time.monotonic())))
         self._report_pending()
         return not self.spool.entries()
@@ -190,33 +270,51 @@ class SpoolingStore:
         self.primary.close()
 
     def _upload_loop(self) -> None:
+        """Until stopped: upload what waits, backing off while uploads fail. Nothing ends it but
+        ``close``: an unexpected error is logged, counted and retried like a failed upload."""
         backoff = self.min_backoff
         while not self._stop.is_set():
-            entries = self.spool.entries()
-            if not entries:
+            try:
+                uploaded = self._upload_waiting()
+            except Exception:
+                logger.exception("the spool uploader hit an unexpected error; retrying in %gs", backoff)
+                self._record_failure()
+                uploaded = False
+            if uploaded is None:
                 self._wake.wait(timeout=5.0)
                 self._wake.clear()
-                continue
-            for entry in entries:
-                if self._stop.is_set():
-                    return
-                if not self._upload_one(entry):
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, self.max_backoff)
-                    break
+            elif uploaded:
                 backoff = self.min_backoff
+            else:
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    def _upload_waiting(self) -> bool | None:
+        """One pass over the spool: None when it was empty, False when an upload failed."""
+        entries = self.spool.entries()
+        if not entries:
+            return None
+        return all(not self._stop.is_set() and self._upload_one(entry) for entry in entries)
 
     def _upload_one(self, entry: Path) -> bool:
+        """Upload one entry unless another uploader holds it; False only when the upload failed."""
+        with self.spool.claim(entry) as held:
+            return self._upload_held(entry) if held else True
+
+    def _upload_held(self, entry: Path) -> bool:
         try:
             png, record = self.spool.load(entry)
         except (OSError, ValueError) as error:
+            if not entry.exists():
+                return True  # uploaded by another front end
             logger.error("spool entry %s is unreadable (%s); kept in place for inspection", entry, error)
             entry.rename(entry.with_name(f".broken-{entry.name}"))
             return True
         started = time.perf_counter()
         try:
             self.primary.put(png, record)
-        except S3_ERRORS:
+        except S3_ERRORS as error:
+            logger.warning("upload of spooled %s failed (%s); retrying later", record.id, type(error).__name__)
             self._record_failure()
             return False
         self.spool.remove(entry)

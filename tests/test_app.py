@@ -210,6 +210,12 @@ def test_storage_outage_does_not_lose_images(s3_app: RunningApp, s3_server: S3Se
         _, result = generate(c, "during the outage")
         assert result["images"][0]["status"] == "pending"
         assert s3_app.metric("sdapp_storage_uploads_pending") == 1
+
+        def degraded_but_ready() -> bool:  # balancers keep sending traffic: the spool takes the images
+            response = requests.get(f"{s3_app.metrics_url}/readyz", timeout=10)
+            return response.status_code == 200 and "upload spool" in " ".join(response.json().get("details", []))
+
+        wait_until(degraded_but_ready, timeout=30, interval=0.5)  # the storage check is cached for 5 s
     finally:
         s3_server.start()
     deadline = time.monotonic() + 60

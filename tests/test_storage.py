@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
+import multiprocessing
+import os
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -291,3 +294,124 @@ def test_record_carries_the_safety_checker_flag(engine: StepEngine) -> None:
         ImageRecord.from_result(result, image_id=record.id, owner=OWNER, created_at=dt.datetime.now(dt.UTC)).nsfw
         is False
     )
+
+
+class CountingObserver:
+    def __init__(self) -> None:
+        self.uploads = 0
+        self.failures: list[str] = []
+
+    def upload(self, *, seconds: float) -> None:
+        self.uploads += 1
+
+    def failure(self, *, operation: str) -> None:
+        self.failures.append(operation)
+
+    def pending(self, *, count: int) -> None:
+        pass
+
+
+def other_front_end(spool_dir: str, endpoint_url: str, stop: Any, uploads: Any) -> None:
+    """A second front end's uploader, in a process of its own, on the same spool folder."""
+    observer = CountingObserver()
+    settings = S3Settings(
+        bucket="shared", endpoint_url=endpoint_url, max_attempts=1, connect_timeout=0.3, read_timeout=1
+    )
+    store = SpoolingStore(
+        S3Store.from_settings(settings), Spool(Path(spool_dir)), observer=observer, min_backoff=0.05, max_backoff=0.3
+    )
+    store.start()
+    for number in range(10):
+        store.save(small_png(number), make_record(OTHER, prompt=f"other {number}"))
+    stop.wait()
+    uploads.put((observer.uploads, store._thread.is_alive()))
+    store.close(flush_timeout=1)
+
+
+def test_two_front_ends_on_one_spool_upload_every_image_once_through_two_outages(tmp_path: Path) -> None:
+    server = S3Server()
+    server.start()
+    server.create_bucket("shared")
+    server.stop()  # S3 is down from the start: everything goes to the shared spool
+    spool_dir = tmp_path / "data" / "spool"
+    observer = CountingObserver()
+    settings = S3Settings(
+        bucket="shared", endpoint_url=server.endpoint_url, max_attempts=1, connect_timeout=0.3, read_timeout=1
+    )
+    store = SpoolingStore(
+        S3Store.from_settings(settings), Spool(spool_dir), observer=observer, min_backoff=0.05, max_backoff=0.3
+    )
+    store.start()
+    context = multiprocessing.get_context("spawn")
+    stop, uploads = context.Event(), context.Queue()
+    other = context.Process(target=other_front_end, args=(str(spool_dir), server.endpoint_url, stop, uploads))
+    other.start()
+    try:
+        for number in range(10):
+            store.save(small_png(number), make_record(OWNER, prompt=f"mine {number}"))
+        assert wait_until(lambda: len(store.spool.entries()) == 20, timeout=60)
+        assert store.check() is None and store.degraded() is not None  # can serve; S3 down is a detail
+        server.start()
+        assert wait_until(lambda: not store.spool.entries(), timeout=60)
+        server.stop()  # the second outage: both uploaders still work
+        for number in range(10, 15):
+            store.save(small_png(number), make_record(OWNER, prompt=f"mine {number}"))
+        server.start()
+        assert wait_until(lambda: not store.spool.entries(), timeout=60)
+        stop.set()
+        other_uploads, other_alive = uploads.get(timeout=60)
+        other.join(timeout=60)
+        assert other_alive and store._thread.is_alive()  # no uploader died of the other's work
+        assert observer.uploads + other_uploads == 25  # every image uploaded exactly once
+        assert len(store.history(OWNER, page=1, page_size=50).images) == 15
+        assert len(store.history(OTHER, page=1, page_size=50).images) == 10
+    finally:
+        stop.set()
+        other.join(timeout=10)
+        store.close(flush_timeout=1)
+        server.stop()
+
+
+def test_the_uploader_outlives_unexpected_errors(tmp_path: Path, s3_server: S3Server, bucket: str) -> None:
+    observer = CountingObserver()
+    store = SpoolingStore(
+        s3_store(s3_server, bucket), Spool(tmp_path / "spool"), observer=observer, min_backoff=0.05, max_backoff=0.2
+    )
+    real_put, calls = store.primary.put, []
+
+    def put(png: bytes, record: ImageRecord) -> None:
+        calls.append(record.id)
+        if len(calls) <= 2:
+            raise RuntimeError("a bug, not an S3 error")
+        real_put(png, record)
+
+    store.primary.put = put  # type: ignore[method-assign]
+    store._healthy = False  # as after a failed upload: new images go to the spool
+    store.start()
+    try:
+        store.save(small_png(), make_record(OWNER))
+        assert wait_until(lambda: not store.spool.entries(), timeout=20)
+        assert store._thread.is_alive() and observer.failures.count("upload") >= 2 and observer.uploads == 1
+    finally:
+        store.close(flush_timeout=1)
+
+
+def test_a_starting_front_end_keeps_another_ones_write_in_progress(tmp_path: Path) -> None:
+    fresh, stale = tmp_path / ".tmp-fresh", tmp_path / ".tmp-stale"
+    fresh.mkdir()
+    stale.mkdir()
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    Spool(tmp_path)
+    assert fresh.exists() and not stale.exists()
+
+
+def test_readiness_needs_room_in_the_spool_not_s3(tmp_path: Path) -> None:
+    settings = S3Settings(bucket="down", endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=0.2)
+    store = SpoolingStore(S3Store.from_settings(settings), Spool(tmp_path, limits=SpoolLimits(max_items=1)))
+    store.check()  # S3 down, spool empty: this front end can serve
+    detail = store.degraded()
+    assert detail is not None and "unreachable" in detail and "upload spool (0 waiting)" in detail
+    store.save(small_png(), make_record(OWNER))
+    with pytest.raises(SpoolFullError, match=r"spool .* is full"):
+        store.check()
