@@ -33,7 +33,7 @@ from storage.s3 import S3Store
 from storage.spool import Spool, SpoolingStore, SpoolLimits
 from webapp.server import GracefulServer, create_app
 from webapp.service import ImageService
-from webapp.settings import Settings, SettingsError, load_settings
+from webapp.settings import Settings, SettingsError, load_settings, refuse_unsafe_start
 from webapp.ui import build_demo
 
 logger = logging.getLogger("sd_service")
@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
         auth = settings.credentials()
+        refuse_unsafe_start(settings, auth, os.environ)
         parts, local_store = start(settings)
     except (SettingsError, ModelLoadError, StorageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

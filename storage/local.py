@@ -17,22 +17,39 @@ from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
 
 LINK_ROUTE = "/files"
 SECRET_FILE = ".link-secret"
+MIN_SECRET_BYTES = 32  # an HMAC key shorter than its hash (SHA-256) is a weak one
 
 
 class ForbiddenLinkError(PermissionError):
-    """A link whose signature is wrong or expired, or whose key is not ours."""
+    """A link whose signature is wrong or expired (403)."""
+
+
+class NoSuchImageError(ForbiddenLinkError):
+    """A link whose key is not one of ours, or whose image is gone (404)."""
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
-    """The signing secret kept in ``data_dir`` (made once, readable by the owner only)."""
+    """The signing secret kept in ``data_dir`` (made once, readable by the owner only). Written to a
+    temporary file, fsynced, then renamed: an interrupted first start never leaves an empty secret,
+    and a file shorter than ``MIN_SECRET_BYTES`` stops start-up instead of signing with it."""
     path = data_dir / SECRET_FILE
     if path.exists():
-        return path.read_bytes()
+        secret = path.read_bytes()
+        if len(secret) < MIN_SECRET_BYTES:
+            raise StorageError(
+                f"{path} holds {len(secret)} bytes, fewer than {MIN_SECRET_BYTES}: remove it (links signed with it "
+                "stop working) and start again, or set LINK_SECRET"
+            )
+        return secret
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_bytes(32)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    temporary = path.with_name(f"{SECRET_FILE}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(secret)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
     return secret
 
 
@@ -91,21 +108,22 @@ class LocalStore:
         return hmac.new(self.secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
     def open_signed(self, key: str, *, expires: str, signature: str) -> Path:
-        """The file for a signed link; raises ``ForbiddenLinkError`` for anything not valid now."""
-        if not expires.isdigit() or int(expires) < time.time():
-            raise ForbiddenLinkError("link expired")
-        if not hmac.compare_digest(self._sign(key, int(expires)), signature):
-            raise ForbiddenLinkError("bad signature")
+        """The file for a signed link: ``NoSuchImageError`` for a key that is not an image's (or a
+        missing image), ``ForbiddenLinkError`` for a bad or expired signature."""
         parts = key.split("/")
         if len(parts) != 4 or parts[0] != "owners" or parts[2] != "images" or not parts[3].endswith(".png"):
-            raise ForbiddenLinkError("not an image key")
+            raise NoSuchImageError("not an image key")
         try:
             keys.check_ids(parts[1], parts[3].removesuffix(".png"))
         except ValueError as error:
-            raise ForbiddenLinkError("not an image key") from error
+            raise NoSuchImageError("not an image key") from error
+        if not (expires.isascii() and expires.isdigit()) or int(expires) < time.time():  # "²" is a digit to isdigit
+            raise ForbiddenLinkError("link expired")
+        if not hmac.compare_digest(self._sign(key, int(expires)), signature):
+            raise ForbiddenLinkError("bad signature")
         path = self._path(key).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.is_file():
-            raise ForbiddenLinkError("no such image")
+            raise NoSuchImageError("no such image")
         return path
 
     def check(self) -> None:
@@ -123,7 +141,16 @@ class LocalStore:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a temporary file, fsync it, rename it into place, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    temporary.write_bytes(data)
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     temporary.replace(path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -203,6 +203,14 @@ def test_metrics_move_with_real_traffic_and_pass_promtool(s3_app: RunningApp, tm
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_the_upload_route_is_refused(s3_app: RunningApp) -> None:
+    """The app takes no files, so Gradio's upload route (which stores whatever it is sent) is closed."""
+    response = requests.post(
+        s3_app.url + "gradio_api/upload", files={"files": ("x.png", b"not an image", "image/png")}, timeout=10
+    )
+    assert response.status_code == 403 and "accepts no uploads" in response.text
+
+
 def test_storage_outage_does_not_lose_images(s3_app: RunningApp, s3_server: S3Server, tmp_path: Path) -> None:
     c = client(s3_app, tmp_path)
     s3_server.stop()
@@ -284,12 +292,13 @@ def test_local_links_are_signed(local_auth_app: RunningApp, tmp_path: Path) -> N
     tampered = url[:-4] + ("0000" if not url.endswith("0000") else "1111")
     assert requests.get(tampered, timeout=10).status_code == 403
     key, _, query = url.partition("?")
-    assert (
-        requests.get(
-            key.replace("/images/", "/records/").replace(".png", ".json") + "?" + query, timeout=10
-        ).status_code
-        == 403
-    )
+    records = key.replace("/images/", "/records/").replace(".png", ".json") + "?" + query
+    assert requests.get(records, timeout=10).status_code == 404  # not an image key at all
+    image_id = key.rsplit("/", 1)[1].removesuffix(".png")
+    arabic_digit = image_id.replace("0", "\u0660", 1) if "0" in image_id else "\u0660" + image_id[1:]
+    assert requests.get(key.replace(image_id, arabic_digit) + "?" + query, timeout=10).status_code == 404
+    superscript = query.replace("expires=", "expires=\u00b2", 1)  # a digit to str.isdigit, not to int()
+    assert requests.get(key + "?" + superscript, timeout=10).status_code == 403
     assert requests.get(
         local_auth_app.url + "files/../../etc/passwd?expires=9999999999&signature=x", timeout=10
     ).status_code in (403, 404)

@@ -107,6 +107,17 @@ def test_seaweedfs_refuses_secrets_that_would_break_its_identity_json(tmp_path: 
     assert "started" not in refused.stdout
 
 
+@pytest.mark.parametrize(("access", "secret"), [("change-me-access-key", "real"), ("real", "change-me-secret-key")])
+def test_seaweedfs_refuses_the_placeholder_keys(tmp_path: Path, access: str, secret: str) -> None:
+    fake_weed = tmp_path / "weed"
+    fake_weed.write_text("#!/bin/sh\necho started\n")
+    fake_weed.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "S3_ACCESS_KEY": access, "S3_SECRET_KEY": secret}
+    refused = subprocess.run(["sh", "-c", seaweedfs_command()], env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 64 and "placeholders from .env.example" in refused.stderr
+    assert "started" not in refused.stdout
+
+
 def test_seaweedfs_writes_a_valid_identity_and_is_probed_on_its_s3_gateway(
     tmp_path: Path, resolved: dict[str, Any]
 ) -> None:

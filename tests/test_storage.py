@@ -415,3 +415,11 @@ def test_readiness_needs_room_in_the_spool_not_s3(tmp_path: Path) -> None:
     store.save(small_png(), make_record(OWNER))
     with pytest.raises(SpoolFullError, match=r"spool .* is full"):
         store.check()
+
+
+def test_an_empty_or_short_secret_file_stops_start_up(tmp_path: Path) -> None:
+    (tmp_path / ".link-secret").write_bytes(b"")  # as an interrupted first start could once leave it
+    with pytest.raises(StorageError, match="0 bytes, fewer than 32"):
+        load_or_create_secret(tmp_path)
+    fresh = tmp_path / "fresh"
+    assert len(load_or_create_secret(fresh)) == 32 and sorted(p.name for p in fresh.iterdir()) == [".link-secret"]

@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 
-from storage.local import LINK_ROUTE, ForbiddenLinkError, LocalStore
+from storage.local import LINK_ROUTE, ForbiddenLinkError, LocalStore, NoSuchImageError
 from webapp.owners import ASGIApp, OwnerCookieMiddleware
 from webapp.ui import PAGE_CSS
 
@@ -37,9 +37,17 @@ def create_app(
         def signed_file(key: str, expires: str = "", signature: str = "") -> FileResponse:
             try:
                 path = store.open_signed(key, expires=expires, signature=signature)
+            except NoSuchImageError as error:
+                raise HTTPException(status_code=404, detail=str(error)) from None
             except ForbiddenLinkError as error:
                 raise HTTPException(status_code=403, detail=str(error)) from None
             return FileResponse(path, media_type="image/png", filename=path.name, content_disposition_type="inline")
+
+    @app.post("/gradio_api/upload", include_in_schema=False)
+    @app.post("/gradio_api/upload/", include_in_schema=False)
+    def no_uploads() -> None:
+        """The app takes no files: Gradio's upload route would store any a client sends."""
+        raise HTTPException(status_code=403, detail="this app accepts no uploads")
 
     gr.mount_gradio_app(
         app,

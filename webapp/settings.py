@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     history_page_size: int = Field(12, ge=1, le=100, description="images per history page")
     auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
+    allow_anonymous: bool = Field(
+        False, description="serve without login on an address beyond loopback (HOST); refused at start otherwise"
+    )
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds to finish running work on SIGTERM")
     shutdown_linger: float = Field(3.0, ge=0, description="seconds to keep serving after work is done, for downloads")
     max_file_size: str = Field("10mb", description="largest upload Gradio accepts")
@@ -283,6 +286,35 @@ class Settings(BaseSettings):
                 raise SettingsError("auth: each entry must be 'user:password'")
             pairs.append((user, password))
         return pairs
+
+
+PLACEHOLDER_PREFIX = "change-me"  # what .env.example ships: never a secret in service
+MIN_HMAC_KEY_BYTES = 32
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def refuse_unsafe_start(settings: Settings, logins: list[tuple[str, str]], environ: Mapping[str, str]) -> None:
+    """Stop start-up (``SettingsError``, naming the setting, never its value) on a placeholder or
+    weak secret, or on an address beyond loopback with no login unless ALLOW_ANONYMOUS says so."""
+    if settings.link_secret is not None:
+        secret = settings.link_secret.get_secret_value()
+        if secret.startswith(PLACEHOLDER_PREFIX) or len(secret.encode()) < MIN_HMAC_KEY_BYTES:
+            raise SettingsError(
+                f"LINK_SECRET must be at least {MIN_HMAC_KEY_BYTES} random bytes, not a placeholder "
+                "(make one: openssl rand -hex 32)"
+            )
+    for name in CREDENTIAL_VARIABLES:
+        if environ.get(name, "").startswith(PLACEHOLDER_PREFIX):
+            raise SettingsError(f"{name} is still the placeholder from .env.example: set the real key")
+    for user, password in logins:
+        if password.startswith(PLACEHOLDER_PREFIX):
+            raise SettingsError(f"AUTH_USERS/AUTH_FILE: the password of '{user}' is a placeholder")
+    if settings.host not in LOOPBACK_HOSTS and not logins and not settings.allow_anonymous:
+        raise SettingsError(
+            f"HOST={settings.host} serves beyond this machine without login: set AUTH_USERS or AUTH_FILE, "
+            "or ALLOW_ANONYMOUS=true if a proxy in front logs users in or the port is published on loopback only"
+        )
 
 
 # Short flags people expect, besides the --field-name form every setting has.
