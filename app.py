@@ -31,6 +31,7 @@ from storage.base import ImageStore, StorageError
 from storage.local import LocalStore, load_or_create_secret
 from storage.s3 import S3Store
 from storage.spool import Spool, SpoolingStore, SpoolLimits
+from webapp.owners import parse_networks
 from webapp.server import GracefulServer, create_app
 from webapp.service import ImageService
 from webapp.settings import Settings, SettingsError, load_settings, refuse_unsafe_start
@@ -177,7 +178,11 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     parts.native_size, parts.model_defaults = info.native_size, info.defaults
     report_model(metrics, info)
     parts.admission = Admission(
-        backend, capacity=settings.queue_max_size, observer=metrics, max_per_owner=settings.max_requests_per_user
+        backend,
+        capacity=settings.queue_max_size,
+        observer=metrics,
+        max_per_owner=settings.max_requests_per_user,
+        max_per_address=settings.max_requests_per_address,
     )
     parts.admission.start()
     parts.service = ImageService(backend, parts.admission, store, metrics, page_size=settings.history_page_size)
@@ -240,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_name=parts.service.backend.model,
         default_size=parts.native_size,
         model_defaults=parts.model_defaults,
+        trusted_proxies=parse_networks(settings.trusted_proxies),
     )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
     app = create_app(

@@ -5,8 +5,11 @@ at once, each handed to the backend as soon as there is room, where it joins the
 batch at the next denoising step. The next request is chosen round-robin across owners (the
 owner served least recently goes first), not strictly first-come, and one owner may hold at
 most ``max_per_owner`` requests waiting or running: one script flooding the queue cannot
-starve the page's users. Each caller validates its own request first, so a bad request never
-fails anyone else's, and each can cancel its own job, queued or running.
+starve the page's users. Anonymous owners cost nothing to make (a new cookie or API session
+per request), so anonymous requests also count against their client address: together they
+hold at most ``max_per_address`` and take turns as one. Each caller validates its own request
+first, so a bad request never fails anyone else's, and each can cancel its own job, queued or
+running.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +40,9 @@ class TooManyRequestsError(QueueFullError):
 
 class ShuttingDownError(RuntimeError):
     """The service is stopping and takes no new requests."""
+
+
+MAX_REMEMBERED_TURNS = 10_000  # the owners whose last turn is remembered; the oldest is forgotten first
 
 
 class AdmissionObserver(Protocol):
@@ -66,19 +72,21 @@ class Admission:
         capacity: int = 64,
         observer: AdmissionObserver | None = None,
         max_per_owner: int | None = None,
+        max_per_address: int | None = None,
     ) -> None:
         self.backend = backend
         self.max_running = backend.max_running
         self.capacity = capacity
         self.observer = observer
         self.max_per_owner = max_per_owner
+        self.max_per_address = max_per_address
         self._waiting: deque[_Entry] = deque()
         self._running: list[_Entry] = []
         self._condition = threading.Condition()
         self._closed = False
         self._idle_since = time.perf_counter()
         self._turns = itertools.count()
-        self._last_turn: dict[str, int] = {}
+        self._last_turn: OrderedDict[str, int] = OrderedDict()  # by turn taker, least recent first
         self._threads = [
             threading.Thread(target=self._work, name=f"pipeline-dispatch-{n}", daemon=True)
             for n in range(self.max_running)
@@ -96,18 +104,30 @@ class Admission:
                 raise ShuttingDownError("the server is shutting down; try again in a moment")
             if len(self._waiting) + len(self._running) >= self.capacity:
                 raise QueueFullError(f"the server is busy ({self.capacity} requests queued); try again shortly")
-            held = sum(entry.job.owner == job.owner for entry in (*self._waiting, *self._running))
-            if self.max_per_owner is not None and held >= self.max_per_owner:
-                plural = "s" if held != 1 else ""
-                raise TooManyRequestsError(
-                    f"you already have {held} request{plural} in progress (at most {self.max_per_owner}); "
-                    "wait for one to finish"
-                )
+            self._refuse_over_limits(job)
             entry = _Entry(job)
             self._waiting.append(entry)
             self._report_depth()
             self._condition.notify()
         return entry.future
+
+    def _refuse_over_limits(self, job: GenerationJob) -> None:
+        """Raise ``TooManyRequestsError`` when the owner, or an anonymous caller's address, holds its most."""
+        held = [entry.job for entry in (*self._waiting, *self._running)]
+        mine = sum(other.owner == job.owner for other in held)
+        if self.max_per_owner is not None and mine >= self.max_per_owner:
+            plural = "s" if mine != 1 else ""
+            raise TooManyRequestsError(
+                f"you already have {mine} request{plural} in progress (at most {self.max_per_owner}); "
+                "wait for one to finish"
+            )
+        if job.address and self.max_per_address is not None:
+            shared = sum(other.address == job.address for other in held)
+            if shared >= self.max_per_address:
+                raise TooManyRequestsError(
+                    f"{shared} requests from your address are in progress without login (at most "
+                    f"{self.max_per_address}); wait for one to finish, or log in"
+                )
 
     def position(self, job: GenerationJob) -> int | None:
         """How many requests are ahead of ``job`` in the queue (None once it is running or done)."""
@@ -181,19 +201,23 @@ class Admission:
             return entry, backend_was_idle
 
     def _next_fair(self) -> _Entry:
-        """Remove and return the oldest entry of the owner served least recently."""
-        owners_seen: set[str] = set()
+        """Remove and return the oldest entry of the turn taker served least recently."""
+        takers_seen: set[str] = set()
         chosen: _Entry | None = None
         for entry in self._waiting:
-            owner = entry.job.owner
-            if owner in owners_seen:
+            taker = _turn_taker(entry.job)
+            if taker in takers_seen:
                 continue
-            owners_seen.add(owner)
-            if chosen is None or self._last_turn.get(owner, -1) < self._last_turn.get(chosen.job.owner, -1):
+            takers_seen.add(taker)
+            if chosen is None or self._last_turn.get(taker, -1) < self._last_turn.get(_turn_taker(chosen.job), -1):
                 chosen = entry
         assert chosen is not None
         self._waiting.remove(chosen)
-        self._last_turn[chosen.job.owner] = next(self._turns)
+        taker = _turn_taker(chosen.job)
+        self._last_turn[taker] = next(self._turns)
+        self._last_turn.move_to_end(taker)
+        while len(self._last_turn) > MAX_REMEMBERED_TURNS:  # bounded: forget whoever was served longest ago
+            self._last_turn.popitem(last=False)
         return chosen
 
     def _work(self) -> None:
@@ -232,3 +256,8 @@ class Admission:
     def _report_depth(self) -> None:
         if self.observer is not None:
             self.observer.queued(depth=len(self._waiting))
+
+
+def _turn_taker(job: GenerationJob) -> str:
+    """Who takes turns: a logged-in owner, or every anonymous caller at one address together."""
+    return f"address:{job.address}" if job.address else f"owner:{job.owner}"

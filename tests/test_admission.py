@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from sd_pipeline import admission as admission_module
 from sd_pipeline.admission import Admission, QueueFullError, TooManyRequestsError
 from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
 from sd_pipeline.contract.request import GenerationRequest
@@ -125,3 +126,38 @@ def test_steps_before_start_with_slots() -> None:
     assert queue.steps_before_start(first) == 6
     assert queue.steps_before_start(short) is None  # running: no wait to estimate
     finish(backend, queue, 4)
+
+
+def anonymous(session: str, address: str, name: str) -> GenerationJob:
+    """A request without login: a fresh session (free to make) from a client address."""
+    return GenerationJob(GenerationRequest(prompt=name), owner=session, address=address)
+
+
+def test_fresh_anonymous_sessions_from_one_address_share_its_limit_and_its_turns() -> None:
+    backend = GatedBackend(max_running=1)
+    queue = admission(backend, max_per_owner=4, max_per_address=3)
+    queue.submit(anonymous("session-0", "203.0.113.7", "blocker"))
+    wait_until(lambda: len(backend.calls) == 1, timeout=5)
+    futures = [queue.submit(anonymous(f"session-{n}", "203.0.113.7", f"flood-{n}")) for n in range(1, 3)]
+    with pytest.raises(TooManyRequestsError, match="3 requests from your address are in progress without login"):
+        queue.submit(anonymous("session-40", "203.0.113.7", "one too many"))
+    futures.append(queue.submit(anonymous("neighbour", "198.51.100.2", "elsewhere")))
+    futures.append(queue.submit(job("alice", "logged in")))  # a login is limited as herself, not by address
+    finish(backend, queue, 5)
+    assert all(future.result(timeout=5) == [] for future in futures)
+    order = [call[0] for call in backend.calls]
+    assert order == ["blocker", "elsewhere", "logged in", "flood-1", "flood-2"], order  # one turn per address
+
+
+def test_the_turn_table_stays_bounded() -> None:
+    backend = GatedBackend(max_running=1)
+    queue = admission(backend, max_per_owner=1)
+    limit = admission_module.MAX_REMEMBERED_TURNS
+    admission_module.MAX_REMEMBERED_TURNS = 5
+    try:
+        futures = [queue.submit(job(f"visitor-{n}", f"once-{n}")) for n in range(12)]
+        finish(backend, queue, 12)
+        assert all(future.result(timeout=5) == [] for future in futures)
+        assert list(queue._last_turn) == [f"owner:visitor-{n}" for n in range(7, 12)]  # the newest five
+    finally:
+        admission_module.MAX_REMEMBERED_TURNS = limit

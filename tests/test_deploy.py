@@ -271,6 +271,12 @@ def test_the_load_balancer_keeps_each_client_on_one_ready_front_end(resolved: di
     assert lb["depends_on"] == {"app-ray": {"condition": "service_healthy"}}
     assert lb["ports"] == ["127.0.0.1:7860:7860/tcp"]  # APP_BIND and APP_PORT from the env file
     assert "monitor-uri /healthz" in config and "8404/healthz" in " ".join(lb["healthcheck"]["test"])
+    # Per-address rate limit here; the front ends trust this balancer's X-Forwarded-For, and only its.
+    assert "http-request deny deny_status 429 if { sc_http_req_rate(0) gt" in config
+    assert "http-request del-header X-Forwarded-For" in config and "option forwardfor" in config
+    address = lb["networks"]["default"]["ipv4_address"]
+    for front_end in ("app-ray", "app-ray-2"):
+        assert resolved["services"][front_end]["environment"]["TRUSTED_PROXIES"] == address
 
 
 KUBERAY = DEPLOY / "kuberay" / "rayservice.yaml"

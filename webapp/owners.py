@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from storage.keys import owner_key
@@ -22,6 +23,32 @@ def resolve_owner(*, username: str | None, cookie: str | None, session_hash: str
     if session_hash:
         return owner_key(f"session:{session_hash}")
     raise ValueError("request has no user, browser cookie or session")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> list[Network]:
+    """``TRUSTED_PROXIES``: comma-separated addresses or networks (``10.0.0.5, 172.16.0.0/12``)."""
+    return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
+
+
+def client_address(host: str | None, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """Who is calling: the connection's address, or, when that is a trusted proxy, the nearest
+    address in ``X-Forwarded-For`` that is not one (a client can prepend anything, never append)."""
+    hops = [hop.strip() for hop in (forwarded_for or "").split(",") if hop.strip()]
+    address = host or ""
+    while _is_trusted(address, trusted) and hops:
+        address = hops.pop()
+    return address
+
+
+def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in trusted)
 
 
 Scope = MutableMapping[str, Any]

@@ -103,16 +103,18 @@ class ImageService:
         owner: str,
         progress: ProgressSink,
         on_preview: PreviewCallback | None = None,
+        address: str = "",
     ) -> list[GeneratedImage]:
         """Run one request end to end; raises ``UserFacingError`` with a message for the user.
 
         ``on_preview`` (called from another thread) gets the request's live previews, if the
-        backend makes them; they are never stored."""
+        backend makes them; they are never stored. ``address`` is an anonymous caller's client
+        address (its requests share one limit and one turn); "" for a logged-in user."""
         started = time.perf_counter()
         self.metrics.in_progress.inc()
         self.active += 1
         try:
-            results = await self._generate(fields, owner, progress, on_preview)
+            results = await self._generate(fields, owner, address, progress, on_preview)
             images = await asyncio.to_thread(self._store_all, results, owner)
         except UserFacingError as error:
             self.metrics.request_finished(_outcome_of(error))
@@ -130,14 +132,21 @@ class ImageService:
         return images
 
     async def _generate(
-        self, fields: Mapping[str, Any], owner: str, progress: ProgressSink, on_preview: PreviewCallback | None
+        self,
+        fields: Mapping[str, Any],
+        owner: str,
+        address: str,
+        progress: ProgressSink,
+        on_preview: PreviewCallback | None,
     ) -> list[GenerationResult]:
         try:
             request = self.backend.check(fields)
         except InvalidRequestError as error:
             raise InvalidInputError(str(error)) from error
         timer = StepTimer(self.step_clock)
-        job = GenerationJob(request, on_step=lambda step, total: timer.step(step), on_preview=on_preview, owner=owner)
+        job = GenerationJob(
+            request, on_step=lambda step, total: timer.step(step), on_preview=on_preview, owner=owner, address=address
+        )
         try:
             future = self.admission.submit(job)
         except (QueueFullError, ShuttingDownError) as error:

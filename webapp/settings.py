@@ -16,6 +16,7 @@ from sd_pipeline.contract.plans import DeployPolicy, RayPlan, ReplicaPlan, Resta
 from sd_pipeline.contract.request import RequestLimits
 from sd_pipeline.contract.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings, PreviewName
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
+from webapp.owners import parse_networks
 
 
 def serving_cpu_threads() -> int:
@@ -104,6 +105,14 @@ class Settings(BaseSettings):
     max_requests_per_user: int = Field(
         4, ge=1, description="requests one user (login, browser or API session) may have waiting or running"
     )
+    max_requests_per_address: int = Field(
+        16,
+        ge=1,
+        description="requests all anonymous users at one client address may have waiting or running together",
+    )
+    trusted_proxies: str = Field(
+        "", description="addresses or networks of proxies whose X-Forwarded-For names the client (comma-separated)"
+    )
     worker_stall_seconds: float = Field(
         120.0, gt=0, description="replace the pipeline worker when it makes no progress this long while working"
     )
@@ -158,6 +167,12 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds to finish running work on SIGTERM")
     shutdown_linger: float = Field(3.0, ge=0, description="seconds to keep serving after work is done, for downloads")
     max_file_size: str = Field("10mb", description="largest upload Gradio accepts")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: str) -> str:
+        parse_networks(value)  # ValueError names the bad entry
+        return value
 
     @field_validator("s3_prefix")
     @classmethod

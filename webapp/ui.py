@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from http.cookies import SimpleCookie
 from typing import Any
 
@@ -17,7 +17,7 @@ from sd_pipeline.contract.request import RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
 from webapp.form import DEFAULTED, FormField, form_defaults, generate_fields, settings_of, with_signature
-from webapp.owners import OWNER_COOKIE, resolve_owner
+from webapp.owners import OWNER_COOKIE, Network, client_address, resolve_owner
 from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
@@ -29,6 +29,13 @@ PAGE_CSS = """
 #history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)) !important; }
 #selected-image img { width: 100%; height: 100%; object-fit: contain !important; }
 """
+
+
+def address_of(request: gr.Request, trusted_proxies: Sequence[Network]) -> str:
+    """The caller's client address (``X-Forwarded-For`` only from a trusted proxy)."""
+    host = request.client.host if request.client else None
+    forwarded = request.headers.get("x-forwarded-for") if request.headers else None
+    return client_address(host, forwarded, trusted_proxies)
 
 
 def owner_of(request: gr.Request) -> str:
@@ -64,6 +71,7 @@ def build_demo(
     model_name: str,
     default_size: int = 512,
     model_defaults: ModelDefaults | None = None,
+    trusted_proxies: Sequence[Network] = (),
 ) -> gr.Blocks:
     """The page: a form, the new images with links, and the owner's paged history.
 
@@ -85,6 +93,7 @@ def build_demo(
                 owner=owner_of(request),
                 progress=lambda desc, done: progress(done, desc=desc),
                 on_preview=previews.put,
+                address="" if request.username else address_of(request, trusted_proxies),
             )
         )
         try:

@@ -64,6 +64,7 @@ class GenerationJob:
     on_step: StepCallback | None = None
     on_preview: PreviewCallback | None = None  # set only when the caller shows previews
     owner: str = ""  # whose request it is, for fair admission; "" when nobody is named
+    address: str = ""  # an anonymous caller's client address (its limit and turns are shared); "" when logged in
     steps_done: int = 0
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _on_cancel: list[Callable[[], None]] = field(default_factory=list, repr=False)
