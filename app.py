@@ -34,6 +34,7 @@ from storage.spool import Spool, SpoolingStore, SpoolLimits
 from webapp.owners import parse_networks
 from webapp.server import GracefulServer, create_app
 from webapp.service import ImageService
+from webapp.sessions import APP_SECRET_FILE, Sessions
 from webapp.settings import Settings, SettingsError, load_settings, refuse_unsafe_start
 from webapp.ui import build_demo
 
@@ -75,6 +76,18 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
     )
     local.check()
     return local, local
+
+
+def build_sessions(settings: Settings, logins: list[tuple[str, str]], *, secure: bool) -> Sessions | None:
+    """Signed login sessions every front end accepts (None without login): APP_SECRET, or one kept in DATA_DIR."""
+    if not logins:
+        return None
+    secret = (
+        settings.app_secret.get_secret_value().encode()
+        if settings.app_secret
+        else load_or_create_secret(settings.data_dir, APP_SECRET_FILE)
+    )
+    return Sessions(dict(logins), secret, secure=secure)
 
 
 def build_backend(settings: Settings, metrics: Metrics, *, model: str) -> Backend:
@@ -248,12 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         trusted_proxies=parse_networks(settings.trusted_proxies),
     )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
+    secure = settings.base_url().startswith("https://")
     app = create_app(
         demo,
         local_store=local_store,
-        auth=auth,
+        sessions=build_sessions(settings, auth, secure=secure),
         max_file_size=settings.max_file_size,
-        secure_cookies=settings.base_url().startswith("https://"),
+        secure_cookies=secure,
     )
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5

@@ -28,11 +28,11 @@ class NoSuchImageError(ForbiddenLinkError):
     """A link whose key is not one of ours, or whose image is gone (404)."""
 
 
-def load_or_create_secret(data_dir: Path) -> bytes:
+def load_or_create_secret(data_dir: Path, name: str = SECRET_FILE) -> bytes:
     """The signing secret kept in ``data_dir`` (made once, readable by the owner only). Written to a
     temporary file, fsynced, then renamed: an interrupted first start never leaves an empty secret,
     and a file shorter than ``MIN_SECRET_BYTES`` stops start-up instead of signing with it."""
-    path = data_dir / SECRET_FILE
+    path = data_dir / name
     if path.exists():
         secret = path.read_bytes()
         if len(secret) < MIN_SECRET_BYTES:
@@ -43,7 +43,7 @@ def load_or_create_secret(data_dir: Path) -> bytes:
         return secret
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_bytes(32)
-    temporary = path.with_name(f"{SECRET_FILE}.{secrets.token_hex(4)}.tmp")
+    temporary = path.with_name(f"{name}.{secrets.token_hex(4)}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(secret)

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 
 from storage.local import LINK_ROUTE, ForbiddenLinkError, LocalStore, NoSuchImageError
 from webapp.owners import ASGIApp, OwnerCookieMiddleware
+from webapp.sessions import Sessions
 from webapp.ui import PAGE_CSS
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def create_app(
     demo: gr.Blocks,
     *,
     local_store: LocalStore | None,
-    auth: list[tuple[str, str]] | None,
+    sessions: Sessions | None,
     max_file_size: str,
     secure_cookies: bool = False,
 ) -> ASGIApp:
@@ -49,11 +50,14 @@ def create_app(
         """The app takes no files: Gradio's upload route would store any a client sends."""
         raise HTTPException(status_code=403, detail="this app accepts no uploads")
 
+    if sessions is not None:
+        sessions.add_routes(app)
+
     gr.mount_gradio_app(
         app,
         demo,
         path="",
-        auth=auth or None,
+        auth_dependency=sessions.user if sessions is not None else None,
         max_file_size=max_file_size,
         enable_monitoring=False,
         footer_links=["api"],

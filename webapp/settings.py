@@ -161,6 +161,11 @@ class Settings(BaseSettings):
     history_page_size: int = Field(12, ge=1, le=100, description="images per history page")
     auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
+    app_secret: SecretStr | None = Field(
+        None,
+        description="shared by every front end: signs login sessions; at least 32 bytes "
+        "(default: a random one kept in DATA_DIR/.app-secret)",
+    )
     allow_anonymous: bool = Field(
         False, description="serve without login on an address beyond loopback (HOST); refused at start otherwise"
     )
@@ -317,6 +322,13 @@ def refuse_unsafe_start(settings: Settings, logins: list[tuple[str, str]], envir
         if secret.startswith(PLACEHOLDER_PREFIX) or len(secret.encode()) < MIN_HMAC_KEY_BYTES:
             raise SettingsError(
                 f"LINK_SECRET must be at least {MIN_HMAC_KEY_BYTES} random bytes, not a placeholder "
+                "(make one: openssl rand -hex 32)"
+            )
+    if settings.app_secret is not None:
+        secret = settings.app_secret.get_secret_value()
+        if secret.startswith(PLACEHOLDER_PREFIX) or len(secret.encode()) < MIN_HMAC_KEY_BYTES:
+            raise SettingsError(
+                f"APP_SECRET must be at least {MIN_HMAC_KEY_BYTES} random bytes, not a placeholder "
                 "(make one: openssl rand -hex 32)"
             )
     for name in CREDENTIAL_VARIABLES:
