@@ -78,16 +78,12 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
     return local, local
 
 
-def build_sessions(settings: Settings, logins: list[tuple[str, str]], *, secure: bool) -> Sessions | None:
-    """Signed login sessions every front end accepts (None without login): APP_SECRET, or one kept in DATA_DIR."""
-    if not logins:
-        return None
-    secret = (
-        settings.app_secret.get_secret_value().encode()
-        if settings.app_secret
-        else load_or_create_secret(settings.data_dir, APP_SECRET_FILE)
-    )
-    return Sessions(dict(logins), secret, secure=secure)
+def app_secret(settings: Settings) -> bytes:
+    """The secret every front end shares (APP_SECRET, else one kept in DATA_DIR): signs login
+    sessions and keys owner hashes."""
+    if settings.app_secret is not None:
+        return settings.app_secret.get_secret_value().encode()
+    return load_or_create_secret(settings.data_dir, APP_SECRET_FILE)
 
 
 def build_backend(settings: Settings, metrics: Metrics, *, model: str) -> Backend:
@@ -247,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(argv)
         auth = settings.credentials()
         refuse_unsafe_start(settings, auth, os.environ)
+        secret = app_secret(settings)
         parts, local_store = start(settings)
     except (SettingsError, ModelLoadError, StorageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -259,13 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_size=parts.native_size,
         model_defaults=parts.model_defaults,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        owner_secret=secret,
     )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
     secure = settings.base_url().startswith("https://")
     app = create_app(
         demo,
         local_store=local_store,
-        sessions=build_sessions(settings, auth, secure=secure),
+        sessions=Sessions(dict(auth), secret, secure=secure) if auth else None,
         max_file_size=settings.max_file_size,
         secure_cookies=secure,
     )

@@ -34,6 +34,11 @@ class ImageStore(Protocol):
         """A fresh link for one image."""
         ...
 
+    def adopt(self, earlier_owner: str, owner: str) -> int:
+        """Move every image of ``earlier_owner`` to ``owner`` (the same user under a new owner key);
+        how many moved. Raises ``StorageError``."""
+        ...
+
     def check(self) -> None:
         """Raise ``StorageError`` when the store cannot take images now (not ready)."""
         ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import re
 import uuid
 
@@ -17,9 +18,14 @@ IMAGE_ID_PATTERN = re.compile(r"^[0-9]{13}-[0-9a-f]{12}$")
 OWNER_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 
-def owner_key(identity: str) -> str:
-    """A stable, opaque key for a user name, browser token or session."""
-    return hashlib.sha256(f"sd-service-owner:{identity}".encode()).hexdigest()[:32]
+def owner_key(identity: str, secret: bytes | None = None) -> str:
+    """A stable, opaque key for a user name, browser token or session: keyed with ``secret`` (the
+    secret every front end shares), so nobody holding a link can confirm a guessed user name.
+    Without a secret, the unkeyed hash earlier versions used (read once, to adopt old histories)."""
+    text = f"sd-service-owner:{identity}".encode()
+    if secret is None:
+        return hashlib.sha256(text).hexdigest()[:32]
+    return hmac.new(secret, text, hashlib.sha256).hexdigest()[:32]
 
 
 def new_image_id(now: dt.datetime) -> str:

@@ -87,6 +87,25 @@ class LocalStore:
             images.append(LinkedImage(record, self.link(owner, record.id)))
         return HistoryPage(images=images, page=page, has_more=len(names) > page * page_size)
 
+    def adopt(self, earlier_owner: str, owner: str) -> int:
+        """Move ``earlier_owner``'s images and records under ``owner``."""
+        keys.check_owner(owner)
+        keys.check_owner(earlier_owner)
+        folder = self._path(keys.records_prefix("", earlier_owner))
+        moved = 0
+        try:
+            for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+                record = ImageRecord.model_validate_json(path.read_bytes()).model_copy(update={"owner": owner})
+                image = self._path(keys.image_key("", owner, record.id))
+                image.parent.mkdir(parents=True, exist_ok=True)
+                self._path(keys.image_key("", earlier_owner, record.id)).replace(image)
+                _write_atomic(self._path(keys.record_key("", owner, record.id)), record.model_dump_json().encode())
+                path.unlink()
+                moved += 1
+        except OSError as error:
+            raise StorageError(f"cannot move a history in {self.root}: {error.strerror}") from error
+        return moved
+
     def fetch(self, owner: str, image_id: str) -> bytes:
         """Read one image."""
         try:

@@ -158,6 +158,33 @@ class S3Store:
         images = [LinkedImage(record, self.link(owner, record.id)) for record in records]
         return HistoryPage(images=images, page=page, has_more=len(record_keys) >= wanted)
 
+    def adopt(self, earlier_owner: str, owner: str) -> int:
+        """Move ``earlier_owner``'s images and records under ``owner`` (copy, then delete the old)."""
+        keys.check_owner(owner)
+        keys.check_owner(earlier_owner)
+        record_keys = self._list_record_keys(earlier_owner, limit=10**9)
+        try:
+            for key in record_keys:
+                record = self._get_record(key).model_copy(update={"owner": owner})
+                old_image = keys.image_key(self.settings.prefix, earlier_owner, record.id)
+                self.client.copy_object(
+                    Bucket=self.settings.bucket,
+                    Key=keys.image_key(self.settings.prefix, owner, record.id),
+                    CopySource={"Bucket": self.settings.bucket, "Key": old_image},
+                )
+                self.client.put_object(
+                    Bucket=self.settings.bucket,
+                    Key=keys.record_key(self.settings.prefix, owner, record.id),
+                    Body=record.model_dump_json().encode(),
+                    ContentType="application/json",
+                )
+                self.client.delete_objects(
+                    Bucket=self.settings.bucket, Delete={"Objects": [{"Key": key}, {"Key": old_image}], "Quiet": True}
+                )
+        except S3_ERRORS as error:
+            raise StorageError(f"moving a history in {self._where()} failed: {type(error).__name__}") from error
+        return len(record_keys)
+
     def _list_record_keys(self, owner: str, *, limit: int) -> list[str]:
         found: list[str] = []
         request: dict[str, Any] = {

@@ -217,6 +217,16 @@ class SpoolingStore:
         ]
         return HistoryPage(images=waiting + stored.images, page=page, has_more=stored.has_more)
 
+    def adopt(self, earlier_owner: str, owner: str) -> int:
+        """Move a history in S3 (what an earlier version left in the spool is uploaded under its old
+        key and moves on the owner's first view after the next start)."""
+        try:
+            return self.primary.adopt(earlier_owner, owner)
+        except StorageError:
+            if self.observer is not None:
+                self.observer.failure(operation="history")
+            raise
+
     def fetch(self, owner: str, image_id: str) -> bytes:
         """From the spool while the upload waits, else from S3."""
         entry = self.spool.folder / image_id

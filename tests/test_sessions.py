@@ -11,8 +11,11 @@ import requests
 from gradio_client import Client
 from starlette.requests import Request
 
+from storage.keys import owner_key
+from storage.s3 import S3Settings, S3Store
 from tests.app_server import launched_app
 from tests.servers import S3Server
+from tests.test_storage import make_record, small_png
 from webapp.sessions import SESSION_COOKIE, Sessions
 
 SECRET = "a shared secret of more than 32 bytes, from the test"
@@ -49,6 +52,9 @@ def test_a_login_holds_on_another_front_end_and_after_a_restart(
     env |= {"S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
     for name in ("one", "two", "three"):
         (tmp_path / name).mkdir()
+    # Alice's history from before owner keys were keyed (the unkeyed hash of her login name).
+    earlier = S3Store.from_settings(S3Settings(bucket=bucket, endpoint_url=s3_server.endpoint_url, region="us-east-1"))
+    earlier.save(small_png(), make_record(owner_key("user:alice"), prompt="from the old version"))
     with launched_app(tiny_model_dir, tmp_path / "one", env=env) as first:
         browser = requests.Session()
         assert browser.get(first.url, allow_redirects=False).headers["location"] == "/login"
@@ -71,7 +77,9 @@ def test_a_login_holds_on_another_front_end_and_after_a_restart(
             alice = Client(second.url, verbose=False, headers={"Cookie": f"{SESSION_COOKIE}={cookie}"})
             alice.predict(prompt="drawn on the second", steps=2, width=64, height=64, api_name="/generate")
         _, history = Client(first.url, verbose=False, auth=("alice", "wonderland")).predict(1, api_name="/history")
-        assert [image["prompt"] for image in history["images"]] == ["drawn on the second"]
+        assert [image["prompt"] for image in history["images"]] == ["drawn on the second", "from the old version"]
+        assert requests.get(history["images"][1]["url"], timeout=10).status_code == 200  # moved, and linked
+        assert all(owner_key("user:alice") not in image["url"] for image in history["images"])
         _, theirs = Client(first.url, verbose=False, auth=("bob", "builder")).predict(1, api_name="/history")
         assert theirs["images"] == []
     with launched_app(tiny_model_dir, tmp_path / "three", env=env) as restarted:

@@ -423,3 +423,30 @@ def test_an_empty_or_short_secret_file_stops_start_up(tmp_path: Path) -> None:
         load_or_create_secret(tmp_path)
     fresh = tmp_path / "fresh"
     assert len(load_or_create_secret(fresh)) == 32 and sorted(p.name for p in fresh.iterdir()) == [".link-secret"]
+
+
+def test_owner_keys_are_keyed_with_the_shared_secret() -> None:
+    keyed = keys.owner_key("user:alice", b"k" * 32)
+    assert keyed != keys.owner_key("user:alice") and keyed != keys.owner_key("user:alice", b"j" * 32)
+    assert keyed == keys.owner_key("user:alice", b"k" * 32) and keys.OWNER_PATTERN.fullmatch(keyed)
+
+
+@pytest.mark.parametrize("backend", ["s3", "local"])
+def test_an_earlier_history_moves_to_the_new_owner_key(
+    backend: str, s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    earlier, owner = keys.owner_key("user:alice"), keys.owner_key("user:alice", b"k" * 32)
+    store: S3Store | LocalStore = (
+        s3_store(s3_server, bucket)
+        if backend == "s3"
+        else LocalStore(tmp_path, secret=b"s" * 32, link_ttl_seconds=60, base_url="http://app")
+    )
+    for number in range(3):
+        store.save(small_png(number), make_record(earlier, prompt=f"old {number}"))
+    assert store.adopt(earlier, owner) == 3
+    moved = store.history(owner, page=1, page_size=10).images
+    assert sorted(image.record.prompt for image in moved) == ["old 0", "old 1", "old 2"]
+    assert {image.record.owner for image in moved} == {owner}
+    assert store.fetch(owner, moved[0].record.id).startswith(b"\x89PNG")
+    assert store.history(earlier, page=1, page_size=10).images == []
+    assert store.adopt(earlier, owner) == 0  # nothing left: a second view costs one listing

@@ -14,15 +14,22 @@ COOKIE_MAX_AGE = 400 * 24 * 3600  # the longest browsers keep a cookie
 _TOKEN_LENGTH = 43  # secrets.token_urlsafe(32)
 
 
-def resolve_owner(*, username: str | None, cookie: str | None, session_hash: str | None) -> str:
-    """The storage owner key for a request; distinct identities never share a key."""
+def identity_of(*, username: str | None, cookie: str | None, session_hash: str | None) -> str:
+    """Who made a request: the login, else the browser's cookie, else the API client's session."""
     if username:
-        return owner_key(f"user:{username}")
+        return f"user:{username}"
     if cookie and len(cookie) == _TOKEN_LENGTH:
-        return owner_key(f"browser:{cookie}")
+        return f"browser:{cookie}"
     if session_hash:
-        return owner_key(f"session:{session_hash}")
+        return f"session:{session_hash}"
     raise ValueError("request has no user, browser cookie or session")
+
+
+def resolve_owner(
+    *, username: str | None, cookie: str | None, session_hash: str | None, secret: bytes | None = None
+) -> str:
+    """The storage owner key for a request (keyed with ``secret``); distinct identities never share one."""
+    return owner_key(identity_of(username=username, cookie=cookie, session_hash=session_hash), secret)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

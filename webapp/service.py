@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,8 @@ from webapp.waiting import StepClock, StepTimer, running_status, waiting_status
 ProgressSink = Callable[[str, float | None], None]
 _GALLERY_FILE_LIFETIME = 3600.0
 _PROGRESS_INTERVAL = 0.25
+_ADOPTED_REMEMBERED = 100_000
+logger = logging.getLogger(__name__)
 
 
 class UserFacingError(RuntimeError):
@@ -77,6 +80,7 @@ class ImageService:
         self.gallery_dir = gallery_dir or Path(tempfile.gettempdir()) / "sd-service-gallery"
         self.active = 0
         self.step_clock = StepClock()
+        self._adopted: set[str] = set()  # earlier owner keys already moved (or found empty)
         self.model_defaults = ModelDefaults()  # what the served model recommends (updated on each rollout)
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="history-fetch")
 
@@ -204,16 +208,33 @@ class ImageService:
                 if path.stat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
 
-    def history(self, *, owner: str, page: Any) -> HistoryView:
-        """One page of the owner's history with fresh links, and local copies for the gallery."""
+    def history(self, *, owner: str, page: Any, earlier_owner: str | None = None) -> HistoryView:
+        """One page of the owner's history with fresh links, and local copies for the gallery.
+
+        ``earlier_owner`` is the same user's key as an earlier version made it: its images are
+        moved under ``owner`` first (once; a failure is logged and tried again next time)."""
         if isinstance(page, bool) or not isinstance(page, (int, float)) or page != int(page) or not 1 <= page <= 10_000:
             raise InvalidInputError(f"page: must be an integer from 1 to 10000, got {page!r}")
+        if earlier_owner is not None and earlier_owner != owner and earlier_owner not in self._adopted:
+            self._adopt(earlier_owner, owner)
         try:
             found = self.store.history(owner, page=int(page), page_size=self.page_size)
             paths = list(self._fetch_pool.map(lambda image: self._gallery_copy(owner, image), found.images))
         except StorageError as error:
             raise StorageUnavailableError(f"history is unavailable right now: {error}") from error
         return HistoryView(page=found, png_paths=paths)
+
+    def _adopt(self, earlier_owner: str, owner: str) -> None:
+        try:
+            moved = self.store.adopt(earlier_owner, owner)
+        except StorageError as error:
+            logger.warning("could not move an earlier history to its new owner key (%s); trying again later", error)
+            return
+        if moved:
+            logger.info("moved %d images of an earlier history to its new owner key", moved)
+        if len(self._adopted) >= _ADOPTED_REMEMBERED:
+            self._adopted.clear()  # bounded; forgetting costs one listing on the next view
+        self._adopted.add(earlier_owner)
 
     def _gallery_copy(self, owner: str, image: LinkedImage) -> Path:
         """A local copy for the gallery (Gradio serves only local files to its clients); cached by id."""

@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
     app_secret: SecretStr | None = Field(
         None,
-        description="shared by every front end: signs login sessions; at least 32 bytes "
+        description="shared by every front end: signs login sessions and keys owner hashes; at least 32 bytes "
         "(default: a random one kept in DATA_DIR/.app-secret)",
     )
     allow_anonymous: bool = Field(

@@ -38,8 +38,8 @@ def address_of(request: gr.Request, trusted_proxies: Sequence[Network]) -> str:
     return client_address(host, forwarded, trusted_proxies)
 
 
-def owner_of(request: gr.Request) -> str:
-    """The owner key of whoever made this request."""
+def owner_of(request: gr.Request, secret: bytes | None) -> str:
+    """The owner key of whoever made this request (keyed with ``secret``; None: the old unkeyed one)."""
     cookie_header = request.headers.get("cookie") if request.headers else None
     cookie = None
     if cookie_header:
@@ -47,7 +47,7 @@ def owner_of(request: gr.Request) -> str:
         parsed.load(cookie_header)
         if OWNER_COOKIE in parsed:
             cookie = parsed[OWNER_COOKIE].value
-    return resolve_owner(username=request.username, cookie=cookie, session_hash=request.session_hash)
+    return resolve_owner(username=request.username, cookie=cookie, session_hash=request.session_hash, secret=secret)
 
 
 def _caption(image: dict[str, Any]) -> str:
@@ -72,6 +72,7 @@ def build_demo(
     default_size: int = 512,
     model_defaults: ModelDefaults | None = None,
     trusted_proxies: Sequence[Network] = (),
+    owner_secret: bytes | None = None,
 ) -> gr.Blocks:
     """The page: a form, the new images with links, and the owner's paged history.
 
@@ -90,7 +91,7 @@ def build_demo(
         running = asyncio.ensure_future(
             service.generate(
                 dict(zip(names, values, strict=True)),
-                owner=owner_of(request),
+                owner=owner_of(request, owner_secret),
                 progress=lambda desc, done: progress(done, desc=desc),
                 on_preview=previews.put,
                 address="" if request.username else address_of(request, trusted_proxies),
@@ -123,7 +124,9 @@ def build_demo(
         """
         assert request is not None
         try:
-            found = service.history(owner=owner_of(request), page=page)
+            owner = owner_of(request, owner_secret)
+            earlier = owner_of(request, None) if owner_secret is not None else None  # before owner keys were keyed
+            found = service.history(owner=owner, page=page, earlier_owner=earlier)
         except UserFacingError as error:
             raise gr.Error(str(error), print_exception=False) from None
         records = [image.to_api() for image in found.page.images]
