@@ -95,6 +95,7 @@ def test_ray_settings_make_the_plan_and_leave_the_local_worker_as_default() -> N
         "max_queued_requests": -1,
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 60.0,  # SHUTDOWN_TIMEOUT: an old version's replica finishes its requests
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1},
     }
 
