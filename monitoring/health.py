@@ -49,6 +49,7 @@ class Health:
         self.model_detail: ProblemCheck | None = None  # e.g. a version served from the cache while S3 is down
         self.storage_detail: ProblemCheck | None = None  # e.g. S3 down while the spool takes the images
         self._storage_detail: str | None = None
+        self._storage_checking = False
         self._model_loaded = False
         self._serving = False
         self._shutting_down = False
@@ -88,15 +89,30 @@ class Health:
         return LivenessReport(alive=problem is None, reasons=[problem] if problem else [])
 
     def _storage(self) -> str | None:
+        """The storage problem as last checked. A due check runs in the background (S3 timing out
+        must not make /readyz slow: a balancer's check would time out and drop this front end);
+        only the very first one runs here."""
         if self.storage_check is None:
             return None
         with self._lock:
-            if time.monotonic() - self._storage_checked_at >= self.cache_seconds:
-                try:
-                    self.storage_check()
-                    self._storage_problem = None
-                except Exception as error:  # noqa: BLE001 - any failure means "not ready", reported by type
-                    self._storage_problem = f"storage unreachable: {type(error).__name__}"
-                self._storage_detail = self.storage_detail() if self.storage_detail is not None else None
-                self._storage_checked_at = time.monotonic()
-            return self._storage_problem
+            first = self._storage_checked_at == float("-inf")
+            due = time.monotonic() - self._storage_checked_at >= self.cache_seconds
+            if due and not first and not self._storage_checking:
+                self._storage_checking = True
+                threading.Thread(target=self._check_storage, name="storage-check", daemon=True).start()
+        if first:
+            self._check_storage()
+        return self._storage_problem
+
+    def _check_storage(self) -> None:
+        assert self.storage_check is not None
+        try:
+            self.storage_check()
+            problem = None
+        except Exception as error:  # noqa: BLE001 - any failure means "not ready", reported by type
+            problem = f"storage unreachable: {type(error).__name__}"
+        detail = self.storage_detail() if self.storage_detail is not None else None
+        with self._lock:
+            self._storage_problem, self._storage_detail = problem, detail
+            self._storage_checked_at = time.monotonic()
+            self._storage_checking = False

@@ -17,7 +17,7 @@ from monitoring.health import Health
 from monitoring.metrics import Metrics, Outcome
 from monitoring.server import MetricsServer
 from tests.app_server import ROOT, RunningApp, launched_app
-from tests.servers import free_port, wait_for_port
+from tests.servers import free_port, wait_for_port, wait_until
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
@@ -103,8 +103,8 @@ def test_readyz_follows_model_server_storage_and_shutdown(side_port: tuple[Metri
     health.storage_check = storage_check
     down = requests.get(f"{base}/readyz", timeout=5)
     assert down.status_code == 503 and down.json()["reasons"] == ["storage unreachable: ConnectionError"]
-    storage_up[0] = True
-    assert requests.get(f"{base}/readyz", timeout=5).status_code == 200
+    storage_up[0] = True  # checked again in the background: /readyz never waits on storage
+    wait_until(lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 200, timeout=10)
     health.shutting_down()
     assert requests.get(f"{base}/readyz", timeout=5).json()["reasons"] == ["shutting down"]
     assert requests.get(f"{base}/metrics", timeout=5).headers["Content-Type"].startswith("text/plain")
