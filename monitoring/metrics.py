@@ -114,6 +114,11 @@ class Metrics:
         self.storage_failures = Counter(
             f"{PREFIX}storage_failures", "Failed storage operations by operation", ["operation"], registry=r
         )
+        self.storage_full = Counter(
+            f"{PREFIX}storage_full",
+            "Images not saved because the disk under the data folder or spool was full",
+            registry=r,
+        )
         self.uploads_pending = Gauge(
             f"{PREFIX}storage_uploads_pending", "Images in the on-disk spool waiting for upload", registry=r
         )

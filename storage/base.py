@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Protocol
 
 from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
@@ -13,6 +14,20 @@ class StorageError(RuntimeError):
 
 class SpoolFullError(StorageError):
     """Storage is down and the on-disk spool has no room left."""
+
+
+class StorageFullError(StorageError):
+    """The disk (or quota) under the data folder or the spool is full."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: OSError, where: object) -> StorageFullError | None:
+    """A ``StorageFullError`` naming ``where`` when ``error`` means the disk is full, else None."""
+    if error.errno in DISK_FULL_ERRNOS:
+        return StorageFullError(f"storage full: no space left in {where}; the image was not saved")
+    return None
 
 
 class ImageStore(Protocol):

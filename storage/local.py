@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from storage import keys
-from storage.base import StorageError
+from storage.base import StorageError, disk_full
 from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
 
 LINK_ROUTE = "/files"
@@ -72,7 +72,9 @@ class LocalStore:
             _write_atomic(self._path(keys.image_key("", record.owner, record.id)), png)
             _write_atomic(self._path(keys.record_key("", record.owner, record.id)), stored.model_dump_json().encode())
         except OSError as error:
-            raise StorageError(f"cannot write to data folder {self.root}: {error.strerror}") from error
+            raise disk_full(error, self.root) or StorageError(
+                f"cannot write to data folder {self.root}: {error.strerror}"
+            ) from error
         return LinkedImage(stored, self.link(record.owner, record.id))
 
     def history(self, owner: str, *, page: int, page_size: int) -> HistoryPage:

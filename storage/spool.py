@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from storage.base import SpoolFullError, StorageError
+from storage.base import SpoolFullError, StorageError, disk_full
 from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
 from storage.s3 import S3_ERRORS, S3Store
 
@@ -79,12 +79,18 @@ class Spool:
                     "nothing was saved, try again later"
                 )
             staging = self.folder / f".tmp-{uuid.uuid4().hex}"
-            staging.mkdir()
-            write_synced(staging / IMAGE_FILE, png)
-            write_synced(staging / RECORD_FILE, record.model_dump_json().encode())
-            sync_folder(staging)
-            staging.rename(self.folder / record.id)
-            sync_folder(self.folder)  # the entry survives a power cut once put returns
+            try:
+                staging.mkdir()
+                write_synced(staging / IMAGE_FILE, png)
+                write_synced(staging / RECORD_FILE, record.model_dump_json().encode())
+                sync_folder(staging)
+                staging.rename(self.folder / record.id)
+                sync_folder(self.folder)  # the entry survives a power cut once put returns
+            except OSError as error:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise disk_full(error, self.folder) or StorageError(
+                    f"cannot write to the upload spool {self.folder}: {error.strerror}"
+                ) from error
 
     def has_room(self) -> bool:
         """Whether one more image fits (a write test too: a read-only or missing folder has none)."""

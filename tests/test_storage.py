@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import io
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.png import encode_png, read_png_parameters
 from storage import keys
-from storage.base import SpoolFullError, StorageError
+from storage.base import SpoolFullError, StorageError, StorageFullError
 from storage.local import ForbiddenLinkError, LocalStore, load_or_create_secret
 from storage.records import ImageRecord
 from storage.s3 import S3Settings, S3Store
@@ -450,3 +451,18 @@ def test_an_earlier_history_moves_to_the_new_owner_key(
     assert store.fetch(owner, moved[0].record.id).startswith(b"\x89PNG")
     assert store.history(earlier, page=1, page_size=10).images == []
     assert store.adopt(earlier, owner) == 0  # nothing left: a second view costs one listing
+
+
+def test_a_full_disk_is_a_clear_storage_full_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    spool = Spool(tmp_path / "spool")
+    monkeypatch.setattr("storage.spool.write_synced", no_space)
+    with pytest.raises(StorageFullError, match=r"storage full: no space left in .*spool"):
+        spool.put(small_png(), make_record(OWNER))
+    assert list((tmp_path / "spool").iterdir()) == []  # no half-written entry left behind
+    local = LocalStore(tmp_path / "data", secret=b"s" * 32, link_ttl_seconds=60)
+    monkeypatch.setattr("storage.local._write_atomic", no_space)
+    with pytest.raises(StorageFullError, match="storage full"):
+        local.save(small_png(), make_record(OWNER))

@@ -27,7 +27,7 @@ from sd_pipeline.contract.errors import (
 from sd_pipeline.contract.jobs import GenerationJob, GenerationResult, PreviewCallback
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.png import encode_png
-from storage.base import ImageStore, StorageError
+from storage.base import ImageStore, StorageError, StorageFullError
 from storage.keys import new_image_id
 from storage.records import HistoryPage, ImageRecord, LinkedImage
 from webapp.waiting import StepClock, StepTimer, running_status, waiting_status
@@ -193,6 +193,9 @@ class ImageService:
             png = encode_png(result)
             try:
                 linked = self.store.save(png, record)
+            except StorageFullError as error:
+                self.metrics.storage_full.inc()
+                raise StorageUnavailableError(f"{error}; try again later") from error
             except StorageError as error:
                 raise StorageUnavailableError(f"the image could not be stored: {error}") from error
             path = self.gallery_dir / f"{record.id}.png"
