@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ ENV_EXAMPLE = DEPLOY / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 HAPROXY_CONFIG = DEPLOY / "haproxy" / "haproxy.cfg"
-RAY_PROFILE = {"ray-head", "ray-gpu-worker", "app-ray", "app-ray-2", "lb"}
+RAY_PROFILE = {"ray-head", "ray-gpu-worker", "app-ray", "app-ray-2", "lb", "lb-cert"}
 
 
 def compose(*args: str, env_file: Path | None = ENV_EXAMPLE) -> subprocess.CompletedProcess[str]:
@@ -256,20 +257,36 @@ def test_the_ray_profile_wires_one_cluster_two_front_ends_and_one_token(resolved
     assert missing.returncode != 0
 
 
-def test_the_load_balancer_keeps_each_client_on_one_ready_front_end(resolved: dict[str, Any]) -> None:
+def test_the_load_balancer_keeps_each_client_on_one_ready_front_end(resolved: dict[str, Any], tmp_path: Path) -> None:
     if shutil.which("haproxy") is None:
         pytest.skip("Debian's haproxy is not installed (scripts/install-test-deps.sh installs it)")
-    checked = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CONFIG)], capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
     config = HAPROXY_CONFIG.read_text()
+    # The certificate lb-cert makes, made here by the same command (openssl), checked by haproxy -c.
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    command = resolved["services"]["lb-cert"]["command"][0]
+    for name in ("key.pem", "cert.pem"):
+        command = command.replace(f"/tmp/{name}", str(tmp_path / name))
+    command = command.replace("/certs/", f"{certs}/")
+    made = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    site = certs / "site.pem"
+    assert stat.S_IMODE(site.stat().st_mode) == 0o600 and site.stat().st_uid == 99  # HAProxy's user alone
+    assert subprocess.run(["sh", "-c", command], capture_output=True, timeout=60).returncode == 0  # kept, not remade
+    local_config = tmp_path / "haproxy.cfg"
+    local_config.write_text(config.replace("/usr/local/etc/haproxy/certs/", f"{certs}/"))
+    checked = subprocess.run(["haproxy", "-c", "-f", str(local_config)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "redirect scheme https code 301 unless { ssl_fc }" in config and "ssl crt" in config
     servers = [line.split() for line in config.splitlines() if line.strip().startswith("server ")]
     assert {server[2] for server in servers} == {"app-ray:7860", "app-ray-2:7860"}
     assert all(server[-2:] == ["cookie", server[1]] for server in servers)  # sticky by cookie
     assert "cookie SDFRONTEND insert indirect nocache" in config
     assert "option httpchk GET /readyz" in config and "check port 8000" in config  # the metrics side port
     lb = resolved["services"]["lb"]
-    assert lb["depends_on"] == {"app-ray": {"condition": "service_healthy"}}
-    assert lb["ports"] == ["127.0.0.1:7860:7860/tcp"]  # APP_BIND and APP_PORT from the env file
+    assert lb["depends_on"]["app-ray"] == {"condition": "service_healthy"}
+    assert lb["depends_on"]["lb-cert"] == {"condition": "service_completed_successfully"}
+    assert sorted(lb["ports"]) == ["127.0.0.1:7443:7443/tcp", "127.0.0.1:7860:7860/tcp"]  # TLS, and the redirect
     assert "monitor-uri /healthz" in config and "8404/healthz" in " ".join(lb["healthcheck"]["test"])
     # Per-address rate limit here; the front ends trust this balancer's X-Forwarded-For, and only its.
     assert "http-request deny deny_status 429 if { sc_http_req_rate(0) gt" in config
