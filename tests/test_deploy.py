@@ -74,6 +74,13 @@ def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str,
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
 
 
+def test_every_service_drops_all_capabilities_and_cannot_gain_privileges(resolved: dict[str, Any]) -> None:
+    for name, service in resolved["services"].items():
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert set(service.get("cap_add", [])) <= {"CHOWN"}, name  # lb-cert hands the key to HAProxy's user
+
+
 def test_nothing_is_published_beyond_loopback_by_default(resolved: dict[str, Any]) -> None:
     for name, service in resolved["services"].items():
         for port in service.get("ports", []):
@@ -300,8 +307,15 @@ KUBERAY = DEPLOY / "kuberay" / "rayservice.yaml"
 
 
 def test_the_kuberay_example_deploys_the_pipeline_and_front_ends_that_join_it() -> None:
-    ray_service, web, service = yaml.safe_load_all(KUBERAY.read_text())
+    documents = list(yaml.safe_load_all(KUBERAY.read_text()))
+    ray_service, web, service, *policies = documents
     assert (ray_service["kind"], web["kind"], service["kind"]) == ("RayService", "Deployment", "Service")
+    assert [policy["kind"] for policy in policies] == ["NetworkPolicy", "NetworkPolicy"]
+    ray_policy, web_policy = (policy["spec"] for policy in policies)
+    assert ray_policy["podSelector"]["matchLabels"] == {"app": "sd-service-ray"}
+    allowed = [peer["podSelector"]["matchLabels"]["app"] for peer in ray_policy["ingress"][0]["from"]]
+    assert allowed == ["sd-service-ray", "sd-service-web"]
+    assert web_policy["ingress"][0] == {"ports": [{"port": 7860, "protocol": "TCP"}]}
     cluster = ray_service["spec"]["rayClusterConfig"]
     pinned = next(line for line in (ROOT / "requirements-ray.txt").read_text().splitlines() if "==" in line)
     assert cluster["rayVersion"] == pinned.split("==")[1]
@@ -320,6 +334,14 @@ def test_the_kuberay_example_deploys_the_pipeline_and_front_ends_that_join_it() 
     images |= {group["template"]["spec"]["containers"][0]["image"] for group in cluster["workerGroupSpecs"]}
     (container,) = web["spec"]["template"]["spec"]["containers"]
     assert images == {container["image"]}  # one image serves both
+    pods = [cluster["headGroupSpec"]["template"], *(group["template"] for group in cluster["workerGroupSpecs"])]
+    for pod in [*pods, web["spec"]["template"]]:
+        security = pod["spec"]["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        for each in pod["spec"]["containers"]:
+            assert each["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert {pod["metadata"]["labels"]["app"] for pod in pods} == {"sd-service-ray"}
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["RAY_ADDRESS"] == "auto" and env["RAY_DEPLOY"] == "never" and env["RAY_AUTH_MODE"] == "token"
     args = application["args"]
