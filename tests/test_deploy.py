@@ -9,6 +9,8 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import yaml
 
 from sd_pipeline.backends.ray.replica import APP_NAME
 from tests.app_server import ROOT, wait_ready
-from tests.servers import free_port
+from tests.servers import S3Server, free_port
 from tests.test_monitoring import ALERT_RULES, DASHBOARD, DATASOURCE, PROMETHEUS_CONFIG
 
 DEPLOY = ROOT / "deploy"
@@ -27,6 +29,13 @@ ENV_EXAMPLE = DEPLOY / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 HAPROXY_CONFIG = DEPLOY / "haproxy" / "haproxy.cfg"
+STORE_KEYS = {
+    "S3_ACCESS_KEY": "app-key",
+    "S3_SECRET_KEY": "app-secret",
+    "S3_ADMIN_ACCESS_KEY": "admin-key",
+    "S3_ADMIN_SECRET_KEY": "admin-secret",
+    "S3_BUCKET": "sd-images",
+}
 RAY_PROFILE = {"ray-head", "ray-gpu-worker", "app-ray", "app-ray-2", "lb", "lb-cert"}
 
 
@@ -50,14 +59,15 @@ def resolved() -> dict[str, Any]:
 def test_compose_config_is_valid_and_requires_secrets() -> None:
     assert compose("config", "-q").returncode == 0
     missing = compose("config", "-q", env_file=None)
-    assert missing.returncode != 0 and "S3_ACCESS_KEY" in missing.stderr
+    assert missing.returncode != 0 and "S3_" in missing.stderr and "ACCESS_KEY in deploy/.env" in missing.stderr
 
 
 def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    assert set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "alertmanager", "grafana"} | RAY_PROFILE | {
-        "models-publish"
-    }
+    setup = {"models-publish", "image-bucket"}
+    assert (
+        set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "alertmanager", "grafana"} | RAY_PROFILE | setup
+    )
     for name, service in services.items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), (name, image)
@@ -109,38 +119,70 @@ def test_seaweedfs_refuses_secrets_that_would_break_its_identity_json(tmp_path: 
     fake_weed = tmp_path / "weed"
     fake_weed.write_text("#!/bin/sh\necho started\n")
     fake_weed.chmod(0o755)
-    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "S3_ACCESS_KEY": "access", "S3_SECRET_KEY": secret}
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", **STORE_KEYS, "S3_SECRET_KEY": secret}
     refused = subprocess.run(["sh", "-c", seaweedfs_command()], env=env, capture_output=True, text=True, timeout=30)
     assert refused.returncode == 64 and "must not contain quotes" in refused.stderr
     assert "started" not in refused.stdout
 
 
-@pytest.mark.parametrize(("access", "secret"), [("change-me-access-key", "real"), ("real", "change-me-secret-key")])
-def test_seaweedfs_refuses_the_placeholder_keys(tmp_path: Path, access: str, secret: str) -> None:
+@pytest.mark.parametrize("name", ["S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_ADMIN_ACCESS_KEY", "S3_ADMIN_SECRET_KEY"])
+def test_seaweedfs_refuses_the_placeholder_keys(tmp_path: Path, name: str) -> None:
     fake_weed = tmp_path / "weed"
     fake_weed.write_text("#!/bin/sh\necho started\n")
     fake_weed.chmod(0o755)
-    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "S3_ACCESS_KEY": access, "S3_SECRET_KEY": secret}
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", **STORE_KEYS, name: "change-me-from-the-example"}
     refused = subprocess.run(["sh", "-c", seaweedfs_command()], env=env, capture_output=True, text=True, timeout=30)
     assert refused.returncode == 64 and "placeholders from .env.example" in refused.stderr
     assert "started" not in refused.stdout
 
 
-def test_seaweedfs_writes_a_valid_identity_and_is_probed_on_its_s3_gateway(
+def test_seaweedfs_gives_the_app_its_buckets_only_and_keeps_its_servers_inside(
     tmp_path: Path, resolved: dict[str, Any]
 ) -> None:
     fake_weed = tmp_path / "weed"
-    fake_weed.write_text("#!/bin/sh\ncat /tmp/s3.json\n")
+    fake_weed.write_text(
+        '#!/bin/sh\necho "$WEED_JWT_SIGNING_KEY $WEED_JWT_FILER_SIGNING_KEY"\necho "$@"\ncat /tmp/s3.json\n'
+    )
     fake_weed.chmod(0o755)
-    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "S3_ACCESS_KEY": "ak-1", "S3_SECRET_KEY": "s3cr3t/+=%&'$x"}
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", **STORE_KEYS, "S3_SECRET_KEY": "s3cr3t/+=%&'$x"}
     started = subprocess.run(["sh", "-c", seaweedfs_command()], env=env, capture_output=True, text=True, timeout=30)
     assert started.returncode == 0, started.stderr
-    credentials = json.loads(started.stdout)["identities"][0]["credentials"][0]
-    assert credentials == {"accessKey": "ak-1", "secretKey": "s3cr3t/+=%&'$x"}
-    seaweedfs = resolved["services"]["seaweedfs"]
+    keys_line, arguments, identities = started.stdout.split("\n", 2)
+    signing, filer_signing = keys_line.split()
+    assert len(signing) == len(filer_signing) == 64 and signing != filer_signing  # random, per start
+    assert "-ip.bind=127.0.0.1" in arguments and "-s3.ip.bind=0.0.0.0" in arguments  # only the S3 gateway is reachable
+    app, admin = json.loads(identities)["identities"]
+    assert app["credentials"] == [{"accessKey": "app-key", "secretKey": "s3cr3t/+=%&'$x"}]
+    assert sorted(app["actions"]) == sorted(
+        ["Read:sd-images", "Write:sd-images", "List:sd-images", "Tagging:sd-images", "Read:models", "List:models"]
+    )  # no Admin, no other bucket
+    assert (
+        admin["credentials"] == [{"accessKey": "admin-key", "secretKey": "admin-secret"}]
+        and "Admin" in admin["actions"]
+    )
+    services = resolved["services"]
+    for setup in ("models-publish", "image-bucket"):  # only the one-shot setup uses the admin identity
+        assert services[setup]["environment"]["AWS_ACCESS_KEY_ID"] == "change-me-admin-access-key"
+    for app_service in ("app", "app-cpu", "app-ray", "app-ray-2"):
+        environment = services[app_service]["environment"]
+        assert environment["AWS_ACCESS_KEY_ID"] == "change-me-access-key" and environment["S3_CREATE_BUCKET"] == "false"
+        assert services[app_service]["depends_on"]["image-bucket"] == {"condition": "service_completed_successfully"}
+    seaweedfs = services["seaweedfs"]
     assert "http://127.0.0.1:8333/healthz" in seaweedfs["healthcheck"]["test"]
     grace = seaweedfs["stop_grace_period"]
     assert grace.endswith("s") and int(grace.rstrip("s")) > 10  # longer than the volume server's 10 s pre-stop
+
+
+def test_the_image_bucket_step_creates_the_bucket_once(s3_server: S3Server, resolved: dict[str, Any]) -> None:
+    service = resolved["services"]["image-bucket"]
+    bucket = f"images-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "S3_BUCKET": bucket, "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
+    command = [sys.executable, *service["entrypoint"][1:], *service["command"]]
+    for _ in range(2):  # a second start finds it and succeeds
+        made = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0 and f"bucket '{bucket}' is ready" in made.stdout, made.stderr
+    bad = subprocess.run([sys.executable, "-m", "storage"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage: python -m storage create-bucket" in bad.stderr
 
 
 def test_prometheus_sends_alerts_to_a_valid_alertmanager(resolved: dict[str, Any]) -> None:
