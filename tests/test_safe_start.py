@@ -30,6 +30,8 @@ def test_placeholder_and_short_secrets_are_refused_by_name_never_shown() -> None
     assert short is not None and short.startswith("LINK_SECRET must be at least 32") and "too-short" not in short
     assert refusal(["--link-secret", "change-me-" + "x" * 40]) is not None
     assert refusal(["--link-secret", "y" * 32]) is None
+    app = refusal(["--app-secret", "change-me-app-secret-but-long-enough-anyway"])
+    assert app is not None and app.startswith("APP_SECRET must be at least 32")
     aws = refusal([], {**GOOD_ENV, "AWS_SECRET_ACCESS_KEY": "change-me-secret-key"})
     assert aws is not None and "AWS_SECRET_ACCESS_KEY" in aws and "change-me-secret-key" not in aws
     login = refusal(["--auth-users", "alice:change-me"])

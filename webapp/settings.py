@@ -317,18 +317,11 @@ CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 def refuse_unsafe_start(settings: Settings, logins: list[tuple[str, str]], environ: Mapping[str, str]) -> None:
     """Stop start-up (``SettingsError``, naming the setting, never its value) on a placeholder or
     weak secret, or on an address beyond loopback with no login unless ALLOW_ANONYMOUS says so."""
-    if settings.link_secret is not None:
-        secret = settings.link_secret.get_secret_value()
-        if secret.startswith(PLACEHOLDER_PREFIX) or len(secret.encode()) < MIN_HMAC_KEY_BYTES:
+    for name, value in (("LINK_SECRET", settings.link_secret), ("APP_SECRET", settings.app_secret)):
+        secret = value.get_secret_value() if value is not None else None
+        if secret is not None and (secret.startswith(PLACEHOLDER_PREFIX) or len(secret.encode()) < MIN_HMAC_KEY_BYTES):
             raise SettingsError(
-                f"LINK_SECRET must be at least {MIN_HMAC_KEY_BYTES} random bytes, not a placeholder "
-                "(make one: openssl rand -hex 32)"
-            )
-    if settings.app_secret is not None:
-        secret = settings.app_secret.get_secret_value()
-        if secret.startswith(PLACEHOLDER_PREFIX) or len(secret.encode()) < MIN_HMAC_KEY_BYTES:
-            raise SettingsError(
-                f"APP_SECRET must be at least {MIN_HMAC_KEY_BYTES} random bytes, not a placeholder "
+                f"{name} must be at least {MIN_HMAC_KEY_BYTES} random bytes, not a placeholder "
                 "(make one: openssl rand -hex 32)"
             )
     for name in CREDENTIAL_VARIABLES:
