@@ -278,12 +278,39 @@ def test_the_image_entrypoint_starts_the_app_here(tiny_model_dir: Path, tmp_path
         assert process.wait(timeout=60) == 0
 
 
+@pytest.mark.parametrize(
+    ("service", "variable"), [("ray-head", "RAY_AUTH_TOKEN"), ("grafana", "GF_SECURITY_ADMIN_PASSWORD")]
+)
+def test_services_refuse_the_placeholder_secrets(
+    resolved: dict[str, Any], tmp_path: Path, service: str, variable: str
+) -> None:
+    """The stack's other secrets: the service's own command runs only with a real one."""
+    entrypoint = resolved["services"][service]["entrypoint"]
+    for program in ("ray", "run.sh"):  # stand-ins for what the images run
+        fake = tmp_path / program
+        fake.write_text('#!/bin/sh\necho started "$@"\n')
+        fake.chmod(0o755)
+    script = (
+        entrypoint[2].replace("$$", "$").replace("exec /run.sh", f"exec {tmp_path}/run.sh")
+    )  # as the container sees it
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    for value, refused in (("change-me-ray-token", True), ("change-me", True), ("", True), ("a-real-one", False)):
+        ran = subprocess.run(
+            ["sh", "-c", script, entrypoint[3], "--flag"], env={**env, variable: value}, capture_output=True, text=True
+        )
+        assert (ran.returncode == 64) == refused, (value, ran.stdout, ran.stderr)
+        assert ("started" in ran.stdout) != refused and ("placeholder" in ran.stderr) == refused
+        if not refused:
+            assert ran.stdout.strip().endswith("--flag")  # the service's own arguments still arrive
+
+
 def test_the_ray_profile_wires_one_cluster_two_front_ends_and_one_token(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
     image = services["app-ray"]["image"]
     assert all(services[name]["image"] == image for name in ("ray-head", "ray-gpu-worker", "app-ray-2"))
     head, worker = services["ray-head"], services["ray-gpu-worker"]
-    assert head["entrypoint"] == worker["entrypoint"] == ["ray", "start"]
+    assert head["entrypoint"] == worker["entrypoint"] and head["entrypoint"][-1] == "ray-start"
+    assert 'exec ray start "$$@"' in head["entrypoint"][2]  # Ray's own command, after the token check
     assert {"--head", "--port=6379", "--num-cpus=0", "--num-gpus=0", "--block"} <= set(head["command"])
     assert {"--address=ray-head:6379", "--num-gpus=1", "--block"} <= set(worker["command"])
     for node in (head, worker):

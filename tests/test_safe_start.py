@@ -34,6 +34,8 @@ def test_placeholder_and_short_secrets_are_refused_by_name_never_shown() -> None
     assert app is not None and app.startswith("APP_SECRET must be at least 32")
     aws = refusal([], {**GOOD_ENV, "AWS_SECRET_ACCESS_KEY": "change-me-secret-key"})
     assert aws is not None and "AWS_SECRET_ACCESS_KEY" in aws and "change-me-secret-key" not in aws
+    ray = refusal([], {**GOOD_ENV, "RAY_AUTH_TOKEN": "change-me-ray-token"})
+    assert ray is not None and ray.startswith("RAY_AUTH_TOKEN is still the placeholder")
     login = refusal(["--auth-users", "alice:change-me"])
     assert login is not None and "'alice'" in login
 

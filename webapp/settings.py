@@ -311,7 +311,7 @@ class Settings(BaseSettings):
 PLACEHOLDER_PREFIX = "change-me"  # what .env.example ships: never a secret in service
 MIN_HMAC_KEY_BYTES = 32
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN")
 
 
 def refuse_unsafe_start(settings: Settings, logins: list[tuple[str, str]], environ: Mapping[str, str]) -> None:
