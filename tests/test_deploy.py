@@ -412,6 +412,10 @@ def test_the_kuberay_example_deploys_the_pipeline_and_front_ends_that_join_it() 
             assert each["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     assert {pod["metadata"]["labels"]["app"] for pod in pods} == {"sd-service-ray"}
     env = {item["name"]: item.get("value") for item in container["env"]}
+    secrets = {
+        item["name"]: item["valueFrom"]["secretKeyRef"]["name"] for item in container["env"] if "valueFrom" in item
+    }
+    assert secrets["APP_SECRET"] == "sd-service-app-secret"  # shared by the front ends, never in the manifest
     assert env["RAY_ADDRESS"] == "auto" and env["RAY_DEPLOY"] == "never" and env["RAY_AUTH_MODE"] == "token"
     args = application["args"]
     assert (env["RAY_REPLICAS"], env["RAY_MAX_REPLICAS"]) == (args["ray_replicas"], str(args["ray_max_replicas"]))
