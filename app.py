@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from monitoring.server import MetricsServer
 from sd_pipeline.admission import Admission
 from sd_pipeline.contract.backend import Backend, BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
-from sd_pipeline.contract.models import ModelDefaults, is_s3_model
+from sd_pipeline.contract.models import is_s3_model
 from sd_pipeline.models.cache import ModelCache
 from sd_pipeline.models.location import ModelLocation
 from sd_pipeline.models.registry import ModelRegistry, make_client
@@ -54,7 +54,6 @@ class Parts:
     service: ImageService | None = None
     rollout: ModelRollout | None = None
     native_size: int = 512  # the model's own side: the default width and height
-    model_defaults: ModelDefaults = field(default_factory=ModelDefaults)  # what the model recommends at start
 
 
 def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, LocalStore | None]:
@@ -126,9 +125,9 @@ def build_rollout(
 ) -> ModelRollout | None:
     """The watcher of an ``s3://`` model's ``current`` version (None for a pinned version, a folder or a Hub id)."""
     store = settings.model_store()
-    if store is None or ModelLocation.parse(settings.sd_model).pinned is not None:
+    location = ModelLocation.parse(settings.sd_model) if store is not None else None
+    if store is None or location is None or location.pinned is not None:
         return None
-    location = ModelLocation.parse(settings.sd_model)
     cache = ModelCache(Path(store.cache_dir))
     cache.remember_served(location, resolved.version)
     return ModelRollout(
@@ -184,7 +183,7 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     health.pipeline_readiness = backend.readiness_problem
     health.pipeline_liveness = backend.liveness_problem
     info = backend.start()
-    parts.native_size, parts.model_defaults = info.native_size, info.defaults
+    parts.native_size = info.native_size
     report_model(metrics, info)
     parts.admission = Admission(
         backend,
@@ -254,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits=settings.limits(),
         model_name=parts.service.backend.model,
         default_size=parts.native_size,
-        model_defaults=parts.model_defaults,
+        model_defaults=parts.service.model_defaults,
         trusted_proxies=parse_networks(settings.trusted_proxies),
         owner_secret=secret,
     )

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 from storage import keys
 from storage.base import StorageError, disk_full
+from storage.files import write_atomic
 from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
 
 LINK_ROUTE = "/files"
@@ -69,8 +70,8 @@ class LocalStore:
         """Write the PNG and its record (atomically, via a temporary file and rename)."""
         stored = record.model_copy(update={"status": "stored"})
         try:
-            _write_atomic(self._path(keys.image_key("", record.owner, record.id)), png)
-            _write_atomic(self._path(keys.record_key("", record.owner, record.id)), stored.model_dump_json().encode())
+            write_atomic(self._path(keys.image_key("", record.owner, record.id)), png)
+            write_atomic(self._path(keys.record_key("", record.owner, record.id)), stored.model_dump_json().encode())
         except OSError as error:
             raise disk_full(error, self.root) or StorageError(
                 f"cannot write to data folder {self.root}: {error.strerror}"
@@ -101,7 +102,7 @@ class LocalStore:
                 image = self._path(keys.image_key("", owner, record.id))
                 image.parent.mkdir(parents=True, exist_ok=True)
                 self._path(keys.image_key("", earlier_owner, record.id)).replace(image)
-                _write_atomic(self._path(keys.record_key("", owner, record.id)), record.model_dump_json().encode())
+                write_atomic(self._path(keys.record_key("", owner, record.id)), record.model_dump_json().encode())
                 path.unlink()
                 moved += 1
         except OSError as error:
@@ -159,19 +160,3 @@ class LocalStore:
 
     def close(self) -> None:
         """Nothing to release."""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a temporary file, fsync it, rename it into place, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from storage.base import SpoolFullError, StorageError, disk_full
+from storage.files import sync_folder, write_synced
 from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
 from storage.s3 import S3_ERRORS, S3Store
 
@@ -72,8 +73,7 @@ class Spool:
         """Keep one upload on disk; raises ``SpoolFullError`` when over the limits."""
         with self._lock:
             entries = self.entries()
-            used = sum(_size(entry) for entry in entries)
-            if len(entries) >= self.limits.max_items or used + len(png) > self.limits.max_bytes:
+            if not self._fits(entries, len(png)):
                 raise SpoolFullError(
                     f"storage is unavailable and the upload spool is full ({len(entries)} images waiting); "
                     "nothing was saved, try again later"
@@ -94,8 +94,12 @@ class Spool:
 
     def has_room(self) -> bool:
         """Whether one more image fits (a write test too: a read-only or missing folder has none)."""
-        entries = self.entries()
-        return len(entries) < self.limits.max_items and os.access(self.folder, os.W_OK)
+        return self._fits(self.entries(), 1) and os.access(self.folder, os.W_OK)
+
+    def _fits(self, entries: list[Path], size: int) -> bool:
+        """Whether ``size`` more bytes, as one more entry, stay within the limits."""
+        used = sum(_size(entry) for entry in entries)
+        return len(entries) < self.limits.max_items and used + size <= self.limits.max_bytes
 
     def load(self, entry: Path) -> tuple[bytes, ImageRecord]:
         record = ImageRecord.model_validate_json((entry / RECORD_FILE).read_bytes())
@@ -139,23 +143,6 @@ def _size(entry: Path) -> int:
         return sum(path.stat().st_size for path in entry.iterdir())
     except FileNotFoundError:  # uploaded (and removed) by another front end meanwhile
         return 0
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    """Write and fsync a file."""
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def sync_folder(folder: Path) -> None:
-    """fsync a folder, so the names created or renamed in it are on disk."""
-    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 class SpoolingStore:

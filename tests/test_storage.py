@@ -463,6 +463,6 @@ def test_a_full_disk_is_a_clear_storage_full_error(tmp_path: Path, monkeypatch: 
         spool.put(small_png(), make_record(OWNER))
     assert list((tmp_path / "spool").iterdir()) == []  # no half-written entry left behind
     local = LocalStore(tmp_path / "data", secret=b"s" * 32, link_ttl_seconds=60)
-    monkeypatch.setattr("storage.local._write_atomic", no_space)
+    monkeypatch.setattr("storage.local.write_atomic", no_space)
     with pytest.raises(StorageFullError, match="storage full"):
         local.save(small_png(), make_record(OWNER))

@@ -22,6 +22,7 @@ from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.models.location import MANIFEST, ModelLocation, check_version_name
 from sd_pipeline.models.manifest import Manifest
 from sd_pipeline.models.registry import ModelRegistry, RegistryError
+from storage.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class ModelCache:
                 shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
                 raise VersionRefusedError(f"{location}@{version} does not match its manifest: {shown}")
             (partial / MANIFEST).write_bytes(manifest.to_json())
-            _write_synced(partial / VERIFIED_MARK, manifest.digest)
+            write_atomic(partial / VERIFIED_MARK, manifest.digest.encode())
             final = parent / version
             if final.exists():  # an unverified leftover, or another process got there first
                 if self.cached(location, version) is not None:
@@ -113,7 +114,7 @@ class ModelCache:
         """Record that this host served ``version`` (read back when ``current`` is unreachable)."""
         folder = self.model_folder(location)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_synced(folder / LAST_SERVED, version)
+        write_atomic(folder / LAST_SERVED, version.encode())
 
     def last_served(self, location: ModelLocation) -> CachedVersion | None:
         """The version this host served last, if it is still in the cache."""
@@ -134,13 +135,3 @@ class ModelCache:
 
 def _safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", part) or "_"
-
-
-def _write_synced(path: Path, text: str) -> None:
-    """Write, fsync, then rename into place: never a half-written file after a crash."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -66,3 +66,13 @@ class ModelLocation:
     def __str__(self) -> str:
         pinned = f"@{self.pinned}" if self.pinned else ""
         return f"{S3_SCHEME}{self.bucket}/{self.prefix}{pinned}"
+
+
+def pinned_version(model: str) -> str:
+    """The version ``s3://BUCKET/PREFIX@NAME`` pins; "" for anything else (unpinned, a folder, a Hub id)."""
+    if not model.startswith(S3_SCHEME):
+        return ""
+    try:
+        return ModelLocation.parse(model).pinned or ""
+    except LocationError:
+        return ""

@@ -47,8 +47,8 @@ def resolve_model(model: str, store: ModelStore | None) -> ResolvedModel:
     registry = ModelRegistry(make_client(store), location)
     try:
         if location.pinned is not None:
-            return _from_cache(fetch_version(cache, registry, location.pinned))
-        return _from_cache(fetch_version(cache, registry, registry.current()))
+            return _from_cache(cache.fetch(registry, location.pinned))
+        return _from_cache(cache.fetch(registry, registry.current()))
     except RegistryUnavailableError as error:
         fallback = cache.last_served(location) if location.pinned is None else None
         if fallback is None:
@@ -60,11 +60,6 @@ def resolve_model(model: str, store: ModelStore | None) -> ResolvedModel:
         return _from_cache(fallback, note=note)
     except RegistryError as error:
         raise ModelLoadError(f"cannot use model '{model}': {error}") from None
-
-
-def fetch_version(cache: ModelCache, registry: ModelRegistry, version: str) -> CachedVersion:
-    """A version from the cache, without S3 if it is there; else downloaded and verified."""
-    return cache.fetch(registry, version)
 
 
 def _from_cache(cached: CachedVersion, *, note: str | None = None) -> ResolvedModel:

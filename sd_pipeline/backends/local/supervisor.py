@@ -36,6 +36,7 @@ from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
 from sd_pipeline.contract.plans import RestartPolicy
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.models.location import pinned_version
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class LocalBackend:
         one again if the new cannot start): requests wait, none fail."""
         with self._condition:
             self._switching = True
-            self._notice = f"waiting while the model switches to {_version_of(settings.model)}"
+            self._notice = f"waiting while the model switches to {pinned_version(settings.model) or settings.model}"
             old = self._worker
         try:
             if old is not None:
@@ -346,8 +347,3 @@ class LocalBackend:
     def _report_up(self, up: bool) -> None:
         if self.observer is not None:
             self.observer.worker_up(up=up)
-
-
-def _version_of(model: str) -> str:
-    """``v2`` for ``s3://bucket/prefix@v2``; the model itself otherwise."""
-    return model.rpartition("@")[2] or model

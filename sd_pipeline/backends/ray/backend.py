@@ -51,6 +51,7 @@ from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
 from sd_pipeline.contract.plans import RayPlan
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.models.location import pinned_version
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +148,12 @@ class RayBackend:
         serve it (another front end rolled it out)."""
         settings = self.settings.model_copy(update={"model": model})
         tokens = token_budget(settings)  # fetches and verifies a version from S3 first
-        target = _pinned_version(model)
-        if target and self.info is not None and self._describe(timeout=30).version == target:
-            self.settings, self.checker.tokens = settings, tokens
-            self.info = self._describe(timeout=30)
-            return self.info
+        target = pinned_version(model)
+        if target and self.info is not None:
+            serving = self._describe(timeout=30)
+            if serving.version == target:  # another front end rolled it out already
+                self.settings, self.info, self.checker.tokens = settings, serving, tokens
+                return serving
         deadline = time.monotonic() + self.plan.start_timeout
         self._notice = f"waiting for a replica while the model is updated to {target or model}"
         try:
@@ -360,11 +362,6 @@ class RayBackend:
             return
         for fact in facts:
             replay(fact, self.observer)
-
-
-def _pinned_version(model: str) -> str:
-    """The version a pinned ``s3://...@NAME`` names ("" for anything else)."""
-    return model.rpartition("@")[2] if model.startswith("s3://") and "@" in model else ""
 
 
 def _on_loopback(address: str) -> bool:
