@@ -31,26 +31,31 @@ class NoSuchImageError(ForbiddenLinkError):
 
 def load_or_create_secret(data_dir: Path, name: str = SECRET_FILE) -> bytes:
     """The signing secret kept in ``data_dir`` (made once, readable by the owner only). Written to a
-    temporary file, fsynced, then renamed: an interrupted first start never leaves an empty secret,
-    and a file shorter than ``MIN_SECRET_BYTES`` stops start-up instead of signing with it."""
+    temporary file, fsynced, then linked into place, which fails if another front end on the same
+    folder made it first (its secret is then used): an interrupted first start never leaves an empty
+    secret, two front ends never sign with two secrets, and a file shorter than
+    ``MIN_SECRET_BYTES`` stops start-up instead of signing with it."""
     path = data_dir / name
-    if path.exists():
-        secret = path.read_bytes()
-        if len(secret) < MIN_SECRET_BYTES:
-            raise StorageError(
-                f"{path} holds {len(secret)} bytes, fewer than {MIN_SECRET_BYTES}: remove it (links signed with it "
-                "stop working) and start again, or set LINK_SECRET"
-            )
-        return secret
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    temporary = path.with_name(f"{name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(secret)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{name}.{secrets.token_hex(4)}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another front end got there first: use its secret
+        finally:
+            temporary.unlink()
+    secret = path.read_bytes()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise StorageError(
+            f"{path} holds {len(secret)} bytes, fewer than {MIN_SECRET_BYTES}: remove it (links signed with it "
+            "stop working) and start again, or set LINK_SECRET"
+        )
     return secret
 
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,18 @@ def test_the_cache_verifies_every_file_and_then_needs_no_s3(
     assert cache.fetch(offline, "good").path == fetched.path  # a cached version starts without S3
     (fetched.path / "unet" / "config.json").unlink()  # damaged on disk after the fact: the manifest says so
     assert fetched.manifest.problems(fetched.path) == ["unet/config.json: missing"]
+
+
+def test_two_processes_fetching_one_version_both_get_it(
+    registry: ModelRegistry, store: ModelStore, tiny_model_dir: Path
+) -> None:
+    """Front ends sharing a cache folder may fetch the same version at once: both end with it."""
+    registry.publish(tiny_model_dir, "v1")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        fetched = list(pool.map(lambda _: ModelCache(Path(store.cache_dir)).fetch(registry, "v1"), range(4)))
+    assert len({version.path for version in fetched}) == 1
+    assert fetched[0].manifest.problems(fetched[0].path) == []
+    assert [path.name for path in fetched[0].path.parent.iterdir()] == ["v1"]  # no partial download left
 
 
 def test_resolving_follows_current_and_falls_back_to_the_last_version_served(

@@ -9,6 +9,7 @@ import io
 import multiprocessing
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -466,3 +467,10 @@ def test_a_full_disk_is_a_clear_storage_full_error(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr("storage.local.write_atomic", no_space)
     with pytest.raises(StorageFullError, match="storage full"):
         local.save(small_png(), make_record(OWNER))
+
+
+def test_front_ends_starting_together_on_one_folder_share_one_secret(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        made = list(pool.map(lambda _: load_or_create_secret(tmp_path, ".app-secret"), range(8)))
+    assert len(set(made)) == 1 and len(made[0]) == 32
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".app-secret"]  # no temporary left behind

@@ -93,11 +93,14 @@ class ModelCache:
             (partial / MANIFEST).write_bytes(manifest.to_json())
             write_atomic(partial / VERIFIED_MARK, manifest.digest.encode())
             final = parent / version
-            if final.exists():  # an unverified leftover, or another process got there first
-                if self.cached(location, version) is not None:
-                    return self.cached(location, version)  # type: ignore[return-value]
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
+            if final.exists() and self.cached(location, version) is None:
+                shutil.rmtree(final, ignore_errors=True)  # an unverified leftover
+            try:
+                os.replace(partial, final)
+            except OSError:  # another process (a front end on the same cache) put it in place first
+                if (theirs := self.cached(location, version)) is not None:
+                    return theirs
+                raise
             logger.info(
                 "downloaded and verified %s@%s (%d files, %.1f MB) in %.1fs",
                 location,

@@ -82,7 +82,10 @@ class ModelRollout:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            self.check_once()
+            try:
+                self.check_once()
+            except Exception:
+                logger.exception("checking the model's current version failed; trying again at the next check")
 
     def check_once(self) -> RolloutOutcome | None:
         """Read ``current`` and roll out a new version; the outcome, or None when nothing changed."""
