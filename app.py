@@ -149,6 +149,7 @@ def report_model(metrics: Metrics, info: BackendInfo) -> None:
         device=info.device,
         dtype=info.dtype,
         seconds=info.load_seconds,
+        simulated=info.simulated,
     )
 
 

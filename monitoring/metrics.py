@@ -179,11 +179,20 @@ class Metrics:
             self.images.inc(images)
 
     def model_loaded(
-        self, *, model: str, device: str, dtype: str, seconds: float, version: str = "", model_hash: str = ""
+        self,
+        *,
+        model: str,
+        device: str,
+        dtype: str,
+        seconds: float,
+        version: str = "",
+        model_hash: str = "",
+        simulated: str = "",
     ) -> None:
-        """The model in service (again after each rollout)."""
+        """The model in service (again after each rollout); ``simulated``: the modelled accelerator, if any."""
         self.model_load.set(seconds)
-        self.model_info.info({"model": model, "version": version, "hash": model_hash, "device": device, "dtype": dtype})
+        labels = {"model": model, "version": version, "hash": model_hash, "device": device, "dtype": dtype}
+        self.model_info.info({**labels, "simulated": simulated})
 
     # RolloutObserver (sd_pipeline.models.rollout)
     def model_rollout(self, *, outcome: str) -> None:

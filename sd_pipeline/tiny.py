@@ -63,6 +63,19 @@ TINY_UNET: dict[str, Any] = {
     "cross_attention_dim": 32,
     "norm_num_groups": 32,
 }
+# Compute-heavy: a few hundred ms per 64x64, 10-step image on two CPU cores, so that the model's
+# compute dominates a served request (bench.threads, bench.serving --kind heavy).
+HEAVY_UNET: dict[str, Any] = {**TINY_UNET, "block_out_channels": (256, 512)}
+# Nearly free: no attention, one block (about 1 ms a call on one core), for the simulated accelerator
+# (SD_SIMULATED_GPU), where the modelled time is slept and the real modules should cost little.
+MICRO_UNET: dict[str, Any] = {
+    **TINY_UNET,
+    "block_out_channels": (8,),
+    "down_block_types": ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",),
+    "mid_block_type": None,
+    "norm_num_groups": 8,
+}
 TINY_VAE: dict[str, Any] = {  # four blocks: latents are 1/8 of the image per side, as in real SD
     "block_out_channels": (32, 32, 32, 32),
     "layers_per_block": 1,
@@ -73,6 +86,7 @@ TINY_VAE: dict[str, Any] = {  # four blocks: latents are 1/8 of the image per si
     "latent_channels": 4,
     "norm_num_groups": 32,
 }
+MICRO_VAE: dict[str, Any] = {"block_out_channels": (8, 8, 8, 8), "norm_num_groups": 8}  # over TINY_VAE
 TINY_TEXT: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 37,
@@ -128,9 +142,17 @@ def save_random_pipeline(
     return folder
 
 
-def build_tiny_pipeline(folder: str | Path, *, seed: int = 0) -> Path:
-    """Create a small random SD pipeline and ``save_pretrained`` it into ``folder``."""
-    return save_random_pipeline(folder, unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=seed)
+KINDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "tiny": (TINY_UNET, TINY_VAE),
+    "heavy": (HEAVY_UNET, TINY_VAE),
+    "micro": (MICRO_UNET, {**TINY_VAE, **MICRO_VAE}),
+}
+
+
+def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny") -> Path:
+    """Create a small random SD pipeline (``kind``: tiny, heavy or micro) and ``save_pretrained`` it into ``folder``."""
+    unet, vae = KINDS[kind]
+    return save_random_pipeline(folder, unet=unet, vae=vae, text=TINY_TEXT, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,8 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="where to write the pipeline")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument(
+        "--kind", choices=sorted(KINDS), default="tiny", help="heavy: compute dominates; micro: nearly free modules"
+    )
     args = parser.parse_args(argv)
-    path = build_tiny_pipeline(args.folder, seed=args.seed)
+    path = build_tiny_pipeline(args.folder, seed=args.seed, kind=args.kind)
     print(f"tiny pipeline written to {path}; run: python app.py --model {path}")
 
 

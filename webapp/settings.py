@@ -15,6 +15,7 @@ from sd_pipeline.contract.models import ModelStore, is_s3_model
 from sd_pipeline.contract.plans import DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
 from sd_pipeline.contract.request import RequestLimits
 from sd_pipeline.contract.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings, PreviewName
+from sd_pipeline.contract.simulation import SimulatedAccelerator
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
 from webapp.owners import parse_networks
 
@@ -79,6 +80,12 @@ class Settings(BaseSettings):
         0.5, gt=0, description="at most one preview per request this often (and only after a new step)"
     )
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
+    sd_simulated_gpu: str | None = Field(
+        None,
+        description="benchmarks only: each UNet/VAE call lasts a modelled accelerator's time, "
+        "'unet=A+B*n,vae=C*n' in ms (n = images, guidance counts twice) or 'h200'; the real module runs, "
+        "then the process sleeps; a Ray replica then asks for no CPU or GPU",
+    )
 
     host: str = Field("127.0.0.1", description="address the web app binds (0.0.0.0 in containers)")
     port: int = Field(7860, ge=1, le=65535, description="web app port")
@@ -179,6 +186,11 @@ class Settings(BaseSettings):
         parse_networks(value)  # ValueError names the bad entry
         return value
 
+    @field_validator("sd_simulated_gpu")
+    @classmethod
+    def _simulation_reads(cls, value: str | None) -> str | None:
+        return SimulatedAccelerator.parse(value).spec if value else None
+
     @field_validator("s3_prefix")
     @classmethod
     def _prefix_ends_with_slash(cls, value: str) -> str:
@@ -212,6 +224,7 @@ class Settings(BaseSettings):
             preview_decoder=self.sd_preview_decoder,
             preview_interval=self.preview_interval_seconds,
             max_pixels=self.max_pixels,
+            simulated_gpu=self.sd_simulated_gpu,
         )
 
     @field_validator("ray_replicas", mode="before")
@@ -239,14 +252,15 @@ class Settings(BaseSettings):
         )
 
     def replica_plan(self) -> ReplicaPlan:
-        """How many Ray replicas, what each holds and how much each takes."""
+        """How many Ray replicas, what each holds and how much each takes (a simulated accelerator: nothing)."""
+        simulated = self.sd_simulated_gpu is not None
         return ReplicaPlan(
             replicas=None if self.ray_replicas == "auto" else self.ray_replicas,
             min_replicas=self.ray_min_replicas,
             max_replicas=self.ray_max_replicas,
             autoscaling=self.ray_autoscaling,
-            gpus_per_replica=self.ray_gpus_per_replica,
-            cpus_per_replica=self.ray_cpus_per_replica,
+            gpus_per_replica=0 if simulated else self.ray_gpus_per_replica,
+            cpus_per_replica=0 if simulated else self.ray_cpus_per_replica,
             max_batch_images=self.max_batch_size,
             max_queued_requests=self.ray_max_queued_requests or -1,
             stall_seconds=self.worker_stall_seconds,

@@ -28,6 +28,7 @@ class BackendInfo:
     version: str = ""  # the published version (models from S3), "" for a Hub id or a plain folder
     model_hash: str = ""  # short hash of the version's manifest, as PNGs carry it ("Model hash:")
     defaults: ModelDefaults = field(default_factory=ModelDefaults)  # what the model recommends
+    simulated: str = ""  # the modelled accelerator (SD_SIMULATED_GPU, benchmarks only); "" for the real device
 
     @property
     def label(self) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from sd_pipeline.contract.models import ModelStore
+from sd_pipeline.contract.simulation import SimulatedAccelerator
 
 DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
 
@@ -41,3 +42,15 @@ class PipelineSettings(BaseModel):
     )
     preview_decoder: str | None = Field(None, description="folder of a diffusers AutoencoderTiny (for taesd)")
     preview_interval: float = Field(0.5, gt=0, description="seconds between two previews of one request")
+    simulated_gpu: str | None = Field(
+        None, description="benchmarks only: model each UNet/VAE call's time, e.g. 'unet=32.6+1.1*n,vae=13*n' or 'h200'"
+    )
+
+    @field_validator("simulated_gpu")
+    @classmethod
+    def _simulation_reads(cls, value: str | None) -> str | None:
+        return SimulatedAccelerator.parse(value).spec if value else None
+
+    def simulation(self) -> SimulatedAccelerator | None:
+        """The modelled accelerator, or None for the real device."""
+        return SimulatedAccelerator.parse(self.simulated_gpu) if self.simulated_gpu else None

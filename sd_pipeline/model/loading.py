@@ -19,6 +19,7 @@ from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.settings import DeviceName, DtypeName, PipelineSettings
+from sd_pipeline.model.simulated import simulate_accelerator
 from sd_pipeline.models.resolve import ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class LoadedPipeline:
     version: str = ""
     model_hash: str = ""
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    simulated: str = ""  # SD_SIMULATED_GPU's model when the accelerator is simulated (benchmarks)
 
     @property
     def native_size(self) -> int:
@@ -61,6 +63,7 @@ class LoadedPipeline:
             version=self.version,
             model_hash=self.model_hash,
             defaults=self.defaults,
+            simulated=self.simulated,
         )
 
 
@@ -176,6 +179,9 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     apply_speedups(pipeline, settings, device)
+    simulation = settings.simulation()
+    if simulation is not None:
+        simulate_accelerator(pipeline, simulation)
     load_seconds = time.perf_counter() - started
     label = f"{resolved.name}@{resolved.version}" if resolved.version else settings.model
     logger.info("loaded %s on %s (%s) in %.1fs", label, device, dtype, load_seconds)
@@ -190,4 +196,5 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
         version=resolved.version,
         model_hash=resolved.model_hash,
         defaults=resolved.defaults,
+        simulated=simulation.spec if simulation else "",
     )
