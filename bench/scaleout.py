@@ -1,6 +1,7 @@
 """Scale-out on Ray Serve: the same app with 1 and with 2 pipeline replicas, in one run.
 
     python -m bench.scaleout [--model DIR] [--size 128] [--steps 10] [--clients 8] [--quick]
+    python -m bench.scaleout --simulate [h200|unet=A+B*n,vae=C*n] [...]   # bench.scaleout_simulated
 
 The launched app (local storage) with ``RAY_ADDRESS=local`` and ``RAY_REPLICAS`` = 1, then 2;
 on the CPU each replica holds one CPU and one torch thread (``RAY_CPUS_PER_REPLICA=1``), on a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +73,11 @@ def measure(model: str, replicas: int, *, size: int, steps: int, clients: int, p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--simulate" in argv:
+        from bench import scaleout_simulated
+
+        return scaleout_simulated.main(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serving_arguments(parser, "scaleout.json")
     parser.add_argument("--clients", type=int, default=8)

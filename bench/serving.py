@@ -1,6 +1,6 @@
 """Served throughput: the raw pipeline, a naive Gradio peer, and this app, in one run.
 
-    python -m bench.serving [--model DIR] [--size 64] [--steps 10] [--quick]
+    python -m bench.serving [--model DIR | --kind tiny|heavy] [--size 64] [--steps 10] [--quick]
     python -m bench.serving --open-loop [...]   # bench.open_loop: Poisson arrivals on the step engine
     python -m bench.serving --previews [...]    # bench.previews: 8 clients with previews off, approx, taesd
 
@@ -28,23 +28,28 @@ from diffusers import StableDiffusionPipeline
 from gradio_client import Client
 
 from bench.common import add_serving_arguments, machine, median, percentile, table, write_json
-from sd_pipeline.tiny import build_tiny_pipeline
+from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 from tests.app_server import ROOT, launched_app
 from tests.servers import free_port, running_s3_server, wait_for_port
 
 CLIENT_COUNTS = (1, 4, 8)
 
 
-def raw_pipeline(model: str, *, size: int, steps: int, requests_count: int) -> dict[str, float]:
-    """One request at a time straight into diffusers, in this process."""
+def raw_pipeline(
+    model: str, *, size: int, steps: int, requests_count: int, batch: int = 1, compile_unet: bool = False
+) -> dict[str, float]:
+    """``requests_count`` calls straight into diffusers, one at a time, ``batch`` images each, in this process."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipeline = StableDiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
     pipeline.set_progress_bar_config(disable=True)
+    if compile_unet:
+        pipeline.unet = torch.compile(pipeline.unet)
 
     def one(seed: int) -> None:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        pipeline("a lighthouse at dusk", num_inference_steps=steps, width=size, height=size, generator=generator)
+        generators = [torch.Generator("cpu").manual_seed(seed * batch + n) for n in range(batch)]
+        prompts = ["a lighthouse at dusk"] * batch
+        pipeline(prompts, num_inference_steps=steps, width=size, height=size, generator=generators)
 
     one(0)
     latencies = []
@@ -54,7 +59,11 @@ def raw_pipeline(model: str, *, size: int, steps: int, requests_count: int) -> d
         one(seed)
         latencies.append(time.perf_counter() - began)
     wall = time.perf_counter() - started
-    return {"images_per_s": requests_count / wall, "p50_s": median(latencies), "p95_s": percentile(latencies, 0.95)}
+    return {
+        "images_per_s": requests_count * batch / wall,
+        "p50_s": median(latencies),
+        "p95_s": percentile(latencies, 0.95),
+    }
 
 
 def drive(url: str, *, clients: int, per_client: int, call: Any, downloads: Path | None) -> dict[str, float]:
@@ -137,19 +146,30 @@ def measure_peer(
 
 
 def measure_app(
-    model: str, *, size: int, steps: int, per_client: dict[int, int], work: Path
+    model: str,
+    *,
+    size: int,
+    steps: int,
+    per_client: dict[int, int],
+    work: Path,
+    client_counts: tuple[int, ...] = CLIENT_COUNTS,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 120,
 ) -> dict[int, dict[str, float]]:
+    """The launched app with S3 storage on loopback (moto) at each client count, and what its metrics say."""
     results: dict[int, dict[str, float]] = {}
     with running_s3_server() as s3:
         s3.create_bucket("bench")
-        env = {
+        environment = {
             "S3_BUCKET": "bench",
             "S3_ENDPOINT_URL": s3.endpoint_url,
             "S3_REGION": "us-east-1",
             "AWS_ACCESS_KEY_ID": "bench",
             "AWS_SECRET_ACCESS_KEY": "bench",
+            "MAX_REQUESTS_PER_ADDRESS": "100000",  # every client of the harness comes from 127.0.0.1
+            **(env or {}),
         }
-        with launched_app(Path(model), work, env=env) as app:
+        with launched_app(Path(model), work, env=environment, ready_timeout=ready_timeout) as app:
 
             def call(client: Client, *, seed: int) -> None:
                 client.predict(
@@ -157,7 +177,7 @@ def measure_app(
                 )
 
             drive(app.url, clients=1, per_client=1, call=call, downloads=work / "app-warm")
-            for clients in CLIENT_COUNTS:
+            for clients in client_counts:
                 before = {
                     name: app.metric(name)
                     for name in (
@@ -205,11 +225,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return previews.main([arg for arg in argv if arg != "--previews"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serving_arguments(parser, "serving.json")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="tiny", help="tiny pipeline kind (without --model)")
     args = parser.parse_args(argv)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")  # for the loopback S3 server only
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    model = args.model or str(build_tiny_pipeline(work / "tiny"))
+    model = args.model or str(build_tiny_pipeline(work / "tiny", kind=args.kind))
     per_client = {1: 2, 4: 1, 8: 1} if args.quick else {1: 20, 4: 8, 8: 6}
     raw = raw_pipeline(model, size=args.size, steps=args.steps, requests_count=3 if args.quick else 20)
     peer = measure_peer(model, size=args.size, steps=args.steps, per_client=per_client, work=work)

@@ -1,13 +1,15 @@
-"""CPU thread policy: the pipeline worker with all cores but one against all cores, at 1 and 8 clients.
+"""CPU thread policy: a lone user at full speed and a loaded server, on a light and a compute-heavy pipeline.
 
-    python -m bench.threads [--model DIR] [--size 64] [--steps 10] [--quick]
+    python -m bench.threads [--kinds tiny,heavy] [--size 64] [--steps 10] [--quick]
 
-The launched app (local storage, step batching, the default) runs once per policy with
-``SD_CPU_THREADS`` set to it, each driven by 1 and then 8 concurrent ``gradio_client`` clients;
-the naive Gradio peer (torch's default threads) runs in the same session for reference.
-Prints images/s and p50/p95 per policy and the ratio of each to the default policy (all
-cores but one); writes bench/results/threads.json. On a machine with one core both policies
-are one thread and the comparison says nothing.
+For each tiny pipeline kind (``tiny``: about 100 ms an image, the server's own work is a large
+share; ``heavy``: hundreds of ms an image, compute dominates) in one run: the raw pipeline
+in-process one request at a time (torch's default threads), the naive Gradio peer, and the
+launched app (local storage, step engine) once per worker thread policy: ``adaptive`` (the
+default: per step, whichever of all cores and all cores but one measures faster), then fixed
+all cores but one, then fixed all cores (``SD_CPU_THREADS``). Each is driven by 1 and by 8
+concurrent ``gradio_client`` clients. Prints images/s, p50/p95 and the ratios to raw and to the
+peer; writes bench/results/threads.json. On a one-core machine every policy is one thread.
 """
 
 from __future__ import annotations
@@ -20,34 +22,37 @@ from typing import Any
 
 from gradio_client import Client
 
-from bench.common import add_serving_arguments, machine, table, write_json
-from bench.serving import drive, running_peer
-from sd_pipeline.tiny import build_tiny_pipeline
+from bench.common import machine, table, write_json
+from bench.serving import drive, raw_pipeline, running_peer
+from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 from tests.app_server import launched_app
 from webapp.settings import serving_cpu_threads
 
 CLIENT_COUNTS = (1, 8)
+PROMPT = "a lighthouse at dusk"
 
 
-def policies() -> dict[str, int]:
-    """The thread counts compared: the app's default first."""
+def policies() -> dict[str, dict[str, str]]:
+    """The app's thread policies compared, as environments: the default first."""
     cores = os.cpu_count() or 1
-    return {f"all cores but one ({serving_cpu_threads()})": serving_cpu_threads(), f"all cores ({cores})": cores}
+    return {
+        "adaptive (default)": {},
+        f"all cores but one ({serving_cpu_threads()})": {"SD_CPU_THREADS": str(serving_cpu_threads())},
+        f"all cores ({cores})": {"SD_CPU_THREADS": str(cores)},
+    }
 
 
 def measure_app(
-    model: str, threads: int, *, size: int, steps: int, per_client: dict[int, int], work: Path
+    model: str, env: dict[str, str], *, size: int, steps: int, per_client: dict[int, int], work: Path
 ) -> dict[int, dict[str, float]]:
-    """The app with ``threads`` torch threads in its worker, at each client count."""
-    folder = Path(tempfile.mkdtemp(prefix=f"app-{threads}-", dir=work))
-    with launched_app(Path(model), folder, env={"SD_CPU_THREADS": str(threads)}) as app:
+    """The app under one thread policy, at each client count."""
+    folder = Path(tempfile.mkdtemp(prefix="app-", dir=work))
+    with launched_app(Path(model), folder, env=env) as app:
 
         def call(client: Client, *, seed: int) -> None:
-            client.predict(
-                prompt="a lighthouse at dusk", seed=seed, steps=steps, width=size, height=size, api_name="/generate"
-            )
+            client.predict(prompt=PROMPT, seed=seed, steps=steps, width=size, height=size, api_name="/generate")
 
-        drive(app.url, clients=1, per_client=2, call=call, downloads=folder / "warm")
+        drive(app.url, clients=1, per_client=4, call=call, downloads=folder / "warm")
         return {
             n: drive(app.url, clients=n, per_client=per_client[n], call=call, downloads=folder / str(n))
             for n in CLIENT_COUNTS
@@ -58,7 +63,7 @@ def measure_peer(model: str, *, size: int, steps: int, per_client: dict[int, int
     with running_peer(model, work) as url:
 
         def call(client: Client, *, seed: int) -> None:
-            client.predict("a lighthouse at dusk", seed, steps, size, size, api_name="/generate")
+            client.predict(PROMPT, seed, steps, size, size, api_name="/generate")
 
         drive(url, clients=1, per_client=2, call=call, downloads=work / "peer-warm")
         return {
@@ -67,42 +72,79 @@ def measure_peer(model: str, *, size: int, steps: int, per_client: dict[int, int
         }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_serving_arguments(parser, "threads.json")
-    args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bench-threads-"))
-    model = args.model or str(build_tiny_pipeline(work / "tiny"))
-    per_client = {1: 2, 8: 1} if args.quick else {1: 20, 8: 6}
-    compared = policies()
-    measured = {
-        name: measure_app(model, threads, size=args.size, steps=args.steps, per_client=per_client, work=work)
-        for name, threads in compared.items()
+def measure_kind(kind: str, *, size: int, steps: int, quick: bool, work: Path) -> dict[str, Any]:
+    """Raw, peer and every policy on one pipeline kind."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=work))
+    model = str(build_tiny_pipeline(folder / "model", kind=kind))
+    per_client = {1: 3, 8: 1} if quick else {1: 20, 8: 6}
+    raw = raw_pipeline(model, size=size, steps=steps, requests_count=3 if quick else 20)
+    peer = measure_peer(model, size=size, steps=steps, per_client=per_client, work=folder)
+    app = {
+        name: measure_app(model, env, size=size, steps=steps, per_client=per_client, work=folder)
+        for name, env in policies().items()
     }
-    peer = measure_peer(model, size=args.size, steps=args.steps, per_client=per_client, work=work)
-    default = next(iter(measured.values()))
-    rows = []
-    for name, by_clients in [*measured.items(), ("naive Gradio peer (torch default)", peer)]:
+    return {"raw": raw, "peer": peer, "app": app}
+
+
+def rows_of(kind: str, measured: dict[str, Any]) -> list[list[str]]:
+    raw, peer = measured["raw"], measured["peer"]
+    rows = [[kind, "raw pipeline, in-process", "1", f"{raw['images_per_s']:.2f}", f"{raw['p50_s'] * 1000:.0f}"]]
+    rows[0] += [f"{raw['p95_s'] * 1000:.0f}", "1.00", "-", "-"]
+    for name, by_clients in [("naive Gradio peer", peer), *(("app: " + n, r) for n, r in measured["app"].items())]:
         for clients in CLIENT_COUNTS:
-            r = by_clients[clients]
+            r, p = by_clients[clients], peer[clients]
             rows.append(
                 [
+                    kind,
                     name,
                     str(clients),
                     f"{r['images_per_s']:.2f}",
                     f"{r['p50_s'] * 1000:.0f}",
                     f"{r['p95_s'] * 1000:.0f}",
-                    f"{r['images_per_s'] / default[clients]['images_per_s']:.2f}",
-                    f"{r['p50_s'] / default[clients]['p50_s']:.2f}",
+                    f"{r['images_per_s'] / raw['images_per_s']:.2f}",
+                    f"{r['images_per_s'] / p['images_per_s']:.2f}",
+                    f"{(r['p50_s'] - p['p50_s']) * 1000:+.0f}",
                 ]
             )
-    print(table(["worker threads", "clients", "images/s", "p50 ms", "p95 ms", "x images/s", "x p50"], rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="tiny,heavy", help=f"pipeline kinds, comma-separated ({', '.join(KINDS)})")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="few requests: checks the script, not the speed")
+    parser.add_argument("--out", type=Path, help="folder for threads.json (default bench/results)")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench-threads-"))
+    kinds = args.kinds.split(",")
+    measured = {
+        kind: measure_kind(kind, size=args.size, steps=args.steps, quick=args.quick, work=work) for kind in kinds
+    }
+    rows = [row for kind in kinds for row in rows_of(kind, measured[kind])]
+    headers = ["pipeline", "server", "clients", "images/s", "p50 ms", "p95 ms", "x raw", "x peer", "p50 - peer ms"]
+    print(table(headers, rows))
+    default = next(iter(policies()))
+    for kind in kinds:
+        ours, raw, peer = measured[kind]["app"][default], measured[kind]["raw"], measured[kind]["peer"]
+        print(
+            f"{kind}: 1 client p50 {(ours[1]['p50_s'] - peer[1]['p50_s']) * 1000:+.0f} ms against the peer "
+            f"(target <= +20); 8 clients {ours[8]['images_per_s'] / raw['images_per_s']:.2f}x raw (target >= 1.3), "
+            f"{ours[8]['images_per_s'] / peer[8]['images_per_s']:.2f}x peer (target >= 1.5)"
+        )
     results = {
         "machine": machine(),
-        "settings": {"size": args.size, "steps": args.steps, "quick": args.quick, "per_client": per_client},
-        "policies": compared,
-        "app": {name: {str(k): v for k, v in r.items()} for name, r in measured.items()},
-        "peer": {str(k): v for k, v in peer.items()},
+        "settings": {"size": args.size, "steps": args.steps, "quick": args.quick},
+        "policies": policies(),
+        "kinds": {
+            kind: {
+                "raw": m["raw"],
+                "peer": {str(k): v for k, v in m["peer"].items()},
+                "app": {name: {str(k): v for k, v in r.items()} for name, r in m["app"].items()},
+            }
+            for kind, m in measured.items()
+        },
     }
     print(f"written {write_json('threads.json', results, folder=args.out)}")
     return results

@@ -103,9 +103,14 @@ def clients_at_once(app: RunningApp, folder: Path, count: int, call: Callable[[C
 
 @contextmanager
 def launched_app(
-    model_dir: Path | str, tmp_path: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None
+    model_dir: Path | str,
+    tmp_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    ready_timeout: float = 120,
 ) -> Iterator[RunningApp]:
-    """Start ``python app.py`` with the tiny model; SIGTERM (then SIGKILL) on exit."""
+    """Start ``python app.py`` with the tiny model, wait until ready; SIGTERM (then SIGKILL) on exit."""
     port, metrics_port = free_port(), free_port()
     log_path = tmp_path / f"app-{port}.log"
     command = [sys.executable, "app.py", "--model", str(model_dir), "--port", str(port)]
@@ -115,7 +120,7 @@ def launched_app(
         process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
     app = RunningApp(process, f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{metrics_port}", log_path)
     try:
-        wait_ready(app.metrics_url, process, log_path)
+        wait_ready(app.metrics_url, process, log_path, timeout=ready_timeout)
         yield app
     finally:
         if process.poll() is None:

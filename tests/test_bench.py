@@ -91,13 +91,28 @@ def test_cuda_checks_script_runs_on_cpu(tmp_path: Path) -> None:
 
 
 def test_thread_policy_benchmark_quick(tmp_path: Path) -> None:
-    output = run_module("bench.threads", "--quick", "--out", str(tmp_path))
-    assert "all cores but one" in output and "naive Gradio peer" in output
+    output = run_module("bench.threads", "--quick", "--kinds", "heavy", "--out", str(tmp_path))
+    assert "adaptive (default)" in output and "naive Gradio peer" in output and "heavy: 1 client p50" in output
     results = json.loads((tmp_path / "threads.json").read_text())
-    assert len(results["app"]) == 2
-    for by_clients in [*results["app"].values(), results["peer"]]:
+    (measured,) = results["kinds"].values()
+    assert len(measured["app"]) == 3 and measured["raw"]["images_per_s"] > 0
+    for by_clients in [*measured["app"].values(), measured["peer"]]:
         for clients in ("1", "8"):
             assert by_clients[clients]["p95_s"] >= by_clients[clients]["p50_s"] > 0
+
+
+def test_simulated_scaleout_benchmark_quick(tmp_path: Path) -> None:
+    pytest.importorskip("ray.serve")
+    output = run_module("bench.scaleout", "--simulate", "--quick", "--out", str(tmp_path), timeout=900)
+    assert "x N x 1 replica" in output
+    results = json.loads((tmp_path / "scaleout_simulated.json").read_text())
+    assert results["settings"]["simulated_gpu"] == "unet=32.6+1.1*n,vae=13*n"
+    runs = {(run["replicas"], run["front_ends"]): run for run in results["runs"]}
+    assert set(runs) == {(1, 1), (2, 1), (2, 2)}
+    for run in runs.values():
+        assert run["p95_s"] >= run["p50_s"] > 0 and run["cpu_cores"]["front ends"] > 0
+        # 25 modelled steps of at least 32.6 ms each: no request can be faster than the model says.
+        assert run["p50_s"] > 25 * 0.0326
 
 
 def test_scaleout_benchmark_quick(tmp_path: Path) -> None:

@@ -25,6 +25,11 @@ def serving_cpu_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def adaptive_cpu_threads() -> tuple[int, ...]:
+    """What the worker's engine picks from per step by measuring: all cores but one, and all cores."""
+    return tuple(sorted({serving_cpu_threads(), os.cpu_count() or 1}))
+
+
 class SettingsError(ValueError):
     """A setting is invalid; the message is one line naming it."""
 
@@ -59,7 +64,10 @@ class Settings(BaseSettings):
     )
     sd_safety_checker: bool = Field(True, description="run the model's safety checker when it ships one")
     sd_cpu_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads (default: all cores but one, which serves the web requests)"
+        None,
+        ge=1,
+        description="torch CPU threads of the worker (default: per step, whichever of all cores and all cores but "
+        "one measures faster; a lone request gets every core, a loaded server keeps one for the web requests)",
     )
     sd_warmup: bool = Field(True, description="generate one tiny image at start-up")
     sd_compile: bool = Field(False, description="torch.compile the UNet (CUDA)")
@@ -215,6 +223,7 @@ class Settings(BaseSettings):
             dtype=self.sd_dtype,
             safety_checker=self.sd_safety_checker,
             cpu_threads=self.sd_cpu_threads or serving_cpu_threads(),
+            cpu_thread_choices=() if self.sd_cpu_threads else adaptive_cpu_threads(),
             warmup=self.sd_warmup,
             compile_unet=self.sd_compile,
             cudnn_benchmark=self.sd_cudnn_benchmark,
@@ -272,7 +281,7 @@ class Settings(BaseSettings):
     def replica_pipeline(self) -> PipelineSettings:
         """The pipeline settings of a Ray replica: its torch threads are the CPUs Ray gives it."""
         threads = self.sd_cpu_threads or max(1, int(self.ray_cpus_per_replica))
-        return self.pipeline().model_copy(update={"cpu_threads": threads})
+        return self.pipeline().model_copy(update={"cpu_threads": threads, "cpu_thread_choices": ()})
 
     def restart_policy(self) -> RestartPolicy:
         return RestartPolicy(

@@ -25,8 +25,9 @@ from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import Done, StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
-from sd_pipeline.model.loading import load_pipeline
+from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.previews import load_previewer
+from sd_pipeline.model.threads import ThreadTuner
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +159,18 @@ def start_engine(
         observer=observer,
         previewer=load_previewer(settings, loaded),
         preview_interval=settings.preview_interval,
+        threads=thread_tuner(settings, loaded),
     )
     warmup_seconds = engine.warmup() if settings.warmup else None
     return engine, loaded.describe(warmup_seconds=warmup_seconds)
+
+
+def thread_tuner(settings: PipelineSettings, loaded: LoadedPipeline) -> ThreadTuner | None:
+    """On the CPU with several thread counts allowed, the engine picks one per step by measuring."""
+    if loaded.device.type != "cpu" or len(set(settings.cpu_thread_choices)) < 2:
+        return None
+    logger.info("CPU threads per step chosen by measuring among %s", sorted(set(settings.cpu_thread_choices)))
+    return ThreadTuner(settings.cpu_thread_choices, set_threads=torch.set_num_threads)
 
 
 def cuda_in_use() -> bool:

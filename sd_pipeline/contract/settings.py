@@ -27,6 +27,9 @@ class PipelineSettings(BaseModel):
     dtype: DtypeName = Field("auto", description="auto: float16 on CUDA, float32 elsewhere")
     safety_checker: bool = Field(True, description="run the model's safety checker when it has one")
     cpu_threads: int | None = Field(None, ge=1, le=512, description="torch CPU threads (default: torch's choice)")
+    cpu_thread_choices: tuple[int, ...] = Field(
+        (), description="on the CPU, thread counts the engine picks from per step by measuring (cpu_threads first)"
+    )
     warmup: bool = Field(False, description="run one small generation after loading")
     compile_unet: bool = Field(False, description="torch.compile the UNet (CUDA; warm-up compiles the served shapes)")
     compile_backend: str = Field("inductor", description="torch.compile backend ('eager' checks dynamo alone)")

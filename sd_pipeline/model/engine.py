@@ -42,6 +42,7 @@ from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
 from sd_pipeline.model.previews import Previewer, predicted_clean
 from sd_pipeline.model.schedulers import make_scheduler
+from sd_pipeline.model.threads import ThreadTuner
 
 Done = Callable[[JobOutcome], None]
 logger = logging.getLogger(__name__)
@@ -104,8 +105,10 @@ class StepEngine:
         observer: GenerationObserver | None = None,
         previewer: Previewer | None = None,
         preview_interval: float = 0.5,
+        threads: ThreadTuner | None = None,
     ) -> None:
         self.loaded = loaded
+        self.threads = threads
         self.max_batch_images = max_batch_images
         self.observer = observer
         self.previewer = previewer
@@ -266,7 +269,11 @@ class StepEngine:
         started = time.perf_counter()
         for active in group:
             active.preview_due = self._preview_due(active, started)
+        if self.threads is not None:
+            self.threads.before_step((sum(active.unet_samples for active in group), group[0].size))
         failure = self._unet_step(group, chunks)
+        if self.threads is not None and failure is None:
+            self.threads.after_step(time.perf_counter() - started)
         if failure is not None and failure.out_of_memory:
             self._free_memory()
             if len(group) > 1:

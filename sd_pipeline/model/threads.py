@@ -1,0 +1,89 @@
+"""The CPU thread count of each denoising step, chosen by measuring (the local worker on a CPU).
+
+Which is faster depends on the model and the load: a lone request runs fastest on every core
+(the web server is idle), while eight clients' steps stall on all cores, because their OpenMP
+threads wait on the one the web server just took, and run faster on all but one. So the engine
+keeps, per kind of step (UNet batch and image size), a smoothed step time for each candidate
+count, uses the fastest, and now and then tries another so the choice follows the load.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Timings:
+    """Smoothed seconds per step for each thread count, for one kind of step."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+    steps: int = 0
+
+
+class ThreadTuner:
+    """Chooses torch's thread count for each step from ``choices`` by measured step time."""
+
+    def __init__(
+        self,
+        choices: Sequence[int],
+        *,
+        set_threads: Callable[[int], None],
+        explore_every: int = 20,
+        trials: int = 3,
+        smoothing: float = 0.3,
+    ) -> None:
+        if len(set(choices)) < 2:
+            raise ValueError("a thread tuner needs at least two thread counts to choose between")
+        self.choices = sorted(set(choices))
+        self.set_threads = set_threads
+        self.explore_every = explore_every
+        self.trials = trials
+        self.smoothing = smoothing
+        self._kinds: dict[Hashable, _Timings] = {}
+        self._current: int | None = None
+        self._chosen: tuple[Hashable, int] | None = None
+
+    def before_step(self, kind: Hashable) -> int:
+        """Set and return the thread count for the next step of this kind."""
+        timings = self._kinds.setdefault(kind, _Timings())
+        timings.steps += 1
+        threads = self._pick(timings)
+        if threads != self._current:
+            self.set_threads(threads)
+            self._current = threads
+        self._chosen = (kind, threads)
+        return threads
+
+    def after_step(self, seconds: float) -> None:
+        """Record how long the step chosen by the last ``before_step`` took."""
+        if self._chosen is None:
+            return
+        kind, threads = self._chosen
+        self._chosen = None
+        timings = self._kinds[kind]
+        count = timings.counts.get(threads, 0)
+        previous = timings.seconds.get(threads)
+        timings.seconds[threads] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
+        timings.counts[threads] = count + 1
+
+    def best(self, kind: Hashable) -> int | None:
+        """The fastest thread count measured for this kind of step, if every count was tried."""
+        timings = self._kinds.get(kind)
+        if timings is None or any(timings.counts.get(n, 0) < self.trials for n in self.choices):
+            return None
+        return min(self.choices, key=lambda n: timings.seconds[n])
+
+    def _pick(self, timings: _Timings) -> int:
+        untried = [n for n in self.choices if timings.counts.get(n, 0) < self.trials]
+        if untried:
+            return min(untried, key=lambda n: timings.counts.get(n, 0))
+        best = min(self.choices, key=lambda n: timings.seconds[n])
+        if timings.steps % self.explore_every == 0:
+            others = [n for n in self.choices if n != best]
+            return others[(timings.steps // self.explore_every) % len(others)]
+        return best
