@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Everything a short GPU lease should run, in one call and under one time budget: the machine,
-# then bench.gpu (modes a-d, partial results kept per mode), then bench.cuda_checks (OOM split,
-# compile warm-up and recompile-free variants). Each step has its own limit so one slow compile
-# cannot take the others' time. Results land in $OUT (the device tool's folder) or bench/results.
-#   bash bench/gpu_session.sh
+# Everything a short GPU lease should run, in one call and under one time budget (the device
+# tool allows 600 s a call): the machine, then the served app end to end against the raw
+# pipeline at batch 8 (bench.gpu_served: the number we most lack), then bench.gpu (modes a-d,
+# partial results kept per mode), then bench.cuda_checks (OOM split, compile warm-up and
+# recompile-free variants). Each step has its own limit so one slow step cannot take the
+# others' time. Results land in $OUT (the device tool's folder) or bench/results.
+#   bash bench/gpu_session.sh                  # after the wheels (bench/gpu_wheels.sh) are installed
+#   bash bench/gpu_session.sh --install-only   # install the carried part of .whl/ into .site/ and stop
 set -u
 out=${OUT:-bench/results}
 model=${GPU_MODEL_DIR:-/tmp/sd15-random}
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+for part in .whl/*/; do  # whichever part of the wheels this call carried
+  [ -d "$part" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target .site "$part"*.whl
+done
+[ -d .site ] && export PYTHONPATH="$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
+[ "${1:-}" = "--install-only" ] && exit 0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-timeout "${GPU_BENCH_SECONDS:-300}" python3 -m bench.gpu --model "$model" --out "$out" 2>&1 | tee "$out/gpu.log"
-timeout "${CUDA_CHECKS_SECONDS:-200}" python3 -m bench.cuda_checks --model "$model" --out "$out" 2>&1 | tee "$out/cuda_checks.log"
+python3 -c "import torch, diffusers, transformers, gradio; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'gradio', gradio.__version__)"
+timeout "${GPU_SERVED_SECONDS:-210}" python3 -m bench.gpu_served --model "$model" --out "$out" 2>&1 | tee "$out/gpu_served.log"
+timeout "${GPU_BENCH_SECONDS:-220}" python3 -m bench.gpu --model "$model" --out "$out" 2>&1 | tee "$out/gpu.log"
+timeout "${CUDA_CHECKS_SECONDS:-150}" python3 -m bench.cuda_checks --model "$model" --out "$out" 2>&1 | tee "$out/cuda_checks.log"

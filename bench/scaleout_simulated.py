@@ -8,8 +8,9 @@ fitted to the measured H200 table) while it holds no core, so this 2-core machin
 serving system (Gradio's server, admission, the Ray router, previews, PNG encoding, storage),
 not its own cores. The model is the nearly free ``micro`` tiny pipeline (its real modules cost
 about a millisecond a call). For each replica count N the launched app (local storage, live
-previews ``approx``, the defaults) serves N x ``--clients-per-replica`` gradio_client clients,
-each making ``--per-client`` requests in a row and keeping the links it is sent. Then the same
+previews ``approx``, the defaults) serves N x ``--clients-per-replica`` users of Gradio's HTTP
+API (``bench.load``: asyncio tasks, not a gradio_client each, whose own CPU would crowd the
+server's on two cores), each making ``--per-client`` requests in a row. Then the same
 at the largest N with two front ends sharing the replicas behind Debian's HAProxy (the stack's
 rules). Prints images/s, p50/p95, efficiency against N x one replica, and the CPU each part
 used (front ends, Ray's processes, the clients; in cores). Writes bench/results/scaleout_simulated.json.
@@ -26,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from gradio_client import Client
 
 from bench.common import machine, table, write_json
-from bench.serving import drive
+from bench.load import drive_http
 from sd_pipeline.contract.simulation import SimulatedAccelerator
 from sd_pipeline.tiny import build_tiny_pipeline
 from tests.app_server import RunningApp, launched_app
@@ -91,14 +91,14 @@ def measure(
 ) -> dict[str, Any]:
     with front_ends(model, work, replicas=replicas, simulate=simulate, count=front_end_count) as apps:
 
-        def call(client: Client, *, seed: int) -> None:
-            client.predict(prompt="a red circle", seed=seed, steps=steps, width=SIZE, height=SIZE, api_name="/generate")
+        def fields(number: int) -> dict[str, Any]:
+            return {"prompt": "a red circle", "seed": number, "steps": steps, "width": SIZE, "height": SIZE}
 
         with ExitStack() as stack:
             url = apps[0].url
             if len(apps) > 1:
                 url, _ = stack.enter_context(running_haproxy(work, apps))
-            drive(url, clients=max(replicas, len(apps)), per_client=2, call=call, downloads=None)  # warm every replica
+            drive_http(url, clients=2 * replicas, per_client=2, fields=fields)  # warms every replica
             parts: dict[str, Callable[[], list[psutil.Process]]] = {
                 "front ends": lambda: [psutil.Process(app.process.pid) for app in apps],
                 "ray": lambda: ray_processes(apps[0]),
@@ -106,7 +106,7 @@ def measure(
             }
             before = {name: cpu_seconds(find()) for name, find in parts.items()}
             machine_before = psutil.cpu_times()
-            measured: dict[str, Any] = drive(url, clients=clients, per_client=per_client, call=call, downloads=None)
+            measured: dict[str, Any] = drive_http(url, clients=clients, per_client=per_client, fields=fields)
             machine_after = psutil.cpu_times()
             wall = measured["wall_s"]
             measured["cpu_cores"] = {name: (cpu_seconds(find()) - before[name]) / wall for name, find in parts.items()}

@@ -101,6 +101,27 @@ def test_thread_policy_benchmark_quick(tmp_path: Path) -> None:
             assert by_clients[clients]["p95_s"] >= by_clients[clients]["p50_s"] > 0
 
 
+def test_gpu_served_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
+    output = run_module(
+        "bench.gpu_served",
+        "--tiny",
+        "--clients",
+        "2",
+        "--batch",
+        "2",
+        "--per-client",
+        "2",
+        "--raw-calls",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert "served / raw at batch 2" in output
+    results = json.loads((tmp_path / "gpu_served.json").read_text())
+    assert results["raw"]["images_per_s"] > 0 and results["served"]["2"]["mean_batch"] >= 1
+    assert results["served_over_raw"] > 0
+
+
 def test_simulated_scaleout_benchmark_quick(tmp_path: Path) -> None:
     pytest.importorskip("ray.serve")
     output = run_module("bench.scaleout", "--simulate", "--quick", "--out", str(tmp_path), timeout=900)

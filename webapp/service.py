@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from webapp.waiting import StepClock, StepTimer, running_status, waiting_status
 
 ProgressSink = Callable[[str, float | None], None]
 _GALLERY_FILE_LIFETIME = 3600.0
+_GALLERY_PRUNE_INTERVAL = 60.0
 _PROGRESS_INTERVAL = 0.25
 _ADOPTED_REMEMBERED = 100_000
 logger = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class ImageService:
         self.metrics = metrics
         self.page_size = page_size
         self.gallery_dir = gallery_dir or Path(tempfile.gettempdir()) / "sd-service-gallery"
+        self._gallery_pruned_at = -math.inf
         self.active = 0
         self.step_clock = StepClock()
         self._adopted: set[str] = set()  # earlier owner keys already moved (or found empty)
@@ -204,7 +207,11 @@ class ImageService:
         return images
 
     def _prune_gallery_files(self) -> None:
+        """Remove gallery copies older than their lifetime; at most once a minute (it lists the folder)."""
         self.gallery_dir.mkdir(parents=True, exist_ok=True)
+        if time.monotonic() - self._gallery_pruned_at < _GALLERY_PRUNE_INTERVAL:
+            return
+        self._gallery_pruned_at = time.monotonic()
         cutoff = time.time() - _GALLERY_FILE_LIFETIME
         for path in self.gallery_dir.glob("*.png"):
             with contextlib.suppress(FileNotFoundError):  # another request's prune got there first

@@ -17,7 +17,7 @@ from typing import Any
 
 from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.facts import Fact, FactRelay
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, Preview
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, Preview, coalesced_steps
 from sd_pipeline.contract.plans import ReplicaPlan
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import PipelineSettings
@@ -125,7 +125,9 @@ class PipelineReplica:
         def on_preview(preview: Preview) -> None:
             loop.call_soon_threadsafe(events.put_nowait, PreviewReport(preview, self.replica, self.facts.take()))
 
-        job = GenerationJob(GenerationRequest(**fields), on_step=on_step, on_preview=on_preview if previews else None)
+        job = GenerationJob(
+            GenerationRequest(**fields), on_step=coalesced_steps(on_step), on_preview=on_preview if previews else None
+        )
         self.loop.submit(job, done)
         try:
             while True:
