@@ -60,7 +60,8 @@ def front_ends(model: str, work: Path, *, replicas: int, simulate: str, count: i
     """``count`` launched front ends; the first starts a private Ray with the replicas, the others join it."""
     common = {
         "SD_SIMULATED_GPU": simulate,
-        "MAX_REQUESTS_PER_ADDRESS": "100000",  # every client of the harness comes from 127.0.0.1
+        "MAX_REQUESTS_PER_ADDRESS": "100000",  # every client of the harness comes from 127.0.0.1...
+        "MAX_REQUESTS_PER_USER": "100000",  # ...without a session: one anonymous user to the app
         "QUEUE_MAX_SIZE": "1024",
         "RAY_REPLICAS": str(replicas),
     }
