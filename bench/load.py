@@ -26,10 +26,11 @@ def api_defaults(url: str, api_name: str) -> list[tuple[str, Any]]:
     return [(p["parameter_name"], p.get("parameter_default")) for p in parameters]
 
 
-async def call(client: httpx.AsyncClient, url: str, api_name: str, data: list[Any]) -> list[Any]:
-    """One request through Gradio's queue; the final output, or RuntimeError with the app's message."""
+async def call(client: httpx.AsyncClient, url: str, api_name: str, data: list[Any], *, session: str) -> list[Any]:
+    """One request through Gradio's queue in ``session`` (as a browser or gradio_client keeps one);
+    the final output, or RuntimeError with the app's message."""
     base = f"{url.rstrip('/')}/gradio_api/call/{api_name}"
-    started = await client.post(base, json={"data": data})
+    started = await client.post(base, json={"data": data, "session_hash": session})
     started.raise_for_status()
     event_id = started.json()["event_id"]
     event = ""
@@ -61,7 +62,7 @@ def drive_http(
                     chosen = fields(number * 1000 + request)
                     data = [chosen.get(name, default) for name, default in parameters]
                     began = time.perf_counter()
-                    await call(client, url, api_name, data)
+                    await call(client, url, api_name, data, session=f"bench-user-{number}")
                     latencies.append(time.perf_counter() - began)
 
             started = time.perf_counter()

@@ -8,8 +8,10 @@ in-process one request at a time (torch's default threads), the naive Gradio pee
 launched app (local storage, step engine) once per worker thread policy: ``adaptive`` (the
 default: per step, whichever of all cores and all cores but one measures faster), then fixed
 all cores but one, then fixed all cores (``SD_CPU_THREADS``). Each is driven by 1 and by 8
-concurrent ``gradio_client`` clients. Prints images/s, p50/p95 and the ratios to raw and to the
-peer; writes bench/results/threads.json. On a one-core machine every policy is one thread.
+concurrent users of Gradio's HTTP API (``bench.load``: a light harness; a gradio_client per user
+would take as much CPU per request as the server on two cores). Prints images/s, p50/p95 and
+the ratios to raw and to the peer; writes bench/results/threads.json. On a one-core machine
+every policy is one thread.
 """
 
 from __future__ import annotations
@@ -20,16 +22,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gradio_client import Client
-
 from bench.common import machine, table, write_json
-from bench.serving import drive, raw_pipeline, running_peer
+from bench.load import Fields, drive_http
+from bench.serving import raw_pipeline, running_peer
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 from tests.app_server import launched_app
 from webapp.settings import serving_cpu_threads
 
 CLIENT_COUNTS = (1, 8)
-PROMPT = "a lighthouse at dusk"
+# The harness's users reach the app without sessions, from one address: one anonymous user to it.
+HARNESS_ENV = {"MAX_REQUESTS_PER_USER": "100000", "MAX_REQUESTS_PER_ADDRESS": "100000"}
+
+
+def request_fields(*, size: int, steps: int) -> Fields:
+    def fields(number: int) -> dict[str, Any]:
+        return {"prompt": "a lighthouse at dusk", "seed": number, "steps": steps, "width": size, "height": size}
+
+    return fields
 
 
 def policies() -> dict[str, dict[str, str]]:
@@ -47,29 +56,17 @@ def measure_app(
 ) -> dict[int, dict[str, float]]:
     """The app under one thread policy, at each client count."""
     folder = Path(tempfile.mkdtemp(prefix="app-", dir=work))
-    with launched_app(Path(model), folder, env=env) as app:
-
-        def call(client: Client, *, seed: int) -> None:
-            client.predict(prompt=PROMPT, seed=seed, steps=steps, width=size, height=size, api_name="/generate")
-
-        drive(app.url, clients=1, per_client=4, call=call, downloads=folder / "warm")
-        return {
-            n: drive(app.url, clients=n, per_client=per_client[n], call=call, downloads=folder / str(n))
-            for n in CLIENT_COUNTS
-        }
+    with launched_app(Path(model), folder, env={**HARNESS_ENV, **env}) as app:
+        fields = request_fields(size=size, steps=steps)
+        drive_http(app.url, clients=1, per_client=4, fields=fields)
+        return {n: drive_http(app.url, clients=n, per_client=per_client[n], fields=fields) for n in CLIENT_COUNTS}
 
 
 def measure_peer(model: str, *, size: int, steps: int, per_client: dict[int, int], work: Path) -> dict[int, Any]:
     with running_peer(model, work) as url:
-
-        def call(client: Client, *, seed: int) -> None:
-            client.predict(PROMPT, seed, steps, size, size, api_name="/generate")
-
-        drive(url, clients=1, per_client=2, call=call, downloads=work / "peer-warm")
-        return {
-            n: drive(url, clients=n, per_client=per_client[n], call=call, downloads=work / f"peer-{n}")
-            for n in CLIENT_COUNTS
-        }
+        fields = request_fields(size=size, steps=steps)
+        drive_http(url, clients=1, per_client=2, fields=fields)
+        return {n: drive_http(url, clients=n, per_client=per_client[n], fields=fields) for n in CLIENT_COUNTS}
 
 
 def measure_kind(kind: str, *, size: int, steps: int, quick: bool, work: Path) -> dict[str, Any]:

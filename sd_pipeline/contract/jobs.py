@@ -124,7 +124,7 @@ class JobOutcome:
 # Step reports crossing the process or Ray boundary: the first and the last of a request, and in
 # between at most one per interval (the page refreshes progress every 0.25 s). At a GPU's 20-40 ms
 # steps this sends a few per request instead of one per step: each costs both sides CPU.
-STEP_REPORT_INTERVAL = 0.1
+STEP_REPORT_INTERVAL = 0.2
 
 
 def coalesced_steps(
