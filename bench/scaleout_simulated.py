@@ -163,13 +163,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{r['p95_s'] * 1000:.0f}",
                 f"{r['images_per_s'] / (replicas * one):.2f}",
                 f"{cores['front ends']:.2f}",
+                f"{cores['front ends'] / r['images_per_s'] * 1000:.0f}",
                 f"{cores['ray']:.2f}",
                 f"{cores['clients']:.2f}",
                 f"{r['machine_busy_fraction'] * 100:.0f}%",
             ]
         )
     headers = ["replicas", "front ends", "clients", "images/s", "p50 ms", "p95 ms", "x N x 1 replica"]
-    headers += ["front-end cores", "ray cores", "client cores", "machine busy"]
+    headers += ["front-end cores", "front-end CPU ms/image", "ray cores", "client cores", "machine busy"]
     print(table(headers, rows))
     results = {
         "machine": machine(),

@@ -10,7 +10,7 @@ import pytest
 
 from sd_pipeline.backends.engine_loop import EngineLoop
 from sd_pipeline.contract.errors import WorkerLostError
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, coalesced_steps
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
@@ -84,3 +84,21 @@ def test_an_engine_with_work_and_no_step_is_reported_stalled(
     runner.join(timeout=30)
     assert problem is not None and "made no progress" in problem
     assert not runner.is_alive() and loop.health_problem() is None  # stepping again: no longer stalled
+
+
+def test_step_reports_crossing_a_boundary_are_the_first_the_last_and_one_per_interval() -> None:
+    now = [0.0]
+    sent: list[tuple[int, int]] = []
+    report = coalesced_steps(lambda step, total: sent.append((step, total)), interval=0.2, clock=lambda: now[0])
+    for step in range(1, 26):  # 25 steps of 62.5 ms (exact in binary)
+        now[0] = step * 0.0625
+        report(step, 25)
+    steps = [step for step, _ in sent]
+    assert steps[0] == 1 and steps[-1] == 25
+    assert steps == [1, 5, 9, 13, 17, 21, 25]  # one per 0.2 s in between: every 4th step of 62.5 ms
+    # A slow model: every step is reported.
+    sent.clear()
+    for step in range(1, 6):
+        now[0] = 10 + step * 0.5
+        report(step, 5)
+    assert [step for step, _ in sent] == [1, 2, 3, 4, 5]
