@@ -10,7 +10,7 @@ import torch
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline
-from sd_pipeline.model.threads import ThreadTuner
+from sd_pipeline.model.threads import ThreadTuner, samples_bucket
 from tests.images import assert_same_image
 from webapp.settings import load_settings
 
@@ -79,3 +79,7 @@ def test_switching_threads_between_steps_changes_no_picture(tiny_loaded: LoadedP
     for ours, theirs in zip(switching, plain, strict=True):
         for image, expected in zip(ours, theirs, strict=True):
             assert_same_image(image.image, expected.image, tolerance=1)
+
+
+def test_steps_are_grouped_by_their_unet_batch_rounded_up_to_a_power_of_two() -> None:
+    assert [samples_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]

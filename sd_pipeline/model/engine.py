@@ -42,7 +42,7 @@ from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
 from sd_pipeline.model.previews import Previewer, predicted_clean
 from sd_pipeline.model.schedulers import make_scheduler
-from sd_pipeline.model.threads import ThreadTuner
+from sd_pipeline.model.threads import ThreadTuner, samples_bucket
 
 Done = Callable[[JobOutcome], None]
 logger = logging.getLogger(__name__)
@@ -269,11 +269,12 @@ class StepEngine:
         started = time.perf_counter()
         for active in group:
             active.preview_due = self._preview_due(active, started)
+        samples = sum(active.unet_samples for active in group)
         if self.threads is not None:
-            self.threads.before_step((sum(active.unet_samples for active in group), group[0].size))
+            self.threads.before_step(samples_bucket(samples), group[0].size)
         failure = self._unet_step(group, chunks)
         if self.threads is not None and failure is None:
-            self.threads.after_step(time.perf_counter() - started)
+            self.threads.after_step((time.perf_counter() - started) / samples)
         if failure is not None and failure.out_of_memory:
             self._free_memory()
             if len(group) > 1:

@@ -1,10 +1,12 @@
 """The CPU thread count of each denoising step, chosen by measuring (the local worker on a CPU).
 
 Which is faster depends on the model and the load: a lone request runs fastest on every core
-(the web server is idle), while eight clients' steps stall on all cores, because their OpenMP
-threads wait on the one the web server just took, and run faster on all but one. So the engine
-keeps, per kind of step (UNet batch and image size), a smoothed step time for each candidate
-count, uses the fastest, and now and then tries another so the choice follows the load.
+(the web server is idle), while eight clients' steps of a light model stall on all cores,
+because their OpenMP threads wait on the one the web server just took, and run faster on all
+but one; a compute-heavy model is faster on every core either way. So the engine keeps, per
+kind of step (UNet batch rounded up to a power of two, and image size), a smoothed time per UNet
+sample for each candidate count, uses the fastest, and now and then tries another so the
+choice follows the load.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class ThreadTuner:
         choices: Sequence[int],
         *,
         set_threads: Callable[[int], None],
-        explore_every: int = 20,
+        explore_every: int = 25,
         trials: int = 3,
         smoothing: float = 0.3,
     ) -> None:
@@ -48,7 +50,7 @@ class ThreadTuner:
         self._current: int | None = None
         self._chosen: tuple[Hashable, int] | None = None
 
-    def before_step(self, kind: Hashable) -> int:
+    def before_step(self, *kind: Hashable) -> int:
         """Set and return the thread count for the next step of this kind."""
         timings = self._kinds.setdefault(kind, _Timings())
         timings.steps += 1
@@ -60,7 +62,8 @@ class ThreadTuner:
         return threads
 
     def after_step(self, seconds: float) -> None:
-        """Record how long the step chosen by the last ``before_step`` took."""
+        """Record how long the step chosen by the last ``before_step`` took (per sample, or any
+        measure that is comparable between steps of one kind)."""
         if self._chosen is None:
             return
         kind, threads = self._chosen
@@ -71,7 +74,7 @@ class ThreadTuner:
         timings.seconds[threads] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
         timings.counts[threads] = count + 1
 
-    def best(self, kind: Hashable) -> int | None:
+    def best(self, *kind: Hashable) -> int | None:
         """The fastest thread count measured for this kind of step, if every count was tried."""
         timings = self._kinds.get(kind)
         if timings is None or any(timings.counts.get(n, 0) < self.trials for n in self.choices):
@@ -87,3 +90,8 @@ class ThreadTuner:
             others = [n for n in self.choices if n != best]
             return others[(timings.steps // self.explore_every) % len(others)]
         return best
+
+
+def samples_bucket(samples: int) -> int:
+    """A UNet batch rounded up to a power of two: steps of one bucket cost alike per sample."""
+    return 1 << max(0, samples - 1).bit_length()
