@@ -83,3 +83,11 @@ def test_switching_threads_between_steps_changes_no_picture(tiny_loaded: LoadedP
 
 def test_steps_are_grouped_by_their_unet_batch_rounded_up_to_a_power_of_two() -> None:
     assert [samples_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+
+
+def test_one_slow_step_does_not_flip_the_choice() -> None:
+    tuner = ThreadTuner([1, 2], set_threads=lambda n: None, explore_every=10, trials=2)
+    run_steps(tuner, "alone", 20, {1: 0.080, 2: 0.048})
+    run_steps(tuner, "alone", 1, {1: 0.080, 2: 0.500})  # the web server took the core this once
+    assert tuner.best("alone") == 2
+    assert run_steps(tuner, "alone", 8, {1: 0.080, 2: 0.048}) == [2] * 8

@@ -4,14 +4,16 @@ Which is faster depends on the model and the load: a lone request runs fastest o
 (the web server is idle), while eight clients' steps of a light model stall on all cores,
 because their OpenMP threads wait on the one the web server just took, and run faster on all
 but one; a compute-heavy model is faster on every core either way. So the engine keeps, per
-kind of step (UNet batch rounded up to a power of two, and image size), a smoothed time per UNet
-sample for each candidate count, uses the fastest, and now and then tries another so the
-choice follows the load.
+kind of step (UNet batch rounded up to a power of two, and image size), the median of the last
+few times per UNet sample for each candidate count (one step slowed by the web server cannot
+flip the choice), uses the fastest, and now and then tries another so the choice follows the load.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,11 +22,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Timings:
-    """Smoothed seconds per step for each thread count, for one kind of step."""
+    """The recent step times of each thread count, for one kind of step."""
 
-    seconds: dict[int, float] = field(default_factory=dict)
+    recent: dict[int, deque[float]] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
     steps: int = 0
+
+    def typical(self, threads: int) -> float:
+        return statistics.median(self.recent[threads])
 
 
 class ThreadTuner:
@@ -37,7 +42,7 @@ class ThreadTuner:
         set_threads: Callable[[int], None],
         explore_every: int = 25,
         trials: int = 3,
-        smoothing: float = 0.3,
+        remembered: int = 5,
     ) -> None:
         if len(set(choices)) < 2:
             raise ValueError("a thread tuner needs at least two thread counts to choose between")
@@ -45,7 +50,7 @@ class ThreadTuner:
         self.set_threads = set_threads
         self.explore_every = explore_every
         self.trials = trials
-        self.smoothing = smoothing
+        self.remembered = remembered
         self._kinds: dict[Hashable, _Timings] = {}
         self._current: int | None = None
         self._chosen: tuple[Hashable, int] | None = None
@@ -69,23 +74,21 @@ class ThreadTuner:
         kind, threads = self._chosen
         self._chosen = None
         timings = self._kinds[kind]
-        count = timings.counts.get(threads, 0)
-        previous = timings.seconds.get(threads)
-        timings.seconds[threads] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
-        timings.counts[threads] = count + 1
+        timings.recent.setdefault(threads, deque(maxlen=self.remembered)).append(seconds)
+        timings.counts[threads] = timings.counts.get(threads, 0) + 1
 
     def best(self, *kind: Hashable) -> int | None:
         """The fastest thread count measured for this kind of step, if every count was tried."""
         timings = self._kinds.get(kind)
         if timings is None or any(timings.counts.get(n, 0) < self.trials for n in self.choices):
             return None
-        return min(self.choices, key=lambda n: timings.seconds[n])
+        return min(self.choices, key=timings.typical)
 
     def _pick(self, timings: _Timings) -> int:
         untried = [n for n in self.choices if timings.counts.get(n, 0) < self.trials]
         if untried:
             return min(untried, key=lambda n: timings.counts.get(n, 0))
-        best = min(self.choices, key=lambda n: timings.seconds[n])
+        best = min(self.choices, key=timings.typical)
         if timings.steps % self.explore_every == 0:
             others = [n for n in self.choices if n != best]
             return others[(timings.steps // self.explore_every) % len(others)]
