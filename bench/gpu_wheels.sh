@@ -19,6 +19,7 @@ present=" accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc a
  networkx numpy packaging pandas pillow pluggy prometheus-client propcache protobuf psutil pygments pyparsing
  python-dateutil pyyaml regex requests rich safetensors setuptools shellingham six sympy tokenizers tqdm
  transformers typer typing-extensions urllib3 werkzeug wheel yarl zipp "
+present=" $(echo $present) "  # one line, one space between names
 all=$(mktemp -d)
 pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --implementation cp \
