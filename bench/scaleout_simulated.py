@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import requests
 
 from bench.common import machine, table, write_json
 from bench.load import drive_http
@@ -114,6 +115,8 @@ def measure(
             idle = (machine_after.idle - machine_before.idle) / wall
             measured["machine_busy_fraction"] = 1 - idle / (psutil.cpu_count() or 1)
             measured["requests"] = clients * per_client
+            exposition = requests.get(f"{apps[0].metrics_url}/metrics", timeout=10).text.splitlines()
+            measured["model_info"] = next(line for line in exposition if line.startswith("sdapp_model_info{"))
             return measured
 
 

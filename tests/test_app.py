@@ -196,8 +196,10 @@ def test_metrics_move_with_real_traffic_and_pass_promtool(s3_app: RunningApp, tm
     assert after["sdapp_denoising_step_seconds_count"] >= before["sdapp_denoising_step_seconds_count"] + 3
     assert s3_app.metric("sdapp_model_load_seconds") > 0
     exposition = requests.get(f"{s3_app.metrics_url}/metrics", timeout=10).text
-    # A plain folder has no published version or hash (a model from S3 does: tests/test_rollout_app.py).
-    assert re.search(r'sdapp_model_info\{device="cpu",dtype="float32",hash="",model="[^"]+",version=""\}', exposition)
+    # A plain folder has no published version or hash (a model from S3 does: tests/test_rollout_app.py),
+    # and the real device is not simulated (SD_SIMULATED_GPU).
+    info = r'sdapp_model_info\{device="cpu",dtype="float32",hash="",model="[^"]+",simulated="",version=""\}'
+    assert re.search(info, exposition)
     assert "process_resident_memory_bytes" in exposition
     checked = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -132,6 +132,7 @@ def test_simulated_scaleout_benchmark_quick(tmp_path: Path) -> None:
     assert set(runs) == {(1, 1), (2, 1), (2, 2)}
     for run in runs.values():
         assert run["p95_s"] >= run["p50_s"] > 0 and run["cpu_cores"]["front ends"] > 0
+        assert 'simulated="unet=32.6+1.1*n,vae=13*n"' in run["model_info"]  # the app says so
         # 25 modelled steps of at least 32.6 ms each: no request can be faster than the model says.
         assert run["p50_s"] > 25 * 0.0326
 

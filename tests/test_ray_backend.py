@@ -165,7 +165,9 @@ def test_previews_travel_on_the_request_stream_to_the_caller_that_asked(backend:
     assert {preview.picture().size for preview in seen} == {(64, 64)}
     silent, silent_steps = long_job(steps=6)
     (outcome,) = backend.run([silent])
-    assert outcome.error is None and silent_steps == [1, 2, 3, 4, 5, 6]  # steps, and no preview asked for
+    # steps (the first, the last, and one per interval between), and no preview asked for
+    assert outcome.error is None and silent_steps[0] == 1 and silent_steps[-1] == 6
+    assert silent_steps == sorted(set(silent_steps))
 
 
 def test_the_private_instance_listens_on_loopback_only_and_keeps_its_files_private(backend: RayBackend) -> None:
@@ -222,7 +224,7 @@ def test_a_frozen_replica_is_replaced_and_its_request_served(backend: RayBackend
 
     def on_step(step: int, total: int) -> None:
         steps.append(step)
-        if step == 3 and not sent.is_set():
+        if step > 1 and not sent.is_set():  # the first report after step 1 (reports are coalesced)
             sent.set()
             os.kill(frozen.pid, signal.SIGSTOP)  # the process stops answering, health checks included
 
@@ -251,7 +253,8 @@ def test_a_new_version_rolls_out_as_a_deployment_version_and_a_corrupt_one_is_re
     thread.join(timeout=120)
     running_outcome = outcomes["running"]
     assert running_outcome.error is None and running_outcome.results[0].model_version == "v1"  # finished on v1
-    assert running_steps == list(range(1, 41))  # never restarted: the old replica finished it
+    # never restarted: the old replica finished it
+    assert running_steps.count(1) == 1 and running_steps[-1] == 40 and running_steps == sorted(running_steps)
     (after,) = backend.run([long_job(steps=2)[0]])
     assert after.error is None and after.results[0].model_version == "v2"
 

@@ -17,14 +17,7 @@ from multiprocessing.connection import Connection
 from sd_pipeline.backends.engine_loop import EngineLoop, start_engine
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.facts import FactRelay
-from sd_pipeline.contract.jobs import (
-    GenerationJob,
-    JobOutcome,
-    Preview,
-    PreviewCallback,
-    StepCallback,
-    coalesced_steps,
-)
+from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, Preview, PreviewCallback, StepCallback
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import Done
 
@@ -84,7 +77,7 @@ class _PipeJobs:
         def report(step: int, total: int) -> None:
             self.connection.send(("step", (job_id, step, total)))
 
-        return coalesced_steps(report)
+        return report  # every step: a pipe message is cheap, and the supervisor hears the worker progress
 
     def _preview_reporter(self, job_id: int) -> PreviewCallback:
         def report(preview: Preview) -> None:
