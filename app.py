@@ -125,8 +125,10 @@ def build_rollout(
 ) -> ModelRollout | None:
     """The watcher of an ``s3://`` model's ``current`` version (None for a pinned version, a folder or a Hub id)."""
     store = settings.model_store()
-    location = ModelLocation.parse(settings.sd_model) if store is not None else None
-    if store is None or location is None or location.pinned is not None:
+    if store is None:
+        return None
+    location = ModelLocation.parse(settings.sd_model)
+    if location.pinned is not None:
         return None
     cache = ModelCache(Path(store.cache_dir))
     cache.remember_served(location, resolved.version)

@@ -30,7 +30,7 @@ import psutil
 import requests
 
 from bench.common import machine, table, write_json
-from bench.load import drive_http
+from bench.load import HARNESS_LIMITS, drive_http
 from sd_pipeline.contract.simulation import SimulatedAccelerator
 from sd_pipeline.tiny import build_tiny_pipeline
 from tests.app_server import RunningApp, launched_app
@@ -61,8 +61,7 @@ def front_ends(model: str, work: Path, *, replicas: int, simulate: str, count: i
     """``count`` launched front ends; the first starts a private Ray with the replicas, the others join it."""
     common = {
         "SD_SIMULATED_GPU": simulate,
-        "MAX_REQUESTS_PER_ADDRESS": "100000",  # every client of the harness comes from 127.0.0.1...
-        "MAX_REQUESTS_PER_USER": "100000",  # ...without a session: one anonymous user to the app
+        **HARNESS_LIMITS,
         "QUEUE_MAX_SIZE": "1024",
         "RAY_REPLICAS": str(replicas),
     }

@@ -28,6 +28,7 @@ from diffusers import StableDiffusionPipeline
 from gradio_client import Client
 
 from bench.common import add_serving_arguments, machine, median, percentile, table, write_json
+from bench.load import HARNESS_LIMITS
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 from tests.app_server import ROOT, launched_app
 from tests.servers import free_port, running_s3_server, wait_for_port
@@ -166,7 +167,7 @@ def measure_app(
             "S3_REGION": "us-east-1",
             "AWS_ACCESS_KEY_ID": "bench",
             "AWS_SECRET_ACCESS_KEY": "bench",
-            "MAX_REQUESTS_PER_ADDRESS": "100000",  # every client of the harness comes from 127.0.0.1
+            **HARNESS_LIMITS,
             **(env or {}),
         }
         with launched_app(Path(model), work, env=environment, ready_timeout=ready_timeout) as app:

@@ -23,15 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, table, write_json
-from bench.load import Fields, drive_http
+from bench.load import HARNESS_LIMITS, Fields, drive_http
 from bench.serving import raw_pipeline, running_peer
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 from tests.app_server import launched_app
 from webapp.settings import serving_cpu_threads
 
 CLIENT_COUNTS = (1, 8)
-# The harness's users reach the app without sessions, from one address: one anonymous user to it.
-HARNESS_ENV = {"MAX_REQUESTS_PER_USER": "100000", "MAX_REQUESTS_PER_ADDRESS": "100000"}
 
 
 def request_fields(*, size: int, steps: int) -> Fields:
@@ -56,7 +54,7 @@ def measure_app(
 ) -> dict[int, dict[str, float]]:
     """The app under one thread policy, at each client count."""
     folder = Path(tempfile.mkdtemp(prefix="app-", dir=work))
-    with launched_app(Path(model), folder, env={**HARNESS_ENV, **env}) as app:
+    with launched_app(Path(model), folder, env={**HARNESS_LIMITS, **env}) as app:
         fields = request_fields(size=size, steps=steps)
         drive_http(app.url, clients=1, per_client=4, fields=fields)
         return {n: drive_http(app.url, clients=n, per_client=per_client[n], fields=fields) for n in CLIENT_COUNTS}

@@ -191,8 +191,16 @@ class Metrics:
     ) -> None:
         """The model in service (again after each rollout); ``simulated``: the modelled accelerator, if any."""
         self.model_load.set(seconds)
-        labels = {"model": model, "version": version, "hash": model_hash, "device": device, "dtype": dtype}
-        self.model_info.info({**labels, "simulated": simulated})
+        self.model_info.info(
+            {
+                "model": model,
+                "version": version,
+                "hash": model_hash,
+                "device": device,
+                "dtype": dtype,
+                "simulated": simulated,
+            }
+        )
 
     # RolloutObserver (sd_pipeline.models.rollout)
     def model_rollout(self, *, outcome: str) -> None:

@@ -25,8 +25,11 @@ class _Timings:
     """The recent step times of each thread count, for one kind of step."""
 
     recent: dict[int, deque[float]] = field(default_factory=dict)
-    counts: dict[int, int] = field(default_factory=dict)
     steps: int = 0
+
+    def measured(self, threads: int) -> int:
+        """How many recent times this thread count has (at most the tuner's ``remembered``)."""
+        return len(self.recent.get(threads, ()))
 
     def typical(self, threads: int) -> float:
         return statistics.median(self.recent[threads])
@@ -46,6 +49,8 @@ class ThreadTuner:
     ) -> None:
         if len(set(choices)) < 2:
             raise ValueError("a thread tuner needs at least two thread counts to choose between")
+        if not 1 <= trials <= remembered:
+            raise ValueError("trials must be from 1 to remembered: a count's trials are among its recent times")
         self.choices = sorted(set(choices))
         self.set_threads = set_threads
         self.explore_every = explore_every
@@ -75,19 +80,18 @@ class ThreadTuner:
         self._chosen = None
         timings = self._kinds[kind]
         timings.recent.setdefault(threads, deque(maxlen=self.remembered)).append(seconds)
-        timings.counts[threads] = timings.counts.get(threads, 0) + 1
 
     def best(self, *kind: Hashable) -> int | None:
         """The fastest thread count measured for this kind of step, if every count was tried."""
         timings = self._kinds.get(kind)
-        if timings is None or any(timings.counts.get(n, 0) < self.trials for n in self.choices):
+        if timings is None or any(timings.measured(n) < self.trials for n in self.choices):
             return None
         return min(self.choices, key=timings.typical)
 
     def _pick(self, timings: _Timings) -> int:
-        untried = [n for n in self.choices if timings.counts.get(n, 0) < self.trials]
+        untried = [n for n in self.choices if timings.measured(n) < self.trials]
         if untried:
-            return min(untried, key=lambda n: timings.counts.get(n, 0))
+            return min(untried, key=timings.measured)
         best = min(self.choices, key=timings.typical)
         if timings.steps % self.explore_every == 0:
             others = [n for n in self.choices if n != best]
