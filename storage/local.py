@@ -19,6 +19,7 @@ from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
 LINK_ROUTE = "/files"
 SECRET_FILE = ".link-secret"
 MIN_SECRET_BYTES = 32  # an HMAC key shorter than its hash (SHA-256) is a weak one
+_MAX_EXPIRES_DIGITS = 12  # a Unix time in seconds until the year 33658
 
 
 class ForbiddenLinkError(PermissionError):
@@ -144,9 +145,13 @@ class LocalStore:
             keys.check_ids(parts[1], parts[3].removesuffix(".png"))
         except ValueError as error:
             raise NoSuchImageError("not an image key") from error
-        if not (expires.isascii() and expires.isdigit()) or int(expires) < time.time():  # "²" is a digit to isdigit
+        # "²" is a digit to isdigit, not to int(); a 5000-digit number is beyond int()'s limit.
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= _MAX_EXPIRES_DIGITS):
+            raise ForbiddenLinkError("bad expiry")
+        if int(expires) < time.time():
             raise ForbiddenLinkError("link expired")
-        if not hmac.compare_digest(self._sign(key, int(expires)), signature):
+        # Bytes, not str: compare_digest refuses a str with non-ASCII characters (TypeError, a 500).
+        if not hmac.compare_digest(self._sign(key, int(expires)).encode(), signature.encode("utf-8", "replace")):
             raise ForbiddenLinkError("bad signature")
         path = self._path(key).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.is_file():

@@ -96,25 +96,24 @@ class S3Store:
         self.client.create_bucket(Bucket=self.settings.bucket, **extra)
 
     def put(self, png: bytes, record: ImageRecord) -> None:
-        """Upload the PNG and its record side by side (raises botocore errors; the spool catches them)."""
-        prefix = self.settings.prefix
-        stored = record.model_copy(update={"status": "stored"})
-        record_upload = self._pool.submit(
-            self.client.put_object,
-            Bucket=self.settings.bucket,
-            Key=keys.record_key(prefix, record.owner, record.id),
-            Body=stored.model_dump_json().encode(),
-            ContentType="application/json",
-        )
+        """Upload the PNG, then its record (raises botocore errors; the spool catches them).
+
+        In that order: a process killed between the two leaves an image without a record (the
+        spool uploads both again), never a history entry without its picture."""
         self.client.put_object(
             Bucket=self.settings.bucket,
-            Key=keys.image_key(prefix, record.owner, record.id),
+            Key=keys.image_key(self.settings.prefix, record.owner, record.id),
             Body=png,
             ContentType="image/png",
             ContentDisposition=f'inline; filename="{record.id}.png"',
             CacheControl="private, max-age=86400",
         )
-        record_upload.result()
+        self.client.put_object(
+            Bucket=self.settings.bucket,
+            Key=keys.record_key(self.settings.prefix, record.owner, record.id),
+            Body=record.model_copy(update={"status": "stored"}).model_dump_json().encode(),
+            ContentType="application/json",
+        )
 
     def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
         """Upload and return the stored record with a presigned link."""

@@ -301,6 +301,10 @@ def test_local_links_are_signed(local_auth_app: RunningApp, tmp_path: Path) -> N
     assert requests.get(key.replace(image_id, arabic_digit) + "?" + query, timeout=10).status_code == 404
     superscript = query.replace("expires=", "expires=\u00b2", 1)  # a digit to str.isdigit, not to int()
     assert requests.get(key + "?" + superscript, timeout=10).status_code == 403
+    huge_expiry = query.replace("expires=", "expires=" + "9" * 5000, 1)  # past int()'s digit limit
+    assert requests.get(key + "?" + huge_expiry, timeout=10).status_code == 403
+    foreign_signature = re.sub(r"signature=[^&]*", "signature=%C3%A9t%C3%A9", query)  # non-ASCII
+    assert requests.get(key + "?" + foreign_signature, timeout=10).status_code == 403
     assert requests.get(
         local_auth_app.url + "files/../../etc/passwd?expires=9999999999&signature=x", timeout=10
     ).status_code in (403, 404)

@@ -78,6 +78,22 @@ def test_saved_image_link_serves_identical_png(engine: StepEngine, s3_server: S3
     assert saved.link.url.startswith(f"{s3_server.endpoint_url}/{bucket}/sd/owners/{OWNER}/images/")
 
 
+def test_the_image_is_uploaded_before_its_record(s3_server: S3Server, bucket: str) -> None:
+    """A failure (or a kill) between the two uploads never leaves a history entry without its picture."""
+    store = s3_store(s3_server, bucket)
+
+    def refuse_images(params: dict[str, Any], **_: Any) -> None:
+        if params["Key"].endswith(".png"):
+            raise ConnectionError("the image upload failed")
+
+    store.client.meta.events.register("provide-client-params.s3.PutObject", refuse_images)
+    with pytest.raises(ConnectionError):
+        store.put(small_png(), make_record(OWNER))
+    store._pool.shutdown(wait=True)  # let any upload still running in the store's threads finish
+    listed = store.client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert listed == []
+
+
 def test_bucket_stays_private(s3_server: S3Server, bucket: str) -> None:
     store = s3_store(s3_server, bucket)
     saved = store.save(small_png(), make_record(OWNER))
@@ -252,6 +268,9 @@ def test_local_store_signed_links(tmp_path: Path) -> None:
         store.open_signed(key, expires=params["expires"], signature="0" * 64)
     with pytest.raises(ForbiddenLinkError):
         store.open_signed(key, expires=str(int(params["expires"]) + 1), signature=params["signature"])
+    for expires, signature in (("9" * 5000, params["signature"]), (params["expires"], "été" * 21 + "x")):
+        with pytest.raises(ForbiddenLinkError):  # past int()'s digit limit; a non-ASCII signature
+            store.open_signed(key, expires=expires, signature=signature)
     expired = LocalStore(tmp_path, secret=secret, link_ttl_seconds=-1).link(OWNER, saved.record.id)
     e_key, e_query = expired.url.removeprefix("/files/").split("?")
     with pytest.raises(ForbiddenLinkError, match="expired"):

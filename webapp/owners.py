@@ -7,6 +7,8 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+from starlette.requests import cookie_parser
+
 from storage.keys import owner_key
 
 OWNER_COOKIE = "sd_owner"
@@ -88,5 +90,7 @@ class OwnerCookieMiddleware:
 
 
 def _has_cookie(scope: Scope) -> bool:
-    marker = f"{OWNER_COOKIE}=".encode()
-    return any(name == b"cookie" and marker in value for name, value in scope.get("headers", []))
+    return any(
+        name == b"cookie" and OWNER_COOKIE in cookie_parser(value.decode("latin-1"))
+        for name, value in scope.get("headers", [])
+    )

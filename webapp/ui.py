@@ -7,11 +7,11 @@ import functools
 import importlib.util
 import sys
 from collections.abc import AsyncIterator, Sequence
-from http.cookies import SimpleCookie
 from typing import Any
 
 import gradio as gr
 from PIL import Image
+from starlette.requests import cookie_parser
 
 from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.models import ModelDefaults
@@ -43,12 +43,9 @@ def address_of(request: gr.Request, trusted_proxies: Sequence[Network]) -> str:
 def owner_of(request: gr.Request, secret: bytes | None) -> str:
     """The owner key of whoever made this request (keyed with ``secret``; None: the old unkeyed one)."""
     cookie_header = request.headers.get("cookie") if request.headers else None
-    cookie = None
-    if cookie_header:
-        parsed: SimpleCookie = SimpleCookie()
-        parsed.load(cookie_header)
-        if OWNER_COOKIE in parsed:
-            cookie = parsed[OWNER_COOKIE].value
+    # Starlette's lenient parser: SimpleCookie drops the whole header over one cookie it dislikes
+    # (say prefs={"theme":"dark"} set by another app on the host), and the history with it.
+    cookie = cookie_parser(cookie_header).get(OWNER_COOKIE) if cookie_header else None
     return resolve_owner(username=request.username, cookie=cookie, session_hash=request.session_hash, secret=secret)
 
 
