@@ -31,10 +31,17 @@ from storage.base import ImageStore, StorageError
 from storage.local import LocalStore, load_or_create_secret
 from storage.s3 import S3Store
 from storage.spool import Spool, SpoolingStore, SpoolLimits
-from webapp.owners import parse_networks
+from webapp.owners import address_of, parse_networks
 from webapp.server import GracefulServer, create_app
 from webapp.service import ImageService
-from webapp.sessions import APP_SECRET_FILE, Sessions
+from webapp.sessions import (
+    APP_SECRET_FILE,
+    OWNER_SECRET_FILE,
+    REVOKED_SESSIONS_DIR,
+    SESSION_MAX_AGE,
+    RevokedSessions,
+    Sessions,
+)
 from webapp.settings import Settings, SettingsError, load_settings, refuse_unsafe_start
 from webapp.ui import build_demo
 
@@ -79,10 +86,33 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
 
 def app_secret(settings: Settings) -> bytes:
     """The secret every front end shares (APP_SECRET, else one kept in DATA_DIR): signs login
-    sessions and keys owner hashes."""
+    sessions, so rotating it ends every session."""
     if settings.app_secret is not None:
         return settings.app_secret.get_secret_value().encode()
     return load_or_create_secret(settings.data_dir, APP_SECRET_FILE)
+
+
+def owner_secret(settings: Settings, session_secret: bytes) -> bytes:
+    """The secret owner hashes are keyed with (OWNER_SECRET, else one kept in DATA_DIR), never
+    rotated. Made the first time from the session secret, which keyed them before the two were
+    apart, so histories stored until then keep their keys and APP_SECRET can rotate from then on."""
+    if settings.owner_secret is not None:
+        return settings.owner_secret.get_secret_value().encode()
+    return load_or_create_secret(settings.data_dir, OWNER_SECRET_FILE, initial=session_secret)
+
+
+def sessions(settings: Settings, logins: list[tuple[str, str]], secret: bytes, *, secure: bool) -> Sessions:
+    """Login sessions: signed with ``secret``, revoked in DATA_DIR (shared by front ends on one
+    folder), failed logins throttled per user and per client address."""
+    trusted = parse_networks(settings.trusted_proxies)
+    revoked = RevokedSessions(settings.data_dir / REVOKED_SESSIONS_DIR, max_age=SESSION_MAX_AGE)
+    return Sessions(
+        dict(logins),
+        secret,
+        secure=secure,
+        revoked=revoked,
+        address_of=functools.partial(address_of, trusted_proxies=trusted),
+    )
 
 
 def build_backend(settings: Settings, metrics: Metrics, *, model: str) -> Backend:
@@ -258,14 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_size=parts.native_size,
         model_defaults=parts.service.model_defaults,
         trusted_proxies=parse_networks(settings.trusted_proxies),
-        owner_secret=secret,
+        owner_secret=owner_secret(settings, secret),
     )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
     secure = settings.base_url().startswith("https://")
     app = create_app(
         demo,
         local_store=local_store,
-        sessions=Sessions(dict(auth), secret, secure=secure) if auth else None,
+        sessions=sessions(settings, auth, secret, secure=secure) if auth else None,
         max_file_size=settings.max_file_size,
         secure_cookies=secure,
     )

@@ -30,19 +30,20 @@ class NoSuchImageError(ForbiddenLinkError):
     """A link whose key is not one of ours, or whose image is gone (404)."""
 
 
-def load_or_create_secret(data_dir: Path, name: str = SECRET_FILE) -> bytes:
+def load_or_create_secret(data_dir: Path, name: str = SECRET_FILE, *, initial: bytes | None = None) -> bytes:
     """The signing secret kept in ``data_dir`` (made once, readable by the owner only). Written to a
     temporary file, fsynced, then linked into place, which fails if another front end on the same
     folder made it first (its secret is then used): an interrupted first start never leaves an empty
     secret, two front ends never sign with two secrets, and a file shorter than
-    ``MIN_SECRET_BYTES`` stops start-up instead of signing with it."""
+    ``MIN_SECRET_BYTES`` stops start-up instead of signing with it. A new file holds ``initial``
+    when given, else 32 random bytes."""
     path = data_dir / name
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{name}.{secrets.token_hex(4)}.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(secrets.token_bytes(32))
+            handle.write(initial if initial is not None else secrets.token_bytes(32))
             handle.flush()
             os.fsync(handle.fileno())
         try:

@@ -266,7 +266,7 @@ def test_sigterm_while_busy_loses_nothing(tiny_model_dir: Path, s3_server: S3Ser
 @pytest.fixture(scope="module")
 def local_auth_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
     folder = tmp_path_factory.mktemp("auth-app")
-    (folder / "users").write_text("alice:wonderland\n# comment\nbob:builder\n")
+    (folder / "users").write_text("alice:wonderland\n# comment\nbob:the-builder\n")
     args = ["--auth-file", str(folder / "users"), "--queue-max-size", "2"]
     with launched_app(tiny_model_dir, folder, args=args) as app:
         yield app
@@ -278,7 +278,7 @@ def test_users_with_auth_see_only_their_history(local_auth_app: RunningApp, tmp_
     alice_again = client(local_auth_app, tmp_path / "a2", auth=("alice", "wonderland"))
     _, mine = alice_again.predict(1, api_name="/history")
     assert [r["prompt"] for r in mine["images"]] == ["alice's secret"]
-    bob = client(local_auth_app, tmp_path / "b", auth=("bob", "builder"))
+    bob = client(local_auth_app, tmp_path / "b", auth=("bob", "the-builder"))
     assert bob.predict(1, api_name="/history")[1]["images"] == []
     with pytest.raises(Exception):  # noqa: B017 - any refusal will do; the point is no access
         client(local_auth_app, tmp_path / "x", auth=("alice", "wrong"))
@@ -311,7 +311,7 @@ def test_local_links_are_signed(local_auth_app: RunningApp, tmp_path: Path) -> N
 
 
 def test_full_queue_answers_fast(local_auth_app: RunningApp, tmp_path: Path) -> None:
-    clients = [client(local_auth_app, tmp_path / str(n), auth=("bob", "builder")) for n in range(3)]
+    clients = [client(local_auth_app, tmp_path / str(n), auth=("bob", "the-builder")) for n in range(3)]
     running = [c.submit(prompt=f"fill {n}", **SLOW, api_name="/generate") for n, c in enumerate(clients[:2])]
     time.sleep(1.5)
     with pytest.raises(Exception, match="busy"):

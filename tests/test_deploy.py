@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -76,6 +77,7 @@ def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str,
         assert services[app]["depends_on"]["seaweedfs"] == {"condition": "service_healthy"}
         assert services[app]["depends_on"]["models-publish"] == {"condition": "service_completed_successfully"}
         assert services[app]["environment"]["SD_MODEL"] == "s3://models/demo"
+        assert services[app]["environment"]["ALLOW_ANONYMOUS"] == "false"  # .env.example does not open it
         assert services[app]["stop_grace_period"] in ("90s", "1m30s")
     for gpu_service in ("app", "ray-gpu-worker"):
         devices = services[gpu_service]["deploy"]["resources"]["reservations"]["devices"]
@@ -377,8 +379,9 @@ KUBERAY = DEPLOY / "kuberay" / "rayservice.yaml"
 
 def test_the_kuberay_example_deploys_the_pipeline_and_front_ends_that_join_it() -> None:
     documents = list(yaml.safe_load_all(KUBERAY.read_text()))
-    ray_service, web, service, *policies = documents
-    assert (ray_service["kind"], web["kind"], service["kind"]) == ("RayService", "Deployment", "Service")
+    ray_service, web, volume, service, *policies = documents
+    kinds = (ray_service["kind"], web["kind"], volume["kind"], service["kind"])
+    assert kinds == ("RayService", "Deployment", "PersistentVolumeClaim", "Service")
     assert [policy["kind"] for policy in policies] == ["NetworkPolicy", "NetworkPolicy"]
     ray_policy, web_policy = (policy["spec"] for policy in policies)
     assert ray_policy["podSelector"]["matchLabels"] == {"app": "sd-service-ray"}
@@ -416,6 +419,30 @@ def test_the_kuberay_example_deploys_the_pipeline_and_front_ends_that_join_it() 
         item["name"]: item["valueFrom"]["secretKeyRef"]["name"] for item in container["env"] if "valueFrom" in item
     }
     assert secrets["APP_SECRET"] == "sd-service-app-secret"  # shared by the front ends, never in the manifest
+    # The app refuses a public bind without a login: the front ends get logins (and no anonymous use).
+    assert secrets["AUTH_USERS"] == "sd-service-app-secret" and "ALLOW_ANONYMOUS" not in env
+    assert secrets["OWNER_SECRET"] == "sd-service-app-secret"
+    assert env["PUBLIC_URL"].startswith("https://")  # Secure cookies behind the TLS Ingress
+    # The spool is on a volume, not in the container's layer (pending images survive a restart).
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    (data,) = [v for v in web["spec"]["template"]["spec"]["volumes"] if v["name"] == mounts[env["DATA_DIR"]]]
+    assert data["persistentVolumeClaim"]["claimName"] == volume["metadata"]["name"]
+    assert volume["spec"]["accessModes"] == ["ReadWriteMany"]  # shared by every front end
+    # Every secret the manifests name, with each key, is made by the commands at the top of the file.
+    created = {
+        match.group(1): set(re.findall(r"--from-literal=([A-Za-z_-]+)=", match.group(2)))
+        for match in re.finditer(r"kubectl create secret generic (\S+)((?:.*\\\n#)*.*)", KUBERAY.read_text())
+    }
+    referenced = [
+        (item["valueFrom"]["secretKeyRef"]["name"], item["valueFrom"]["secretKeyRef"]["key"])
+        for pod in [*pods, web["spec"]["template"]]
+        for each in pod["spec"]["containers"]
+        for item in each.get("env", [])
+        if "valueFrom" in item
+    ]
+    assert referenced and all(key in created.get(name, set()) for name, key in referenced), (referenced, created)
+    for each in container.get("envFrom", []):
+        assert each["secretRef"]["name"] in created
     assert env["RAY_ADDRESS"] == "auto" and env["RAY_DEPLOY"] == "never" and env["RAY_AUTH_MODE"] == "token"
     args = application["args"]
     assert (env["RAY_REPLICAS"], env["RAY_MAX_REPLICAS"]) == (args["ray_replicas"], str(args["ray_max_replicas"]))

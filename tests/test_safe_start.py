@@ -38,6 +38,11 @@ def test_placeholder_and_short_secrets_are_refused_by_name_never_shown() -> None
     assert ray is not None and ray.startswith("RAY_AUTH_TOKEN is still the placeholder")
     login = refusal(["--auth-users", "alice:change-me"])
     assert login is not None and "'alice'" in login
+    short_password = refusal(["--auth-users", "alice:wonderland,bob:1234567"])
+    assert short_password is not None and "'bob'" in short_password and "8 characters" in short_password
+    assert "1234567" not in short_password
+    owner = refusal(["--owner-secret", "short"])
+    assert owner is not None and owner.startswith("OWNER_SECRET must be at least 32")
 
 
 @pytest.mark.parametrize(
@@ -54,12 +59,27 @@ def test_a_public_bind_needs_a_login_or_an_explicit_yes(argv: list[str], refused
     assert (refusal(argv) is not None) == refused
 
 
-def test_the_app_stops_at_once_with_one_clear_line() -> None:
-    environment = {**os.environ, "HOST": "0.0.0.0"}
-    for name in ("AUTH_USERS", "AUTH_FILE", "ALLOW_ANONYMOUS"):
-        environment.pop(name, None)
+def dockerfile_environment() -> dict[str, str]:
+    """The ``ENV`` the image sets (``ENV A=1 \\`` continued over lines)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            found |= dict(pair.split("=", 1) for pair in line.removeprefix("ENV ").split())
+    return found
+
+
+def test_a_bare_docker_run_refuses_to_start_without_a_login() -> None:
+    """What ``docker run IMAGE`` does (the image's environment, no login, no ALLOW_ANONYMOUS): the
+    app stops at once with one clear line."""
+    image = dockerfile_environment()
+    assert image["HOST"] == "0.0.0.0"
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("AUTH_USERS", "AUTH_FILE", "ALLOW_ANONYMOUS")
+    }
+    environment |= {key: value for key, value in image.items() if key in ("HOST", "PORT", "METRICS_PORT")}
     finished = subprocess.run(
-        [sys.executable, "app.py", "--model", "/nonexistent"],
+        [sys.executable, "app.py", "--model", "models/tiny-shapes"],
         cwd=ROOT,
         env=environment,
         capture_output=True,
@@ -68,3 +88,5 @@ def test_the_app_stops_at_once_with_one_clear_line() -> None:
     )
     assert finished.returncode == 2
     assert finished.stderr.strip().startswith("error: HOST=0.0.0.0 serves beyond this machine without login")
+    readme = (ROOT / "README.md").read_text()
+    assert "a bare `docker run` refuses to start without a login" in readme

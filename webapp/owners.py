@@ -52,6 +52,13 @@ def client_address(host: str | None, forwarded_for: str | None, trusted: Sequenc
     return address
 
 
+def address_of(request: Any, trusted_proxies: Sequence[Network]) -> str:
+    """The client address of a Starlette or Gradio request (``X-Forwarded-For`` only from a trusted proxy)."""
+    host = request.client.host if request.client else None
+    forwarded = request.headers.get("x-forwarded-for") if request.headers else None
+    return client_address(host, forwarded, trusted_proxies)
+
+
 def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
     try:
         parsed = ipaddress.ip_address(address)

@@ -178,8 +178,13 @@ class Settings(BaseSettings):
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
     app_secret: SecretStr | None = Field(
         None,
-        description="shared by every front end: signs login sessions and keys owner hashes; at least 32 bytes "
-        "(default: a random one kept in DATA_DIR/.app-secret)",
+        description="shared by every front end: signs login sessions (rotate it to end them all); at least 32 "
+        "bytes (default: a random one kept in DATA_DIR/.app-secret)",
+    )
+    owner_secret: SecretStr | None = Field(
+        None,
+        description="shared by every front end, never rotated: keys the owner hashes histories are stored under; "
+        "at least 32 bytes (default: kept in DATA_DIR/.owner-secret, made from the APP_SECRET of the first start)",
     )
     allow_anonymous: bool = Field(
         False, description="serve without login on an address beyond loopback (HOST); refused at start otherwise"
@@ -333,6 +338,7 @@ class Settings(BaseSettings):
 
 PLACEHOLDER_PREFIX = "change-me"  # what .env.example ships: never a secret in service
 MIN_HMAC_KEY_BYTES = 32
+MIN_PASSWORD_LENGTH = 8  # login passwords; failed logins are throttled too (webapp.sessions.LoginThrottle)
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN")
 
@@ -340,7 +346,8 @@ CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_
 def refuse_unsafe_start(settings: Settings, logins: list[tuple[str, str]], environ: Mapping[str, str]) -> None:
     """Stop start-up (``SettingsError``, naming the setting, never its value) on a placeholder or
     weak secret, or on an address beyond loopback with no login unless ALLOW_ANONYMOUS says so."""
-    for name, value in (("LINK_SECRET", settings.link_secret), ("APP_SECRET", settings.app_secret)):
+    named = (("LINK_SECRET", settings.link_secret), ("APP_SECRET", settings.app_secret))
+    for name, value in (*named, ("OWNER_SECRET", settings.owner_secret)):
         secret = value.get_secret_value() if value is not None else None
         if secret is not None and (secret.startswith(PLACEHOLDER_PREFIX) or len(secret.encode()) < MIN_HMAC_KEY_BYTES):
             raise SettingsError(
@@ -353,6 +360,10 @@ def refuse_unsafe_start(settings: Settings, logins: list[tuple[str, str]], envir
     for user, password in logins:
         if password.startswith(PLACEHOLDER_PREFIX):
             raise SettingsError(f"AUTH_USERS/AUTH_FILE: the password of '{user}' is a placeholder")
+        if len(password) < MIN_PASSWORD_LENGTH:
+            raise SettingsError(
+                f"AUTH_USERS/AUTH_FILE: the password of '{user}' is shorter than {MIN_PASSWORD_LENGTH} characters"
+            )
     if settings.host not in LOOPBACK_HOSTS and not logins and not settings.allow_anonymous:
         raise SettingsError(
             f"HOST={settings.host} serves beyond this machine without login: set AUTH_USERS or AUTH_FILE, "

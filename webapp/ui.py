@@ -19,7 +19,7 @@ from sd_pipeline.contract.request import RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
 from webapp.form import DEFAULTED, FormField, form_defaults, generate_fields, settings_of, with_signature
-from webapp.owners import OWNER_COOKIE, Network, client_address, resolve_owner
+from webapp.owners import OWNER_COOKIE, Network, address_of, resolve_owner
 from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
@@ -31,13 +31,6 @@ PAGE_CSS = """
 #history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)) !important; }
 #selected-image img { width: 100%; height: 100%; object-fit: contain !important; }
 """
-
-
-def address_of(request: gr.Request, trusted_proxies: Sequence[Network]) -> str:
-    """The caller's client address (``X-Forwarded-For`` only from a trusted proxy)."""
-    host = request.client.host if request.client else None
-    forwarded = request.headers.get("x-forwarded-for") if request.headers else None
-    return client_address(host, forwarded, trusted_proxies)
 
 
 def owner_of(request: gr.Request, secret: bytes | None) -> str:
