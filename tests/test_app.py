@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import requests
 from gradio_client import Client
+from gradio_client.client import Job
 from PIL import Image
 
 from sd_pipeline.png import read_png_parameters
@@ -165,15 +166,17 @@ def test_stop_cancels_only_the_callers_request(s3_app: RunningApp, tmp_path: Pat
     cancelled_before = s3_app.metric('sdapp_requests_total{outcome="cancelled"}')
     mine = client(s3_app, tmp_path / "mine").submit(prompt="mine", **{**SLOW, "steps": 60}, api_name="/generate")
     theirs = client(s3_app, tmp_path / "theirs").submit(prompt="theirs", **{**SLOW, "steps": 20}, api_name="/generate")
-    time.sleep(2)
+    wait_until(lambda: is_stepping(mine), timeout=120)  # cancelled while it runs, not while Gradio still queues it
     mine.cancel()
     assert theirs.result(timeout=120)[1]["images"][0]["prompt"] == "theirs"
-    deadline = time.monotonic() + 30
-    while (
-        s3_app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled_before and time.monotonic() < deadline
-    ):
-        time.sleep(0.2)
+    wait_until(lambda: s3_app.metric('sdapp_requests_total{outcome="cancelled"}') > cancelled_before, timeout=30)
     assert s3_app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled_before + 1
+
+
+def is_stepping(job: Job) -> bool:
+    """Whether the app reports a denoising step for this job ("step 3/60 ..."), not a wait."""
+    progress = job.status().progress_data or []
+    return any(unit.desc is not None and unit.desc.startswith("step ") for unit in progress)
 
 
 def test_metrics_move_with_real_traffic_and_pass_promtool(s3_app: RunningApp, tmp_path: Path) -> None:

@@ -58,6 +58,8 @@ def browser() -> Iterator[Browser]:
 def context(browser: Browser) -> Iterator[BrowserContext]:
     created = browser.new_context(viewport=LAPTOP)
     created.set_default_timeout(30_000)
+    # expect() has its own timeout (5 s by default), which a generation on a busy 2-core machine can outlast.
+    expect.set_options(timeout=30_000)
     yield created
     created.close()
 
@@ -151,15 +153,20 @@ def test_history_survives_reload_and_is_private(context: BrowserContext, browser
     page, _ = open_page(context, app)
     fill_form(page, "a lighthouse for history", seed="77")
     page.locator("#generate").click()
-    expect(page.locator("#result-gallery img").first).to_be_visible()
+    newest_link(page)  # finished: a live preview shows in the gallery earlier, and a reload then would cancel it
     page.reload()
     expect(page.locator("#history-gallery img").first).to_be_visible()
+    expect(page.locator("#history-note")).to_contain_text(re.compile(r"Page 1: \d+ images?, newest first"))
     shot(page, "05-history-after-reload")
     stranger = browser.new_context(viewport=LAPTOP)
     try:
         other, _ = open_page(stranger, app)
-        other.wait_for_timeout(1000)
+        expect(other.locator("#history-note")).to_contain_text("No images yet")  # the history has loaded
         expect(other.locator("#history-gallery img")).to_have_count(0)
+        # And the stranger's own history, asked with the stranger's owner cookie, is empty too.
+        cookies = "; ".join(f"{c['name']}={c['value']}" for c in stranger.cookies())
+        _, theirs = Client(app.url, verbose=False, headers={"Cookie": cookies}).predict(1, api_name="/history")
+        assert theirs["images"] == []
         shot(other, "06-second-browser-empty-history")
     finally:
         stranger.close()
@@ -204,6 +211,7 @@ def test_invalid_width_shows_a_readable_error_and_the_page_keeps_working(
     shot(page, "09-invalid-width")
     set_number(page, "width", "64")
     page.locator("#generate").click()
+    newest_link(page)
     expect(page.locator("#result-gallery img").first).to_be_visible()
     shot(page, "10-recovered")
 
@@ -301,7 +309,7 @@ def test_images_keep_their_shape_and_the_phone_page_does_not_scroll_sideways(
     fill_form(page, "a wide one", size="64", steps="3")
     set_number(page, "width", "128")
     page.locator("#generate").click()
-    expect(page.locator("#result-gallery img").first).to_be_visible(timeout=60_000)
+    newest_link(page)
     expect(page.locator("#history-gallery img").first).to_be_visible(timeout=30_000)
     for viewport, name in ((LAPTOP, "15-shapes-laptop"), (PHONE, "16-shapes-phone")):
         page.set_viewport_size(viewport)

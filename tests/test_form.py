@@ -9,7 +9,8 @@ import gradio as gr
 
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import RequestLimits
-from webapp.form import DEFAULTED, form_defaults, generate_fields
+from tests.app_server import ROOT
+from webapp.form import DEFAULTED, GENERAL_EXAMPLE_PROMPT, form_defaults, generate_fields
 from webapp.ui import build_demo
 
 
@@ -52,3 +53,20 @@ def test_a_page_opened_after_a_rollout_gets_the_new_models_defaults() -> None:
     assert isinstance(values["width"], skipped)  # unchanged fields are left as the user has them
     generate = next(block.fn for block in demo.fns.values() if getattr(block, "api_name", None) == "generate")
     assert inspect.signature(generate).parameters["steps"].default == 25  # built before the rollout
+
+
+def test_the_prompt_placeholder_is_the_models_example() -> None:
+    """A model that draws coloured shapes should not suggest an oil painting of a lighthouse."""
+    limits = RequestLimits(max_pixels=512 * 512)
+
+    def placeholder(defaults: ModelDefaults | None) -> str | None:
+        prompt = next(field for field in generate_fields(limits, default_size=64, model_defaults=defaults))
+        box = prompt.component()
+        assert isinstance(box, gr.Textbox)
+        return box.placeholder
+
+    shapes = ModelDefaults.model_validate_json((ROOT / "models" / "tiny-shapes" / "model_defaults.json").read_bytes())
+    assert placeholder(shapes) == "a green triangle"
+    assert placeholder(None) == GENERAL_EXAMPLE_PROMPT
+    with_example = form_defaults(limits, default_size=64, model=shapes)
+    assert (with_example.steps, with_example.guidance_scale) == (20, 4.0)  # the example is no form value

@@ -43,7 +43,8 @@ def form_defaults(limits: RequestLimits, *, default_size: int, model: ModelDefau
     """The form's and the API's defaults: what the model recommends (its manifest or
     ``model_defaults.json``) where it fits this app's limits, else the app's own; the size
     defaults to the model's native side (512 for SD 1.x)."""
-    recommended = {name: value for name, value in (model or ModelDefaults()).model_dump().items() if value is not None}
+    settings = (model or ModelDefaults()).model_dump(exclude={"example_prompt"})
+    recommended = {name: value for name, value in settings.items() if value is not None}
     chosen = {"width": default_size, "height": default_size, **recommended}
     try:
         check_inputs({"prompt": "defaults", **chosen}, limits=limits)
@@ -52,6 +53,8 @@ def form_defaults(limits: RequestLimits, *, default_size: int, model: ModelDefau
         chosen = {"width": default_size, "height": default_size}
     return GenerationRequest(prompt="", **chosen)
 
+
+GENERAL_EXAMPLE_PROMPT = "A lighthouse on a cliff at dusk, oil painting"  # for a model that names no example
 
 DEFAULTED = ("steps", "guidance_scale", "scheduler", "width", "height")  # the fields a model may recommend
 
@@ -62,6 +65,7 @@ def generate_fields(
     """/generate's inputs in API order, with the model's recommended defaults (``form_defaults``)."""
     defaults = form_defaults(limits, default_size=default_size, model=model_defaults)
     sides = f"{limits.min_side}-{limits.max_side}, multiple of 8"
+    example_prompt = (model_defaults and model_defaults.example_prompt) or GENERAL_EXAMPLE_PROMPT
 
     def whole_slider(
         low: int, high: int, value: int, label: str, elem_id: str
@@ -76,9 +80,7 @@ def generate_fields(
             str,
             REQUIRED,
             "what to draw (required; at most the model's token limit)",
-            lambda: gr.Textbox(
-                label="Prompt", lines=3, placeholder="A lighthouse on a cliff at dusk, oil painting", elem_id="prompt"
-            ),
+            lambda: gr.Textbox(label="Prompt", lines=3, placeholder=example_prompt, elem_id="prompt"),
         ),
         FormField(
             "negative_prompt",

@@ -46,6 +46,17 @@ def _caption(image: dict[str, Any]) -> str:
     return f"seed {image['seed']} · {image['width']}x{image['height']} · {image['scheduler']}"
 
 
+def _history_note(found: dict[str, Any] | None) -> str:
+    """Under the history: what the page shows (and that it has loaded), or that there is nothing yet."""
+    if not found:
+        return "Loading your history…"
+    count, page = len(found.get("images", [])), found.get("page", 1)
+    if count == 0:
+        return "No images yet: the ones you make appear here." if page == 1 else f"Page {page} is empty."
+    more = " · older ones on the next page" if found.get("has_more") else ""
+    return f"Page {page}: {count} image{'s' if count != 1 else ''}, newest first{more}."
+
+
 def _links_markdown(result: dict[str, Any]) -> str:
     lines = []
     for number, image in enumerate(result.get("images", []), start=1):
@@ -186,8 +197,15 @@ def build_demo(
                 next_page = gr.Button("Older ▶", size="sm")
                 refresh = gr.Button("Refresh", size="sm", elem_id="refresh")
             history_gallery = gr.Gallery(
-                label="History", columns=6, height=300, object_fit="cover", preview=False, elem_id="history-gallery"
+                label="History",
+                columns=6,
+                height=300,
+                object_fit="cover",
+                preview=False,
+                interactive=False,  # an output: no "Drop media here" (the app takes no uploads)
+                elem_id="history-gallery",
             )
+            history_note = gr.Markdown("Loading your history…", elem_id="history-note")
             with gr.Row(equal_height=False):
                 selected_image = gr.Image(
                     label="Selected image",
@@ -252,6 +270,7 @@ def build_demo(
         random_seed.click(lambda: -1, outputs=seed, api_visibility="private")
         reuse_seed.click(_last_seed, inputs=[result, seed], outputs=seed, api_visibility="private")
 
+        history_json.change(_history_note, inputs=history_json, outputs=history_note, api_visibility="private")
         refresh.click(history, **history_event, api_visibility="private")
         page.submit(history, **history_event, api_visibility="private")
         previous_page.click(lambda p: max(1, int(p or 1) - 1), page, page, api_visibility="private").then(

@@ -25,6 +25,7 @@ class ModelDefaults(BaseModel):
     scheduler: str | None = None
     width: int | None = Field(None, ge=64, le=4096, multiple_of=8)
     height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
+    example_prompt: str | None = Field(None, max_length=200)  # the page's prompt placeholder: what this model draws
 
 
 class ModelStore(BaseModel):
