@@ -27,7 +27,7 @@ from sd_pipeline.models.location import ModelLocation
 from sd_pipeline.models.registry import ModelRegistry, make_client
 from sd_pipeline.models.resolve import ResolvedModel, resolve_model
 from sd_pipeline.models.rollout import ModelRollout
-from storage.base import ImageStore, StorageError
+from storage.base import ImageStore, StorageError, StorageUnreachableError
 from storage.local import LocalStore, load_or_create_secret
 from storage.s3 import S3Store
 from storage.spool import Spool, SpoolingStore, SpoolLimits
@@ -69,7 +69,10 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
     if s3_settings is not None:
         spool = Spool(settings.data_dir / "spool", limits=SpoolLimits(max_items=settings.spool_max_items))
         s3 = SpoolingStore(S3Store.from_settings(s3_settings), spool, observer=metrics)
-        s3.primary.check()  # the bucket exists (or is created) and answers before the first request
+        try:
+            s3.primary.check()  # a missing bucket or refused keys stop start-up: a setting to fix
+        except StorageUnreachableError as error:  # an outage: serve, spool images, upload when it is back
+            logger.warning("%s: starting degraded; images wait in the spool until S3 answers", error)
         s3.start()
         return s3, None
     secret = (

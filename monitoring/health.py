@@ -91,26 +91,31 @@ class Health:
     def _storage(self) -> str | None:
         """The storage problem as last checked. A due check runs in the background (S3 timing out
         must not make /readyz slow: a balancer's check would time out and drop this front end);
-        only the very first one runs here."""
+        the very first asks only ``storage_check`` here (the spool's room: no network), and its
+        details (``storage_detail``: S3 answering?) follow from the background."""
         if self.storage_check is None:
             return None
         with self._lock:
             first = self._storage_checked_at == float("-inf")
             due = time.monotonic() - self._storage_checked_at >= self.cache_seconds
-            if due and not first and not self._storage_checking:
-                self._storage_checking = True
-                threading.Thread(target=self._check_storage, name="storage-check", daemon=True).start()
-        if first:
-            self._check_storage()
+            start = due and not self._storage_checking
+            self._storage_checking = self._storage_checking or start
+        if first and self._storage_problem is None:
+            self._storage_problem = self._problem()
+        if start:
+            threading.Thread(target=self._check_storage, name="storage-check", daemon=True).start()
         return self._storage_problem
 
-    def _check_storage(self) -> None:
+    def _problem(self) -> str | None:
         assert self.storage_check is not None
         try:
             self.storage_check()
-            problem = None
         except Exception as error:  # noqa: BLE001 - any failure means "not ready", reported by type
-            problem = f"storage unreachable: {type(error).__name__}"
+            return f"storage unreachable: {type(error).__name__}"
+        return None
+
+    def _check_storage(self) -> None:
+        problem = self._problem()
         detail = self.storage_detail() if self.storage_detail is not None else None
         with self._lock:
             self._storage_problem, self._storage_detail = problem, detail

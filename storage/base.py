@@ -12,6 +12,10 @@ class StorageError(RuntimeError):
     """Storage could not do what was asked; the message names bucket or folder, never secrets."""
 
 
+class StorageUnreachableError(StorageError):
+    """The store did not answer (connection refused, timeout, a 5xx): an outage, not a wrong setting."""
+
+
 class SpoolFullError(StorageError):
     """Storage is down and the on-disk spool has no room left."""
 

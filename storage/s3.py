@@ -13,7 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 
 from storage import keys
-from storage.base import StorageError
+from storage.base import StorageError, StorageUnreachableError
 from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
 
 if TYPE_CHECKING:
@@ -85,9 +85,11 @@ class S3Store:
             if code in ("404", "NoSuchBucket") and self.settings.create_bucket:
                 self._create_bucket()
                 return
+            if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+                raise StorageUnreachableError(f"{self._where()} is failing ({code or 'error'})") from error
             raise StorageError(f"{self._where()} is not usable ({code or 'error'}); create it or fix S3_*") from error
         except BotoCoreError as error:
-            raise StorageError(f"{self._where()} is unreachable: {type(error).__name__}") from error
+            raise StorageUnreachableError(f"{self._where()} is unreachable: {type(error).__name__}") from error
 
     def _create_bucket(self) -> None:
         extra: dict[str, Any] = {}

@@ -45,6 +45,9 @@ class S3Server:
         self._server: ThreadedMotoServer | None = None
 
     def start(self) -> None:
+        """Serve (again); nothing to do while it serves."""
+        if self._server is not None:
+            return
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 import subprocess
 import sys
@@ -238,6 +239,44 @@ def test_storage_outage_does_not_lose_images(s3_app: RunningApp, s3_server: S3Se
     _, history = c.predict(1, api_name="/history")
     assert history["images"][0]["prompt"] == "during the outage" and history["images"][0]["status"] == "stored"
     assert s3_app.metric('sdapp_storage_failures_total{operation="upload"}') >= 1
+
+
+def test_a_front_end_started_during_an_s3_outage_serves_and_uploads_later(
+    tiny_model_dir: Path, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The spool exists for outages: starting in one is no reason to stop (it was exit code 2)."""
+    s3_server.create_bucket("started-in-outage")
+    env = {"S3_BUCKET": "started-in-outage", "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
+    s3_server.stop()
+    try:
+        with launched_app(tiny_model_dir, tmp_path, env=env) as app:
+            assert "starting degraded" in app.log_path.read_text()
+            c = client(app, tmp_path)
+            _, result = generate(c, "made while S3 was down")
+            assert result["images"][0]["status"] == "pending"
+            s3_server.start()
+            wait_until(lambda: app.metric("sdapp_storage_uploads_pending") == 0, timeout=60, interval=0.5)
+            assert requests.get(result["images"][0]["url"], timeout=10).status_code == 200
+            _, history = c.predict(1, api_name="/history")
+            assert [(image["prompt"], image["status"]) for image in history["images"]] == [
+                ("made while S3 was down", "stored")
+            ]
+    finally:
+        s3_server.start()  # for the tests after this one, whatever happened
+
+
+def test_a_missing_bucket_still_stops_start_up(tiny_model_dir: Path, s3_server: S3Server, tmp_path: Path) -> None:
+    """A wrong setting is not an outage: one clear line, exit code 2."""
+    environment = {**os.environ, "S3_BUCKET": "no-such-bucket", "S3_ENDPOINT_URL": s3_server.endpoint_url}
+    finished = subprocess.run(
+        [sys.executable, "app.py", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT,
+        env={**environment, "S3_REGION": "us-east-1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 2 and "no-such-bucket" in finished.stderr and "not usable" in finished.stderr
 
 
 def test_sigterm_while_busy_loses_nothing(tiny_model_dir: Path, s3_server: S3Server, tmp_path: Path) -> None:
