@@ -29,7 +29,7 @@ from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.models.cache import ModelCache, VersionRefusedError
 from sd_pipeline.models.location import LocationError, ModelLocation
-from sd_pipeline.models.registry import ModelRegistry, RegistryError, make_client
+from sd_pipeline.models.registry import ModelRegistry, RegistryError, RegistryUnavailableError, make_client
 from sd_pipeline.models.resolve import resolve_model
 from sd_pipeline.models.rollout import ModelRollout
 from tests.servers import S3Server, free_port, wait_until
@@ -216,6 +216,66 @@ def test_the_watcher_rolls_out_new_versions_and_refuses_bad_ones_once(
     registry.promote("v1")  # rolling back is promoting the old version
     assert rollout.check_once() == "succeeded" and backend.switched == ["v2", "v1"] and rollout.detail is None
     assert outcomes.seen == ["succeeded", "refused", "refused", "succeeded"]
+
+
+def test_the_watcher_retries_an_outage_with_back_off_refuses_a_bad_version_once_and_prunes_the_cache(
+    registry: ModelRegistry, store: ModelStore, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for version in ("v1", "v2", "v3", "v4", "v5"):
+        registry.publish(tiny_model_dir, version)
+    registry.promote("v1")
+    cache = ModelCache(Path(store.cache_dir))
+    backend, outcomes = RecordingBackend(), Outcomes()
+    rollout = ModelRollout(
+        backend,  # type: ignore[arg-type]
+        registry,
+        cache,
+        serving="v1",
+        poll_seconds=10,
+        observer=outcomes,
+    )
+    now = [0.0]
+    rollout.clock = lambda: now[0]
+    downloads: list[str] = []
+    real_download = registry.download
+    outage = [True]
+
+    def download(version: str, *args: Any) -> None:
+        downloads.append(version)
+        if outage[0]:
+            raise RegistryUnavailableError("the store did not answer")
+        real_download(version, *args)
+
+    monkeypatch.setattr(registry, "download", download)
+    registry.promote("v2")
+    # An outage is no fault of v2: postponed (not refused), then tried after 10 s, then after 20 s more.
+    assert rollout.check_once() is None and outcomes.seen == [] and rollout.refused is None
+    assert rollout.detail is not None and "v2 not fetched yet" in rollout.detail
+    assert rollout.check_once() is None and downloads == ["v2"]  # within the back-off: not tried
+    now[0] = 10.0
+    assert rollout.check_once() is None and downloads == ["v2", "v2"]
+    now[0] = 29.0
+    assert rollout.check_once() is None and downloads == ["v2", "v2"]  # the back-off doubled to 20 s
+    outage[0] = False
+    now[0] = 30.0
+    assert rollout.check_once() == "succeeded" and rollout.serving == "v2" and outcomes.seen == ["succeeded"]
+    # A malformed manifest is the version's fault: refused once, never fetched again while current names it.
+    registry.promote("v3")
+    registry.client.put_object(Bucket=registry.location.bucket, Key=registry.location.manifest_key("v3"), Body=b"{")
+    assert rollout.check_once() == "refused"
+    tried = len(downloads)
+    for _ in range(3):
+        now[0] += 1000
+        assert rollout.check_once() is None
+    assert len(downloads) == tried and outcomes.seen == ["succeeded", "refused"]
+    # The cache keeps the served version and the two that arrived before it.
+    for version in ("v4", "v5", "v1"):
+        registry.promote(version)
+        assert rollout.check_once() == "succeeded"
+    kept = sorted(
+        path.name for path in cache.model_folder(registry.location).iterdir() if not path.name.startswith(".")
+    )
+    assert kept == ["v1", "v4", "v5"]
 
 
 def run_in_thread(backend: LocalBackend, job: GenerationJob) -> tuple[threading.Thread, list[JobOutcome]]:

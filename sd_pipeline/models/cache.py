@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 VERIFIED_MARK = ".verified"
 LAST_SERVED = ".last-served"
 _PARTIAL_MAX_AGE = 24 * 3600.0
+KEEP_VERSIONS = 2  # versions kept in the cache besides the one served: rollbacks need no download
 
 
 class VersionRefusedError(RegistryError):
@@ -126,6 +127,23 @@ class ModelCache:
         except OSError:
             return None
         return self.cached(location, version)
+
+    def prune(self, location: ModelLocation, *, serving: str, keep: int = KEEP_VERSIONS) -> list[str]:
+        """Remove all but ``serving`` and the ``keep`` versions that arrived last (for a quick
+        rollback); the versions removed. A version another front end on this cache serves was
+        loaded before it was pruned, and is fetched again if it is needed."""
+        folder = self.model_folder(location)
+        arrived = []
+        for mark in folder.glob(f"*/{VERIFIED_MARK}"):
+            with contextlib.suppress(OSError):
+                arrived.append((mark.stat().st_mtime, mark.parent.name))
+        newest_first = [name for _, name in sorted(arrived, reverse=True) if name != serving]
+        removed = newest_first[keep:]
+        for name in removed:
+            shutil.rmtree(folder / name, ignore_errors=True)
+        if removed:
+            logger.info("removed %d older versions of %s from the cache: %s", len(removed), location, removed)
+        return removed
 
     def _remove_stale_partials(self, parent: Path) -> None:
         """Downloads interrupted long ago (a crash); recent ones may be another process's, kept."""
