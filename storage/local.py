@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -98,7 +99,8 @@ class LocalStore:
         return HistoryPage(images=images, page=page, has_more=len(names) > page * page_size)
 
     def adopt(self, earlier_owner: str, owner: str) -> int:
-        """Move ``earlier_owner``'s images and records under ``owner``."""
+        """Move ``earlier_owner``'s images and records under ``owner``: image first, then the new
+        record, then the old record goes; an adoption killed half-way is finished by the next one."""
         keys.check_owner(owner)
         keys.check_owner(earlier_owner)
         folder = self._path(keys.records_prefix("", earlier_owner))
@@ -108,7 +110,9 @@ class LocalStore:
                 record = ImageRecord.model_validate_json(path.read_bytes()).model_copy(update={"owner": owner})
                 image = self._path(keys.image_key("", owner, record.id))
                 image.parent.mkdir(parents=True, exist_ok=True)
-                self._path(keys.image_key("", earlier_owner, record.id)).replace(image)
+                # Already moved when an earlier adoption was killed before it wrote the record: go on.
+                with contextlib.suppress(FileNotFoundError):
+                    self._path(keys.image_key("", earlier_owner, record.id)).replace(image)
                 write_atomic(self._path(keys.record_key("", owner, record.id)), record.model_dump_json().encode())
                 path.unlink()
                 moved += 1

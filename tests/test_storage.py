@@ -473,6 +473,22 @@ def test_an_earlier_history_moves_to_the_new_owner_key(
     assert store.adopt(earlier, owner) == 0  # nothing left: a second view costs one listing
 
 
+def test_an_interrupted_local_adoption_is_finished_by_the_next(tmp_path: Path) -> None:
+    """Killed after moving an image and before writing its record: the next adoption goes on."""
+    earlier, owner = keys.owner_key("user:alice"), keys.owner_key("user:alice", b"k" * 32)
+    store = LocalStore(tmp_path, secret=b"s" * 32, link_ttl_seconds=60, base_url="http://app")
+    saved = [store.save(small_png(number), make_record(earlier, prompt=f"old {number}")) for number in range(3)]
+    interrupted = saved[1].record.id  # what the kill left: its image moved, its record not yet
+    moved_image = store._path(keys.image_key("", owner, interrupted))
+    moved_image.parent.mkdir(parents=True)
+    store._path(keys.image_key("", earlier, interrupted)).replace(moved_image)
+    assert store.adopt(earlier, owner) == 3
+    moved = store.history(owner, page=1, page_size=10).images
+    assert sorted(image.record.prompt for image in moved) == ["old 0", "old 1", "old 2"]
+    assert all(store.fetch(owner, image.record.id) == small_png(n) for n, image in enumerate(reversed(moved)))
+    assert store.history(earlier, page=1, page_size=10).images == []
+
+
 def test_a_full_disk_is_a_clear_storage_full_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_space(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
