@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import http.server
 import importlib
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ import yaml
 
 from sd_pipeline.backends.ray.replica import APP_NAME
 from tests.app_server import ROOT, wait_ready
-from tests.servers import S3Server, free_port
+from tests.servers import S3Server, free_port, wait_for_port, wait_until
 from tests.test_monitoring import ALERT_RULES, DASHBOARD, DATASOURCE, PROMETHEUS_CONFIG
 
 DEPLOY = ROOT / "deploy"
@@ -335,22 +340,27 @@ def test_the_ray_profile_wires_one_cluster_two_front_ends_and_one_token(resolved
     assert missing.returncode != 0
 
 
-def test_the_load_balancer_keeps_each_client_on_one_ready_front_end(resolved: dict[str, Any], tmp_path: Path) -> None:
-    if shutil.which("haproxy") is None:
-        pytest.skip("Debian's haproxy is not installed (scripts/install-test-deps.sh installs it)")
-    config = HAPROXY_CONFIG.read_text()
-    # The certificate lb-cert makes, made here by the same command (openssl), checked by haproxy -c.
-    certs = tmp_path / "certs"
+def lb_certificate(resolved: dict[str, Any], folder: Path) -> Path:
+    """The certificate lb-cert makes, made here by the same command (openssl): the folder holding site.pem."""
+    certs = folder / "certs"
     certs.mkdir()
     command = resolved["services"]["lb-cert"]["command"][0]
     for name in ("key.pem", "cert.pem"):
-        command = command.replace(f"/tmp/{name}", str(tmp_path / name))
+        command = command.replace(f"/tmp/{name}", str(folder / name))
     command = command.replace("/certs/", f"{certs}/")
     made = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     site = certs / "site.pem"
     assert stat.S_IMODE(site.stat().st_mode) == 0o600 and site.stat().st_uid == 99  # HAProxy's user alone
     assert subprocess.run(["sh", "-c", command], capture_output=True, timeout=60).returncode == 0  # kept, not remade
+    return certs
+
+
+def test_the_load_balancer_keeps_each_client_on_one_ready_front_end(resolved: dict[str, Any], tmp_path: Path) -> None:
+    if shutil.which("haproxy") is None:
+        pytest.skip("Debian's haproxy is not installed (scripts/install-test-deps.sh installs it)")
+    config = HAPROXY_CONFIG.read_text()
+    certs = lb_certificate(resolved, tmp_path)  # checked by haproxy -c below
     local_config = tmp_path / "haproxy.cfg"
     local_config.write_text(config.replace("/usr/local/etc/haproxy/certs/", f"{certs}/"))
     checked = subprocess.run(["haproxy", "-c", "-f", str(local_config)], capture_output=True, text=True)
@@ -372,6 +382,103 @@ def test_the_load_balancer_keeps_each_client_on_one_ready_front_end(resolved: di
     address = lb["networks"]["default"]["ipv4_address"]
     for front_end in ("app-ray", "app-ray-2"):
         assert resolved["services"][front_end]["environment"]["TRUSTED_PROXIES"] == address
+
+
+class EchoFrontEnd(http.server.BaseHTTPRequestHandler):
+    """Stands in for a front end behind the balancer: answers /readyz, echoes each request's headers."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({name.lower(): value for name, value in self.headers.items()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def shipped_haproxy(resolved: dict[str, Any], folder: Path) -> Iterator[tuple[int, int]]:
+    """deploy/haproxy/haproxy.cfg as shipped, on loopback ports, in front of an echoing front end:
+    only the addresses, the certificate's folder and the servers' names are changed. Its TLS and
+    plain ports."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoFrontEnd)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    tls, plain, health = free_port(), free_port(), free_port()
+    config = HAPROXY_CONFIG.read_text()
+    config = config.replace("/usr/local/etc/haproxy/certs/", f"{lb_certificate(resolved, folder)}/")
+    config = config.replace("bind :7443 ", f"bind 127.0.0.1:{tls} ").replace("bind :7860", f"bind 127.0.0.1:{plain}")
+    config = config.replace("bind :8404", f"bind 127.0.0.1:{health}")
+    config = config.replace("check port 8000", f"check port {backend.server_port}")
+    for name in ("app-ray", "app-ray-2"):
+        config = config.replace(f"{name}:7860", f"127.0.0.1:{backend.server_port}")
+    (folder / "haproxy.cfg").write_text(config)
+    process = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(folder / "haproxy.cfg")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(tls)
+        yield tls, plain
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        backend.shutdown()
+
+
+def open_connection(port: int) -> socket.socket | None:
+    """A connection to the balancer that answered a request and stays open, or None if it was closed."""
+    try:
+        connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except OSError:
+        return None
+    try:
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        if connection.recv(1024).startswith(b"HTTP/1.1 301"):
+            return connection
+    except OSError:  # reset, or a broken pipe: refused
+        pass
+    connection.close()
+    return None
+
+
+def test_the_shipped_balancer_config_ends_tls_redirects_strips_forwarding_and_limits_each_address(
+    resolved: dict[str, Any], tmp_path: Path
+) -> None:
+    if shutil.which("haproxy") is None:
+        pytest.skip("Debian's haproxy is not installed (scripts/install-test-deps.sh installs it)")
+    with shipped_haproxy(resolved, tmp_path) as (tls, plain):
+        redirect = requests.get(f"http://127.0.0.1:{plain}/page", allow_redirects=False, timeout=10)
+        assert redirect.status_code == 301 and redirect.headers["location"] == f"https://127.0.0.1:{plain}/page"
+        secure = requests.Session()
+        site = f"https://localhost:{tls}/"  # the name lb-cert's certificate is made for (TLS_HOSTNAME)
+
+        def get(**options: Any) -> requests.Response:
+            return secure.get(site, verify=str(tmp_path / "cert.pem"), timeout=10, **options)
+
+        wait_until(lambda: get().status_code == 200, timeout=30)
+        answer = get(headers={"X-Forwarded-For": "6.6.6.6"})
+        seen = answer.json()
+        assert seen["x-forwarded-for"] == "127.0.0.1"  # what the client claimed is gone; the real address went on
+        assert seen["x-forwarded-proto"] == "https"
+        assert answer.headers["strict-transport-security"].startswith("max-age=")
+        assert "SDFRONTEND" in secure.cookies  # sticky by the cookie its first answer set
+        # At most 50 connections open at once per address: the next one is closed at once.
+        secure.close()  # its pooled connection would count as one
+        held: list[socket.socket] = []
+        try:
+            while len(held) <= 50 and (connection := open_connection(plain)) is not None:
+                held.append(connection)
+            # 50 at most; a few fewer when connections this test closed just before still count.
+            assert 45 <= len(held) <= 50
+        finally:
+            for connection in held:
+                connection.close()
+        wait_until(lambda: (connection := open_connection(plain)) is not None and connection.close() is None)
+        # More than 300 requests in 10 s from one address: 429 before any front end.
+        codes = [get().status_code for _ in range(310)]
+        assert codes.count(429) >= 1 and codes[0] == 200 and codes[-1] == 429
 
 
 KUBERAY = DEPLOY / "kuberay" / "rayservice.yaml"
