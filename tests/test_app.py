@@ -174,6 +174,12 @@ def test_stop_cancels_only_the_callers_request(s3_app: RunningApp, tmp_path: Pat
     assert s3_app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled_before + 1
 
 
+def is_waiting(job: Job) -> bool:
+    """Whether the app reports this job waiting its turn ("waiting for the GPU: 1 ahead ...")."""
+    progress = job.status().progress_data or []
+    return any(unit.desc is not None and unit.desc.startswith("waiting") for unit in progress)
+
+
 def is_stepping(job: Job) -> bool:
     """Whether the app reports a denoising step for this job ("step 3/60 ..."), not a wait."""
     progress = job.status().progress_data or []
@@ -295,9 +301,13 @@ def test_sigterm_while_busy_loses_nothing(tiny_model_dir: Path, s3_server: S3Ser
                 break
             time.sleep(0.05)
         app.process.send_signal(15)
-        time.sleep(0.5)
-        draining = requests.get(f"{app.metrics_url}/readyz", timeout=5)
-        assert draining.status_code == 503 and "shutting down" in draining.json()["reasons"]
+
+        def draining() -> bool:  # the balancer is told at once, while the work still runs
+            answer = requests.get(f"{app.metrics_url}/readyz", timeout=5)
+            return answer.status_code == 503 and "shutting down" in answer.json()["reasons"]
+
+        wait_until(draining, timeout=30, interval=0.05)
+        assert not any(job.done() for job in jobs)
         results = [job.result(timeout=120) for job in jobs]
         assert app.process.wait(timeout=60) == 0
     assert sorted(r[1]["images"][0]["prompt"] for r in results) == ["term 0", "term 1", "term 2"]
@@ -355,7 +365,7 @@ def test_local_links_are_signed(local_auth_app: RunningApp, tmp_path: Path) -> N
 def test_full_queue_answers_fast(local_auth_app: RunningApp, tmp_path: Path) -> None:
     clients = [client(local_auth_app, tmp_path / str(n), auth=("bob", "the-builder")) for n in range(3)]
     running = [c.submit(prompt=f"fill {n}", **SLOW, api_name="/generate") for n, c in enumerate(clients[:2])]
-    time.sleep(1.5)
+    wait_until(lambda: all(is_stepping(job) or is_waiting(job) for job in running), timeout=60)  # both in the queue
     with pytest.raises(Exception, match="busy"):
         clients[2].predict(prompt="one too many", **FAST, api_name="/generate")
     assert not any(job.done() for job in running)  # refused at once, not after the queue drained

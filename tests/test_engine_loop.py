@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, coalesced_steps
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
+from tests.servers import wait_until
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 3}
 
@@ -77,7 +77,7 @@ def test_an_engine_with_work_and_no_step_is_reported_stalled(
     runner = threading.Thread(target=loop.run)
     runner.start()
     loop.submit(job("stuck"), lambda outcome: None)
-    time.sleep(0.5)
+    wait_until(lambda: loop.health_problem() is not None, timeout=30)  # 0.2 s without a step, while work is held
     problem = loop.health_problem()
     release.set()
     loop.stop()

@@ -170,7 +170,13 @@ def test_real_prometheus_scrapes_the_app_and_every_dashboard_query_answers(
             if scraped and float(scraped[0]["value"][1]) >= 2:
                 break
             time.sleep(0.5)
-        time.sleep(3)  # a few more scrapes so rate() has two samples after the traffic
+
+        # rate() needs two samples after the traffic: wait until Prometheus holds three.
+        def scraped_thrice() -> bool:
+            after = query(prometheus_url, 'count_over_time(sdapp_requests_total{outcome="success"}[1m]) >= 3')
+            return bool(after["data"]["result"])
+
+        wait_until(scraped_thrice, timeout=60, interval=0.5)
         assert query(prometheus_url, 'up{job="sd-service"}')["data"]["result"][0]["value"][1] == "1"
         empty = []
         for expr in dashboard_queries():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def simulated_loaded(tiny_model_dir: Path) -> LoadedPipeline:
 
 
 def test_a_simulated_run_changes_no_picture_and_says_so(
-    tiny_loaded: LoadedPipeline, simulated_loaded: LoadedPipeline, caplog: pytest.LogCaptureFixture
+    tiny_loaded: LoadedPipeline, simulated_loaded: LoadedPipeline
 ) -> None:
     requests = [
         GenerationRequest(prompt="a red circle", steps=5, width=64, height=64, seed=3, num_images=2),
@@ -117,6 +118,16 @@ def test_a_simulated_run_changes_no_picture_and_says_so(
     assert max_difference(simulated[0][0].image, simulated[1][0].image) > 10  # the comparison can fail
     assert simulated_loaded.describe().simulated == "unet=4+0.5*n,vae=3*n"
     assert tiny_loaded.describe().simulated == ""
+
+
+def test_a_simulated_pipeline_says_so_in_the_log_at_load(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = PipelineSettings(model=str(tiny_model_dir), device="cpu", simulated_gpu="unet=1+0*n,vae=1*n")
+    with caplog.at_level(logging.WARNING, logger="sd_pipeline.model.simulated"):
+        load_pipeline(settings)
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("SIMULATED ACCELERATOR (SD_SIMULATED_GPU=unet=1+0*n,vae=1*n)" in r.getMessage() for r in warnings)
 
 
 def test_a_simulated_call_lasts_at_least_the_modelled_time(simulated_loaded: LoadedPipeline) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -49,9 +50,11 @@ def test_one_count_is_no_choice() -> None:
         ThreadTuner([2, 2], set_threads=lambda n: None)
 
 
-def test_the_worker_measures_unless_threads_are_set_and_replicas_never_do() -> None:
-    default = load_settings([], env={})
-    assert len(default.pipeline().cpu_thread_choices) in (0, 2)  # a one-core machine has nothing to choose
+def test_the_worker_measures_unless_threads_are_set_and_replicas_never_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, choices in ((1, ()), (2, (1, 2)), (8, (7, 8))):  # one core: nothing to choose
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert load_settings([], env={}).pipeline().cpu_thread_choices == choices, cores
+    monkeypatch.undo()
     assert load_settings([], env={"SD_CPU_THREADS": "3"}).pipeline().cpu_thread_choices == ()
     ray = load_settings([], env={"RAY_ADDRESS": "local"})
     assert ray.replica_pipeline().cpu_thread_choices == ()

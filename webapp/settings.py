@@ -26,8 +26,10 @@ def serving_cpu_threads() -> int:
 
 
 def adaptive_cpu_threads() -> tuple[int, ...]:
-    """What the worker's engine picks from per step by measuring: all cores but one, and all cores."""
-    return tuple(sorted({serving_cpu_threads(), os.cpu_count() or 1}))
+    """What the worker's engine picks from per step by measuring: all cores but one, and all cores
+    (nothing on one core, where there is no choice)."""
+    choices = tuple(sorted({serving_cpu_threads(), os.cpu_count() or 1}))
+    return choices if len(choices) > 1 else ()
 
 
 class SettingsError(ValueError):
