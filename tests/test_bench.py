@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.app_server import ROOT
+from tests.needs import needed_module
 
 
 def run_module(module: str, *args: str, timeout: int = 600) -> str:
@@ -123,7 +122,7 @@ def test_gpu_served_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
 
 
 def test_simulated_scaleout_benchmark_quick(tmp_path: Path) -> None:
-    pytest.importorskip("ray.serve")
+    needed_module("ray.serve")
     output = run_module("bench.scaleout", "--simulate", "--quick", "--out", str(tmp_path), timeout=900)
     assert "x N x 1 replica" in output
     results = json.loads((tmp_path / "scaleout_simulated.json").read_text())
@@ -138,7 +137,7 @@ def test_simulated_scaleout_benchmark_quick(tmp_path: Path) -> None:
 
 
 def test_scaleout_benchmark_quick(tmp_path: Path) -> None:
-    pytest.importorskip("ray.serve")
+    needed_module("ray.serve")
     output = run_module("bench.scaleout", "--quick", "--clients", "2", "--out", str(tmp_path), timeout=900)
     assert "x 1 replica" in output and "both running again after" in output
     results = json.loads((tmp_path / "scaleout.json").read_text())

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -85,3 +87,20 @@ def test_settings_the_web_layer_and_the_backends_parent_side_load_no_model_stack
         "app.load_settings(['--ray-replicas', '2'], env={'RAY_ADDRESS': 'local'}).ray_plan()"
     )
     assert loaded == [], output
+
+
+def test_a_missing_test_dependency_fails_in_ci_and_is_skipped_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken Ray (or a missing haproxy) in CI must fail the run, not pass as skipped tests."""
+    from tests.needs import needed_module, needed_program
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(ModuleNotFoundError):
+        needed_module("no_such_module_for_the_suite")
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        needed_program("no-such-program-for-the-suite")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        needed_module("no_such_module_for_the_suite")
+    with pytest.raises(pytest.skip.Exception):
+        needed_program("no-such-program-for-the-suite")
+    assert needed_module("json").dumps([]) == "[]"

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import stat
 import subprocess
@@ -26,6 +25,7 @@ import yaml
 
 from sd_pipeline.backends.ray.replica import APP_NAME
 from tests.app_server import ROOT, wait_ready
+from tests.needs import needed_program
 from tests.servers import S3Server, free_port, wait_for_port, wait_until
 from tests.test_monitoring import ALERT_RULES, DASHBOARD, DATASOURCE, PROMETHEUS_CONFIG
 
@@ -357,8 +357,7 @@ def lb_certificate(resolved: dict[str, Any], folder: Path) -> Path:
 
 
 def test_the_load_balancer_keeps_each_client_on_one_ready_front_end(resolved: dict[str, Any], tmp_path: Path) -> None:
-    if shutil.which("haproxy") is None:
-        pytest.skip("Debian's haproxy is not installed (scripts/install-test-deps.sh installs it)")
+    needed_program("haproxy")
     config = HAPROXY_CONFIG.read_text()
     certs = lb_certificate(resolved, tmp_path)  # checked by haproxy -c below
     local_config = tmp_path / "haproxy.cfg"
@@ -446,8 +445,7 @@ def open_connection(port: int) -> socket.socket | None:
 def test_the_shipped_balancer_config_ends_tls_redirects_strips_forwarding_and_limits_each_address(
     resolved: dict[str, Any], tmp_path: Path
 ) -> None:
-    if shutil.which("haproxy") is None:
-        pytest.skip("Debian's haproxy is not installed (scripts/install-test-deps.sh installs it)")
+    needed_program("haproxy")
     with shipped_haproxy(resolved, tmp_path) as (tls, plain):
         redirect = requests.get(f"http://127.0.0.1:{plain}/page", allow_redirects=False, timeout=10)
         assert redirect.status_code == 301 and redirect.headers["location"] == f"https://127.0.0.1:{plain}/page"

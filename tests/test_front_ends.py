@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,17 @@ from gradio_client import Client
 
 from tests.app_server import launched_app
 from tests.balancer import running_haproxy
+from tests.needs import needed_program
 from tests.servers import S3Server, wait_until
 from webapp.sessions import SESSION_COOKIE
 
 SECRET = "the secret both front ends share, longer than 32 bytes"
 FAST: dict[str, Any] = {"steps": 2, "width": 64, "height": 64}
 
-pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="Debian's haproxy is not installed")
+
+@pytest.fixture(autouse=True)
+def haproxy_installed() -> None:
+    needed_program("haproxy")
 
 
 def servers_up(stats_url: str) -> dict[str, str]:

@@ -26,10 +26,11 @@ from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import every_ask
 from sd_pipeline.shapes.drawing import read_picture
 from tests.app_server import RunningApp, clients_at_once, launched_app
+from tests.needs import needed_module
 from tests.servers import wait_until
 from webapp.settings import SettingsError, load_settings
 
-pytest.importorskip("ray.serve")
+needed_module("ray.serve")
 
 REPLICA = re.compile(r"request served by replica (\S+)")
 

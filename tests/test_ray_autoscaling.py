@@ -16,9 +16,10 @@ from gradio_client import Client
 
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from tests.app_server import RunningApp, launched_app
+from tests.needs import needed_module
 from tests.servers import wait_until
 
-pytest.importorskip("ray.serve")
+needed_module("ray.serve")
 
 
 def running_replicas(app: RunningApp) -> float:

@@ -35,9 +35,10 @@ from sd_pipeline.contract.request import RequestLimits, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.models.location import ModelLocation
 from sd_pipeline.models.registry import ModelRegistry, make_client
+from tests.needs import needed_module
 from tests.servers import S3Server, wait_until
 
-pytest.importorskip("ray.serve")
+needed_module("ray.serve")
 
 FAIL_MARKER = "SD_TEST_FAIL_ONCE_MARKER"
 

@@ -12,8 +12,9 @@ from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.contract.request import RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
+from tests.needs import needed_module
 
-pytest.importorskip("ray.serve")
+needed_module("ray.serve")
 
 
 def test_a_replica_that_cannot_be_placed_stops_start_up_within_the_timeout(tiny_model_dir: Path) -> None:

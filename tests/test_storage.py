@@ -23,7 +23,7 @@ from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.png import encode_png, read_png_parameters
 from storage import keys
-from storage.base import SpoolFullError, StorageError, StorageFullError
+from storage.base import SpoolFullError, StorageError, StorageFullError, StorageUnreachableError
 from storage.local import ForbiddenLinkError, LocalStore, load_or_create_secret
 from storage.records import ImageRecord
 from storage.s3 import S3Settings, S3Store
@@ -168,18 +168,20 @@ def test_missing_bucket_error_names_bucket_and_endpoint_not_secrets(s3_server: S
     store = s3_store(s3_server, "no-such-bucket-here")
     with pytest.raises(StorageError) as raised:
         store.check()
+    assert not isinstance(raised.value, StorageUnreachableError)  # a setting to fix: start-up stops
     message = str(raised.value)
     assert "no-such-bucket-here" in message and s3_server.endpoint_url in message
     assert "test-secret-key" not in message and "test-access-key" not in message
     creating = s3_store(s3_server, "created-on-demand", create_bucket=True)
-    creating.check()
-    creating.check()
+    creating.check()  # made here
+    creating.check()  # and found the second time
+    assert "created-on-demand" in [b["Name"] for b in creating.client.list_buckets()["Buckets"]]
 
 
 def test_unreachable_endpoint_is_a_clear_error() -> None:
     settings = S3Settings(bucket="b-b-b", endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=0.5)
-    with pytest.raises(StorageError, match=r"bucket 'b-b-b' at http://127.0.0.1:9 is unreachable"):
-        S3Store.from_settings(settings).check()
+    with pytest.raises(StorageUnreachableError, match=r"bucket 'b-b-b' at http://127.0.0.1:9 is unreachable"):
+        S3Store.from_settings(settings).check()  # an outage (the app starts degraded), not a wrong setting
 
 
 def wait_until(condition: object, *, timeout: float) -> bool:
