@@ -104,3 +104,48 @@ def test_a_missing_test_dependency_fails_in_ci_and_is_skipped_elsewhere(monkeypa
     with pytest.raises(pytest.skip.Exception):
         needed_program("no-such-program-for-the-suite")
     assert needed_module("json").dumps([]) == "[]"
+
+
+def test_the_readme_demo_images_are_what_their_caption_says() -> None:
+    """Each demo picture's PNG parameters are the model's recommended settings, as the caption says."""
+    import json
+    import re
+
+    from sd_pipeline.png import read_png_parameters
+
+    readme = (ROOT / "README.md").read_text()
+    recommended = json.loads((ROOT / "models" / "tiny-shapes" / "model_defaults.json").read_text())
+    guidance, steps = recommended["guidance_scale"], recommended["steps"]
+    assert f"guidance {guidance:g}, {steps} steps" in readme
+    shown = re.findall(r'<img src="(docs/images/demo-[a-z-]+\.png)" width="128" alt="([^"]+)">', readme)
+    assert len(shown) == 4
+    for seed, (path, prompt) in enumerate(shown, start=1):
+        drawn = read_png_parameters((ROOT / path).read_bytes())
+        assert (drawn.prompt, drawn.seed, drawn.steps, drawn.cfg_scale) == (prompt, seed, steps, guidance), path
+        assert (drawn.sampler, drawn.width, drawn.height) == ("DPM++ 2M Karras", 64, 64), path
+
+
+def test_the_metrics_table_names_every_metric_and_label() -> None:
+    """README's metrics table against the registry: every sdapp_ metric, with its labels."""
+    import re
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from monitoring.metrics import Metrics
+
+    metrics = Metrics(registry=CollectorRegistry())
+    readme = (ROOT / "README.md").read_text()
+    first_cells = [line.split("|")[1] for line in readme.splitlines() if line.startswith("| `sdapp_")]
+    documented = dict(re.findall(r"`(sdapp_[a-z_]+)(?:\{([a-z_,]+)\})?`", " ".join(first_cells)))
+    missing = []
+    for metric in vars(metrics).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        name = metric._name + {"counter": "_total", "info": "_info"}.get(metric._type, "")
+        labels = ",".join(sorted(metric._labelnames))
+        if metric._type == "info" and name in documented:
+            continue  # an info metric's labels are its values, given when it is set
+        if name not in documented or sorted(documented[name].split(",")) != sorted(labels.split(",")):
+            missing.append(f"{name}{{{labels}}}" if labels else name)
+    assert missing == []
