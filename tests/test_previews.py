@@ -14,12 +14,14 @@ from PIL import Image
 
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.jobs import GenerationJob, Preview
+from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
-from sd_pipeline.model.loading import LoadedPipeline
+from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.previews import SD15_LATENT_RGB, DecoderPreview, LinearPreview, load_previewer
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
+from sd_pipeline.shapes.adherence import read_picture
 from tests.images import assert_same_image
 
 WIDE: dict[str, Any] = {"width": 96, "height": 64, "steps": 12, "seed": 5}
@@ -105,6 +107,45 @@ def test_previewers_by_setting(tiny_loaded: LoadedPipeline, tmp_path: Path) -> N
     assert isinstance(sd15, LinearPreview) and torch.allclose(sd15.factors, torch.tensor(SD15_LATENT_RGB))
     with pytest.raises(ModelLoadError, match="SD_PREVIEW=taesd needs SD_PREVIEW_DECODER"):
         load_previewer(PipelineSettings(preview="taesd"), tiny_loaded)
+
+
+def test_the_model_chooses_its_preview_when_the_setting_is_auto(tiny_loaded: LoadedPipeline) -> None:
+    assert isinstance(load_previewer(PipelineSettings(preview="auto"), tiny_loaded), LinearPreview)  # no advice
+    advised = dataclasses.replace(tiny_loaded, defaults=ModelDefaults(preview="full"))
+    assert isinstance(load_previewer(PipelineSettings(preview="auto"), advised), DecoderPreview)
+    assert isinstance(load_previewer(PipelineSettings(preview="approx"), advised), LinearPreview)  # a setting wins
+    assert load_previewer(PipelineSettings(preview="off"), advised) is None
+
+
+def test_the_demo_models_previews_show_the_asked_colour_half_way() -> None:
+    """What the page shows for the model we ship, at its own defaults (SD_PREVIEW=auto): the colour
+    asked for, readable half-way (a linear map of its latents reads 4 of these 8)."""
+    settings = PipelineSettings(model=str(SHAPES_MODEL_DIR), device="cpu", preview="auto")
+    loaded = load_pipeline(settings)
+    engine = StepEngine(loaded, previewer=load_previewer(settings, loaded), preview_interval=0.0)
+    asks = [(colour, shape) for colour in ("red", "green", "blue", "yellow") for shape in ("circle", "square")]
+    seen: list[list[Preview]] = [[] for _ in asks]
+    jobs = [
+        GenerationJob(
+            check_inputs(
+                {
+                    "prompt": f"a {colour} {shape}",
+                    "seed": 100 + n,
+                    "steps": 20,
+                    "guidance_scale": 4.0,
+                    "width": 64,
+                    "height": 64,
+                }
+            ),
+            on_preview=seen[n].append,
+        )
+        for n, (colour, shape) in enumerate(asks)
+    ]
+    engine.run(jobs)
+    half_way = [next(p for p in previews if p.step == 10).picture() for previews in seen]
+    read = [read_picture(picture).colour for picture in half_way]
+    pairs = list(zip(read, asks, strict=True))
+    assert sum(colour == ask[0] for colour, ask in pairs) >= 7, pairs
 
 
 def test_a_tiny_decoder_previews_every_due_image_in_one_call(tiny_loaded: LoadedPipeline, tmp_path: Path) -> None:

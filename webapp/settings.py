@@ -79,9 +79,10 @@ class Settings(BaseSettings):
     sd_channels_last: bool = Field(False, description="channels-last memory format")
     sd_fuse_qkv: bool = Field(False, description="fuse attention projections")
     sd_preview: PreviewName = Field(
-        "approx",
+        "auto",
         description="live previews while a request renders: approx (a linear map of the latents, nearly free), "
-        "taesd (the tiny decoder in SD_PREVIEW_DECODER), full (the model's own VAE) or off",
+        "taesd (the tiny decoder in SD_PREVIEW_DECODER), full (the model's own VAE), off, or auto (what the "
+        "model recommends in its model_defaults.json, else approx)",
     )
     sd_preview_decoder: str | None = Field(
         None, description="local folder of a diffusers AutoencoderTiny (e.g. madebyollin/taesd), for SD_PREVIEW=taesd"

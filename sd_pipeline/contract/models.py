@@ -26,6 +26,9 @@ class ModelDefaults(BaseModel):
     width: int | None = Field(None, ge=64, le=4096, multiple_of=8)
     height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
     example_prompt: str | None = Field(None, max_length=200)  # the page's prompt placeholder: what this model draws
+    # The live preview that reads right for this model (SD_PREVIEW=auto): approx needs latents a
+    # linear map can read; a model whose latents are not needs full (or taesd).
+    preview: Literal["approx", "taesd", "full", "off"] | None = None
 
 
 class ModelStore(BaseModel):

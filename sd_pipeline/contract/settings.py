@@ -12,7 +12,7 @@ from sd_pipeline.contract.simulation import SimulatedAccelerator
 DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
 
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
-PreviewName = Literal["approx", "taesd", "full", "off"]
+PreviewName = Literal["auto", "approx", "taesd", "full", "off"]  # auto: what the model recommends, else approx
 DtypeName = Literal["auto", "float16", "bfloat16", "float32"]
 
 
@@ -41,7 +41,8 @@ class PipelineSettings(BaseModel):
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
     preview: PreviewName = Field(
         "off",
-        description="live previews: approx (a linear map of the latents), taesd (a tiny decoder), full (the VAE), off",
+        description="live previews: approx (a linear map of the latents), taesd (a tiny decoder), full (the VAE), "
+        "off, or auto (the model's recommendation in model_defaults.json, else approx)",
     )
     preview_decoder: str | None = Field(None, description="folder of a diffusers AutoencoderTiny (for taesd)")
     preview_interval: float = Field(0.5, gt=0, description="seconds between two previews of one request")

@@ -89,12 +89,16 @@ class DecoderPreview:
 
 
 def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previewer | None:
-    """The previewer ``settings.preview`` asks for (None when off); raises ``ModelLoadError``."""
-    if settings.preview == "off":
+    """The previewer ``settings.preview`` asks for (``auto``: the model's recommendation, else
+    approx; None when off); raises ``ModelLoadError``."""
+    method = settings.preview
+    if method == "auto":
+        method = loaded.defaults.preview or "approx"
+    if method == "off":
         return None
-    if settings.preview == "approx":
+    if method == "approx":
         return LinearPreview.for_model(loaded.source)
-    if settings.preview == "full":
+    if method == "full":
         vae = loaded.pipeline.vae
         return DecoderPreview(vae, latent_scale=float(vae.config.scaling_factor))
     if not settings.preview_decoder or not Path(settings.preview_decoder).expanduser().is_dir():
