@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import errno
 import io
@@ -14,13 +13,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
 from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.png import encode_png, read_png_parameters
 from storage import keys
 from storage.base import SpoolFullError, StorageError, StorageFullError, StorageUnreachableError
@@ -306,17 +309,38 @@ def test_local_history_matches_s3_layout(tmp_path: Path) -> None:
     assert (tmp_path / "objects" / "owners" / OWNER / "images").is_dir()
 
 
-def test_record_carries_the_safety_checker_flag(engine: StepEngine) -> None:
-    result = engine.generate([check_inputs({"prompt": "flag", "steps": 1, "width": 64, "height": 64})])[0][0]
-    flagged = dataclasses.replace(result, nsfw=True)
+def flagging_safety_checker() -> tuple[Any, Any]:
+    """diffusers' own safety checker, tiny and random, with thresholds every picture exceeds; and its
+    feature extractor."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 32, "patch_size": 8}
+    text = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
+    checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # cosine similarity is at least -1: every concept scores
+    features = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker.eval(), features
+
+
+def test_the_safety_checker_blanks_flagged_images_and_their_records_say_so(tiny_model_dir: Path) -> None:
+    """The engine runs the pipeline's safety checker on every decoded batch: a flagged image is black
+    and marked, in its result and its stored record."""
+    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
+    plain = StepEngine(loaded).generate([check_inputs({"prompt": "flag", "steps": 2, "width": 64, "height": 64})])
+    assert plain[0][0].nsfw is False and np.asarray(plain[0][0].image).max() > 0
+    loaded.pipeline.safety_checker, loaded.pipeline.feature_extractor = flagging_safety_checker()
+    requests = [check_inputs({"prompt": "flag", "steps": 2, "width": 64, "height": 64, "num_images": 2})]
+    (results,) = StepEngine(loaded).generate(requests)
+    assert [result.nsfw for result in results] == [True, True]
+    assert all(np.asarray(result.image).max() == 0 for result in results)  # blanked
     record = ImageRecord.from_result(
-        flagged, image_id="0" * 13 + "-" + "0" * 12, owner=OWNER, created_at=dt.datetime.now(dt.UTC)
+        results[0], image_id="0" * 13 + "-" + "0" * 12, owner=OWNER, created_at=dt.datetime.now(dt.UTC)
     )
     assert record.nsfw is True
-    assert (
-        ImageRecord.from_result(result, image_id=record.id, owner=OWNER, created_at=dt.datetime.now(dt.UTC)).nsfw
-        is False
-    )
+    assert read_png_parameters(encode_png(results[0])).prompt == "flag"
 
 
 class CountingObserver:
