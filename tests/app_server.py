@@ -17,6 +17,7 @@ from typing import TypeVar
 import psutil
 import requests
 from gradio_client import Client
+from gradio_client.client import Job
 
 from tests.servers import free_port
 
@@ -130,3 +131,15 @@ def launched_app(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def is_waiting(job: Job) -> bool:
+    """Whether the app reports this job waiting its turn ("waiting for the GPU: 1 ahead ...")."""
+    progress = job.status().progress_data or []
+    return any(unit.desc is not None and unit.desc.startswith("waiting") for unit in progress)
+
+
+def is_stepping(job: Job) -> bool:
+    """Whether the app reports a denoising step for this job ("step 3/60 ..."), not a wait."""
+    progress = job.status().progress_data or []
+    return any(unit.desc is not None and unit.desc.startswith("step ") for unit in progress)

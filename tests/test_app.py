@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import requests
 from gradio_client import Client
-from gradio_client.client import Job
 from PIL import Image
 
 from sd_pipeline.png import read_png_parameters
-from tests.app_server import ROOT, RunningApp, launched_app
+from tests.app_server import ROOT, RunningApp, is_stepping, is_waiting, launched_app
 from tests.images import assert_same_image
 from tests.servers import S3Server, wait_until
 from tests.test_request import BAD_INPUTS
@@ -172,18 +171,6 @@ def test_stop_cancels_only_the_callers_request(s3_app: RunningApp, tmp_path: Pat
     assert theirs.result(timeout=120)[1]["images"][0]["prompt"] == "theirs"
     wait_until(lambda: s3_app.metric('sdapp_requests_total{outcome="cancelled"}') > cancelled_before, timeout=30)
     assert s3_app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled_before + 1
-
-
-def is_waiting(job: Job) -> bool:
-    """Whether the app reports this job waiting its turn ("waiting for the GPU: 1 ahead ...")."""
-    progress = job.status().progress_data or []
-    return any(unit.desc is not None and unit.desc.startswith("waiting") for unit in progress)
-
-
-def is_stepping(job: Job) -> bool:
-    """Whether the app reports a denoising step for this job ("step 3/60 ..."), not a wait."""
-    progress = job.status().progress_data or []
-    return any(unit.desc is not None and unit.desc.startswith("step ") for unit in progress)
 
 
 def test_metrics_move_with_real_traffic_and_pass_promtool(s3_app: RunningApp, tmp_path: Path) -> None:

@@ -109,6 +109,7 @@ def newest_link(page: Page) -> str:
 
 def test_generate_see_progress_image_and_link(context: BrowserContext, app: RunningApp) -> None:
     page, errors = open_page(context, app)
+    expect(page.locator("#result-status")).to_contain_text("Progress shows here")  # no empty box
     shot(page, "01-loaded")
     fill_form(page, "a red fox in the snow", size="256", steps="60")
     page.locator("#generate").click()
@@ -117,6 +118,9 @@ def test_generate_see_progress_image_and_link(context: BrowserContext, app: Runn
     expect(page.locator("#result-gallery img").first).to_be_visible(timeout=60_000)
     href = newest_link(page)
     assert png_pixels(page, href).shape == (256, 256, 3)
+    # The preview pane is opaque: no blurred copy of the thumbnail grid shows through it.
+    pane = page.eval_on_selector("#result-gallery .preview", "e => getComputedStyle(e).backdropFilter")
+    assert pane == "none"
     shot(page, "03-image-and-link")
     page.set_viewport_size(PHONE)
     shot(page, "04-phone")

@@ -25,7 +25,7 @@ from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import every_ask
 from sd_pipeline.shapes.drawing import read_picture
-from tests.app_server import RunningApp, clients_at_once, launched_app
+from tests.app_server import RunningApp, clients_at_once, is_stepping, launched_app
 from tests.needs import needed_module
 from tests.servers import wait_until
 from webapp.settings import SettingsError, load_settings
@@ -177,7 +177,7 @@ def test_stop_cancels_only_the_callers_request(ray_app: RunningApp, tmp_path: Pa
     theirs = Client(ray_app.url, verbose=False, download_files=str(tmp_path / "b"))
     my_job = mine.submit(prompt="a red circle", api_name="/generate", **slow)
     their_job = theirs.submit(prompt="a blue square", api_name="/generate", **{**slow, "steps": 30})
-    wait_until(lambda: my_job.status().code.name == "PROGRESS", timeout=60)  # running on a replica
+    wait_until(lambda: is_stepping(my_job), timeout=60)  # running on a replica, not waiting for one
     my_job.cancel()
     assert their_job.result(timeout=120)[1]["images"][0]["prompt"] == "a blue square"
     wait_until(lambda: ray_app.metric('sdapp_requests_total{outcome="cancelled"}') == cancelled_before + 1, timeout=60)
@@ -251,7 +251,7 @@ def test_a_killed_replica_is_replaced_and_its_request_is_served(ray_app: Running
     replicas = replica_processes(ray_app)
     assert len(replicas) == 2, replicas
     job = client.submit(prompt="a green triangle", api_name="/generate", seed=5, steps=100, width=256, height=256)
-    wait_until(lambda: job.status().code.name == "PROGRESS", timeout=60)  # running on a replica
+    wait_until(lambda: is_stepping(job), timeout=60)  # running on a replica, not waiting for one
     for replica in replicas:
         os.kill(replica.pid, signal.SIGKILL)  # both: whichever holds the request dies
     record = job.result(timeout=240)[1]["images"][0]

@@ -30,6 +30,9 @@ GalleryItems = list[tuple[str, str]]
 PAGE_CSS = """
 #history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)) !important; }
 #selected-image img { width: 100%; height: 100%; object-fit: contain !important; }
+/* The result's preview pane: opaque. Gradio blurs the thumbnail grid behind it, which showed as a
+   faint blurred copy of the image around and under the thumbnail strip. */
+#result-gallery .preview { backdrop-filter: none !important; background: var(--block-background-fill) !important; }
 """
 
 
@@ -165,7 +168,12 @@ def build_demo(
             with gr.Column(scale=7, min_width=320):
                 # Progress ("waiting ...", "step n/N ...") shows here, above the images, so the live
                 # preview below it stays in sight while the request renders.
-                status = gr.Markdown(elem_id="result-status", min_height=64, container=True)
+                status = gr.Markdown(
+                    "Progress shows here while your images render.",  # not an empty box before the first run
+                    elem_id="result-status",
+                    min_height=64,
+                    container=True,
+                )
                 gallery = gr.Gallery(
                     label="Images",
                     columns=2,
