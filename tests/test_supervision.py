@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -289,7 +291,9 @@ def test_a_request_cancelled_while_the_worker_restarts_ends_cancelled(
     assert steps.count(1) == 1  # never ran again
 
 
-def test_repeated_start_failures_back_off_and_report_a_crash_loop(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_repeated_start_failures_back_off_and_report_a_crash_loop(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     good = PipelineSettings(model=str(tiny_model_dir), device="cpu", cpu_threads=1, warmup=False)
     missing = PipelineSettings(model=str(tmp_path / "gone"), device="cpu")
     made: list[PipelineProcess] = []
@@ -306,8 +310,12 @@ def test_repeated_start_failures_back_off_and_report_a_crash_loop(tiny_model_dir
         assert worker.liveness_problem() is None
         first = made[0].pid
         assert first is not None
-        os.kill(first, signal.SIGKILL)
-        wait_until(lambda: len(observer.restarts) >= 2)
+        with caplog.at_level(logging.ERROR, logger="sd_pipeline.backends.local.supervisor"):
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda: len(observer.restarts) >= 4)
+        # The waits between failed starts: the first back-off, then doubling up to the most.
+        delays = [float(found) for found in re.findall(r"trying again in ([0-9.]+)s", caplog.text)]
+        assert delays[:3] == [0.5, 1.0, 1.0], caplog.text
         problem = worker.liveness_problem()
         assert problem is not None and problem.startswith("pipeline worker crash loop: ")
         readiness = worker.readiness_problem()
