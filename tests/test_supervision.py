@@ -6,17 +6,21 @@ import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sd_pipeline.backends.local import supervisor
 from sd_pipeline.backends.local.process import PipelineProcess
 from sd_pipeline.backends.local.supervisor import LocalBackend
 from sd_pipeline.backends.retry import CRASHED_TWICE, run_with_retry
+from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.errors import (
     GenerationCancelledError,
     InvalidRequestError,
@@ -324,3 +328,95 @@ def test_repeated_start_failures_back_off_and_report_a_crash_loop(
     finally:
         worker.close()
     assert not any(process.is_alive() for process in made)
+
+
+# Model switches racing a dead worker (real worker processes, plain folders as the versions).
+def versions(tiny_model_dir: Path, folder: Path) -> tuple[str, str]:
+    for name in ("v1", "v2"):
+        shutil.copytree(tiny_model_dir, folder / name)
+    return str(folder / "v1"), str(folder / "v2")
+
+
+def test_a_worker_dying_during_an_overlap_switch_does_not_bring_the_old_version_back(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The old worker dies while v2 loads beside it; the restart it causes (of v1) ends after the switch
+    installed v2. v2 must serve, and the restarted v1 worker must stop (it used to be installed over
+    v2, which leaked)."""
+    v1, v2 = versions(tiny_model_dir, tmp_path)
+    switch_done, replacement_loaded = threading.Event(), threading.Event()
+
+    class ReplacementAfterTheSwitch(PipelineProcess):
+        def start(self) -> BackendInfo:
+            switch_done.wait(timeout=120)
+            try:
+                return super().start()
+            finally:
+                replacement_loaded.set()
+
+    made: list[PipelineProcess] = []
+
+    def new_worker(settings: PipelineSettings) -> PipelineProcess:
+        kind = ReplacementAfterTheSwitch if len(made) == 2 else PipelineProcess
+        made.append(kind(settings))
+        return made[-1]
+
+    settings = PipelineSettings(model=v1, device="cpu", cpu_threads=1, warmup=False)
+    observer = RecordingObserver()
+    backend = LocalBackend(settings, new_worker, rollout="overlap", observer=observer)
+    backend.start()
+    try:
+        switch = threading.Thread(target=backend.switch_model, args=(v2,))
+        switch.start()
+        wait_until(lambda: len(made) == 2, timeout=60)  # v2 is loading beside v1
+        assert made[0].pid is not None
+        os.kill(made[0].pid, signal.SIGKILL)
+        wait_until(lambda: len(made) == 3, timeout=60)  # the watcher restarts v1
+        switch.join(timeout=180)
+        assert backend.readiness_problem() is None
+        switch_done.set()
+        assert replacement_loaded.wait(timeout=120)
+        wait_until(lambda: not made[2].is_alive(), timeout=60)  # the restarted v1 worker stops
+        (outcome,) = backend.run(
+            [GenerationJob(check_inputs({"prompt": "after", "steps": 2, "width": 64, "height": 64}))]
+        )
+        assert outcome.error is None and outcome.results[0].model == "v2"
+        assert [worker for worker in made if worker.is_alive()] == [made[1]]  # nothing leaked
+        assert observer.up[-1] is True  # up again: the switch's worker serves
+    finally:
+        switch_done.set()
+        backend.close()
+    assert not any(worker.is_alive() for worker in made)
+
+
+def test_a_drained_switch_does_not_spin_the_watcher(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a drained switch loads the new worker, the retired one is dead: its sentinel answers at
+    once, and the watcher looped on it as fast as it could (a core at 100 %) until the switch ended."""
+    v1, v2 = versions(tiny_model_dir, tmp_path)
+    calls: list[float] = []
+    real_wait = supervisor.wait
+
+    def counting_wait(*args: Any, **kwargs: Any) -> Any:
+        calls.append(time.monotonic())
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(supervisor, "wait", counting_wait)
+    settings = PipelineSettings(model=v1, device="cpu", cpu_threads=1, warmup=False)
+    backend = LocalBackend(settings, PipelineProcess, rollout="drain")
+    backend.start()
+    try:
+        started = time.monotonic()
+        before = len(calls)
+        backend.switch_model(v2)  # seconds: a new worker process loads v2
+        seconds = time.monotonic() - started
+        looked = len(calls) - before
+        # One look per watch interval, not a busy loop: a count, bounded with a wide margin.
+        assert looked <= 4 * seconds / supervisor._WATCH_INTERVAL + 10, (looked, seconds)
+        (outcome,) = backend.run(
+            [GenerationJob(check_inputs({"prompt": "after", "steps": 2, "width": 64, "height": 64}))]
+        )
+        assert outcome.error is None and outcome.results[0].model == "v2"
+    finally:
+        backend.close()

@@ -271,14 +271,20 @@ class LocalBackend:
                     return
                 worker = self._worker
             assert worker is not None
-            wait([worker.sentinel], timeout=_WATCH_INTERVAL)
+            ended = wait([worker.sentinel], timeout=_WATCH_INTERVAL)
             if worker.is_alive():
+                if ended:  # exiting but not yet reaped (another thread may be joining it): look again later
+                    with self._condition:
+                        self._condition.wait(timeout=_WATCH_INTERVAL)
                 continue
             with self._condition:
                 if self._closed:
                     return
                 if worker is not self._worker or self._switching:
-                    continue  # a worker retired by a model switch, not a crash
+                    # A worker retired by a model switch, not a crash: wait for the switch to install
+                    # the next one (a dead worker's sentinel answers at once: no busy loop meanwhile).
+                    self._condition.wait(timeout=_WATCH_INTERVAL)
+                    continue
             self._replace(worker)
 
     def _replace(self, dead: PipelineProcess) -> None:
@@ -291,6 +297,8 @@ class LocalBackend:
         dead.close(timeout=1)
         delay = 0.0
         while True:
+            if self._superseded(dead):
+                return
             self._count_restart(reason)
             worker = self.new_worker(self.settings)
             with self._condition:
@@ -314,14 +322,29 @@ class LocalBackend:
                 if self._closed:
                     worker.close(timeout=1)
                     return
-                self._worker, self._ready, self._problem = worker, True, None
-                self._condition.notify_all()
+                installed = self._worker is dead
+                if installed:
+                    self._worker, self._ready, self._problem = worker, True, None
+                    self._condition.notify_all()
+            if not installed:  # a model switch put its worker in place meanwhile: that one serves
+                logger.info("a model switch replaced the dead worker first; pid %s stops", worker.pid)
+                worker.close(timeout=1)
+                self._superseded(dead)
+                return
             self._report_up(True)
             logger.info("pipeline worker restarted (pid %s, loaded in %.1fs)", worker.pid, info.load_seconds)
             return
 
     def _is_closed(self) -> bool:
         return self._closed
+
+    def _superseded(self, dead: PipelineProcess) -> bool:
+        """Whether a model switch installed a worker in place of ``dead`` (then it is reported up)."""
+        with self._condition:
+            replaced = self._worker is not dead and self._worker is not None and self._ready
+        if replaced:
+            self._report_up(True)
+        return replaced
 
     def _count_restart(self, reason: str) -> None:
         if self.observer is not None:
