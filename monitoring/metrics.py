@@ -141,7 +141,9 @@ class Metrics:
             registry=r,
         )
         self.worker_up_gauge = Gauge(
-            f"{PREFIX}worker_up", "1 while a pipeline worker is ready to run requests, else 0", registry=r
+            f"{PREFIX}worker_up",
+            "1 while a pipeline worker (on Ray: a replica) is ready to run requests, else 0",
+            registry=r,
         )
         self.pipeline_replicas = Gauge(
             f"{PREFIX}pipeline_replicas",
@@ -236,6 +238,8 @@ class Metrics:
     def replicas(self, *, by_state: dict[str, int]) -> None:
         for state in ("RUNNING", "STARTING", "UPDATING", "RECOVERING", "STOPPING"):
             self.pipeline_replicas.labels(state=state).set(by_state.get(state, 0))
+        # On Ray the "worker" that can run requests is a running replica (SdServiceWorkerDown pages on 0).
+        self.worker_up(up=by_state.get("RUNNING", 0) > 0)
 
     # AdmissionObserver (sd_pipeline.admission)
     def queued(self, *, depth: int) -> None:

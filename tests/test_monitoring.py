@@ -65,6 +65,19 @@ def test_metrics_record_facts_into_their_own_registry() -> None:
         first.failure(operation="prompt text")  # labels come from a fixed set only
 
 
+def test_a_ray_front_end_is_up_while_a_replica_runs() -> None:
+    """SdServiceWorkerDown pages on sdapp_worker_up == 0: on Ray it follows the running replicas
+    (it was never set there, so the page fired on every Ray front end)."""
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    metrics.replicas(by_state={"RUNNING": 2, "STARTING": 1})
+    assert value("sdapp_worker_up") == 1 and value("sdapp_pipeline_replicas", {"state": "RUNNING"}) == 2
+    metrics.replicas(by_state={"STARTING": 1})
+    assert value("sdapp_worker_up") == 0
+    metrics.replicas(by_state={})  # Ray's status unavailable
+    assert value("sdapp_worker_up") == 0
+
+
 def test_every_metric_is_documented_with_units_in_the_name() -> None:
     metrics = Metrics()
     for family in metrics.registry.collect():

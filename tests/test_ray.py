@@ -168,6 +168,7 @@ def test_concurrent_clients_get_their_own_images_from_both_replicas(ray_app: Run
         assert (reading.colour, reading.shape) == (ask.colour, ask.shape), (ask, reading)
     assert len(set(REPLICA.findall(ray_app.log()))) == 2, "both replicas should have served"
     assert ray_app.metric('sdapp_pipeline_replicas{state="RUNNING"}') == 2
+    assert ray_app.metric("sdapp_worker_up") == 1  # replicas run: SdServiceWorkerDown must not page
 
 
 def test_stop_cancels_only_the_callers_request(ray_app: RunningApp, tmp_path: Path) -> None:

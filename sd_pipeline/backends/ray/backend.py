@@ -289,6 +289,8 @@ class RayBackend:
             deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
         except Exception as error:  # noqa: BLE001 - any failure to ask Ray is a readiness problem
             self._replica_problem = f"Ray Serve status unavailable: {type(error).__name__}"
+            if self.observer is not None:
+                self.observer.replicas(by_state={})  # none known to run: nothing can run requests
             return
         states = deployment.replica_states.items()
         self._replicas_by_state = {str(getattr(state, "value", state)): count for state, count in states}
