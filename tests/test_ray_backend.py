@@ -10,6 +10,7 @@ runs (it finishes, later ones report the new version) and a corrupt one is refus
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import shutil
@@ -27,6 +28,7 @@ import pytest
 from sd_pipeline.backends.ray.backend import RayBackend
 from sd_pipeline.backends.ray.loopback import keep_token_private
 from sd_pipeline.backends.ray.replica import PipelineReplica
+from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.errors import GenerationCancelledError, ModelLoadError
 from sd_pipeline.contract.jobs import GenerationJob, Preview
 from sd_pipeline.contract.models import ModelStore
@@ -37,6 +39,7 @@ from sd_pipeline.models.location import ModelLocation
 from sd_pipeline.models.registry import ModelRegistry, make_client
 from tests.needs import needed_module
 from tests.servers import S3Server, wait_until
+from webapp.settings import load_settings
 
 needed_module("ray.serve")
 
@@ -269,3 +272,48 @@ def test_a_new_version_rolls_out_as_a_deployment_version_and_a_corrupt_one_is_re
         backend.switch_model(str(registry.location.pin("v1")))
     (still,) = backend.run([long_job(steps=2)[0]])
     assert still.error is None and still.results[0].model_version == "v2"
+
+
+class DescribedReplicas:
+    """Stands in for the Serve handle: each ``describe`` answers the next version in the list."""
+
+    def __init__(self, versions: list[str]) -> None:
+        self.versions = versions
+        self.asked = 0
+        self.describe = self
+
+    def remote(self) -> DescribedReplicas:
+        return self
+
+    def result(self, timeout_s: float) -> BackendInfo:
+        version = self.versions[min(self.asked, len(self.versions) - 1)]
+        self.asked += 1
+        return BackendInfo("tiny", "cpu", "float32", 0.1, version=version)
+
+
+def test_a_front_end_that_deploys_nothing_waits_for_the_version_and_never_redeploys(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAY_DEPLOY=never: a RayService (or the deploying front end) rolls the replicas out; this
+    front end waits until they serve the version instead of deploying it itself."""
+    from sd_pipeline.backends.ray import backend as ray_backend
+
+    settings = load_settings(["--ray-address", "auto", "--ray-deploy", "never"], env={})
+    plan = settings.ray_plan()
+    assert plan is not None and plan.deploy == "never"
+    pipeline = PipelineSettings(model=str(tiny_model_dir), device="cpu")
+    front_end = RayBackend(pipeline, plan, limits=settings.limits())
+    monkeypatch.setattr(ray_backend, "token_budget", lambda settings: 77)
+    monkeypatch.setattr(ray_backend, "REPLICA_WATCH_SECONDS", 0.01)
+    deployed: list[PipelineSettings] = []
+    monkeypatch.setattr(front_end, "_deploy", lambda settings, deadline: deployed.append(settings))
+    front_end.info = BackendInfo("tiny", "cpu", "float32", 0.1, version="v1")
+    front_end._handle = DescribedReplicas(["v1", "v1", "v1", "v2"])  # the rolling update lands on the 4th look
+    info = front_end.switch_model("s3://models/demo@v2")
+    assert info.version == "v2" and front_end._handle.asked == 4 and deployed == []
+    assert front_end.checker.tokens == 77
+    front_end._handle = DescribedReplicas(["v2"])
+    front_end.plan = dataclasses.replace(plan, start_timeout=0.05)
+    with pytest.raises(ModelLoadError, match="did not reach version v3"):
+        front_end.switch_model("s3://models/demo@v3")
+    assert deployed == []

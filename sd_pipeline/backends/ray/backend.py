@@ -155,6 +155,11 @@ class RayBackend:
                 self.settings, self.info, self.checker.tokens = settings, serving, tokens
                 return serving
         deadline = time.monotonic() + self.plan.start_timeout
+        if self.plan.deploy == "never" and self.plan.address != "local":
+            # Another deployer (a RayService, the deploying front end) rolls the replicas out: wait for it.
+            info = self._wait_for_version(target, deadline)
+            self.settings, self.info, self.checker.tokens = settings, info, tokens
+            return info
         self._notice = f"waiting for a replica while the model is updated to {target or model}"
         try:
             self._deploy(settings, deadline)
@@ -167,6 +172,20 @@ class RayBackend:
             self._notice = None
         self.settings, self.info, self.checker.tokens = settings, info, tokens
         return info
+
+    def _wait_for_version(self, target: str | None, deadline: float) -> BackendInfo:
+        """With ``RAY_DEPLOY=never``: the replicas' description once they serve ``target``, asked
+        every few seconds; ``ModelLoadError`` if they do not by ``deadline`` (this front end deploys nothing)."""
+        if not target:
+            raise ModelLoadError("with RAY_DEPLOY=never a front end follows published versions only (s3://...@VERSION)")
+        while True:
+            info = self._describe(timeout=max(1.0, deadline - time.monotonic()))
+            if info.version == target:
+                return info
+            if time.monotonic() > deadline or self._closing.wait(REPLICA_WATCH_SECONDS):
+                raise ModelLoadError(
+                    self._not_within(f"the replicas did not reach version {target} (RAY_DEPLOY=never deploys nothing)")
+                )
 
     def notice(self) -> str | None:
         """Set while Serve's rolling update replaces the replicas (calls may wait for one)."""
