@@ -43,7 +43,7 @@ def form_defaults(limits: RequestLimits, *, default_size: int, model: ModelDefau
     """The form's and the API's defaults: what the model recommends (its manifest or
     ``model_defaults.json``) where it fits this app's limits, else the app's own; the size
     defaults to the model's native side (512 for SD 1.x)."""
-    settings = (model or ModelDefaults()).model_dump(exclude={"example_prompt", "preview"})
+    settings = (model or ModelDefaults()).model_dump(include=set(DEFAULTED))
     recommended = {name: value for name, value in settings.items() if value is not None}
     chosen = {"width": default_size, "height": default_size, **recommended}
     try:

@@ -11,6 +11,7 @@ logged out, or once the user's password changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import html
@@ -26,6 +27,8 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from webapp.owners import address_of as request_address
 
 SESSION_COOKIE = "sd_session"
 APP_SECRET_FILE = ".app-secret"  # in DATA_DIR when APP_SECRET is not set
@@ -118,14 +121,15 @@ class Sessions:
         revoked: RevokedSessions,
         max_age: int = SESSION_MAX_AGE,
         throttle: LoginThrottle | None = None,
-        address_of: Callable[[Request], str] = lambda request: request.client.host if request.client else "",
+        address_of: Callable[[Request], str] | None = None,
     ) -> None:
         self.logins = dict(logins)
         self.secure = secure
         self.max_age = max_age
         self.revoked = revoked
         self.throttle = throttle if throttle is not None else LoginThrottle()
-        self.address_of = address_of
+        # Who is calling (default: the connection's address; the app passes its TRUSTED_PROXIES rule).
+        self.address_of = address_of or functools.partial(request_address, trusted_proxies=())
         self._secret = secret
         self._signer = URLSafeTimedSerializer(secret, salt="sd-service login session")
 

@@ -15,6 +15,9 @@ S3_SCHEME = "s3://"
 DEFAULTS_FILE = "model_defaults.json"  # beside model_index.json in a plain pipeline folder
 
 
+PreviewMethod = Literal["approx", "taesd", "full", "off"]  # how live previews are made (SD_PREVIEW)
+
+
 class ModelDefaults(BaseModel):
     """Settings a model recommends; unset fields keep the app's own defaults."""
 
@@ -28,7 +31,7 @@ class ModelDefaults(BaseModel):
     example_prompt: str | None = Field(None, max_length=200)  # the page's prompt placeholder: what this model draws
     # The live preview that reads right for this model (SD_PREVIEW=auto): approx needs latents a
     # linear map can read; a model whose latents are not needs full (or taesd).
-    preview: Literal["approx", "taesd", "full", "off"] | None = None
+    preview: PreviewMethod | None = None
 
 
 class ModelStore(BaseModel):

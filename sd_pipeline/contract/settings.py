@@ -6,13 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from sd_pipeline.contract.models import ModelStore
+from sd_pipeline.contract.models import ModelStore, PreviewMethod
 from sd_pipeline.contract.simulation import SimulatedAccelerator
 
 DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
 
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
-PreviewName = Literal["auto", "approx", "taesd", "full", "off"]  # auto: what the model recommends, else approx
+PreviewName = Literal["auto", PreviewMethod]  # auto: what the model recommends, else approx
 DtypeName = Literal["auto", "float16", "bfloat16", "float32"]
 
 

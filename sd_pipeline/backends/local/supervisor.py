@@ -329,7 +329,7 @@ class LocalBackend:
             if not installed:  # a model switch put its worker in place meanwhile: that one serves
                 logger.info("a model switch replaced the dead worker first; pid %s stops", worker.pid)
                 worker.close(timeout=1)
-                self._superseded(dead)
+                self._report_up(True)
                 return
             self._report_up(True)
             logger.info("pipeline worker restarted (pid %s, loaded in %.1fs)", worker.pid, info.load_seconds)
