@@ -77,7 +77,7 @@ def write_model_card(folder: Path, report: dict[str, Any]) -> Path:
 
 # Every sampler draws the colour asked for at these settings (adherence.md); the example is the page's
 # placeholder; live previews decode with the VAE (full): a linear map reads the colour of 4 of 8
-# pictures half-way, the VAE 8 of 8 (tests/test_previews.py).
+# pictures half-way, the VAE 8 of 8 (tests/test_previews.py: half_way_colours).
 RECOMMENDED = {"steps": 20, "guidance_scale": 4.0, "example_prompt": "a green triangle", "preview": "full"}
 
 
