@@ -22,7 +22,7 @@ import torch
 
 from bench.common import machine, write_json
 from bench.gpu import benchmark_model
-from sd_pipeline.contract.jobs import GenerationJob
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
@@ -55,7 +55,7 @@ def check_compile(model: Path, device: str, backend: str, scale: int) -> dict[st
     before, slowest, errors = graphs(), 0.0, []
     for variant in VARIANTS:
         sized = {**variant, "width": variant["width"] // scale, "height": variant["height"] // scale}
-        job = GenerationJob(check_inputs({"prompt": "variety", "steps": 4, **sized}))
+        job = Request(check_inputs({"prompt": "variety", "steps": 4, **sized}))
         started = time.perf_counter()
         (outcome,) = engine.run([job])
         slowest = max(slowest, time.perf_counter() - started)
@@ -97,7 +97,7 @@ def check_oom_and_memory(model: Path, device: str, scale: int) -> dict[str, Any]
         torch.cuda.reset_peak_memory_stats()
     side = 1024 // scale
     request = check_inputs({"prompt": "a big batch", "steps": 2, "width": side, "height": side, "num_images": 4})
-    (outcome,) = engine.run([GenerationJob(request)])
+    (outcome,) = engine.run([Request(request)])
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     if device == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -133,7 +133,7 @@ def check_step_engine(model: Path, device: str, scale: int) -> dict[str, Any]:
     outcomes: dict[int, Any] = {}
 
     def through_engine(batch: list[Any]) -> list[np.ndarray]:
-        jobs = [GenerationJob(request) for request in batch]
+        jobs = [Request(request) for request in batch]
         for number, job in enumerate(jobs):
             engine.submit(job, functools.partial(outcomes.__setitem__, number))
         engine.run_until_idle()

@@ -12,7 +12,8 @@ import torch
 from sd_pipeline.backends import engine_loop
 from sd_pipeline.backends.engine_loop import EngineLoop
 from sd_pipeline.contract.errors import ModelLoadError, OutOfMemoryError
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.jobs import JobOutcome
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model import loading
@@ -51,7 +52,7 @@ def test_a_failed_call_keeps_no_traceback(engine: StepEngine, monkeypatch: pytes
         raise ValueError("a bug in a custom scheduler")
 
     monkeypatch.setattr(engine.loaded.pipeline.unet, "forward", broken)
-    (outcome,) = engine.run([GenerationJob(check_inputs({"prompt": "x", **SMALL}))])
+    (outcome,) = engine.run([Request(check_inputs({"prompt": "x", **SMALL}))])
     assert isinstance(outcome.error, ValueError) and outcome.error.__traceback__ is None
 
 
@@ -96,7 +97,7 @@ def test_sticky_cuda_errors_end_the_worker_instead_of_failing_one_request(
 
     monkeypatch.setattr(engine.loaded.pipeline.unet, "forward", poisoned)
     with pytest.raises(DeviceFailedError, match="needs a new process"):
-        engine.run([GenerationJob(check_inputs({"prompt": "x", **SMALL}))])
+        engine.run([Request(check_inputs({"prompt": "x", **SMALL}))])
 
 
 def test_a_plain_error_is_neither() -> None:
@@ -156,7 +157,7 @@ def test_compiled_unet_serves_more_shapes_than_the_recompile_limit(compiled: Loa
     ]
     assert len(variants) > torch._dynamo.config.recompile_limit
     for variant in variants:
-        (outcome,) = compiled_engine.run([GenerationJob(check_inputs({"prompt": "v", "steps": 2, **variant}))])
+        (outcome,) = compiled_engine.run([Request(check_inputs({"prompt": "v", "steps": 2, **variant}))])
         assert outcome.error is None and len(outcome.results) == variant["num_images"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles_after_warmup  # none blocked serving
 
@@ -217,8 +218,8 @@ def test_gpu_memory_is_the_runs_peak_and_travels_before_its_result(
     facts = MemoryFacts()
     loop = EngineLoop(StepEngine(tiny_loaded, observer=facts))
     outcomes: list[JobOutcome] = []
-    loop.submit(GenerationJob(check_inputs({"prompt": "m", **SMALL})), lambda outcome: facts.seen.append("done"))
-    loop.submit(GenerationJob(check_inputs({"prompt": "n", **SMALL})), outcomes.append)
+    loop.submit(Request(check_inputs({"prompt": "m", **SMALL})), lambda outcome: facts.seen.append("done"))
+    loop.submit(Request(check_inputs({"prompt": "n", **SMALL})), outcomes.append)
     loop.stop()  # the stop waits for the jobs already submitted
     loop.run()
     assert loop.failure is None and len(outcomes) == 1 and outcomes[0].error is None

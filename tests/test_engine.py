@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryError
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.jobs import JobOutcome
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline
@@ -26,12 +27,12 @@ class Collector:
         self.engine = engine
         self.outcomes: dict[int, JobOutcome] = {}
 
-    def submit(self, request: GenerationRequest) -> GenerationJob:
-        job = GenerationJob(request)
+    def submit(self, request: GenerationRequest) -> Request:
+        job = Request(request)
         self.engine.submit(job, functools.partial(self.outcomes.__setitem__, id(job)))
         return job
 
-    def images(self, job: GenerationJob) -> list[Any]:
+    def images(self, job: Request) -> list[Any]:
         outcome = self.outcomes[id(job)]
         assert outcome.error is None, outcome.error
         return [result.image for result in outcome.results]

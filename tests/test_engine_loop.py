@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 
 from sd_pipeline.backends.engine_loop import EngineLoop
+from sd_pipeline.backends.stall import StallWatch
 from sd_pipeline.contract.errors import WorkerLostError
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, coalesced_steps
+from sd_pipeline.contract.jobs import JobOutcome, coalesced_steps
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
@@ -18,8 +20,8 @@ from tests.servers import wait_until
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 3}
 
 
-def job(name: str) -> GenerationJob:
-    return GenerationJob(check_inputs({"prompt": name, **SMALL}))
+def job(name: str) -> Request:
+    return Request(check_inputs({"prompt": name, **SMALL}))
 
 
 def test_jobs_from_another_thread_are_served_and_a_stop_finishes_them(engine: StepEngine) -> None:
@@ -72,7 +74,7 @@ def test_an_engine_with_work_and_no_step_is_reported_stalled(
         real_step()
 
     monkeypatch.setattr(engine, "step", stuck)
-    loop = EngineLoop(engine, stall_seconds=0.2)
+    loop = EngineLoop(engine, stall=StallWatch(0.2))
     assert loop.health_problem() is None  # idle is never stalled
     runner = threading.Thread(target=loop.run)
     runner.start()
@@ -102,3 +104,22 @@ def test_step_reports_crossing_a_boundary_are_the_first_the_last_and_one_per_int
         now[0] = 10 + step * 0.5
         report(step, 5)
     assert [step for step, _ in sent] == [1, 2, 3, 4, 5]
+
+
+def test_a_stall_is_work_held_with_no_step_and_only_that() -> None:
+    """The one definition both backends use (the worker's supervisor and every Ray replica)."""
+    now = [0.0]
+    watch = StallWatch(10.0, clock=lambda: now[0])
+    now[0] = 100.0
+    assert watch.problem() is None  # idle for 100 s: not a stall
+    watch.holding(True)  # work arrives: the clock starts now, not at the last step
+    now[0] = 109.0
+    assert watch.problem() is None
+    watch.stepped()
+    now[0] = 118.0
+    assert watch.problem() is None  # 9 s since the last step
+    now[0] = 120.0
+    problem = watch.problem()
+    assert problem is not None and "no progress for 11s while it held work (limit 10s)" in problem
+    watch.holding(False)
+    assert watch.problem() is None

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError
-from sd_pipeline.contract.jobs import GenerationJob, GenerationResult
+from sd_pipeline.contract.jobs import GenerationResult
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import TokenBudget, check_inputs
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES, scheduler_names
@@ -64,7 +65,7 @@ def test_each_scheduler_runs_and_is_deterministic(engine: StepEngine, scheduler:
 
 def test_cancel_stops_within_one_step(engine: StepEngine) -> None:
     steps_seen: list[int] = []
-    job = GenerationJob(check_inputs({"prompt": "slow", **{**SMALL, "steps": 60}}))
+    job = Request(check_inputs({"prompt": "slow", **{**SMALL, "steps": 60}}))
 
     def on_step(step: int, total: int) -> None:
         steps_seen.append(step)
@@ -79,8 +80,8 @@ def test_cancel_stops_within_one_step(engine: StepEngine) -> None:
 
 
 def test_cancelling_one_job_keeps_the_other(engine: StepEngine) -> None:
-    keep = GenerationJob(check_inputs({"prompt": "keep", "seed": 3, **SMALL}))
-    drop = GenerationJob(check_inputs({"prompt": "drop", "seed": 4, **SMALL}))
+    keep = Request(check_inputs({"prompt": "keep", "seed": 3, **SMALL}))
+    drop = Request(check_inputs({"prompt": "drop", "seed": 4, **SMALL}))
     drop.cancel()
     kept, dropped = engine.run([keep, drop])
     assert len(kept.results) == 1 and kept.error is None
@@ -89,7 +90,7 @@ def test_cancelling_one_job_keeps_the_other(engine: StepEngine) -> None:
 
 def test_progress_reports_every_step(engine: StepEngine) -> None:
     seen: list[tuple[int, int]] = []
-    job = GenerationJob(check_inputs({"prompt": "p", **SMALL}), on_step=lambda s, t: seen.append((s, t)))
+    job = Request(check_inputs({"prompt": "p", **SMALL}), on_step=lambda s, t: seen.append((s, t)))
     engine.run([job])
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 from gradio_client import Client
 
-from sd_pipeline.backends.retry import CRASHED_TWICE
+from sd_pipeline.admission import CRASHED_TWICE
 from sd_pipeline.png import read_png_parameters
 from tests.app_server import RunningApp, launched_app
 from tests.servers import S3Server, wait_until

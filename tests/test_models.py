@@ -19,11 +19,13 @@ from typing import Any
 import pytest
 import yaml
 
+from sd_pipeline.admission import Admission
 from sd_pipeline.backends.local.process import PipelineProcess
 from sd_pipeline.backends.local.supervisor import LocalBackend
 from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.jobs import JobOutcome
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.models import DEFAULTS_FILE, ModelDefaults, ModelStore
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
@@ -32,6 +34,7 @@ from sd_pipeline.models.location import LocationError, ModelLocation
 from sd_pipeline.models.registry import ModelRegistry, RegistryError, RegistryUnavailableError, make_client
 from sd_pipeline.models.resolve import resolve_model
 from sd_pipeline.models.rollout import ModelRollout
+from tests.running import dispatcher, run_through
 from tests.servers import S3Server, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,9 +281,9 @@ def test_the_watcher_retries_an_outage_with_back_off_refuses_a_bad_version_once_
     assert kept == ["v1", "v4", "v5"]
 
 
-def run_in_thread(backend: LocalBackend, job: GenerationJob) -> tuple[threading.Thread, list[JobOutcome]]:
+def run_in_thread(admission: Admission, job: Request) -> tuple[threading.Thread, list[JobOutcome]]:
     outcomes: list[JobOutcome] = []
-    thread = threading.Thread(target=lambda: outcomes.extend(backend.run([job])))
+    thread = threading.Thread(target=lambda: outcomes.extend(run_through(admission, [job])))
     thread.start()
     return thread, outcomes
 
@@ -297,9 +300,10 @@ def test_the_local_backend_switches_versions_with_no_request_failing(
     settings = PipelineSettings(model=str(location.pin("v1")), model_store=store, device="cpu", cpu_threads=1)
     backend = LocalBackend(settings, functools.partial(PipelineProcess), rollout=mode)  # type: ignore[arg-type]
     assert backend.start().version == "v1"
+    admission = dispatcher(backend)
     try:
-        running = GenerationJob(check_inputs({"prompt": "at the switch", "steps": 40, "width": 96, "height": 96}))
-        thread, running_outcome = run_in_thread(backend, running)
+        running = Request(check_inputs({"prompt": "at the switch", "steps": 40, "width": 96, "height": 96}))
+        thread, running_outcome = run_in_thread(admission, running)
         wait_until(lambda: running.steps_done >= 2, timeout=60)
         infos: list[BackendInfo] = []
         switch = threading.Thread(target=lambda: infos.append(backend.switch_model(str(location.pin("v2")))))
@@ -307,8 +311,8 @@ def test_the_local_backend_switches_versions_with_no_request_failing(
         if mode == "drain":  # new requests are held (with a notice for the page) until v2 runs
             wait_until(lambda: backend.notice() is not None, timeout=60)
             assert "v2" in (backend.notice() or "")
-            held = GenerationJob(check_inputs({"prompt": "held", "steps": 2, "width": 64, "height": 64}))
-            held_thread, held_outcome = run_in_thread(backend, held)
+            held = Request(check_inputs({"prompt": "held", "steps": 2, "width": 64, "height": 64}))
+            held_thread, held_outcome = run_in_thread(admission, held)
         switch.join(timeout=180)
         (info,) = infos
         assert (info.version, info.defaults.steps) == ("v2", 9) and backend.notice() is None
@@ -318,14 +322,14 @@ def test_the_local_backend_switches_versions_with_no_request_failing(
         thread.join(timeout=120)
         (outcome,) = running_outcome
         assert outcome.error is None and outcome.results[0].model_version == "v1"  # finished where it started
-        (after,) = backend.run(
-            [GenerationJob(check_inputs({"prompt": "after", "steps": 2, "width": 64, "height": 64}))]
+        (after,) = run_through(
+            admission, [Request(check_inputs({"prompt": "after", "steps": 2, "width": 64, "height": 64}))]
         )
         assert after.error is None and after.results[0].model_version == "v2"
         with pytest.raises(ModelLoadError, match="does not match its manifest"):
             backend.switch_model(str(location.pin("v3")))
-        (still,) = backend.run(
-            [GenerationJob(check_inputs({"prompt": "still", "steps": 2, "width": 64, "height": 64}))]
+        (still,) = run_through(
+            admission, [Request(check_inputs({"prompt": "still", "steps": 2, "width": 64, "height": 64}))]
         )
         assert still.error is None and still.results[0].model_version == "v2"
         assert backend.readiness_problem() is None

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from sd_pipeline.contract.errors import ModelLoadError
-from sd_pipeline.contract.jobs import GenerationJob, Preview
+from sd_pipeline.contract.jobs import Preview
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
@@ -34,7 +35,7 @@ def previewing(tiny_loaded: LoadedPipeline, *, interval: float = 0.0, previewer:
 
 def test_a_preview_each_step_but_the_last_at_the_final_size_small_on_the_wire(tiny_loaded: LoadedPipeline) -> None:
     seen: list[Preview] = []
-    job = GenerationJob(check_inputs({"prompt": "a wide one", **WIDE}), on_preview=seen.append)
+    job = Request(check_inputs({"prompt": "a wide one", **WIDE}), on_preview=seen.append)
     (outcome,) = previewing(tiny_loaded).run([job])
     assert outcome.error is None
     assert [preview.step for preview in seen] == list(range(1, 12))  # the final image replaces the 12th
@@ -50,7 +51,7 @@ def test_a_preview_each_step_but_the_last_at_the_final_size_small_on_the_wire(ti
 
 def test_previews_are_throttled_per_request(tiny_loaded: LoadedPipeline) -> None:
     seen: list[Preview] = []
-    job = GenerationJob(check_inputs({"prompt": "slow previews", **WIDE}), on_preview=seen.append)
+    job = Request(check_inputs({"prompt": "slow previews", **WIDE}), on_preview=seen.append)
     previewing(tiny_loaded, interval=3600.0).run([job])
     assert [preview.step for preview in seen] == [1]  # the first step, then nothing within the interval
 
@@ -59,18 +60,18 @@ def test_only_the_requests_that_ask_get_previews_and_no_image_changes(
     tiny_loaded: LoadedPipeline, engine: StepEngine
 ) -> None:
     seen: list[Preview] = []
-    asking = GenerationJob(check_inputs({"prompt": "show me", **WIDE}), on_preview=seen.append)
-    silent = GenerationJob(check_inputs({"prompt": "not me", **{**WIDE, "seed": 6}}))
+    asking = Request(check_inputs({"prompt": "show me", **WIDE}), on_preview=seen.append)
+    silent = Request(check_inputs({"prompt": "not me", **{**WIDE, "seed": 6}}))
     with_previews = previewing(tiny_loaded).run([asking, silent])
     assert len(seen) == 11 and silent.on_preview is None
-    without = engine.run([GenerationJob(asking.request), GenerationJob(silent.request)])  # previews off
+    without = engine.run([Request(asking.inputs), Request(silent.inputs)])  # previews off
     for on, off in zip(with_previews, without, strict=True):
         assert_same_image(on.results[0].image, off.results[0].image)
 
 
 def test_a_cancelled_request_gets_no_more_previews(tiny_loaded: LoadedPipeline) -> None:
     seen: list[Preview] = []
-    job = GenerationJob(check_inputs({"prompt": "stop me", **{**WIDE, "steps": 40}}))
+    job = Request(check_inputs({"prompt": "stop me", **{**WIDE, "steps": 40}}))
 
     def on_preview(preview: Preview) -> None:
         seen.append(preview)
@@ -89,7 +90,7 @@ def test_the_preview_is_made_from_the_predicted_clean_latents(tiny_loaded: Loade
     full = DecoderPreview(vae, latent_scale=float(vae.config.scaling_factor))
     seen: list[Preview] = []
     request = check_inputs({"prompt": "converging", **{**WIDE, "steps": 20, "scheduler": scheduler}})
-    (outcome,) = previewing(tiny_loaded, previewer=full).run([GenerationJob(request, on_preview=seen.append)])
+    (outcome,) = previewing(tiny_loaded, previewer=full).run([Request(request, on_preview=seen.append)])
     final = torch.tensor(list(outcome.results[0].image.resize((96, 64)).getdata()), dtype=torch.float32)
     first, last = (torch.tensor(list(p.picture().getdata()), dtype=torch.float32) for p in (seen[0], seen[-1]))
     assert (last - final).abs().mean() < (first - final).abs().mean()
@@ -127,9 +128,7 @@ def half_way_colours(preview: str) -> list[tuple[str, str]]:
     seen: list[list[Preview]] = [[] for _ in asks]
     fields = {"steps": 20, "guidance_scale": 4.0, "width": 64, "height": 64}
     jobs = [
-        GenerationJob(
-            check_inputs({"prompt": f"a {colour} {shape}", "seed": 100 + n, **fields}), on_preview=seen[n].append
-        )
+        Request(check_inputs({"prompt": f"a {colour} {shape}", "seed": 100 + n, **fields}), on_preview=seen[n].append)
         for n, (colour, shape) in enumerate(asks)
     ]
     engine.run(jobs)
@@ -164,9 +163,7 @@ def test_a_tiny_decoder_previews_every_due_image_in_one_call(tiny_loaded: Loaded
 
     previewer.decoder.decode = counting
     seen: list[Preview] = []
-    jobs = [
-        GenerationJob(check_inputs({"prompt": f"p{n}", **{**WIDE, "seed": n}}), on_preview=seen.append) for n in (1, 2)
-    ]
+    jobs = [Request(check_inputs({"prompt": f"p{n}", **{**WIDE, "seed": n}}), on_preview=seen.append) for n in (1, 2)]
     outcomes = previewing(tiny_loaded, previewer=previewer).run(jobs)
     assert all(outcome.error is None for outcome in outcomes)
     assert calls and set(calls) == {2}  # both requests' previews in one decoder call per step

@@ -10,8 +10,10 @@ runs (it finishes, later ones report the new version) and a corrupt one is refus
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
+import logging
 import os
 import shutil
 import signal
@@ -25,12 +27,15 @@ from typing import Any
 import psutil
 import pytest
 
+from sd_pipeline.admission import Admission
 from sd_pipeline.backends.ray.backend import RayBackend
 from sd_pipeline.backends.ray.loopback import keep_token_private
 from sd_pipeline.backends.ray.replica import PipelineReplica
 from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.errors import GenerationCancelledError, ModelLoadError
-from sd_pipeline.contract.jobs import GenerationJob, Preview
+from sd_pipeline.contract.jobs import JobOutcome, Preview
+from sd_pipeline.contract.lifecycle import Request, Status
+from sd_pipeline.contract.messages import Finished, encode
 from sd_pipeline.contract.models import ModelStore
 from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.contract.request import RequestLimits, check_inputs
@@ -38,6 +43,7 @@ from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.models.location import ModelLocation
 from sd_pipeline.models.registry import ModelRegistry, make_client
 from tests.needs import needed_module
+from tests.running import dispatcher, run_direct, run_through
 from tests.servers import S3Server, wait_until
 from webapp.settings import load_settings
 
@@ -136,6 +142,7 @@ def backend(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -
     )
     try:
         backend.start()
+        _dispatchers[backend] = dispatcher(backend)
         yield backend
     finally:
         children = ray_children()
@@ -145,9 +152,17 @@ def backend(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -
         assert alive == [], f"Ray processes outlived the backend: {alive}"
 
 
-def long_job(steps: int = 60, **fields: Any) -> tuple[GenerationJob, list[int]]:
+_dispatchers: dict[RayBackend, Admission] = {}
+
+
+def run(backend: RayBackend, requests: list[Request]) -> list[JobOutcome]:
+    """Through the app's one dispatcher (it holds the retry rule)."""
+    return run_through(_dispatchers[backend], requests)
+
+
+def long_job(steps: int = 60, **fields: Any) -> tuple[Request, list[int]]:
     seen: list[int] = []
-    job = GenerationJob(check_inputs({"prompt": "a long one", "steps": steps, "width": 64, "height": 64, **fields}))
+    job = Request(check_inputs({"prompt": "a long one", "steps": steps, "width": 64, "height": 64, **fields}))
     job.on_step = lambda step, total: seen.append(step)
     return job, seen
 
@@ -160,15 +175,13 @@ def test_replicas_warm_up_and_the_backend_validates_with_the_models_tokens(backe
 
 def test_previews_travel_on_the_request_stream_to_the_caller_that_asked(backend: RayBackend) -> None:
     seen: list[Preview] = []
-    asking = GenerationJob(
-        check_inputs({"prompt": "show", "steps": 6, "width": 64, "height": 64}), on_preview=seen.append
-    )
-    (outcome,) = backend.run([asking])
+    asking = Request(check_inputs({"prompt": "show", "steps": 6, "width": 64, "height": 64}), on_preview=seen.append)
+    (outcome,) = run(backend, [asking])
     steps = [preview.step for preview in seen]
     assert outcome.error is None and len(steps) >= 2 and steps == sorted(steps) and steps[-1] < 6
     assert {preview.picture().size for preview in seen} == {(64, 64)}
     silent, silent_steps = long_job(steps=6)
-    (outcome,) = backend.run([silent])
+    (outcome,) = run(backend, [silent])
     # steps (the first, the last, and one per interval between), and no preview asked for
     assert outcome.error is None and silent_steps[0] == 1 and silent_steps[-1] == 6
     assert silent_steps == sorted(set(silent_steps))
@@ -193,17 +206,24 @@ def test_the_private_instance_listens_on_loopback_only_and_keeps_its_files_priva
 def test_a_request_cancelled_while_waiting_for_a_replica_ends_at_once(backend: RayBackend) -> None:
     running, running_steps = long_job(steps=100, width=128, height=128)  # seconds: outlasts the cancel
     outcomes: dict[str, Any] = {}
-    first = threading.Thread(target=lambda: outcomes.update(running=backend.run([running])[0]))
+    first = threading.Thread(target=lambda: outcomes.update(running=run(backend, [running])[0]))
     first.start()
     wait_until(lambda: len(running_steps) >= 2, timeout=60)  # it holds the replica's only slot
     waiting, waiting_steps = long_job(steps=5)
-    second = threading.Thread(target=lambda: outcomes.update(waiting=backend.run([waiting])[0]))
-    second.start()
+    # Straight to the backend (admission would hold it: the replica's one slot is taken), so the
+    # call waits in Ray for a replica, and Stop must reach it there.
+    direct = threading.Thread(
+        target=lambda: outcomes.update(waiting=run_direct(backend.submit, backend.cancel, [waiting])[0])
+    )
+    direct.start()
+    wait_until(lambda: waiting.id in backend._streams, timeout=30)
     waiting.cancel()
-    second.join(timeout=30)
+    backend.cancel(waiting)
+    direct.join(timeout=30)
+    second = direct
     assert not second.is_alive() and isinstance(outcomes["waiting"].error, GenerationCancelledError)
     assert waiting_steps == [] and running.steps_done < 100  # ended while the other still ran
-    running.cancel()
+    _dispatchers[backend].cancel(running)
     first.join(timeout=60)
 
 
@@ -213,7 +233,7 @@ def test_a_replica_whose_engine_fails_is_replaced_and_its_request_served_after_o
     marker = Path(os.environ[FAIL_MARKER])
     marker.with_suffix(".armed").touch()
     job, steps = long_job(steps=8)
-    (outcome,) = backend.run([job])
+    (outcome,) = run(backend, [job])
     assert outcome.error is None, outcome.error
     assert len(outcome.results) == 1 and outcome.results[0].image.size == (64, 64)
     assert marker.exists()  # the first replica did fail
@@ -234,7 +254,7 @@ def test_a_frozen_replica_is_replaced_and_its_request_served(backend: RayBackend
 
     job.on_step = on_step
     try:
-        (outcome,) = backend.run([job])
+        (outcome,) = run(backend, [job])
     finally:
         if frozen.is_running():
             os.kill(frozen.pid, signal.SIGCONT)
@@ -249,7 +269,7 @@ def test_a_new_version_rolls_out_as_a_deployment_version_and_a_corrupt_one_is_re
     assert backend.info is not None and backend.info.version == "v1"
     running, running_steps = long_job(steps=40, width=96, height=96)
     outcomes: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: outcomes.update(running=backend.run([running])[0]))
+    thread = threading.Thread(target=lambda: outcomes.update(running=run(backend, [running])[0]))
     thread.start()
     wait_until(lambda: len(running_steps) >= 2, timeout=60)
     info = backend.switch_model(str(registry.location.pin("v2")))
@@ -259,7 +279,7 @@ def test_a_new_version_rolls_out_as_a_deployment_version_and_a_corrupt_one_is_re
     assert running_outcome.error is None and running_outcome.results[0].model_version == "v1"  # finished on v1
     # never restarted: the old replica finished it
     assert running_steps.count(1) == 1 and running_steps[-1] == 40 and running_steps == sorted(running_steps)
-    (after,) = backend.run([long_job(steps=2)[0]])
+    (after,) = run(backend, [long_job(steps=2)[0]])
     assert after.error is None and after.results[0].model_version == "v2"
 
     key = registry.location.version_prefix("v1") + "unet/config.json"
@@ -270,7 +290,7 @@ def test_a_new_version_rolls_out_as_a_deployment_version_and_a_corrupt_one_is_re
         shutil.rmtree(leftover)  # as on a host that never had it
     with pytest.raises(ModelLoadError, match="does not match its manifest"):
         backend.switch_model(str(registry.location.pin("v1")))
-    (still,) = backend.run([long_job(steps=2)[0]])
+    (still,) = run(backend, [long_job(steps=2)[0]])
     assert still.error is None and still.results[0].model_version == "v2"
 
 
@@ -317,3 +337,71 @@ def test_a_front_end_that_deploys_nothing_waits_for_the_version_and_never_redepl
     with pytest.raises(ModelLoadError, match="did not reach version v3"):
         front_end.switch_model("s3://models/demo@v3")
     assert deployed == []
+
+
+class HeldStreams:
+    """Stands in for the Serve handle: each call is a stream that sends a malformed message, then
+    stays open until released and finishes."""
+
+    def __init__(self) -> None:
+        self.opened: list[dict[str, Any]] = []
+        self.release = threading.Event()
+        self.generate = self
+
+    def options(self, **options: Any) -> HeldStreams:
+        return self
+
+    def remote(self, data: dict[str, Any]) -> HeldStream:
+        self.opened.append(data)
+        return HeldStream(data["id"], self.release)
+
+
+class HeldStream:
+    def __init__(self, request_id: str, release: threading.Event) -> None:
+        self.request_id = request_id
+        self.release = release
+
+    def cancel(self) -> None:
+        return None
+
+    async def __aiter__(self) -> Any:
+        yield {"kind": "step", "id": self.request_id, "step": -1, "total": 0}  # malformed: dropped
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        yield encode(Finished(id=self.request_id, by="pipeline#replica-1"))
+
+
+def test_more_than_64_slots_run_at_once_and_positions_stay_right(caplog: pytest.LogCaptureFixture) -> None:
+    """No thread pool between admission and Ray: 10 replicas x 10 = 100 calls stream at once, and
+    the 101st request is first in line (the 64-thread pool used to hold 36 of them uncounted)."""
+    plan = RayPlan(address="auto", deployment=ReplicaPlan(replicas=10, max_batch_images=10))
+    front_end = RayBackend(PipelineSettings(model="tiny", device="cpu"), plan, limits=RequestLimits())
+    front_end._handle = handle = HeldStreams()
+    front_end.start_calls()
+    admission = dispatcher(front_end, capacity=200)
+    try:
+        running = [admission.submit(long_job(steps=10)[0]) for _ in range(100)]
+        waiting = [long_job(steps=10)[0] for _ in range(3)]
+        for request in waiting:
+            admission.submit(request)
+        wait_until(lambda: len(handle.opened) == 100, timeout=30)
+        assert [admission.position(request) for request in waiting] == [100, 101, 102]
+        assert [admission.steps_before_start(request) for request in waiting] == [10, 10, 10]
+        with caplog.at_level(logging.ERROR, logger="sd_pipeline.backends.ray.backend"):
+            handle.release.set()
+            assert all(future.result(timeout=30) == [] for future in running)
+        wait_until(lambda: all(request.status is Status.DONE for request in waiting), timeout=30)
+        assert len(handle.opened) == 103
+        assert "a pipeline replica sent a malformed message (step.step" in caplog.text  # refused, logged
+    finally:
+        admission.close(timeout=5)
+        front_end._closing.set()
+        front_end._calls.call_soon_threadsafe(front_end._calls.stop)
+
+
+def test_a_replica_refuses_a_malformed_call_and_keeps_serving(backend: RayBackend) -> None:
+    stream = backend._handle.options(stream=True).generate.remote({"kind": "cancel", "id": "x"})
+    with pytest.raises(Exception, match="a cancel message where a submit belongs"):
+        list(stream)
+    (after,) = run(backend, [long_job(steps=2)[0]])
+    assert after.error is None and len(after.results) == 1

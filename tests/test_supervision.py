@@ -1,4 +1,4 @@
-"""The local backend: real worker processes killed, stopped and crash-looped, and the retry rules."""
+"""The local backend: real worker processes killed, stopped and crash-looped, under admission's retry rule."""
 
 from __future__ import annotations
 
@@ -10,28 +10,24 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sd_pipeline.admission import CRASHED_TWICE, Admission
 from sd_pipeline.backends.local import supervisor
 from sd_pipeline.backends.local.process import PipelineProcess
 from sd_pipeline.backends.local.supervisor import LocalBackend
-from sd_pipeline.backends.retry import CRASHED_TWICE, run_with_retry
 from sd_pipeline.contract.backend import BackendInfo
-from sd_pipeline.contract.errors import (
-    GenerationCancelledError,
-    InvalidRequestError,
-    WorkerCrashedError,
-    WorkerLostError,
-)
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, WorkerCrashedError
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.plans import RestartPolicy
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from tests.images import assert_same_image
+from tests.running import dispatcher, run_through
 from tests.servers import wait_until
 
 LONG: dict[str, Any] = {"width": 128, "height": 128, "steps": 40, "seed": 21}
@@ -50,88 +46,30 @@ class RecordingObserver:
         self.up.append(up)
 
 
-# The rules, with a fake worker: no processes.
-def job(name: str) -> GenerationJob:
-    return GenerationJob(check_inputs({"prompt": name, "width": 64, "height": 64}))
-
-
-def fake_run_once(crash_when: Callable[[Sequence[GenerationJob]], bool]) -> tuple[Any, list[list[str]]]:
-    calls: list[list[str]] = []
-
-    def run_once(jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        calls.append([j.request.prompt for j in jobs])
-        if crash_when(jobs):
-            raise WorkerLostError("died", "the pipeline worker process died")
-        return [JobOutcome() for _ in jobs]
-
-    return run_once, calls
-
-
-def test_a_lost_batch_is_retried_once_each_alone_and_a_repeat_offender_is_refused() -> None:
-    innocent, poison, other = job("innocent"), job("poison"), job("other")
-    run_once, calls = fake_run_once(lambda jobs: any(j is poison for j in jobs))
-    outcomes = run_with_retry([innocent, poison, other], run_once)
-    assert calls == [["innocent", "poison", "other"], ["innocent"], ["poison"], ["other"]]
-    assert outcomes[0].error is None and outcomes[2].error is None
-    assert isinstance(outcomes[1].error, WorkerCrashedError) and str(outcomes[1].error) == CRASHED_TWICE
-
-
-def test_retries_go_through_run_alone_when_given() -> None:
-    innocent, poison = job("innocent"), job("poison")
-    run_once, shared_calls = fake_run_once(lambda jobs: True)  # the shared run is lost
-    run_alone, alone_calls = fake_run_once(lambda jobs: any(j is poison for j in jobs))
-    outcomes = run_with_retry([innocent, poison], run_once, run_alone)
-    assert shared_calls == [["innocent", "poison"]] and alone_calls == [["innocent"], ["poison"]]
-    assert outcomes[0].error is None and isinstance(outcomes[1].error, WorkerCrashedError)
-
-
-def test_a_cancelled_job_is_not_retried_and_a_clean_run_is_run_once() -> None:
-    keep, cancelled = job("keep"), job("cancelled")
-    crashed = [False]
-
-    def crash_first_time(jobs: Sequence[GenerationJob]) -> bool:
-        cancelled.cancel()  # the user pressed Stop while the worker died
-        first, crashed[0] = not crashed[0], True
-        return first
-
-    run_once, calls = fake_run_once(crash_first_time)
-    outcomes = run_with_retry([keep, cancelled], run_once)
-    assert calls == [["keep", "cancelled"], ["keep"]]
-    assert outcomes[0].error is None and isinstance(outcomes[1].error, GenerationCancelledError)
-    run_once, calls = fake_run_once(lambda jobs: False)
-    run_with_retry([keep], run_once)
-    assert calls == [["keep"]]
-
-
-def test_only_the_jobs_lost_with_their_worker_are_retried() -> None:
-    done, lost = job("done"), job("lost")
-    calls: list[list[str]] = []
-
-    def run_once(jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        calls.append([j.request.prompt for j in jobs])
-        if len(jobs) > 1:  # the shared run: one job finished before the replica holding the other was lost
-            return [JobOutcome(), JobOutcome(error=WorkerLostError("died", "a pipeline replica died"))]
-        return [JobOutcome()]
-
-    outcomes = run_with_retry([done, lost], run_once)
-    assert calls == [["done", "lost"], ["lost"]]
-    assert [outcome.error for outcome in outcomes] == [None, None]
-
-
 # Real worker processes on the tiny model.
 @pytest.fixture(scope="module")
 def supervised(tiny_model_dir: Path) -> Iterator[tuple[LocalBackend, RecordingObserver]]:
+    """The backend; its requests go through ``admitted`` (admission holds the retry rule)."""
     observer = RecordingObserver()
     policy = RestartPolicy(stall_seconds=STALL_SECONDS, max_restarts=100)
     settings = PipelineSettings(model=str(tiny_model_dir), device="cpu", cpu_threads=1)
     new_worker = functools.partial(PipelineProcess, stall_seconds=policy.stall_seconds)
     worker = LocalBackend(settings, new_worker, policy=policy, observer=observer)
     worker.start()
+    _dispatchers[worker] = dispatcher(worker)
     yield worker, observer
     worker.close()
 
 
-def signal_at_step(worker: LocalBackend, signum: int, *, at_step: int = 3) -> tuple[GenerationJob, list[int]]:
+_dispatchers: dict[LocalBackend, Admission] = {}
+
+
+def run(worker: LocalBackend, requests: list[Request]) -> list[Any]:
+    """Through the app's one dispatcher, as the service runs requests."""
+    return run_through(_dispatchers[worker], requests)
+
+
+def signal_at_step(worker: LocalBackend, signum: int, *, at_step: int = 3) -> tuple[Request, list[int]]:
     """A long job whose worker gets ``signum`` once it reports ``at_step`` (the first time only)."""
     steps: list[int] = []
     sent = threading.Event()
@@ -144,17 +82,17 @@ def signal_at_step(worker: LocalBackend, signum: int, *, at_step: int = 3) -> tu
             assert pid is not None
             os.kill(pid, signum)
 
-    return GenerationJob(worker.check({"prompt": "a long one", **LONG}), on_step=on_step), steps
+    return Request(worker.check({"prompt": "a long one", **LONG}), on_step=on_step), steps
 
 
 def test_a_killed_worker_is_replaced_and_its_request_still_gets_its_image(
     supervised: tuple[LocalBackend, RecordingObserver],
 ) -> None:
     worker, observer = supervised
-    (reference,) = worker.run([job_for(worker)])
+    (reference,) = run(worker, [job_for(worker)])
     first_pid, restarts_before = worker.pid, len(observer.restarts)
     killed, steps = signal_at_step(worker, signal.SIGKILL)
-    (outcome,) = worker.run([killed])
+    (outcome,) = run(worker, [killed])
     assert outcome.error is None, outcome.error
     assert worker.pid != first_pid and observer.restarts[restarts_before:] == ["died"]
     assert steps.count(1) == 2 and steps[-1] == LONG["steps"]  # progress restarted on the new worker
@@ -173,8 +111,8 @@ def test_the_backend_validates_with_the_models_tokenizer_in_this_process(
     assert worker.max_running == 8
 
 
-def job_for(worker: LocalBackend) -> GenerationJob:
-    return GenerationJob(worker.check({"prompt": "a long one", **LONG}))
+def job_for(worker: LocalBackend) -> Request:
+    return Request(worker.check({"prompt": "a long one", **LONG}))
 
 
 def test_a_stalled_worker_is_killed_after_the_stall_timeout_and_replaced(
@@ -183,7 +121,7 @@ def test_a_stalled_worker_is_killed_after_the_stall_timeout_and_replaced(
     worker, observer = supervised
     restarts_before, first_pid = len(observer.restarts), worker.pid
     stopped, steps = signal_at_step(worker, signal.SIGSTOP)
-    (outcome,) = worker.run([stopped])
+    (outcome,) = run(worker, [stopped])
     assert outcome.error is None and len(outcome.results) == 1
     assert observer.restarts[restarts_before:] == ["stalled"] and worker.pid != first_pid
     assert steps[-1] == LONG["steps"]
@@ -199,7 +137,7 @@ def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_request(
     wait_until(lambda: worker.readiness_problem() is not None or worker.pid != first_pid)
     wait_until(lambda: worker.readiness_problem() is None)
     assert worker.pid != first_pid and observer.restarts[restarts_before:] == ["died"]
-    (outcome,) = worker.run([GenerationJob(worker.check({"prompt": "after", "width": 64, "height": 64}))])
+    (outcome,) = run(worker, [Request(worker.check({"prompt": "after", "width": 64, "height": 64}))])
     assert outcome.error is None
 
 
@@ -211,7 +149,7 @@ def test_a_request_sent_just_as_the_idle_worker_dies_is_served(
     pid = worker.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # the supervisor closes the dead worker while this run may be using it
-    (outcome,) = worker.run([GenerationJob(worker.check({"prompt": "right after", "width": 64, "height": 64}))])
+    (outcome,) = run(worker, [Request(worker.check({"prompt": "right after", "width": 64, "height": 64}))])
     assert outcome.error is None and len(outcome.results) == 1
     assert worker.pid != pid
 
@@ -230,14 +168,14 @@ def test_a_request_that_kills_the_worker_twice_is_refused_and_the_next_one_serve
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
 
-    poison = GenerationJob(worker.check({"prompt": "poison", **LONG}), on_step=kill_every_time)
-    innocent = GenerationJob(worker.check({"prompt": "innocent", **LONG}))
-    poisoned, served = worker.run([poison, innocent])
+    poison = Request(worker.check({"prompt": "poison", **LONG}), on_step=kill_every_time)
+    innocent = Request(worker.check({"prompt": "innocent", **LONG}))
+    poisoned, served = run(worker, [poison, innocent])
     assert isinstance(poisoned.error, WorkerCrashedError) and str(poisoned.error) == CRASHED_TWICE
     assert served.error is None and len(served.results) == 1  # its batch-mate is retried alone and served
     assert observer.restarts[restarts_before:] == ["died", "died"]
     wait_until(lambda: worker.readiness_problem() is None)
-    (after,) = worker.run([job_for(worker)])
+    (after,) = run(worker, [job_for(worker)])
     assert after.error is None
 
 
@@ -255,15 +193,13 @@ def test_a_request_sharing_steps_with_one_that_kills_the_worker_is_retried_alone
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
 
-    innocent = GenerationJob(
-        worker.check({"prompt": "innocent", **LONG}), on_step=lambda step, total: innocent_started.set()
-    )
-    poison = GenerationJob(worker.check({"prompt": "poison", **LONG}), on_step=kill_every_time)
+    innocent = Request(worker.check({"prompt": "innocent", **LONG}), on_step=lambda step, total: innocent_started.set())
+    poison = Request(worker.check({"prompt": "poison", **LONG}), on_step=kill_every_time)
     outcomes: dict[str, Any] = {}
-    innocent_run = threading.Thread(target=lambda: outcomes.update(innocent=worker.run([innocent])[0]))
+    innocent_run = threading.Thread(target=lambda: outcomes.update(innocent=run(worker, [innocent])[0]))
     innocent_run.start()
     assert innocent_started.wait(timeout=60)
-    (outcomes["poison"],) = worker.run([poison])
+    (outcomes["poison"],) = run(worker, [poison])
     innocent_run.join(timeout=300)
     assert isinstance(outcomes["poison"].error, WorkerCrashedError)
     assert outcomes["innocent"].error is None and len(outcomes["innocent"].results) == 1
@@ -278,7 +214,7 @@ def test_a_request_cancelled_while_the_worker_restarts_ends_cancelled(
 ) -> None:
     worker, _ = supervised
     steps: list[int] = []
-    holder: list[GenerationJob] = []
+    holder: list[Request] = []
 
     def kill_then_cancel(step: int, total: int) -> None:
         steps.append(step)
@@ -288,9 +224,9 @@ def test_a_request_cancelled_while_the_worker_restarts_ends_cancelled(
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
 
-    cancelled = GenerationJob(worker.check({"prompt": "stop me", **LONG}), on_step=kill_then_cancel)
+    cancelled = Request(worker.check({"prompt": "stop me", **LONG}), on_step=kill_then_cancel)
     holder.append(cancelled)
-    (outcome,) = worker.run([cancelled])
+    (outcome,) = run(worker, [cancelled])
     assert isinstance(outcome.error, GenerationCancelledError)
     assert steps.count(1) == 1  # never ran again
 
@@ -377,8 +313,8 @@ def test_a_worker_dying_during_an_overlap_switch_does_not_bring_the_old_version_
         switch_done.set()
         assert replacement_loaded.wait(timeout=120)
         wait_until(lambda: not made[2].is_alive(), timeout=60)  # the restarted v1 worker stops
-        (outcome,) = backend.run(
-            [GenerationJob(check_inputs({"prompt": "after", "steps": 2, "width": 64, "height": 64}))]
+        (outcome,) = run_through(
+            dispatcher(backend), [Request(check_inputs({"prompt": "after", "steps": 2, "width": 64, "height": 64}))]
         )
         assert outcome.error is None and outcome.results[0].model == "v2"
         assert [worker for worker in made if worker.is_alive()] == [made[1]]  # nothing leaked
@@ -414,8 +350,8 @@ def test_a_drained_switch_does_not_spin_the_watcher(
         looked = len(calls) - before
         # One look per watch interval, not a busy loop: a count, bounded with a wide margin.
         assert looked <= 4 * seconds / supervisor._WATCH_INTERVAL + 10, (looked, seconds)
-        (outcome,) = backend.run(
-            [GenerationJob(check_inputs({"prompt": "after", "steps": 2, "width": 64, "height": 64}))]
+        (outcome,) = run_through(
+            dispatcher(backend), [Request(check_inputs({"prompt": "after", "steps": 2, "width": 64, "height": 64}))]
         )
         assert outcome.error is None and outcome.results[0].model == "v2"
     finally:

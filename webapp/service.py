@@ -25,7 +25,8 @@ from sd_pipeline.contract.errors import (
     PipelineUnavailableError,
     WorkerCrashedError,
 )
-from sd_pipeline.contract.jobs import GenerationJob, GenerationResult, PreviewCallback
+from sd_pipeline.contract.jobs import GenerationResult, PreviewCallback
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError, StorageFullError
@@ -147,40 +148,40 @@ class ImageService:
         on_preview: PreviewCallback | None,
     ) -> list[GenerationResult]:
         try:
-            request = self.backend.check(fields)
+            inputs = self.backend.check(fields)
         except InvalidRequestError as error:
             raise InvalidInputError(str(error)) from error
         timer = StepTimer(self.step_clock)
-        job = GenerationJob(
-            request, on_step=lambda step, total: timer.step(step), on_preview=on_preview, owner=owner, address=address
+        request = Request(
+            inputs, on_step=lambda step, total: timer.step(step), on_preview=on_preview, owner=owner, address=address
         )
         try:
-            future = self.admission.submit(job)
+            future = self.admission.submit(request)
         except (QueueFullError, ShuttingDownError) as error:
             raise BusyError(str(error)) from error
         wrapped = asyncio.wrap_future(future)
         shown = ""
         try:
             while not wrapped.done():
-                ahead = self.admission.position(job)
+                ahead = self.admission.position(request)
                 waiting = ahead is not None
                 step_seconds = self.step_clock.seconds
                 if ahead is not None:
-                    before = self.admission.steps_before_start(job)
-                    until_done = None if before is None else before + request.steps
+                    before = self.admission.steps_before_start(request)
+                    until_done = None if before is None else before + inputs.steps
                     status = waiting_status(ahead, until_done, step_seconds)
                 else:
-                    status = running_status(job.steps_done, request.steps, step_seconds)
-                    if job.steps_done == 0 and (notice := self.backend.notice()):
+                    status = running_status(request.steps_done, inputs.steps, step_seconds)
+                    if request.steps_done == 0 and (notice := self.backend.notice()):
                         status = notice  # e.g. held while the model switches (MODEL_ROLLOUT=drain)
                 if status != shown:  # only changes go to the client: fewer messages, less CPU per request
                     # A fraction even while waiting: the page shows the text only next to a value.
-                    progress(status, 0.0 if waiting else job.steps_done / request.steps)
+                    progress(status, 0.0 if waiting else request.steps_done / inputs.steps)
                     shown = status
                 await asyncio.wait({wrapped}, timeout=_PROGRESS_INTERVAL)
             return wrapped.result()
         except asyncio.CancelledError:
-            self.admission.cancel(job)
+            self.admission.cancel(request)
             raise
         except (OutOfMemoryError, WorkerCrashedError) as error:
             raise GenerationFailedError(str(error)) from error

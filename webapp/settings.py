@@ -12,7 +12,7 @@ from pydantic import Field, Json, SecretStr, ValidationError, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sd_pipeline.contract.models import ModelStore, is_s3_model
-from sd_pipeline.contract.plans import DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
+from sd_pipeline.contract.plans import DEFAULT_STALL_SECONDS, DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
 from sd_pipeline.contract.request import RequestLimits
 from sd_pipeline.contract.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings, PreviewName
 from sd_pipeline.contract.simulation import SimulatedAccelerator
@@ -132,7 +132,9 @@ class Settings(BaseSettings):
         "", description="addresses or networks of proxies whose X-Forwarded-For names the client (comma-separated)"
     )
     worker_stall_seconds: float = Field(
-        120.0, gt=0, description="replace the pipeline worker when it makes no progress this long while working"
+        DEFAULT_STALL_SECONDS,
+        gt=0,
+        description="replace the pipeline worker when it makes no progress this long while working",
     )
     worker_max_restarts: int = Field(
         5, ge=1, description="worker restarts within WORKER_RESTART_WINDOW that make /healthz report unhealthy"

@@ -1,11 +1,11 @@
 """The loop that feeds one step engine, shared by the worker process and every Ray replica.
 
-Jobs arrive from any thread (the worker's pipe reader, a replica's request coroutines); the
+Requests arrive from any thread (the worker's pipe reader, a replica's request coroutines); the
 loop's own thread hands them to the engine between two denoising steps and steps while there
 is work. A fatal device error or any unexpected error ends the loop: the worker process then
 exits and a Ray replica fails its health check, so the backend replaces it and the jobs it
-held are retried once (``sd_pipeline.backends.retry``). ``health_problem`` also reports an
-engine that has work but made no step for ``stall_seconds``.
+held are retried once, alone (``sd_pipeline.admission``). ``health_problem`` also reports a
+stall (``StallWatch``: work held and no step for its limit).
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from sd_pipeline.backends.stall import StallWatch
 from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.facts import GenerationObserver
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.jobs import JobOutcome
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import Done, StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Submitted:
-    job: GenerationJob
+    request: Request
     done: Done
 
 
@@ -42,47 +43,47 @@ _STOP = object()
 
 
 class EngineLoop:
-    """Jobs in from any thread; steps, outcomes and facts out from the thread that calls ``run``."""
+    """Requests in from any thread; steps, outcomes and facts out from the thread that calls ``run``."""
 
-    def __init__(self, engine: StepEngine, *, stall_seconds: float = 120.0) -> None:
+    def __init__(self, engine: StepEngine, *, stall: StallWatch | None = None) -> None:
         self.engine = engine
-        self.stall_seconds = stall_seconds
+        self.stall = stall or StallWatch()
         self.failure: str | None = None
         self._inbox: queue.Queue[_Submitted | object] = queue.Queue()
         self._lock = threading.Lock()
-        self._held: dict[int, Done] = {}  # jobs submitted and not yet answered, by id
-        self._last_progress = time.monotonic()
+        self._held: dict[str, Request] = {}  # submitted and not yet answered, by request id
+        self._answers: dict[str, Done] = {}
         self._stopping = False
-        self._refusal: Exception | None = None  # set by fail_held: what later jobs are answered
+        self._refusal: Exception | None = None  # set by fail_held: what later requests are answered
 
-    def submit(self, job: GenerationJob, done: Done) -> None:
-        """Queue a validated job; ``done`` gets its outcome on the loop's thread (at once after a failure
-        that ``fail_held`` answered)."""
+    def submit(self, request: Request, done: Done) -> None:
+        """Queue a validated request; ``done`` gets its outcome on the loop's thread (at once after a
+        failure that ``fail_held`` answered)."""
         with self._lock:
             refused = self._refusal
             if refused is None:
-                if not self._held:
-                    self._last_progress = time.monotonic()  # the stall clock starts with the work
-                self._held[id(job)] = done
+                self._held[request.id] = request
+                self._answers[request.id] = done
+                self.stall.holding(True)
         if refused is not None:
             done(JobOutcome(error=refused))
             return
-        self._inbox.put(_Submitted(job, self._answer(job)))
+        self._inbox.put(_Submitted(request, self._answer(request)))
+
+    def cancel(self, request_id: str) -> None:
+        """Mark a held request cancelled: the engine drops it at its next step."""
+        with self._lock:
+            request = self._held.get(request_id)
+        if request is not None:
+            request.cancel()
 
     def stop(self) -> None:
-        """Finish every job submitted so far, then let ``run`` return."""
+        """Finish every request submitted so far, then let ``run`` return."""
         self._inbox.put(_STOP)
 
     def health_problem(self) -> str | None:
-        """Why this loop can serve no more (it failed, or it has work and made no step for too long)."""
-        if self.failure is not None:
-            return self.failure
-        with self._lock:
-            stalled_for = time.monotonic() - self._last_progress if self._held else 0.0
-
-        if stalled_for > self.stall_seconds:
-            return f"the step engine made no progress for {stalled_for:.0f}s"
-        return None
+        """Why this loop can serve no more (it failed, or it stalled: ``StallWatch``)."""
+        return self.failure if self.failure is not None else self.stall.problem()
 
     def run(self) -> None:
         """Step until stopped and idle; a failure ends the loop and is kept in ``failure``."""
@@ -101,8 +102,7 @@ class EngineLoop:
             if self._stopping and self.engine.idle and self._inbox.empty():
                 return
             self.engine.step()
-            with self._lock:
-                self._last_progress = time.monotonic()
+            self.stall.stepped()
 
     def _take(self, *, block: bool) -> None:
         """Hand what arrived to the engine (waiting for the first message if ``block``)."""
@@ -115,22 +115,27 @@ class EngineLoop:
             if item is _STOP:
                 self._stopping = True
             elif isinstance(item, _Submitted):
-                self.engine.submit(item.job, item.done)
+                self.engine.submit(item.request, item.done)
 
     def fail_held(self, error: Exception) -> None:
-        """After a failure: answer every job still held, and every later one, with ``error``
+        """After a failure: answer every request still held, and every later one, with ``error``
         (a Ray replica does this, so its calls end and are retried elsewhere at once)."""
         with self._lock:
             self._refusal = error
-            held, self._held = list(self._held.values()), {}
-        for done in held:
+            answers = list(self._answers.values())
+            self._held.clear()
+            self._answers.clear()
+            self.stall.holding(False)
+        for done in answers:
             done(JobOutcome(error=error))
 
-    def _answer(self, job: GenerationJob) -> Callable[[JobOutcome], None]:
+    def _answer(self, request: Request) -> Callable[[JobOutcome], None]:
         def answer(outcome: JobOutcome) -> None:
             with self._lock:
-                done = self._held.pop(id(job), None)
+                self._held.pop(request.id, None)
+                done = self._answers.pop(request.id, None)
                 last = not self._held
+                self.stall.holding(not last)
             if done is None:  # already answered by fail_held
                 return
             if last:

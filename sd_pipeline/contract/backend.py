@@ -6,13 +6,18 @@ to admission and the web layer, which use only this protocol and never learn whi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
+
+if TYPE_CHECKING:
+    from sd_pipeline.contract.lifecycle import Request
+    from sd_pipeline.contract.messages import Reply
+
+ReplyTo = Callable[["Reply"], None]
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,13 @@ class RequestChecker:
 
 
 class Backend(Protocol):
-    """Runs validated jobs on the model, with progress and cancel; started and closed by the app.
+    """Runs validated requests on the model; started and closed by the app.
 
-    ``run`` may be called from ``max_running`` threads at once: their jobs share the engine's
-    steps. A job running when its worker or replica is lost is retried once, alone, then fails
-    with ``WorkerCrashedError`` (``sd_pipeline.backends.retry``), the same on every backend.
+    Admission (``sd_pipeline.admission``) is the one place that decides what runs: it hands a
+    request over with ``submit`` when ``accepting`` and it holds fewer than ``max_running``;
+    nothing here blocks a thread. The backend answers with messages (``contract.messages``):
+    ``Step``, ``PreviewReady``, then ``Finished``, or ``Lost`` when the worker or replica that
+    held the request is gone; admission applies the retry rule to a lost request.
     """
 
     @property
@@ -78,8 +85,22 @@ class Backend(Protocol):
         """Validate raw fields before any GPU work; raises ``InvalidRequestError``."""
         ...
 
-    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        """Run jobs to their outcomes, reporting steps; a cancelled job ends within one step."""
+    def accepting(self) -> bool:
+        """Whether a request handed over now would start (False while a worker restarts, a model
+        switch holds new requests, or a lost replica is still being replaced)."""
+        ...
+
+    def when_accepting(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``accepting`` may have turned true (admission looks again)."""
+        ...
+
+    def submit(self, request: Request, reply: ReplyTo) -> None:
+        """Hand ``request`` to the engine without waiting; every message about it goes to ``reply``
+        (from any thread), ending with one ``Finished`` or ``Lost``."""
+        ...
+
+    def cancel(self, request: Request) -> None:
+        """Tell the engine holding ``request`` to drop it (it then finishes cancelled within a step)."""
         ...
 
     def switch_model(self, model: str) -> BackendInfo:

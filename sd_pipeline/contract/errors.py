@@ -29,7 +29,7 @@ class OutOfMemoryError(RuntimeError):
 
 class WorkerLostError(RuntimeError):
     """The worker process or replica running a request died, stalled or stopped serving mid-run;
-    ``reason`` is ``died`` or ``stalled``. The request is retried once (``backends.retry``)."""
+    ``reason`` is ``died`` or ``stalled``. Admission retries the request once, alone (``sd_pipeline.admission``)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -56,3 +57,21 @@ def replay(fact: Fact, observer: Any) -> None:
     name, fields = fact
     if name in FACT_NAMES and hasattr(observer, name):
         getattr(observer, name)(**fields)
+
+
+class FactCollector(FactRelay):
+    """Keeps an engine's facts until the next message up carries them (``take``)."""
+
+    def __init__(self) -> None:
+        super().__init__(self._keep)
+        self._facts: list[Fact] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> list[Fact]:
+        with self._lock:
+            facts, self._facts = self._facts, []
+        return facts
+
+    def _keep(self, fact: Fact) -> None:
+        with self._lock:
+            self._facts.append(fact)

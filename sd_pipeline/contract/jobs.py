@@ -1,9 +1,8 @@
-"""A request on its way through a backend (``GenerationJob``), and what comes back."""
+"""What a request makes: its images, their timings, its live previews, and an engine's outcome."""
 
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,62 +54,6 @@ class GenerationResult:
     nsfw: bool = False
     model_version: str = ""  # the published version that drew it ("" for a Hub id or a plain folder)
     model_hash: str = ""
-
-
-@dataclass
-class GenerationJob:
-    """A request on its way through a backend: progress out, cancellation in."""
-
-    request: GenerationRequest
-    on_step: StepCallback | None = None
-    on_preview: PreviewCallback | None = None  # set only when the caller shows previews
-    owner: str = ""  # whose request it is, for fair admission; "" when nobody is named
-    address: str = ""  # an anonymous caller's client address (its limit and turns are shared); "" when logged in
-    steps_done: int = 0
-    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-    _on_cancel: list[Callable[[], None]] = field(default_factory=list, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def steps_left(self) -> int:
-        return max(0, self.request.steps - self.steps_done)
-
-    def report_step(self, step: int, total: int) -> None:
-        """Record that ``step`` of ``total`` is done and tell ``on_step``."""
-        self.steps_done = step
-        if self.on_step is not None:
-            self.on_step(step, total)
-
-    @property
-    def wants_previews(self) -> bool:
-        return self.on_preview is not None
-
-    def report_preview(self, preview: Preview) -> None:
-        """Hand a preview to ``on_preview`` (ignored once cancelled: Stop ends the pictures too)."""
-        if self.on_preview is not None and not self.cancelled:
-            self.on_preview(preview)
-
-    def cancel(self) -> None:
-        """Ask the backend to stop this job: at once while it waits, within one denoising step once it runs."""
-        with self._lock:
-            if self._cancelled.is_set():
-                return
-            self._cancelled.set()
-            callbacks, self._on_cancel = self._on_cancel, []
-        for callback in callbacks:
-            callback()
-
-    def when_cancelled(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once when the job is cancelled (at once if it already is)."""
-        with self._lock:
-            if not self._cancelled.is_set():
-                self._on_cancel.append(callback)
-                return
-        callback()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
 
 
 @dataclass

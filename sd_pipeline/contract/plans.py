@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# A worker or replica that holds work and makes no denoising step this long counts as stalled
+# (``sd_pipeline.backends.stall``); PIPELINE_STALL_SECONDS.
+DEFAULT_STALL_SECONDS = 120.0
+
 
 @dataclass(frozen=True)
 class RestartPolicy:
     """When a worker counts as stalled, how fast to restart it, and what counts as a crash loop."""
 
-    stall_seconds: float = 120.0
+    stall_seconds: float = DEFAULT_STALL_SECONDS
     max_restarts: int = 5
     restart_window: float = 600.0
     backoff_initial: float = 1.0
@@ -29,7 +33,9 @@ class ReplicaPlan:
     cpus_per_replica: float = 1
     max_batch_images: int = 8  # each replica's step-engine batch, and its max_ongoing_requests
     max_queued_requests: int = -1  # requests waiting at one caller for a replica; -1: no bound
-    stall_seconds: float = 120.0  # a replica whose engine has work but makes no step this long fails its health check
+    stall_seconds: float = (
+        DEFAULT_STALL_SECONDS  # a replica whose engine has work but makes no step this long fails its health check
+    )
     health_check_period_s: float = 5.0  # Serve calls each replica's check_health this often
     health_check_timeout_s: float = 30.0  # a check unanswered this long (a frozen process) fails
     graceful_shutdown_s: float = 60.0  # a replica being stopped (a new model version) finishes its requests this long

@@ -36,7 +36,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryError
 from sd_pipeline.contract.facts import GenerationObserver
-from sd_pipeline.contract.jobs import GenerationJob, GenerationResult, JobOutcome, Preview, Timings
+from sd_pipeline.contract.jobs import GenerationResult, JobOutcome, Preview, Timings
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Waiting:
-    job: GenerationJob
+    job: Request
     done: Done
     submitted_at: float
 
@@ -59,7 +60,7 @@ class _Waiting:
 class _Active:
     """One request inside the engine: its scheduler, latents and conditioning, and how far it got."""
 
-    job: GenerationJob
+    job: Request
     done: Done
     scheduler: SchedulerMixin
     timesteps: torch.Tensor
@@ -79,7 +80,7 @@ class _Active:
 
     @property
     def size(self) -> tuple[int, int]:
-        return (self.job.request.width, self.job.request.height)
+        return (self.job.inputs.width, self.job.inputs.height)
 
     @property
     def images(self) -> int:
@@ -127,7 +128,7 @@ class StepEngine:
     def active_images(self) -> int:
         return sum(active.images for active in self._active)
 
-    def submit(self, job: GenerationJob, done: Done) -> None:
+    def submit(self, job: Request, done: Done) -> None:
         """Queue a validated job; ``done`` gets its outcome (images, or the error that ended it)."""
         with self._lock:
             self._waiting.append(_Waiting(job, done, time.perf_counter()))
@@ -152,7 +153,7 @@ class StepEngine:
             freeze_compiled_shapes()
         return time.perf_counter() - started
 
-    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
+    def run(self, jobs: Sequence[Request]) -> list[JobOutcome]:
         """Submit jobs and step on this thread until the engine is idle; each job's outcome, in order."""
         outcomes: dict[int, JobOutcome] = {}
         for job in jobs:
@@ -162,7 +163,7 @@ class StepEngine:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GenerationResult]]:
         """Generate every request together; each request's images, in order. Raises the first error."""
-        outcomes = self.run([GenerationJob(request) for request in requests])
+        outcomes = self.run([Request(request) for request in requests])
         for outcome in outcomes:
             if outcome.error is not None:
                 raise outcome.error
@@ -201,7 +202,7 @@ class StepEngine:
         room = self.max_batch_images - self.active_images
         with self._lock:
             while self._waiting:
-                images = self._waiting[0].job.request.num_images
+                images = self._waiting[0].job.inputs.num_images
                 if images > room and (self._active or admitted):
                     break
                 admitted.append(self._waiting.popleft())
@@ -213,7 +214,7 @@ class StepEngine:
         """Encode every admitted prompt and negative prompt in one text-encoder call; draw latents."""
         pipeline = self.loaded.pipeline
         device = self.loaded.device
-        requests = [waiting.job.request for waiting in admitted]
+        requests = [waiting.job.inputs for waiting in admitted]
         texts = [r.prompt for r in requests] + [r.negative_prompt for r in requests]
         try:
             with torch.no_grad():
@@ -223,7 +224,7 @@ class StepEngine:
             return
         now = time.perf_counter()
         for number, waiting in enumerate(admitted):
-            request = waiting.job.request
+            request = waiting.job.inputs
             scheduler = make_scheduler(request.scheduler, self._base_config)
             scheduler.set_timesteps(request.steps, device=device)
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds()]
@@ -334,7 +335,7 @@ class StepEngine:
         for active, predicted in zip(group, torch.split(noise, [a.unet_samples for a in group]), strict=True):
             if active.negative_embeds is not None:
                 uncond, text = predicted.chunk(2)
-                predicted = uncond + active.job.request.guidance_scale * (text - uncond)
+                predicted = uncond + active.job.inputs.guidance_scale * (text - uncond)
             t = active.timesteps[active.step]
             output = active.scheduler.step(predicted, t, active.latents, **active.step_kwargs, return_dict=True)
             if active.preview_due:
@@ -407,7 +408,7 @@ class StepEngine:
         now = time.perf_counter()
         offset = 0
         for active in finished:
-            request = active.job.request
+            request = active.job.inputs
             timings = Timings(generation_seconds=now - active.admitted_at, batch_images=active.largest_batch)
             results = [
                 GenerationResult(
@@ -458,5 +459,5 @@ def _step_kwargs(scheduler: SchedulerMixin, generators: list[torch.Generator]) -
 
 
 def _oom_message(active: _Active) -> str:
-    request = active.job.request
+    request = active.job.inputs
     return f"out of GPU memory generating {request.width}x{request.height} images; try a smaller width and height"

@@ -4,7 +4,7 @@ A worker process can die (the kernel's OOM killer, a segfault in a native librar
 CUDA error, an engine that stopped serving) or hang. ``LocalBackend`` notices within a
 fraction of a second, starts a new one (with back-off while starting keeps failing) and
 reports readiness and crash loops for ``/readyz`` and ``/healthz``. The requests that were
-running are retried under the rules every backend shares (``sd_pipeline.backends.retry``).
+running get ``Lost``, and admission retries each once, alone (``sd_pipeline.admission``).
 
 A new model version is started beside the old worker (``overlap``) or after it (``drain``, for
 a GPU that cannot hold two models); new requests go to it once it is ready, requests running on
@@ -18,21 +18,16 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import wait
 from typing import Any, Literal, Protocol
 
 from sd_pipeline.backends.local.process import PipelineProcess
-from sd_pipeline.backends.retry import Runs
 from sd_pipeline.backends.tokens import token_budget
-from sd_pipeline.contract.backend import BackendInfo, RequestChecker
-from sd_pipeline.contract.errors import (
-    GenerationCancelledError,
-    ModelLoadError,
-    PipelineUnavailableError,
-    WorkerLostError,
-)
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
+from sd_pipeline.contract.backend import BackendInfo, ReplyTo, RequestChecker
+from sd_pipeline.contract.errors import ModelLoadError, PipelineUnavailableError
+from sd_pipeline.contract.lifecycle import Request
+from sd_pipeline.contract.messages import Finished, Lost, Reply
 from sd_pipeline.contract.plans import RestartPolicy
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
@@ -81,12 +76,13 @@ class LocalBackend:
         self._problem: str | None = "pipeline worker not started"
         self._closed = False
         self._restarts: collections.deque[float] = collections.deque()
-        self._in_use: collections.Counter[PipelineProcess] = collections.Counter()  # runs per worker
+        self._in_use: collections.Counter[PipelineProcess] = collections.Counter()  # requests per worker
+        self._holders: dict[str, PipelineProcess] = {}  # the worker each running request is on, by id
+        self._listeners: list[Callable[[], None]] = []
         self._switching = False  # a drained switch: new runs wait, the worker is swapped
         self._switch_lock = threading.Lock()  # one model switch at a time
         self._notice: str | None = None
         self._crash_loop_logged = False
-        self._runs = Runs(self._run_once)
         self._watcher = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     # The Backend surface.
@@ -98,9 +94,47 @@ class LocalBackend:
         """Validate in this process (works while the worker restarts)."""
         return self.checker.check(data)
 
-    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        """Run jobs on the current worker, waiting for a restart if needed (``backends.retry``)."""
-        return self._runs.run(jobs)
+    def accepting(self) -> bool:
+        """A worker is ready and no drained switch holds new requests."""
+        with self._condition:
+            return self._ready and not self._switching and not self._closed and self._worker is not None
+
+    def when_accepting(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def submit(self, request: Request, reply: ReplyTo) -> None:
+        """Send ``request`` to the current worker (``PipelineUnavailableError`` once closed)."""
+        with self._condition:
+            worker = self._worker
+            if self._closed or worker is None:
+                raise PipelineUnavailableError("the server is stopping; try again in a moment")
+            self._in_use[worker] += 1
+            self._holders[request.id] = worker
+        worker.submit(request, lambda message: self._relay(worker, message, reply))
+
+    def cancel(self, request: Request) -> None:
+        with self._condition:
+            worker = self._holders.get(request.id)
+        if worker is not None:
+            worker.cancel(request.id)
+
+    def _relay(self, worker: PipelineProcess, message: Reply, reply: ReplyTo) -> None:
+        """A worker's message on its way to admission; a request's end frees its worker."""
+        if isinstance(message, Finished | Lost):
+            with self._condition:
+                self._holders.pop(message.id, None)
+                self._in_use[worker] -= 1
+                if self._in_use[worker] <= 0:
+                    del self._in_use[worker]
+                if isinstance(message, Lost) and self._worker is worker and not self._switching:
+                    self._ready, self._problem = False, f"pipeline worker restarting (it {message.reason})"
+                self._condition.notify_all()
+        reply(message)
+
+    def _announce(self) -> None:
+        """Tell admission (outside every lock) that requests may start again."""
+        for listener in list(self._listeners):
+            listener()
 
     def switch_model(self, model: str) -> BackendInfo:
         """Serve ``model`` instead of the current one (see the module's docstring); raises
@@ -119,6 +153,7 @@ class LocalBackend:
             old, self._worker, self.settings = self._worker, worker, settings
             self._ready, self._problem = True, None
             self._condition.notify_all()
+        self._announce()
         if old is not None:
             self._retire(old)
         return info
@@ -148,6 +183,7 @@ class LocalBackend:
             with self._condition:
                 self._switching, self._notice = False, None
                 self._condition.notify_all()
+            self._announce()
 
     def _start_new(self, settings: PipelineSettings) -> tuple[PipelineProcess, BackendInfo]:
         """A worker for ``settings``, loaded and warm; raises ``ModelLoadError``."""
@@ -234,36 +270,6 @@ class LocalBackend:
             raise PipelineUnavailableError("the image generator has not started")
         return self._worker
 
-    def _run_once(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        worker = self._wait_for_worker(jobs)
-        if worker is None:
-            return [JobOutcome(error=GenerationCancelledError("cancelled")) for _ in jobs]
-        try:
-            return worker.run(jobs)
-        except WorkerLostError as lost:
-            with self._condition:
-                if self._worker is worker and not self._switching:
-                    self._ready, self._problem = False, f"pipeline worker restarting (it {lost.reason})"
-            raise
-        finally:
-            with self._condition:
-                self._in_use[worker] -= 1
-                if self._in_use[worker] <= 0:
-                    del self._in_use[worker]
-                self._condition.notify_all()
-
-    def _wait_for_worker(self, jobs: Sequence[GenerationJob]) -> PipelineProcess | None:
-        """The ready worker, counted as in use; None if every job was cancelled while waiting for it."""
-        with self._condition:
-            while (not self._ready or self._switching) and not self._closed:
-                if all(job.cancelled for job in jobs):
-                    return None
-                self._condition.wait(timeout=0.1)
-            if self._closed or self._worker is None:
-                raise PipelineUnavailableError("the server is stopping; try again in a moment")
-            self._in_use[self._worker] += 1
-            return self._worker
-
     def _watch(self) -> None:
         while True:
             with self._condition:
@@ -332,6 +338,7 @@ class LocalBackend:
                 self._report_up(True)
                 return
             self._report_up(True)
+            self._announce()
             logger.info("pipeline worker restarted (pid %s, loaded in %.1fs)", worker.pid, info.load_seconds)
             return
 

@@ -3,9 +3,11 @@
 Ray does the cluster work: the router picks a replica, ``max_ongoing_requests`` bounds each,
 ``max_queued_requests`` bounds what waits at this caller (more is refused as busy), Serve's
 autoscaler adds and removes replicas, and replicas that die or fail their health check are
-replaced. A call lost with its replica becomes ``WorkerLostError``, so the rules every backend
-shares (``sd_pipeline.backends.retry``) apply: retried once, alone, after the lost replica is
-gone, then a clear error. Stop cancels a call at once, also while it waits for a replica.
+replaced. Each request is one streaming call carrying the one message set (``contract.messages``),
+consumed on one event-loop thread (no thread waits per request). A call lost with its replica
+is answered ``Lost``; until that replica is gone the backend is not ``accepting``, so admission's
+retry (once, alone) cannot be routed to it. Stop cancels a call at once, also while it waits
+for a replica.
 
 A new model version is a new deployment version: the application is deployed again with the
 new model and Serve's rolling update replaces the replicas (each stops only after finishing
@@ -15,39 +17,36 @@ version whose replicas cannot start is refused: the previous version is deployed
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH, keep_token_private, owner_only_files
-from sd_pipeline.backends.ray.replica import (
-    APP_NAME,
-    DEPLOYMENT_NAME,
-    Finished,
-    PipelineReplica,
-    PreviewReport,
-    StepReport,
-    pipeline_application,
-)
-from sd_pipeline.backends.retry import Runs
+from sd_pipeline.backends.ray.replica import APP_NAME, DEPLOYMENT_NAME, PipelineReplica, pipeline_application
 from sd_pipeline.backends.tokens import token_budget
-from sd_pipeline.contract.backend import BackendInfo, RequestChecker
-from sd_pipeline.contract.errors import (
-    GenerationCancelledError,
-    ModelLoadError,
-    PipelineUnavailableError,
-    WorkerLostError,
+from sd_pipeline.contract.backend import BackendInfo, ReplyTo, RequestChecker
+from sd_pipeline.contract.errors import GenerationCancelledError, ModelLoadError, PipelineUnavailableError
+from sd_pipeline.contract.facts import GenerationObserver, replay
+from sd_pipeline.contract.jobs import JobOutcome
+from sd_pipeline.contract.lifecycle import Request
+from sd_pipeline.contract.messages import (
+    Finished,
+    Lost,
+    MalformedMessageError,
+    PreviewReady,
+    Step,
+    Submit,
+    decode,
+    encode,
+    replayable,
 )
-from sd_pipeline.contract.facts import Fact, GenerationObserver, replay
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome
 from sd_pipeline.contract.plans import RayPlan
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
@@ -84,8 +83,9 @@ class RayBackend:
         self.checker = RequestChecker(limits)
         self.info: BackendInfo | None = None
         self._handle: Any = None
-        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ray-call")
-        self._runs = Runs(self._run_all, before_retry=self._wait_for_lost_replicas)
+        self._calls = asyncio.new_event_loop()  # every request's stream is read here
+        self._streams: dict[str, Any] = {}  # each running request's Ray call, by request id
+        self._listeners: list[Callable[[], None]] = []
         self._started_ray = False
         self._private_dir: Path | None = None
         self._closing = threading.Event()
@@ -108,9 +108,25 @@ class RayBackend:
     def check(self, data: Mapping[str, Any]) -> GenerationRequest:
         return self.checker.check(data)
 
-    def run(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        """Each job is its own Ray call, side by side; a call lost with its replica is retried once, alone."""
-        return self._runs.run(jobs)
+    def accepting(self) -> bool:
+        """False while a replica that lost a call still exists (a retry must not be routed to it)."""
+        with self._lost_lock:
+            return not self._lost_replicas and not self._closing.is_set()
+
+    def when_accepting(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def submit(self, request: Request, reply: ReplyTo) -> None:
+        """Start ``request``'s streaming call; its messages go to ``reply`` from the calls' thread."""
+        if self._closing.is_set():
+            raise PipelineUnavailableError("the server is stopping; try again in a moment")
+        asyncio.run_coroutine_threadsafe(self._call(request, reply), self._calls)
+
+    def cancel(self, request: Request) -> None:
+        """Cancel the Ray call, also while it waits for a replica (off this thread: Ray's cancel may wait)."""
+        stream = self._streams.get(request.id)
+        if stream is not None:
+            threading.Thread(target=stream.cancel, name="ray-cancel", daemon=True).start()
 
     def start(self) -> BackendInfo:
         """Connect to (or start) Ray, deploy or join the pipeline application, wait (bounded) for a replica."""
@@ -138,9 +154,14 @@ class RayBackend:
         except (GetTimeoutError, TimeoutError):
             raise ModelLoadError(self._not_within("no pipeline replica answered")) from None
         self.checker.tokens = token_budget(self.settings)  # front ends share the replicas' settings
+        self.start_calls()
         self._look_at_replicas()
         threading.Thread(target=self._watch_replicas, name="ray-replica-watch", daemon=True).start()
         return self.info
+
+    def start_calls(self) -> None:
+        """Start the one thread every request's stream is read on."""
+        threading.Thread(target=self._calls.run_forever, name="ray-calls", daemon=True).start()
 
     def switch_model(self, model: str) -> BackendInfo:
         """Deploy ``model`` as a new deployment version (Serve's rolling update); refused (the old
@@ -208,7 +229,7 @@ class RayBackend:
         from ray import serve
 
         self._closing.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._calls.call_soon_threadsafe(self._calls.stop)
         if ray.is_initialized() and self._started_ray:
             if self.plan.address == "local":
                 serve.shutdown()
@@ -317,71 +338,97 @@ class RayBackend:
         if self.observer is not None:
             self.observer.replicas(by_state=self._replicas_by_state)
 
-    def _wait_for_lost_replicas(self) -> None:
-        """Before a retry: wait (bounded) until every replica that lost a call is gone, so Ray's
-        router cannot hand the retry to a replica that is being replaced."""
+    def _forget_when_gone(self, replica: str) -> None:
+        """On its own thread: wait (bounded) until a replica that lost a call is gone, then accept
+        requests again (Ray's router could otherwise hand the retry to that replica)."""
         import ray
 
         deadline = time.monotonic() + self.plan.deployment.health_check_timeout_s + 60
+        while time.monotonic() < deadline and not self._closing.is_set():
+            try:
+                ray.get_actor(replica, namespace=SERVE_NAMESPACE)
+            except ValueError:  # no such live actor: gone
+                break
+            time.sleep(0.2)
         with self._lost_lock:
-            lost = set(self._lost_replicas)
-        for name in lost:
-            while time.monotonic() < deadline and not self._closing.is_set():
-                try:
-                    ray.get_actor(name, namespace=SERVE_NAMESPACE)
-                except ValueError:  # no such live actor: gone
-                    break
-                time.sleep(0.2)
-            with self._lost_lock:
-                self._lost_replicas.discard(name)
+            self._lost_replicas.discard(replica)
+        for listener in list(self._listeners):
+            listener()
 
     # Calls.
-    def _run_all(self, jobs: Sequence[GenerationJob]) -> list[JobOutcome]:
-        return list(self._pool.map(self._run_one, jobs))
-
-    def _run_one(self, job: GenerationJob) -> JobOutcome:
+    async def _call(self, request: Request, reply: ReplyTo) -> None:
+        """One request's streaming call: every message it brings goes to ``reply``, ending with
+        ``Finished`` or ``Lost`` whatever happens."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
-        stream = self._handle.options(stream=True).generate.remote(asdict(job.request), job.wants_previews)
-        job.when_cancelled(stream.cancel)  # at once, also while the call waits for a replica
-        replica = None
+        replica = ""
         try:
-            for event in stream:
-                self._replay(event.facts)
-                replica = event.replica
-                if isinstance(event, StepReport):
-                    job.report_step(event.step, event.total)
-                elif isinstance(event, PreviewReport):
-                    job.report_preview(event.preview)
-                elif isinstance(event, Finished):
-                    outcome: JobOutcome = event.outcome
-                    if isinstance(outcome.error, WorkerLostError):
-                        self._remember_lost(event.replica)
-                    else:
-                        logger.info("request served by replica %s", event.replica.rsplit("#", 1)[-1])
-                    return outcome
-        except (RequestCancelledError, GenerationCancelledError):
-            pass
+            stream = self._handle.options(stream=True).generate.remote(encode(Submit.of(request)))
+            self._streams[request.id] = stream
+            if request.cancelled:  # stopped before the call existed
+                self.cancel(request)
+            async for data in stream:
+                message = self._decoded(data)
+                if message is None:
+                    continue
+                replica = message.by
+                self._replay(message)
+                if isinstance(message, Finished) and message.error is not None and message.error.kind == "lost":
+                    self._remember_lost(replica)
+                    reply(Lost(id=request.id, reason=message.error.reason or "died", message=message.error.message))
+                    return
+                if isinstance(message, Finished):
+                    logger.info("request served by replica %s", replica.rsplit("#", 1)[-1])
+                reply(message)
+                if isinstance(message, Finished):
+                    return
+            outcome = JobOutcome(
+                error=PipelineUnavailableError("the pipeline replica ended the call without an answer")
+            )
+        except RequestCancelledError:
+            outcome = JobOutcome(error=GenerationCancelledError("cancelled"))
         except BackPressureError as error:
             waiting = error.args[1]  # max_queued_requests
             busy = f"the server is busy ({waiting} requests wait for a pipeline replica); try again shortly"
-            return JobOutcome(error=PipelineUnavailableError(busy))
+            outcome = JobOutcome(error=PipelineUnavailableError(busy))
         except (ActorDiedError, ActorUnavailableError, RayActorError) as error:
-            if replica is not None:
+            if replica:
                 self._remember_lost(replica)
-            return JobOutcome(error=WorkerLostError("died", f"a pipeline replica died ({type(error).__name__})"))
-        return JobOutcome(error=GenerationCancelledError("cancelled"))
+            reply(Lost(id=request.id, message=f"a pipeline replica died ({type(error).__name__})"))
+            return
+        except Exception as error:
+            logger.exception("a Ray call failed")
+            outcome = JobOutcome(error=PipelineUnavailableError(f"the pipeline call failed: {type(error).__name__}"))
+        finally:
+            self._streams.pop(request.id, None)
+        reply(Finished.of(request.id, outcome))
+
+    def _decoded(self, data: Any) -> Step | PreviewReady | Finished | None:
+        try:
+            message = decode(data)
+        except MalformedMessageError as error:
+            logger.error("a pipeline replica sent a %s; dropped", error)
+            return None
+        if not isinstance(message, Step | PreviewReady | Finished):
+            logger.error("a pipeline replica sent a %s message on a request stream; dropped", message.kind)
+            return None
+        return message
 
     def _remember_lost(self, replica: str) -> None:
         with self._lost_lock:
+            known = replica in self._lost_replicas
             self._lost_replicas.add(replica)
+        if not known:
+            threading.Thread(
+                target=self._forget_when_gone, args=(replica,), name="ray-lost-replica", daemon=True
+            ).start()
 
-    def _replay(self, facts: list[Fact]) -> None:
+    def _replay(self, message: Step | PreviewReady | Finished) -> None:
         """Hand a replica's generation facts to this process's observer (the metrics)."""
         if self.observer is None:
             return
-        for fact in facts:
+        for fact in replayable(message):
             replay(fact, self.observer)
 
 

@@ -1,93 +1,64 @@
 """One Ray Serve replica: the model, warmed up, and the engine loop the worker process runs too.
 
-A request is one streaming call: the replica yields a ``StepReport`` as the engine reports
-progress and then one ``Finished``. Cancelling the Ray call (the user's Stop) cancels the job,
-which leaves the batch at the next step. When the engine loop has failed (a fatal device
-error, an unexpected error) or stalled, ``check_health`` raises: Serve replaces the replica,
-and the calls it held end with the replica, so the app retries them once, alone.
+A request is one streaming call carrying the one message set (``contract.messages``): a
+``Submit`` in, then ``Step`` reports (coalesced), ``PreviewReady`` (if asked) and one
+``Finished`` out, each with the replica's name and its metrics facts. A malformed ``Submit`` is
+refused (the call fails) and logged; the replica keeps serving. Cancelling the Ray call (the
+user's Stop) cancels the request, which leaves the batch at the next step. When the engine loop
+has failed (a fatal device error, an unexpected error) or stalled (``StallWatch``),
+``check_health`` raises: Serve replaces the replica, and the calls it held end ``Lost`` so
+admission retries them once, alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from sd_pipeline.contract.backend import BackendInfo
-from sd_pipeline.contract.facts import Fact, FactRelay
-from sd_pipeline.contract.jobs import GenerationJob, JobOutcome, Preview, coalesced_steps
-from sd_pipeline.contract.plans import ReplicaPlan
-from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.contract.facts import FactCollector
+from sd_pipeline.contract.jobs import JobOutcome, Preview, coalesced_steps
+from sd_pipeline.contract.lifecycle import Request
+from sd_pipeline.contract.messages import (
+    Finished,
+    MalformedMessageError,
+    PreviewReady,
+    Step,
+    Submit,
+    decode,
+    encode,
+    facts_of,
+)
+from sd_pipeline.contract.plans import DEFAULT_STALL_SECONDS, ReplicaPlan
 from sd_pipeline.contract.settings import PipelineSettings
 
 APP_NAME = "sd-pipeline"
 DEPLOYMENT_NAME = "pipeline"
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """Replica to app: a request finished denoising step ``step`` of ``total``."""
-
-    step: int
-    total: int
-    replica: str
-    facts: list[Fact]
-
-
-@dataclass(frozen=True)
-class PreviewReport:
-    """Replica to app: what a request's image looks like so far (only to a caller that asked)."""
-
-    preview: Preview
-    replica: str
-    facts: list[Fact]
-
-
-@dataclass(frozen=True)
-class Finished:
-    """Replica to app: a request's outcome, and which replica ran it."""
-
-    outcome: JobOutcome
-    replica: str
-    facts: list[Fact]
-
-
-class _FactCollector(FactRelay):
-    """Keeps the engine's facts until a request's stream carries them to the app."""
-
-    def __init__(self) -> None:
-        super().__init__(self._keep)
-        self._facts: list[Fact] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> list[Fact]:
-        with self._lock:
-            facts, self._facts = self._facts, []
-        return facts
-
-    def _keep(self, fact: Fact) -> None:
-        with self._lock:
-            self._facts.append(fact)
+logger = logging.getLogger(__name__)
 
 
 class PipelineReplica:
     """One replica: load, warm up as the local worker does, then serve whatever Ray routes here."""
 
-    def __init__(self, settings: PipelineSettings, max_batch_images: int, stall_seconds: float = 120.0) -> None:
+    def __init__(
+        self, settings: PipelineSettings, max_batch_images: int, stall_seconds: float = DEFAULT_STALL_SECONDS
+    ) -> None:
         from ray import serve
 
         from sd_pipeline.backends.engine_loop import EngineLoop, start_engine
         from sd_pipeline.backends.ray.loopback import keep_replica_grpc_on_loopback, loopback_requested
+        from sd_pipeline.backends.stall import StallWatch
 
         if loopback_requested():
             keep_replica_grpc_on_loopback()
-        self.facts = _FactCollector()
+        self.facts = FactCollector()
         engine, self.info = start_engine(settings, max_batch_images=max_batch_images, observer=self.facts)
         self.facts.take()  # the warm-up's facts are not the users' work
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()  # also its actor's name
-        self.loop = EngineLoop(engine, stall_seconds=stall_seconds)
+        self.loop = EngineLoop(engine, stall=StallWatch(stall_seconds))
         threading.Thread(target=self._serve, name="engine-loop", daemon=True).start()
 
     def _serve(self) -> None:
@@ -109,35 +80,50 @@ class PipelineReplica:
         if problem is not None:
             raise RuntimeError(f"replica {self.replica}: {problem}")
 
-    async def generate(
-        self, fields: dict[str, Any], previews: bool = False
-    ) -> AsyncIterator[StepReport | PreviewReport | Finished]:
-        """Run one request; yields its steps (and previews, if asked), then its outcome."""
+    async def generate(self, data: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Run one request (an encoded ``Submit``); yields its encoded messages up to ``Finished``."""
+        try:
+            submit = decode(data)
+            if not isinstance(submit, Submit):
+                raise MalformedMessageError(f"a {submit.kind} message where a submit belongs")
+        except MalformedMessageError as error:
+            logger.error("replica %s refused a call: %s", self.replica, error)
+            raise
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[StepReport | PreviewReport | Finished] = asyncio.Queue()
+        events: asyncio.Queue[Step | PreviewReady | Finished] = asyncio.Queue()
+
+        def send(message: Step | PreviewReady | Finished) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, message)
 
         def on_step(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, StepReport(step, total, self.replica, self.facts.take()))
-
-        def done(outcome: JobOutcome) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, Finished(outcome, self.replica, self.facts.take()))
+            send(Step(id=submit.id, step=step, total=total, **self._up()))
 
         def on_preview(preview: Preview) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, PreviewReport(preview, self.replica, self.facts.take()))
+            send(PreviewReady.of(submit.id, preview, **self._up()))
 
-        job = GenerationJob(
-            GenerationRequest(**fields), on_step=coalesced_steps(on_step), on_preview=on_preview if previews else None
+        def done(outcome: JobOutcome) -> None:
+            send(Finished.of(submit.id, outcome, **self._up()))
+
+        request = Request(
+            submit.inputs,
+            id=submit.id,
+            on_step=coalesced_steps(on_step),
+            on_preview=on_preview if submit.previews else None,
         )
-        self.loop.submit(job, done)
+        self.loop.submit(request, done)
         try:
             while True:
-                event = await events.get()
-                yield event
-                if isinstance(event, Finished):
+                message = await events.get()
+                yield encode(message)
+                if isinstance(message, Finished):
                     return
         except asyncio.CancelledError:
-            job.cancel()
+            request.cancel()
             raise
+
+    def _up(self) -> dict[str, Any]:
+        """What every message up carries: this replica's name and the facts since the last message."""
+        return {"by": self.replica, "facts": facts_of(self.facts.take())}
 
 
 def pipeline_application(
