@@ -22,11 +22,11 @@ from sd_pipeline.admission import Admission
 from sd_pipeline.contract.backend import Backend, BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.models import is_s3_model
-from sd_pipeline.models.cache import ModelCache
-from sd_pipeline.models.location import ModelLocation
-from sd_pipeline.models.registry import ModelRegistry, make_client
-from sd_pipeline.models.resolve import ResolvedModel, resolve_model
-from sd_pipeline.models.rollout import ModelRollout
+from sd_pipeline.versions.cache import ModelCache
+from sd_pipeline.versions.location import ModelLocation
+from sd_pipeline.versions.registry import ModelRegistry, make_client
+from sd_pipeline.versions.resolve import ResolvedModel, resolve_model
+from sd_pipeline.versions.rollout import ModelRollout
 from storage.base import ImageStore, StorageError, StorageUnreachableError
 from storage.local import LocalStore, load_or_create_secret
 from storage.s3 import S3Store

@@ -27,9 +27,9 @@ from gradio_client import Client
 
 from bench.common import machine, median, percentile, table, write_json
 from sd_pipeline.contract.models import ModelStore
-from sd_pipeline.models.location import ModelLocation
-from sd_pipeline.models.registry import ModelRegistry, make_client
 from sd_pipeline.tiny import build_tiny_pipeline
+from sd_pipeline.versions.location import ModelLocation
+from sd_pipeline.versions.registry import ModelRegistry, make_client
 from tests.app_server import RunningApp, launched_app
 from tests.servers import running_s3_server
 

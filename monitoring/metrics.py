@@ -204,7 +204,7 @@ class Metrics:
             }
         )
 
-    # RolloutObserver (sd_pipeline.models.rollout)
+    # RolloutObserver (sd_pipeline.versions.rollout)
     def model_rollout(self, *, outcome: str) -> None:
         self.model_rollouts.labels(outcome=outcome).inc()
 

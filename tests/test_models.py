@@ -29,11 +29,11 @@ from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.models import DEFAULTS_FILE, ModelDefaults, ModelStore
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.models.cache import ModelCache, VersionRefusedError
-from sd_pipeline.models.location import LocationError, ModelLocation
-from sd_pipeline.models.registry import ModelRegistry, RegistryError, RegistryUnavailableError, make_client
-from sd_pipeline.models.resolve import resolve_model
-from sd_pipeline.models.rollout import ModelRollout
+from sd_pipeline.versions.cache import ModelCache, VersionRefusedError
+from sd_pipeline.versions.location import LocationError, ModelLocation
+from sd_pipeline.versions.registry import ModelRegistry, RegistryError, RegistryUnavailableError, make_client
+from sd_pipeline.versions.resolve import resolve_model
+from sd_pipeline.versions.rollout import ModelRollout
 from tests.running import dispatcher, run_through
 from tests.servers import S3Server, free_port, wait_until
 
@@ -150,7 +150,7 @@ def test_resolving_follows_current_and_falls_back_to_the_last_version_served(
 
 def test_the_command_line_publishes_lists_and_promotes(bucket: str, s3_server: S3Server, tiny_model_dir: Path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "sd_pipeline.models", "--endpoint-url", s3_server.endpoint_url, *args]
+        command = [sys.executable, "-m", "sd_pipeline.versions", "--endpoint-url", s3_server.endpoint_url, *args]
         return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
     location = f"s3://{bucket}/demo"
@@ -348,8 +348,8 @@ def test_the_stacks_publish_step_creates_the_bucket_once_and_never_promotes_agai
         "/app/models/tiny-shapes": str(ROOT / "models" / "tiny-shapes"),
         "s3://models/demo": f"s3://{bucket}/demo",
     }
-    command = [sys.executable, "-m", "sd_pipeline.models", *(swaps.get(arg, arg) for arg in service["command"])]
-    assert service["entrypoint"] == ["python", "-m", "sd_pipeline.models"]
+    command = [sys.executable, "-m", "sd_pipeline.versions", *(swaps.get(arg, arg) for arg in service["command"])]
+    assert service["entrypoint"] == ["python", "-m", "sd_pipeline.versions"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     registry = ModelRegistry(make_client(store), ModelLocation.parse(f"s3://{bucket}/demo"))

@@ -40,8 +40,8 @@ from sd_pipeline.contract.models import ModelStore
 from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.contract.request import RequestLimits, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.models.location import ModelLocation
-from sd_pipeline.models.registry import ModelRegistry, make_client
+from sd_pipeline.versions.location import ModelLocation
+from sd_pipeline.versions.registry import ModelRegistry, make_client
 from tests.needs import needed_module
 from tests.running import dispatcher, run_direct, run_through
 from tests.servers import S3Server, wait_until

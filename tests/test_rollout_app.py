@@ -19,9 +19,9 @@ import requests
 from gradio_client import Client
 
 from sd_pipeline.contract.models import DEFAULTS_FILE, ModelStore
-from sd_pipeline.models.location import ModelLocation
-from sd_pipeline.models.registry import ModelRegistry, make_client
 from sd_pipeline.png import read_png_parameters
+from sd_pipeline.versions.location import ModelLocation
+from sd_pipeline.versions.registry import ModelRegistry, make_client
 from tests.app_server import RunningApp, launched_app
 from tests.servers import S3Server, free_port, wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sd_pipeline.contract.request import TokenBudget
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.models.resolve import resolve_model
+from sd_pipeline.versions.resolve import resolve_model
 
 
 def token_budget(settings: PipelineSettings) -> TokenBudget:

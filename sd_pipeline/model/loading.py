@@ -20,7 +20,7 @@ from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.settings import DeviceName, DtypeName, PipelineSettings
 from sd_pipeline.model.simulated import simulate_accelerator
-from sd_pipeline.models.resolve import ResolvedModel, resolve_model
+from sd_pipeline.versions.resolve import ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
 

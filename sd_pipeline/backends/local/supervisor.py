@@ -31,7 +31,7 @@ from sd_pipeline.contract.messages import Finished, Lost, Reply
 from sd_pipeline.contract.plans import RestartPolicy
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.models.location import pinned_version
+from sd_pipeline.versions.location import pinned_version
 
 logger = logging.getLogger(__name__)
 

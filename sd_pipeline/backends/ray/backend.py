@@ -50,7 +50,7 @@ from sd_pipeline.contract.messages import (
 from sd_pipeline.contract.plans import RayPlan
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.models.location import pinned_version
+from sd_pipeline.versions.location import pinned_version
 
 logger = logging.getLogger(__name__)
 

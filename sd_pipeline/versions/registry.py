@@ -13,8 +13,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from sd_pipeline.contract.models import ModelStore
-from sd_pipeline.models.location import MANIFEST, ModelLocation, check_version_name
-from sd_pipeline.models.manifest import Manifest, build_manifest
+from sd_pipeline.versions.location import MANIFEST, ModelLocation, check_version_name
+from sd_pipeline.versions.manifest import Manifest, build_manifest
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

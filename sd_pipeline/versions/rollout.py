@@ -21,9 +21,9 @@ from typing import Literal, Protocol
 
 from sd_pipeline.contract.backend import Backend, BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError, PipelineUnavailableError
-from sd_pipeline.models.cache import ModelCache
-from sd_pipeline.models.location import ModelLocation
-from sd_pipeline.models.registry import ModelRegistry, RegistryError, RegistryUnavailableError
+from sd_pipeline.versions.cache import ModelCache
+from sd_pipeline.versions.location import ModelLocation
+from sd_pipeline.versions.registry import ModelRegistry, RegistryError, RegistryUnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``python -m sd_pipeline.models publish|promote|list``: manage a model's versions in S3.
+"""``python -m sd_pipeline.versions publish|promote|list``: manage a model's versions in S3.
 
 The store is the one the app uses: ``MODEL_S3_ENDPOINT_URL`` or ``S3_ENDPOINT_URL`` (unset: AWS),
 ``S3_REGION``, ``S3_ADDRESSING_STYLE``; keys from boto3's usual chain (``AWS_ACCESS_KEY_ID`` ...).
@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sd_pipeline.contract.models import ModelStore
-from sd_pipeline.models.location import LocationError, ModelLocation
-from sd_pipeline.models.registry import ModelRegistry, RegistryError, make_client
+from sd_pipeline.versions.location import LocationError, ModelLocation
+from sd_pipeline.versions.registry import ModelRegistry, RegistryError, make_client
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sd_pipeline.models", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sd_pipeline.versions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--endpoint-url", help="S3 endpoint (default: MODEL_S3_ENDPOINT_URL, then S3_ENDPOINT_URL)")
     commands = parser.add_subparsers(dest="command", required=True)
     publish = commands.add_parser("publish", help="upload a diffusers pipeline folder as a new version")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_pipeline.contract.models import ModelDefaults
-from sd_pipeline.models.location import MANIFEST, ModelLocation, check_version_name
-from sd_pipeline.models.manifest import Manifest
-from sd_pipeline.models.registry import ModelRegistry, RegistryError
+from sd_pipeline.versions.location import MANIFEST, ModelLocation, check_version_name
+from sd_pipeline.versions.manifest import Manifest
+from sd_pipeline.versions.registry import ModelRegistry, RegistryError
 from storage.files import write_atomic
 
 logger = logging.getLogger(__name__)

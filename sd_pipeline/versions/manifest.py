@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import BaseModel, Field, field_validator
 
 from sd_pipeline.contract.models import DEFAULTS_FILE, ModelDefaults
-from sd_pipeline.models.location import MANIFEST, check_version_name
+from sd_pipeline.versions.location import MANIFEST, check_version_name
 
 _CHUNK = 1 << 20
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.models import ModelDefaults, ModelStore, is_s3_model
-from sd_pipeline.models.cache import CachedVersion, ModelCache
-from sd_pipeline.models.location import LocationError, ModelLocation
-from sd_pipeline.models.manifest import read_folder_defaults
-from sd_pipeline.models.registry import ModelRegistry, RegistryError, RegistryUnavailableError, make_client
+from sd_pipeline.versions.cache import CachedVersion, ModelCache
+from sd_pipeline.versions.location import LocationError, ModelLocation
+from sd_pipeline.versions.manifest import read_folder_defaults
+from sd_pipeline.versions.registry import ModelRegistry, RegistryError, RegistryUnavailableError, make_client
 
 logger = logging.getLogger(__name__)
 
