@@ -22,6 +22,7 @@ import torch
 
 from bench.common import machine, write_json
 from bench.gpu import benchmark_model
+from harness.images import pipeline_image
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
@@ -29,7 +30,6 @@ from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import measure_folder
-from tests.images import pipeline_image
 
 VARIANTS = [
     {"width": w, "height": h, "scheduler": s, "guidance_scale": g, "num_images": n}

@@ -32,8 +32,8 @@ from gradio_client import Client
 
 from bench.common import machine, median, percentile, table, write_json
 from bench.serving import running_peer
+from harness.app_server import RunningApp, launched_app
 from sd_pipeline.tiny import build_tiny_pipeline
-from tests.app_server import RunningApp, launched_app
 
 LOADS = (0.5, 0.8, 1.2)
 MODES = ("step",)

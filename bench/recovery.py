@@ -23,8 +23,8 @@ import requests
 from gradio_client import Client
 
 from bench.common import machine, median, table, write_json
+from harness.app_server import RunningApp, launched_app
 from sd_pipeline.tiny import build_tiny_pipeline
-from tests.app_server import RunningApp, launched_app
 
 FAST: dict[str, Any] = {"steps": 1, "width": 64, "height": 64, "scheduler": "Euler", "seed": 1}
 LONG: dict[str, Any] = {"steps": 40, "width": 128, "height": 128, "scheduler": "Euler", "seed": 2}

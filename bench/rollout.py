@@ -26,12 +26,12 @@ from typing import Any
 from gradio_client import Client
 
 from bench.common import machine, median, percentile, table, write_json
+from harness.app_server import RunningApp, launched_app
+from harness.servers import running_s3_server
 from sd_pipeline.contract.models import ModelStore
 from sd_pipeline.tiny import build_tiny_pipeline
 from sd_pipeline.versions.location import ModelLocation
 from sd_pipeline.versions.registry import ModelRegistry, make_client
-from tests.app_server import RunningApp, launched_app
-from tests.servers import running_s3_server
 
 REQUEST: dict[str, Any] = {"negative_prompt": "", "seed": -1, "num_images": 1, "steps": 10, "width": 64, "height": 64}
 REQUEST |= {"guidance_scale": 7.5, "scheduler": "Euler a"}

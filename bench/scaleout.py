@@ -28,8 +28,8 @@ from gradio_client import Client
 
 from bench.common import add_serving_arguments, machine, table, write_json
 from bench.serving import drive
+from harness.app_server import RunningApp, launched_app
 from sd_pipeline.tiny import build_tiny_pipeline
-from tests.app_server import RunningApp, launched_app
 
 REPLICA_COUNTS = (1, 2)
 

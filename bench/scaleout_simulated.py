@@ -31,10 +31,10 @@ import requests
 
 from bench.common import machine, table, write_json
 from bench.load import HARNESS_LIMITS, drive_http
+from harness.app_server import RunningApp, launched_app
+from harness.balancer import running_haproxy
 from sd_pipeline.contract.simulation import SimulatedAccelerator
 from sd_pipeline.tiny import build_tiny_pipeline
-from tests.app_server import RunningApp, launched_app
-from tests.balancer import running_haproxy
 
 SIZE = 64
 

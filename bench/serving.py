@@ -29,9 +29,9 @@ from gradio_client import Client
 
 from bench.common import add_serving_arguments, machine, median, percentile, table, write_json
 from bench.load import HARNESS_LIMITS
+from harness.app_server import ROOT, launched_app
+from harness.servers import free_port, running_s3_server, wait_for_port
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
-from tests.app_server import ROOT, launched_app
-from tests.servers import free_port, running_s3_server, wait_for_port
 
 CLIENT_COUNTS = (1, 4, 8)
 

@@ -16,10 +16,10 @@ import os
 from PIL import Image
 
 from bench.common import machine, median, percentile, table, write_json
+from harness.servers import running_s3_server
 from storage.keys import new_image_id, owner_key
 from storage.records import ImageRecord
 from storage.s3 import S3Settings, S3Store
-from tests.servers import running_s3_server
 
 
 def _png() -> bytes:

@@ -25,8 +25,8 @@ from typing import Any
 from bench.common import machine, table, write_json
 from bench.load import HARNESS_LIMITS, Fields, drive_http
 from bench.serving import raw_pipeline, running_peer
+from harness.app_server import launched_app
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
-from tests.app_server import launched_app
 from webapp.settings import serving_cpu_threads
 
 CLIENT_COUNTS = (1, 8)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import S3Server, running_s3_server
 from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.tiny import build_tiny_pipeline
-from tests.servers import S3Server, running_s3_server
 
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "test-access-key",

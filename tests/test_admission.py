@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from harness.servers import wait_until
 from sd_pipeline import admission as admission_module
 from sd_pipeline.admission import CRASHED_TWICE, Admission, QueueFullError, TooManyRequestsError
 from sd_pipeline.contract.backend import ReplyTo
@@ -16,7 +17,6 @@ from sd_pipeline.contract.errors import GenerationCancelledError, WorkerCrashedE
 from sd_pipeline.contract.lifecycle import Request, Status
 from sd_pipeline.contract.messages import Finished, Lost, Step
 from sd_pipeline.contract.request import GenerationRequest
-from tests.servers import wait_until
 
 
 class GatedBackend:

@@ -22,10 +22,10 @@ import requests
 from gradio_client import Client
 from PIL import Image
 
+from harness.app_server import ROOT, RunningApp, is_stepping, is_waiting, launched_app
+from harness.images import assert_same_image
+from harness.servers import S3Server, wait_until
 from sd_pipeline.png import read_png_parameters
-from tests.app_server import ROOT, RunningApp, is_stepping, is_waiting, launched_app
-from tests.images import assert_same_image
-from tests.servers import S3Server, wait_until
 from tests.test_request import BAD_INPUTS
 
 FAST: dict[str, Any] = {"steps": 3, "width": 64, "height": 64, "guidance_scale": 7.5, "scheduler": "Euler a"}

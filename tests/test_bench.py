@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.app_server import ROOT
+from harness.app_server import ROOT
 from tests.needs import needed_module
 
 

@@ -16,9 +16,9 @@ from gradio_client import Client
 from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from tests.app_server import ROOT, RunningApp, launched_app
-from tests.images import assert_same_image
-from tests.servers import S3Server, wait_until
+from harness.app_server import ROOT, RunningApp, launched_app
+from harness.images import assert_same_image
+from harness.servers import S3Server, wait_until
 
 pytestmark = pytest.mark.browser
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from harness.images import assert_same_image
 from sd_pipeline.backends import engine_loop
 from sd_pipeline.backends.engine_loop import EngineLoop
 from sd_pipeline.contract.errors import ModelLoadError, OutOfMemoryError
@@ -21,7 +22,6 @@ from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.failures import DeviceFailedError, is_out_of_memory, is_sticky_device_error
 from sd_pipeline.model.loading import LoadedPipeline, apply_speedups, load_pipeline, resolve_device
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES
-from tests.images import assert_same_image
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 2, "guidance_scale": 7.5}
 

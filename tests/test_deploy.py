@@ -23,10 +23,10 @@ import pytest
 import requests
 import yaml
 
+from harness.app_server import ROOT, wait_ready
+from harness.servers import S3Server, free_port, wait_for_port, wait_until
 from sd_pipeline.backends.ray.replica import APP_NAME
-from tests.app_server import ROOT, wait_ready
 from tests.needs import needed_program
-from tests.servers import S3Server, free_port, wait_for_port, wait_until
 from tests.test_monitoring import ALERT_RULES, DASHBOARD, DATASOURCE, PROMETHEUS_CONFIG
 
 DEPLOY = ROOT / "deploy"

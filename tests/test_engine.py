@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from harness.images import assert_same_image, max_difference, pipeline_image
 from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryError
 from sd_pipeline.contract.jobs import JobOutcome
 from sd_pipeline.contract.lifecycle import Request
@@ -15,7 +16,6 @@ from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES
-from tests.images import assert_same_image, max_difference, pipeline_image
 
 BATCHED_TOLERANCE = 2  # levels of 255: the same request in a different batch (issue 13)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from harness.servers import wait_until
 from sd_pipeline.backends.engine_loop import EngineLoop
 from sd_pipeline.backends.stall import StallWatch
 from sd_pipeline.contract.errors import WorkerLostError
@@ -15,7 +16,6 @@ from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
-from tests.servers import wait_until
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 3}
 

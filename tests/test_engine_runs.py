@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from harness.images import assert_same_image
 from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError
 from sd_pipeline.contract.jobs import GenerationResult
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import TokenBudget, check_inputs
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES, scheduler_names
-from tests.images import assert_same_image
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 4, "guidance_scale": 7.5}
 

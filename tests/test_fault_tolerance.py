@@ -15,10 +15,10 @@ import pytest
 import requests
 from gradio_client import Client
 
+from harness.app_server import RunningApp, launched_app
+from harness.servers import S3Server, wait_until
 from sd_pipeline.admission import CRASHED_TWICE
 from sd_pipeline.png import read_png_parameters
-from tests.app_server import RunningApp, launched_app
-from tests.servers import S3Server, wait_until
 
 LONG: dict[str, Any] = {"steps": 40, "width": 128, "height": 128, "guidance_scale": 7.5, "scheduler": "Euler"}
 FAST: dict[str, Any] = {"steps": 1, "width": 64, "height": 64, "guidance_scale": 7.5, "scheduler": "Euler"}

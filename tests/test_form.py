@@ -7,9 +7,9 @@ from typing import Any
 
 import gradio as gr
 
+from harness.app_server import ROOT
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import RequestLimits
-from tests.app_server import ROOT
 from webapp.form import DEFAULTED, GENERAL_EXAMPLE_PROMPT, form_defaults, generate_fields
 from webapp.ui import build_demo
 

@@ -15,10 +15,10 @@ import pytest
 import requests
 from gradio_client import Client
 
-from tests.app_server import launched_app
-from tests.balancer import running_haproxy
+from harness.app_server import launched_app
+from harness.balancer import running_haproxy
+from harness.servers import S3Server, wait_until
 from tests.needs import needed_program
-from tests.servers import S3Server, wait_until
 from webapp.sessions import SESSION_COOKIE
 
 SECRET = "the secret both front ends share, longer than 32 bytes"

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from gradio_client import Client
 
-from tests.app_server import launched_app
-from tests.servers import wait_until
+from harness.app_server import launched_app
+from harness.servers import wait_until
 from webapp.owners import client_address, parse_networks
 
 SLOW: dict[str, Any] = {"steps": 100, "width": 256, "height": 256}  # still running while the others are refused

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from harness.servers import S3Server, free_port, wait_until
 from sd_pipeline.admission import Admission
 from sd_pipeline.backends.local.process import PipelineProcess
 from sd_pipeline.backends.local.supervisor import LocalBackend
@@ -35,7 +36,6 @@ from sd_pipeline.versions.registry import ModelRegistry, RegistryError, Registry
 from sd_pipeline.versions.resolve import resolve_model
 from sd_pipeline.versions.rollout import ModelRollout
 from tests.running import dispatcher, run_through
-from tests.servers import S3Server, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,11 +13,11 @@ import pytest
 import requests
 from gradio_client import Client
 
+from harness.app_server import ROOT, RunningApp, launched_app
+from harness.servers import free_port, wait_for_port, wait_until
 from monitoring.health import Health
 from monitoring.metrics import Metrics, Outcome
 from monitoring.server import MetricsServer
-from tests.app_server import ROOT, RunningApp, launched_app
-from tests.servers import free_port, wait_for_port, wait_until
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.images import assert_same_image
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.lifecycle import Request
@@ -23,7 +24,6 @@ from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.previews import SD15_LATENT_RGB, DecoderPreview, LinearPreview, load_previewer
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import read_picture
-from tests.images import assert_same_image
 
 WIDE: dict[str, Any] = {"width": 96, "height": 64, "steps": 12, "seed": 5}
 

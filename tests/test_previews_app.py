@@ -16,11 +16,11 @@ from gradio_client import Client
 from gradio_client.client import Job
 from PIL import Image
 
+from harness.app_server import RunningApp, clients_at_once, launched_app
+from harness.servers import wait_until
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import every_ask
 from sd_pipeline.shapes.drawing import read_picture
-from tests.app_server import RunningApp, clients_at_once, launched_app
-from tests.servers import wait_until
 
 HALF_WAY = 15
 FIELDS: dict[str, Any] = {"steps": 2 * HALF_WAY, "guidance_scale": 4.0, "width": 64, "height": 64}

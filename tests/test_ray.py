@@ -21,13 +21,13 @@ from gradio_client.client import Job
 from PIL import Image
 
 from app import build_ray_app
+from harness.app_server import RunningApp, clients_at_once, is_stepping, launched_app
+from harness.servers import wait_until
 from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import every_ask
 from sd_pipeline.shapes.drawing import read_picture
-from tests.app_server import RunningApp, clients_at_once, is_stepping, launched_app
 from tests.needs import needed_module
-from tests.servers import wait_until
 from webapp.settings import SettingsError, load_settings
 
 needed_module("ray.serve")

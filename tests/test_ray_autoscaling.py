@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
+from harness.app_server import RunningApp, launched_app
+from harness.servers import wait_until
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
-from tests.app_server import RunningApp, launched_app
 from tests.needs import needed_module
-from tests.servers import wait_until
 
 needed_module("ray.serve")
 

@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
+from harness.servers import S3Server, wait_until
 from sd_pipeline.admission import Admission
 from sd_pipeline.backends.ray.backend import RayBackend
 from sd_pipeline.backends.ray.loopback import keep_token_private
@@ -44,7 +45,6 @@ from sd_pipeline.versions.location import ModelLocation
 from sd_pipeline.versions.registry import ModelRegistry, make_client
 from tests.needs import needed_module
 from tests.running import dispatcher, run_direct, run_through
-from tests.servers import S3Server, wait_until
 from webapp.settings import load_settings
 
 needed_module("ray.serve")

@@ -18,12 +18,12 @@ from typing import Any
 import requests
 from gradio_client import Client
 
+from harness.app_server import RunningApp, launched_app
+from harness.servers import S3Server, free_port, wait_until
 from sd_pipeline.contract.models import DEFAULTS_FILE, ModelStore
 from sd_pipeline.png import read_png_parameters
 from sd_pipeline.versions.location import ModelLocation
 from sd_pipeline.versions.registry import ModelRegistry, make_client
-from tests.app_server import RunningApp, launched_app
-from tests.servers import S3Server, free_port, wait_until
 
 FAST: dict[str, Any] = {"negative_prompt": "", "seed": -1, "num_images": 1, "steps": 6, "width": 64, "height": 64}
 FAST |= {"guidance_scale": 7.5, "scheduler": "Euler a"}

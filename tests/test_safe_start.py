@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.app_server import ROOT
+from harness.app_server import ROOT
 from webapp.settings import SettingsError, load_settings, refuse_unsafe_start
 
 GOOD_ENV = {"AWS_ACCESS_KEY_ID": "AKIAREAL", "AWS_SECRET_ACCESS_KEY": "x" * 40}

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from gradio_client import Client
 from starlette.requests import Request
 
+from harness.app_server import launched_app
+from harness.servers import S3Server, wait_until
 from storage.keys import owner_key
 from storage.s3 import S3Settings, S3Store
-from tests.app_server import launched_app
-from tests.servers import S3Server, wait_until
 from tests.test_storage import make_record, small_png
 from webapp.sessions import SESSION_COOKIE, SESSION_MAX_AGE, LoginThrottle, RevokedSessions, Sessions
 

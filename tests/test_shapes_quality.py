@@ -15,11 +15,11 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
+from harness.app_server import RunningApp, clients_at_once, launched_app
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import COLOUR_TARGET, SHAPE_TARGET, Adherence, Ask, every_ask
 from sd_pipeline.shapes.drawing import read_picture
-from tests.app_server import RunningApp, clients_at_once, launched_app
 
 STEPS = 20
 GUIDANCE = 4.0  # this tiny model's sweet spot; at 7.5 some samplers overshoot its colours (see its card)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.app_server import ROOT
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.shapes.adherence import measure_folder
-from tests.app_server import ROOT
 
 
 def test_a_short_training_run_writes_a_pipeline_the_app_loads(tmp_path: Path) -> None:

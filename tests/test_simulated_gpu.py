@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+from harness.images import assert_same_image, max_difference
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.contract.simulation import PRESETS, CallCost, SimulatedAccelerator
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.simulated import paced
-from tests.images import assert_same_image, max_difference
 from webapp.settings import SettingsError, load_settings
 
 

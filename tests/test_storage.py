@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from harness.servers import S3Server
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
@@ -31,7 +32,6 @@ from storage.local import ForbiddenLinkError, LocalStore, load_or_create_secret
 from storage.records import ImageRecord
 from storage.s3 import S3Settings, S3Store
 from storage.spool import Spool, SpoolingStore, SpoolLimits
-from tests.servers import S3Server
 
 OWNER = keys.owner_key("alice")
 OTHER = keys.owner_key("bob")

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from harness.images import assert_same_image
+from harness.servers import wait_until
 from sd_pipeline.admission import CRASHED_TWICE, Admission
 from sd_pipeline.backends.local import supervisor
 from sd_pipeline.backends.local.process import PipelineProcess
@@ -26,9 +28,7 @@ from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.plans import RestartPolicy
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
-from tests.images import assert_same_image
 from tests.running import dispatcher, run_through
-from tests.servers import wait_until
 
 LONG: dict[str, Any] = {"width": 128, "height": 128, "steps": 40, "seed": 21}
 STALL_SECONDS = 3.0

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
+from harness.images import assert_same_image
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline
 from sd_pipeline.model.threads import ThreadTuner, samples_bucket
-from tests.images import assert_same_image
 from webapp.settings import load_settings
 
 

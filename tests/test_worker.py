@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
+from harness.images import assert_same_image
 from sd_pipeline.backends.local.process import PipelineProcess
 from sd_pipeline.contract.errors import GenerationCancelledError, ModelLoadError
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
-from tests.images import assert_same_image
 from tests.running import run_on_worker
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 4}

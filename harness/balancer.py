@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.app_server import RunningApp
-from tests.servers import free_port, wait_for_port
+from harness.app_server import RunningApp
+from harness.servers import free_port, wait_for_port
 
 
 def haproxy_config(port: int, stats_port: int, front_ends: list[RunningApp]) -> str:

@@ -19,7 +19,7 @@ import requests
 from gradio_client import Client
 from gradio_client.client import Job
 
-from tests.servers import free_port
+from harness.servers import free_port
 
 T = TypeVar("T")
 
