@@ -4,9 +4,11 @@
     python -m bench.serving --open-loop [...]   # bench.open_loop: Poisson arrivals on the step engine
     python -m bench.serving --previews [...]    # bench.previews: 8 clients with previews off, approx, taesd
 
-Starts an S3-compatible server (moto) on loopback, the naive peer (bench/naive_peer.py) and
-the real app (python app.py) with S3 storage, and drives both with gradio_client from 1, 4
-and 8 concurrent clients. Prints one table of ratios and writes bench/results/serving.json.
+Calls the raw diffusers pipeline in this process with 1 and with 8 images per call, then starts an
+S3-compatible server (moto) on loopback, the naive peer (bench/naive_peer.py) and the real app
+(python app.py) with S3 storage side by side, and measures: one gradio_client user, its calls
+alternating between peer and app; 4 and 8 light HTTP users (bench.load, so that the harness leaves
+the cores to the servers) on each. Prints one table of ratios and writes bench/results/serving.json.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,14 @@ from diffusers import StableDiffusionPipeline
 from gradio_client import Client
 
 from bench.common import add_serving_arguments, machine, median, percentile, table, write_json
-from bench.load import HARNESS_LIMITS
-from harness.app_server import ROOT, launched_app
-from harness.servers import free_port, running_s3_server, wait_for_port
+from bench.load import HARNESS_LIMITS, Fields, drive_http
+from harness.app_server import ROOT, RunningApp, launched_app
+from harness.servers import S3Server, free_port, running_s3_server, wait_for_port
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 
-CLIENT_COUNTS = (1, 4, 8)
+CLIENT_COUNTS = (1, 4, 8)  # gradio_client users in measure_app (bench.gpu_served)
+LIGHT_CLIENT_COUNTS = (4, 8)  # light HTTP users in this script's table
+LOADED_USERS = 8
 
 
 def raw_pipeline(
@@ -214,6 +218,66 @@ def measure_app(
     return results
 
 
+def lone_user_side_by_side(
+    peer_url: str, app_url: str, *, calls: int, size: int, steps: int, downloads: Path
+) -> dict[str, float]:
+    """One gradio_client user each for the peer and the app (each downloads what it is sent, as
+    gradio_client does by default), their calls alternating, so that whatever else the machine does
+    falls on both alike; p50 of each, and of an echo endpoint (Gradio's own round trip)."""
+    peer = Client(peer_url, verbose=False, download_files=str(downloads / "peer"))
+    app = Client(app_url, verbose=False, download_files=str(downloads / "app"))
+    calls_by_name: dict[str, Callable[[int], object]] = {
+        "peer": lambda seed: peer.predict("a lighthouse at dusk", seed, steps, size, size, api_name="/generate"),
+        "app": lambda seed: app.predict(
+            prompt="a lighthouse at dusk", seed=seed, steps=steps, width=size, height=size, api_name="/generate"
+        ),
+        "echo": lambda seed: peer.predict(str(seed), api_name="/ping"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls_by_name}
+    for seed in range(calls + 1):  # the first round warms both
+        for name, call in calls_by_name.items():
+            began = time.perf_counter()
+            call(seed)
+            if seed:
+                times[name].append(time.perf_counter() - began)
+    return {f"{name}_p50_s": median(values) for name, values in times.items()}
+
+
+APP_COUNTERS = (
+    "sdapp_batch_size_images_sum",
+    "sdapp_batch_size_images_count",
+    "sdapp_pipeline_idle_while_waiting_seconds_total",
+    "sdapp_pipeline_busy_seconds_total",
+)
+
+
+def light_users(url: str, *, clients: int, per_client: int, size: int, steps: int, app: RunningApp | None = None):
+    """``clients`` light HTTP users (bench.load); with ``app``, what its metrics say about the same interval."""
+    before = {name: app.metric(name) for name in APP_COUNTERS} if app else {}
+    fields = request_fields(size=size, steps=steps)
+    measured: dict[str, float] = drive_http(url, clients=clients, per_client=per_client, fields=fields)
+    if app is not None:
+        delta = {name: app.metric(name) - before[name] for name in APP_COUNTERS}
+        images = delta["sdapp_batch_size_images_sum"]
+        measured["mean_batch"] = images / max(delta["sdapp_batch_size_images_count"], 1)
+        measured["idle_while_waiting_fraction"] = (
+            delta["sdapp_pipeline_idle_while_waiting_seconds_total"] / measured["wall_s"]
+        )
+        # Busy seconds count denoising steps: per image finished, a request's whole denoising (its share of each step).
+        measured["denoising_seconds_per_image"] = delta["sdapp_pipeline_busy_seconds_total"] / (clients * per_client)
+        measured["pipeline_busy_fraction"] = delta["sdapp_pipeline_busy_seconds_total"] / measured["wall_s"]
+    return measured
+
+
+def request_fields(*, size: int, steps: int) -> Fields:
+    """The benchmark's request: a fixed prompt, size and steps, a new seed each time."""
+
+    def fields(number: int) -> dict[str, Any]:
+        return {"prompt": "a lighthouse at dusk", "seed": number, "steps": steps, "width": size, "height": size}
+
+    return fields
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     if "--open-loop" in argv:
@@ -232,95 +296,105 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     model = args.model or str(build_tiny_pipeline(work / "tiny", kind=args.kind))
-    per_client = {1: 2, 4: 1, 8: 1} if args.quick else {1: 20, 4: 8, 8: 6}
-    raw = raw_pipeline(model, size=args.size, steps=args.steps, requests_count=3 if args.quick else 20)
-    peer = measure_peer(model, size=args.size, steps=args.steps, per_client=per_client, work=work)
-    ours = measure_app(model, size=args.size, steps=args.steps, per_client=per_client, work=work)
-    rows = [
-        [
-            "raw pipeline, in-process",
-            "1",
-            f"{raw['images_per_s']:.1f}",
-            f"{raw['p50_s'] * 1000:.0f}",
-            f"{raw['p95_s'] * 1000:.0f}",
-            "1.0",
-            "-",
-            "-",
-            "-",
-        ]
-    ]
-    for clients in CLIENT_COUNTS:
-        p = peer[clients]
-        rows.append(
-            [
-                "naive Gradio peer",
-                str(clients),
-                f"{p['images_per_s']:.1f}",
-                f"{p['p50_s'] * 1000:.0f}",
-                f"{p['p95_s'] * 1000:.0f}",
-                "1.0",
-                "-",
-                f"{p['images_per_s'] / raw['images_per_s']:.2f}",
-                "1.00",
-            ]
+    size, steps = args.size, args.steps
+    per_client = {4: 1, 8: 1} if args.quick else {4: 8, 8: 8}
+    raw = {
+        batch: raw_pipeline(model, size=size, steps=steps, requests_count=2 if args.quick else 10, batch=batch)
+        for batch in (1, LOADED_USERS)
+    }
+    with ExitStack() as running:
+        s3 = running.enter_context(running_s3_server())
+        peer_url = running.enter_context(running_peer(model, work))
+        app = running.enter_context(launched_app(Path(model), work, env=app_environment(s3)))
+        lone = lone_user_side_by_side(
+            peer_url, app.url, calls=3 if args.quick else 20, size=size, steps=steps, downloads=work / "lone"
         )
-    for clients in CLIENT_COUNTS:
-        o = ours[clients]
-        rows.append(
-            [
-                "this app (S3 storage)",
-                str(clients),
-                f"{o['images_per_s']:.1f}",
-                f"{o['p50_s'] * 1000:.0f}",
-                f"{o['p95_s'] * 1000:.0f}",
-                f"{o['mean_batch']:.1f}",
-                f"{o['idle_while_waiting_fraction'] * 100:.1f}%",
-                f"{o['images_per_s'] / raw['images_per_s']:.2f}",
-                f"{o['images_per_s'] / peer[clients]['images_per_s']:.2f}",
-            ]
-        )
+        light_users(app.url, clients=1, per_client=2, size=size, steps=steps)  # warms the light client's path
+        peer = {
+            n: light_users(peer_url, clients=n, per_client=per_client[n], size=size, steps=steps)
+            for n in LIGHT_CLIENT_COUNTS
+        }
+        ours = {
+            n: light_users(app.url, clients=n, per_client=per_client[n], size=size, steps=steps, app=app)
+            for n in LIGHT_CLIENT_COUNTS
+        }
+    print(table(*serving_table(raw, lone, peer, ours)))
+    added = (lone["app_p50_s"] - lone["peer_p50_s"]) * 1000
+    loaded = ours[LOADED_USERS]["images_per_s"]
+    ratios = {
+        "lone_user_p50_minus_peer_ms": added,
+        "loaded_over_raw_batch": loaded / raw[LOADED_USERS]["images_per_s"],
+        "loaded_over_peer": loaded / peer[LOADED_USERS]["images_per_s"],
+    }
     print(
-        table(
-            [
-                "scenario",
-                "clients",
-                "images/s",
-                "p50 ms",
-                "p95 ms",
-                "mean batch",
-                "idle while waiting",
-                "x raw",
-                "x peer",
-            ],
-            rows,
-        )
-    )
-    added = (ours[1]["p50_s"] - raw["p50_s"]) * 1000
-    floor = peer[0]["p50_s"] * 1000
-    print(f"\n1 client: this app adds {added:.0f} ms to the raw p50 (target <= 60 ms, storage upload included);")
-    print(f"  of that, {floor:.0f} ms is Gradio + gradio_client's own round trip (an echo endpoint, same run)")
-    print(
-        f"pipeline time per image inside the app: {ours[8]['pipeline_seconds_per_image'] * 1000:.0f} ms at a mean "
-        f"batch of {ours[8]['mean_batch']:.1f} (8 clients), "
-        f"{ours[1]['pipeline_seconds_per_image'] * 1000:.0f} ms alone; "
-        f"raw in-process: {raw['p50_s'] * 1000:.0f} ms"
+        f"\n1 gradio_client user: this app's p50 is {added:+.0f} ms against the naive peer's "
+        f"(target <= +20; calls alternate between the two); Gradio's own round trip (echo) is "
+        f"{lone['echo_p50_s'] * 1000:.0f} ms"
     )
     print(
-        f"8 clients: {ours[8]['images_per_s'] / raw['images_per_s']:.2f}x raw (target >= 1.3), "
-        f"{ours[8]['images_per_s'] / peer[8]['images_per_s']:.2f}x peer (target >= 1.5)"
+        f"{LOADED_USERS} light HTTP users: {ratios['loaded_over_raw_batch']:.2f}x the raw pipeline called with "
+        f"{LOADED_USERS} images at once (target >= 0.9), {ratios['loaded_over_peer']:.2f}x the peer (target >= 1.5); "
+        f"the app's worker denoises for {ours[LOADED_USERS]['denoising_seconds_per_image'] * 1000:.0f} ms per image "
+        f"(mean batch {ours[LOADED_USERS]['mean_batch']:.1f}) and is busy "
+        f"{ours[LOADED_USERS]['pipeline_busy_fraction'] * 100:.0f} % of the time"
     )
     results = {
         "machine": machine(),
-        "settings": {"size": args.size, "steps": args.steps, "quick": args.quick, "per_client": per_client},
-        "raw": raw,
-        "peer": {str(k): v for k, v in peer.items() if k},
-        "gradio_echo": peer[0],
+        "settings": {"size": size, "steps": steps, "quick": args.quick, "per_client": per_client},
+        "raw": {str(k): v for k, v in raw.items()},
+        "lone_user": lone,
+        "peer": {str(k): v for k, v in peer.items()},
         "ours": {str(k): v for k, v in ours.items()},
-        "added_p50_ms_1_client": added,
-        "gradio_round_trip_p50_ms": floor,
+        "ratios": ratios,
     }
     print(f"written {write_json('serving.json', results, folder=args.out)}")
     return results
+
+
+def app_environment(s3: S3Server) -> dict[str, str]:
+    """The app's settings for a benchmark: S3 on the loopback server, the harness's limits lifted."""
+    s3.create_bucket("bench")
+    return {
+        "S3_BUCKET": "bench",
+        "S3_ENDPOINT_URL": s3.endpoint_url,
+        "S3_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        **HARNESS_LIMITS,
+    }
+
+
+def serving_table(
+    raw: dict[int, dict[str, float]],
+    lone: dict[str, float],
+    peer: dict[int, dict[str, float]],
+    ours: dict[int, dict[str, float]],
+) -> tuple[list[str], list[list[str]]]:
+    """The printed table: raw at batch 1 and 8, the lone user, and the light users on peer and app."""
+    headers = ["scenario", "users", "images/s", "p50 ms", "p95 ms", "mean batch", "x raw batch 8", "x peer"]
+    full = raw[LOADED_USERS]["images_per_s"]
+    rows = []
+    for batch, r in raw.items():
+        speed = [f"{r['images_per_s']:.1f}", f"{r['p50_s'] * 1000:.0f}", f"{r['p95_s'] * 1000:.0f}"]
+        rows.append(
+            [
+                f"raw pipeline, {batch} image(s) per call",
+                "-",
+                *speed,
+                str(batch),
+                f"{r['images_per_s'] / full:.2f}",
+                "-",
+            ]
+        )
+    rows.append(["naive Gradio peer (gradio_client)", "1", "-", f"{lone['peer_p50_s'] * 1000:.0f}", "-", "1", "-", "-"])
+    rows.append(["this app (gradio_client)", "1", "-", f"{lone['app_p50_s'] * 1000:.0f}", "-", "-", "-", "-"])
+    for name, measured in (("naive Gradio peer (light HTTP)", peer), ("this app, S3 (light HTTP)", ours)):
+        for users, r in measured.items():
+            batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "1"
+            speed = [f"{r['images_per_s']:.1f}", f"{r['p50_s'] * 1000:.0f}", f"{r['p95_s'] * 1000:.0f}"]
+            ratios = [f"{r['images_per_s'] / full:.2f}", f"{r['images_per_s'] / peer[users]['images_per_s']:.2f}"]
+            rows.append([name, str(users), *speed, batch, *ratios])
+    return headers, rows
 
 
 if __name__ == "__main__":

@@ -23,20 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, table, write_json
-from bench.load import HARNESS_LIMITS, Fields, drive_http
-from bench.serving import raw_pipeline, running_peer
+from bench.load import HARNESS_LIMITS, drive_http
+from bench.serving import raw_pipeline, request_fields, running_peer
 from harness.app_server import launched_app
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 from webapp.settings import serving_cpu_threads
 
 CLIENT_COUNTS = (1, 8)
-
-
-def request_fields(*, size: int, steps: int) -> Fields:
-    def fields(number: int) -> dict[str, Any]:
-        return {"prompt": "a lighthouse at dusk", "seed": number, "steps": steps, "width": size, "height": size}
-
-    return fields
 
 
 def policies() -> dict[str, dict[str, str]]:

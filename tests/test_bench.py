@@ -21,15 +21,18 @@ def run_module(module: str, *args: str, timeout: int = 600) -> str:
 
 def test_serving_benchmark_quick(tmp_path: Path) -> None:
     output = run_module("bench.serving", "--quick", "--out", str(tmp_path))
-    assert "x raw" in output and "x peer" in output
+    assert "x raw batch 8" in output and "x peer" in output and "target <= +20" in output
     results = json.loads((tmp_path / "serving.json").read_text())
-    for clients in ("1", "4", "8"):
-        ours = results["ours"][clients]
+    for users in ("4", "8"):
+        ours = results["ours"][users]
         assert ours["images_per_s"] > 0 and ours["p95_s"] >= ours["p50_s"] > 0
-        assert ours["mean_batch"] >= 1
-        assert 0 <= ours["idle_while_waiting_fraction"] <= 1
-        assert results["peer"][clients]["images_per_s"] > 0
-    assert results["raw"]["images_per_s"] > 0 and results["gradio_round_trip_p50_ms"] > 0
+        assert ours["mean_batch"] >= 1 and ours["denoising_seconds_per_image"] > 0
+        assert 0 <= ours["idle_while_waiting_fraction"] <= 1 and 0 < ours["pipeline_busy_fraction"] <= 1
+        assert results["peer"][users]["images_per_s"] > 0
+    assert results["raw"]["8"]["images_per_s"] > 0 and results["raw"]["1"]["images_per_s"] > 0
+    lone = results["lone_user"]
+    assert lone["app_p50_s"] > 0 and lone["peer_p50_s"] > 0 and lone["echo_p50_s"] > 0
+    assert results["ratios"]["loaded_over_raw_batch"] > 0 and results["ratios"]["loaded_over_peer"] > 0
 
 
 def test_open_loop_benchmark_quick(tmp_path: Path) -> None:
