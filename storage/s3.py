@@ -5,15 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 
 from storage import keys
 from storage.base import StorageError, StorageUnreachableError
+from storage.client import AddressingStyle, s3_client
 from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
 
 if TYPE_CHECKING:
@@ -31,7 +30,7 @@ class S3Settings(BaseModel):
     region: str | None = None
     endpoint_url: str | None = Field(None, description="for S3-compatible stores (SeaweedFS, Garage, R2, Ceph)")
     public_endpoint_url: str | None = Field(None, description="endpoint used only to sign links for browsers")
-    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    addressing_style: AddressingStyle = "auto"
     link_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_LINK_TTL_SECONDS)
     create_bucket: bool = False
     connect_timeout: float = Field(2.0, gt=0)
@@ -40,19 +39,15 @@ class S3Settings(BaseModel):
 
 
 def make_client(settings: S3Settings, *, endpoint_url: str | None) -> S3Client:
-    """A boto3 S3 client with short timeouts, standard retries and lenient checksums."""
-    config = Config(
-        region_name=settings.region,
-        signature_version="s3v4",
+    """A client for the image bucket at ``endpoint_url`` (the API's or the public one used for signing)."""
+    return s3_client(
+        endpoint_url=endpoint_url,
+        region=settings.region,
+        addressing_style=settings.addressing_style,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
-        retries={"mode": "standard", "max_attempts": settings.max_attempts},
-        s3={"addressing_style": settings.addressing_style},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
+        max_attempts=settings.max_attempts,
     )
-    client: S3Client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
-    return client
 
 
 class S3Store:

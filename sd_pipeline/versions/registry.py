@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from sd_pipeline.contract.models import ModelStore
 from sd_pipeline.versions.location import MANIFEST, ModelLocation, check_version_name
 from sd_pipeline.versions.manifest import Manifest, build_manifest
+from storage.client import s3_client
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -45,19 +44,10 @@ class VersionSummary:
 
 
 def make_client(store: ModelStore) -> S3Client:
-    """A boto3 client for the model store, with short timeouts and standard retries."""
-    config = Config(
-        region_name=store.region,
-        signature_version="s3v4",
-        connect_timeout=2.0,
-        read_timeout=60.0,
-        retries={"mode": "standard", "max_attempts": 3},
-        s3={"addressing_style": store.addressing_style},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
+    """A client for the model store (reads of large files: a longer read timeout than the image bucket's)."""
+    return s3_client(
+        endpoint_url=store.endpoint_url, region=store.region, addressing_style=store.addressing_style, read_timeout=60.0
     )
-    client: S3Client = boto3.client("s3", endpoint_url=store.endpoint_url, config=config)
-    return client
 
 
 class ModelRegistry:
