@@ -7,28 +7,46 @@ from typing import Any
 
 import gradio as gr
 
-from webapp.owners import OWNER_COOKIE, OwnerCookieMiddleware, resolve_owner
-from webapp.ui import owner_of
+from storage.keys import owner_key
+from webapp.owners import OWNER_COOKIE, OwnerCookieMiddleware, caller_of
 
 TOKEN = "A" * 43  # the length of secrets.token_urlsafe(32)
 SECRET = b"s" * 32
 
 
 def request_with_cookies(header: str) -> gr.Request:
-    return gr.Request(headers={"cookie": header}, username=None, session_hash="api-session")
+    return gr.Request(
+        headers={"cookie": header}, username=None, session_hash="api-session", client={"host": "10.1.2.3"}
+    )
 
 
 def test_an_unrelated_cookie_does_not_hide_the_owner_cookie() -> None:
     """``prefs={"theme":"dark"}`` made SimpleCookie drop the whole header: the history looked empty."""
-    expected = resolve_owner(username=None, cookie=TOKEN, session_hash="api-session", secret=SECRET)
+    expected = owner_key(f"browser:{TOKEN}", SECRET)
     for header in (
         f"{OWNER_COOKIE}={TOKEN}",
         f'prefs={{"theme":"dark"}}; {OWNER_COOKIE}={TOKEN}',
         f'{OWNER_COOKIE}={TOKEN}; prefs={{"theme":"dark"}}; other=a b',
     ):
-        assert owner_of(request_with_cookies(header), SECRET) == expected, header
-    stranger = owner_of(request_with_cookies('prefs={"theme":"dark"}'), SECRET)
-    assert stranger != expected  # no owner cookie: the API session's own history
+        assert owner_of(request_with_cookies(header)) == expected, header
+    stranger = owner_of(request_with_cookies('prefs={"theme":"dark"}'))
+    assert stranger == owner_key("session:api-session", SECRET)  # no owner cookie: the API session's own history
+
+
+def owner_of(request: gr.Request) -> str:
+    return caller_of(request, secret=SECRET, trusted_proxies=()).owner
+
+
+def test_the_caller_is_the_login_first_and_an_anonymous_caller_has_an_address() -> None:
+    login = gr.Request(
+        headers={"cookie": f"{OWNER_COOKIE}={TOKEN}"}, username="ada", session_hash="s", client={"host": "10.1.2.3"}
+    )
+    caller = caller_of(login, secret=SECRET, trusted_proxies=())
+    assert caller.owner == owner_key("user:ada", SECRET) and caller.address == ""
+    assert caller.earlier_owner == owner_key("user:ada", None) != caller.owner
+    anonymous = caller_of(request_with_cookies(f"{OWNER_COOKIE}={TOKEN}"), secret=None, trusted_proxies=())
+    assert anonymous.earlier_owner is None and anonymous.owner == owner_key(f"browser:{TOKEN}", None)
+    assert anonymous.address == "10.1.2.3"
 
 
 def test_the_middleware_keeps_an_owner_cookie_sent_beside_odd_ones() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import cookie_parser
@@ -25,13 +26,6 @@ def identity_of(*, username: str | None, cookie: str | None, session_hash: str |
     if session_hash:
         return f"session:{session_hash}"
     raise ValueError("request has no user, browser cookie or session")
-
-
-def resolve_owner(
-    *, username: str | None, cookie: str | None, session_hash: str | None, secret: bytes | None = None
-) -> str:
-    """The storage owner key for a request (keyed with ``secret``); distinct identities never share one."""
-    return owner_key(identity_of(username=username, cookie=cookie, session_hash=session_hash), secret)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -57,6 +51,30 @@ def address_of(request: Any, trusted_proxies: Sequence[Network]) -> str:
     host = request.client.host if request.client else None
     forwarded = request.headers.get("x-forwarded-for") if request.headers else None
     return client_address(host, forwarded, trusted_proxies)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request, as the service needs it: whose history, and whose limits."""
+
+    owner: str  # the storage owner key of their history
+    earlier_owner: str | None  # their key before owner keys were keyed with a secret (moved once); None: no secret
+    address: str  # the client address an anonymous caller's requests share a limit and a turn by; "" when logged in
+
+
+def caller_of(request: Any, *, secret: bytes | None, trusted_proxies: Sequence[Network]) -> Caller:
+    """The one answer to "who is this?" for a Gradio request: the login, else the browser's owner
+    cookie, else the API client's session (distinct identities never share an owner key)."""
+    cookie_header = request.headers.get("cookie") if request.headers else None
+    # Starlette's lenient parser: SimpleCookie drops the whole header over one cookie it dislikes
+    # (say prefs={"theme":"dark"} set by another app on the host), and the history with it.
+    cookie = cookie_parser(cookie_header).get(OWNER_COOKIE) if cookie_header else None
+    identity = identity_of(username=request.username, cookie=cookie, session_hash=request.session_hash)
+    return Caller(
+        owner=owner_key(identity, secret),
+        earlier_owner=owner_key(identity, None) if secret is not None else None,
+        address="" if request.username else address_of(request, trusted_proxies),
+    )
 
 
 def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:

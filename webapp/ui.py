@@ -11,7 +11,6 @@ from typing import Any
 
 import gradio as gr
 from PIL import Image
-from starlette.requests import cookie_parser
 
 from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.models import ModelDefaults
@@ -19,7 +18,7 @@ from sd_pipeline.contract.request import RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
 from webapp.form import DEFAULTED, FormField, form_defaults, generate_fields, settings_of, with_signature
-from webapp.owners import OWNER_COOKIE, Network, address_of, resolve_owner
+from webapp.owners import Network, caller_of
 from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
@@ -34,15 +33,6 @@ PAGE_CSS = """
    faint blurred copy of the image around and under the thumbnail strip. */
 #result-gallery .preview { backdrop-filter: none !important; background: var(--block-background-fill) !important; }
 """
-
-
-def owner_of(request: gr.Request, secret: bytes | None) -> str:
-    """The owner key of whoever made this request (keyed with ``secret``; None: the old unkeyed one)."""
-    cookie_header = request.headers.get("cookie") if request.headers else None
-    # Starlette's lenient parser: SimpleCookie drops the whole header over one cookie it dislikes
-    # (say prefs={"theme":"dark"} set by another app on the host), and the history with it.
-    cookie = cookie_parser(cookie_header).get(OWNER_COOKIE) if cookie_header else None
-    return resolve_owner(username=request.username, cookie=cookie, session_hash=request.session_hash, secret=secret)
 
 
 def _caption(image: dict[str, Any]) -> str:
@@ -94,13 +84,14 @@ def build_demo(
         *values, request, progress = arguments  # Gradio passes the request and progress after the fields
         assert isinstance(request, gr.Request)
         previews = LatestPreview(asyncio.get_running_loop())
+        caller = caller_of(request, secret=owner_secret, trusted_proxies=trusted_proxies)
         running = asyncio.ensure_future(
             service.generate(
                 dict(zip(names, values, strict=True)),
-                owner=owner_of(request, owner_secret),
+                owner=caller.owner,
                 progress=lambda desc, done: progress(done, desc=desc),
                 on_preview=previews.put,
-                address="" if request.username else address_of(request, trusted_proxies),
+                address=caller.address,
             )
         )
         try:
@@ -130,9 +121,8 @@ def build_demo(
         """
         assert request is not None
         try:
-            owner = owner_of(request, owner_secret)
-            earlier = owner_of(request, None) if owner_secret is not None else None  # before owner keys were keyed
-            found = service.history(owner=owner, page=page, earlier_owner=earlier)
+            caller = caller_of(request, secret=owner_secret, trusted_proxies=trusted_proxies)
+            found = service.history(owner=caller.owner, page=page, earlier_owner=caller.earlier_owner)
         except UserFacingError as error:
             raise gr.Error(str(error), print_exception=False) from None
         records = [image.to_api() for image in found.page.images]
