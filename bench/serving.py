@@ -25,6 +25,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from diffusers import StableDiffusionPipeline
 from gradio_client import Client
@@ -251,12 +252,20 @@ APP_COUNTERS = (
 )
 
 
-def light_users(url: str, *, clients: int, per_client: int, size: int, steps: int, app: RunningApp | None = None):
-    """``clients`` light HTTP users (bench.load); with ``app``, what its metrics say about the same interval."""
+def light_users(
+    url: str, *, clients: int, per_client: int, size: int, steps: int, app: RunningApp | None = None
+) -> dict[str, float]:
+    """``clients`` light HTTP users (bench.load); with ``app``, what its metrics say about the same
+    interval and the CPU its web process and its worker spent per image."""
     before = {name: app.metric(name) for name in APP_COUNTERS} if app else {}
+    processes = _app_processes(app) if app else {}
+    cpu_before = {name: _cpu_seconds(process) for name, process in processes.items()}
     fields = request_fields(size=size, steps=steps)
     measured: dict[str, float] = drive_http(url, clients=clients, per_client=per_client, fields=fields)
     if app is not None:
+        requests_made = clients * per_client
+        for name, process in processes.items():
+            measured[f"{name}_cpu_seconds_per_image"] = (_cpu_seconds(process) - cpu_before[name]) / requests_made
         delta = {name: app.metric(name) - before[name] for name in APP_COUNTERS}
         images = delta["sdapp_batch_size_images_sum"]
         measured["mean_batch"] = images / max(delta["sdapp_batch_size_images_count"], 1)
@@ -264,9 +273,21 @@ def light_users(url: str, *, clients: int, per_client: int, size: int, steps: in
             delta["sdapp_pipeline_idle_while_waiting_seconds_total"] / measured["wall_s"]
         )
         # Busy seconds count denoising steps: per image finished, a request's whole denoising (its share of each step).
-        measured["denoising_seconds_per_image"] = delta["sdapp_pipeline_busy_seconds_total"] / (clients * per_client)
+        measured["denoising_seconds_per_image"] = delta["sdapp_pipeline_busy_seconds_total"] / requests_made
         measured["pipeline_busy_fraction"] = delta["sdapp_pipeline_busy_seconds_total"] / measured["wall_s"]
     return measured
+
+
+def _app_processes(app: RunningApp) -> dict[str, psutil.Process]:
+    """The app's web process and its pipeline worker."""
+    worker = app.worker()
+    found = {"web": psutil.Process(app.process.pid)}
+    return {**found, "worker": worker} if worker is not None else found
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def request_fields(*, size: int, steps: int) -> Fields:
@@ -336,7 +357,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{LOADED_USERS} images at once (target >= 0.9), {ratios['loaded_over_peer']:.2f}x the peer (target >= 1.5); "
         f"the app's worker denoises for {ours[LOADED_USERS]['denoising_seconds_per_image'] * 1000:.0f} ms per image "
         f"(mean batch {ours[LOADED_USERS]['mean_batch']:.1f}) and is busy "
-        f"{ours[LOADED_USERS]['pipeline_busy_fraction'] * 100:.0f} % of the time"
+        f"{ours[LOADED_USERS]['pipeline_busy_fraction'] * 100:.0f} % of the time; CPU per image: web process "
+        f"{ours[LOADED_USERS]['web_cpu_seconds_per_image'] * 1000:.0f} ms, worker "
+        f"{ours[LOADED_USERS].get('worker_cpu_seconds_per_image', 0) * 1000:.0f} ms"
     )
     results = {
         "machine": machine(),

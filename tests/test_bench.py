@@ -27,6 +27,7 @@ def test_serving_benchmark_quick(tmp_path: Path) -> None:
         ours = results["ours"][users]
         assert ours["images_per_s"] > 0 and ours["p95_s"] >= ours["p50_s"] > 0
         assert ours["mean_batch"] >= 1 and ours["denoising_seconds_per_image"] > 0
+        assert ours["web_cpu_seconds_per_image"] > 0 and ours["worker_cpu_seconds_per_image"] > 0
         assert 0 <= ours["idle_while_waiting_fraction"] <= 1 and 0 < ours["pipeline_busy_fraction"] <= 1
         assert results["peer"][users]["images_per_s"] > 0
     assert results["raw"]["8"]["images_per_s"] > 0 and results["raw"]["1"]["images_per_s"] > 0

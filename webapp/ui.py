@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib.util
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import gradio as gr
-from PIL import Image
 
-from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
-from webapp.form import DEFAULTED, FormField, form_defaults, generate_fields, settings_of, with_signature
-from webapp.owners import Network, caller_of
-from webapp.previews import LatestPreview
-from webapp.service import GeneratedImage, ImageService, UserFacingError
-
-GalleryItems = list[tuple[str, str]]
+from webapp.endpoints import Endpoints, GalleryItems
+from webapp.form import DEFAULTED, FormField, settings_of
+from webapp.owners import Network
+from webapp.service import ImageService
 
 # The history is a grid of thumbnails (at most ~2x112 px wide) whatever the count: left alone,
 # Gradio draws a single image as one square as wide as the page, zoomed in by its crop.
@@ -33,10 +28,6 @@ PAGE_CSS = """
    faint blurred copy of the image around and under the thumbnail strip. */
 #result-gallery .preview { backdrop-filter: none !important; background: var(--block-background-fill) !important; }
 """
-
-
-def _caption(image: dict[str, Any]) -> str:
-    return f"seed {image['seed']} · {image['width']}x{image['height']} · {image['scheduler']}"
 
 
 def _history_note(found: dict[str, Any] | None) -> str:
@@ -76,58 +67,15 @@ def build_demo(
     model recommends: the form's and the API's defaults. A page opened after a model rollout
     gets the new model's recommendations (``service.model_defaults``)."""
 
-    fields = generate_fields(limits, default_size=default_size, model_defaults=model_defaults)
-    built_with = form_defaults(limits, default_size=default_size, model=model_defaults)
-    names = [field.name for field in fields]
-
-    async def generate(*arguments: Any) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
-        *values, request, progress = arguments  # Gradio passes the request and progress after the fields
-        assert isinstance(request, gr.Request)
-        previews = LatestPreview(asyncio.get_running_loop())
-        caller = caller_of(request, secret=owner_secret, trusted_proxies=trusted_proxies)
-        running = asyncio.ensure_future(
-            service.generate(
-                dict(zip(names, values, strict=True)),
-                owner=caller.owner,
-                progress=lambda desc, done: progress(done, desc=desc),
-                on_preview=previews.put,
-                address=caller.address,
-            )
-        )
-        try:
-            async for preview in previews.until(running):  # intermediate outputs: the picture so far
-                yield _preview_output(preview)
-            images = running.result()
-        except UserFacingError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        finally:
-            running.cancel()  # Stop (the generator is closed): the request ends too
-        yield _gallery(images), {"images": [image.linked.to_api() for image in images]}
-
-    with_signature(generate, fields, summary="Generate images from a prompt, store them, return them with links.")
-
-    def check_form(*values: Any) -> list[dict[str, Any]]:
-        """Gradio's validator for /generate: a bad field is named next to its input, before the queue."""
-        error = service.invalid_field(dict(zip(names, values, strict=True)))
-        return [
-            gr.validate(error is None or error.field != name, str(error) if error is not None else "") for name in names
-        ]
-
-    def history(page: float = 1, request: gr.Request | None = None) -> tuple[GalleryItems, dict[str, Any]]:
-        """One page of your earlier images, newest first, with freshly signed links.
-
-        Args:
-            page: page number, from 1
-        """
-        assert request is not None
-        try:
-            caller = caller_of(request, secret=owner_secret, trusted_proxies=trusted_proxies)
-            found = service.history(owner=caller.owner, page=page, earlier_owner=caller.earlier_owner)
-        except UserFacingError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        records = [image.to_api() for image in found.page.images]
-        gallery = [(str(path), _caption(image)) for path, image in zip(found.png_paths, records, strict=True)]
-        return gallery, {"images": records, "page": found.page.page, "has_more": found.page.has_more}
+    endpoints = Endpoints(
+        service,
+        limits=limits,
+        default_size=default_size,
+        model_defaults=model_defaults,
+        trusted_proxies=trusted_proxies,
+        owner_secret=owner_secret,
+    )
+    fields, names, history = endpoints.fields, endpoints.names, endpoints.history
 
     skip_missing_matplotlib_probe()
     with gr.Blocks(title="sd-service · text to image", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
@@ -230,16 +178,8 @@ def build_demo(
         history_event = dict(inputs=page, outputs=[history_gallery, history_json])
         demo.load(history, **history_event, api_name="history", concurrency_limit=None)
 
-        def model_recommends() -> list[Any]:
-            """On page load: the served model's recommendations, where they changed since the page was built."""
-            now = form_defaults(limits, default_size=default_size, model=service.model_defaults)
-            return [
-                gr.skip() if getattr(now, name) == getattr(built_with, name) else getattr(now, name)
-                for name in DEFAULTED
-            ]
-
         demo.load(
-            model_recommends,
+            endpoints.model_recommends,
             outputs=[form_inputs[name] for name in DEFAULTED],
             api_name=False,
             queue=False,
@@ -248,11 +188,11 @@ def build_demo(
         form = [form_inputs[name] for name in names]
         generation = gr.on(
             [run.click, prompt.submit],
-            generate,
+            endpoints.generate(),
             inputs=form,
             outputs=[gallery, result],
             api_name="generate",
-            validator=check_form,
+            validator=endpoints.check_form,
             show_progress_on=[status],
             concurrency_limit=None,
             concurrency_id="generate",
@@ -297,21 +237,11 @@ def skip_missing_matplotlib_probe() -> None:
         sys.modules["matplotlib"] = None  # type: ignore[assignment]  # Python's "not importable" marker
 
 
-def _preview_output(preview: Preview) -> tuple[list[tuple[Image.Image, str]], dict[str, Any]]:
-    """An intermediate /generate output: the preview where the images will be, and the step it shows."""
-    caption = f"preview · step {preview.step}/{preview.total}"
-    return [(preview.picture(), caption)], {"images": [], "preview": {"step": preview.step, "total": preview.total}}
-
-
 def _clear_preview(result: dict[str, Any] | None) -> tuple[Any, Any]:
     """On Stop: a preview goes with its request; finished images stay."""
     if result and result.get("preview"):
         return [], None
     return gr.skip(), gr.skip()
-
-
-def _gallery(images: list[GeneratedImage]) -> GalleryItems:
-    return [(str(image.png_path), _caption(image.linked.to_api())) for image in images]
 
 
 def _last_seed(result: dict[str, Any] | None, current: float) -> float:

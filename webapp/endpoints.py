@@ -1,0 +1,123 @@
+"""The public API's handlers, ``/generate`` and ``/history``, and the page's load-time defaults;
+what they do lives in ``ImageService`` (webapp.service), the layout in ``webapp.ui``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from sd_pipeline.contract.jobs import Preview
+from sd_pipeline.contract.models import ModelDefaults
+from sd_pipeline.contract.request import RequestLimits
+from webapp.form import DEFAULTED, form_defaults, generate_fields, with_signature
+from webapp.owners import Network, caller_of
+from webapp.previews import LatestPreview
+from webapp.service import GeneratedImage, ImageService, UserFacingError
+
+GalleryItems = list[tuple[str, str]]
+
+
+class Endpoints:
+    """The form's fields and the handlers Gradio calls for them; one per page built."""
+
+    def __init__(
+        self,
+        service: ImageService,
+        *,
+        limits: RequestLimits,
+        default_size: int,
+        model_defaults: ModelDefaults | None,
+        trusted_proxies: Sequence[Network],
+        owner_secret: bytes | None,
+    ) -> None:
+        self.service = service
+        self.limits = limits
+        self.default_size = default_size
+        self.trusted_proxies = trusted_proxies
+        self.owner_secret = owner_secret
+        self.fields = generate_fields(limits, default_size=default_size, model_defaults=model_defaults)
+        self.names = [field.name for field in self.fields]
+        self.built_with = form_defaults(limits, default_size=default_size, model=model_defaults)
+
+    def generate(self) -> Callable[..., AsyncIterator[tuple[Any, dict[str, Any]]]]:
+        """The ``/generate`` handler, with one named, documented parameter per field (Gradio reads them)."""
+
+        async def generate(*arguments: Any) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+            *values, request, progress = arguments  # Gradio passes the request and progress after the fields
+            assert isinstance(request, gr.Request)
+            previews = LatestPreview(asyncio.get_running_loop())
+            caller = caller_of(request, secret=self.owner_secret, trusted_proxies=self.trusted_proxies)
+            running = asyncio.ensure_future(
+                self.service.generate(
+                    dict(zip(self.names, values, strict=True)),
+                    owner=caller.owner,
+                    progress=lambda desc, done: progress(done, desc=desc),
+                    on_preview=previews.put,
+                    address=caller.address,
+                )
+            )
+            try:
+                async for preview in previews.until(running):  # intermediate outputs: the picture so far
+                    yield _preview_output(preview)
+                images = running.result()
+            except UserFacingError as error:
+                raise gr.Error(str(error), print_exception=False) from None
+            finally:
+                running.cancel()  # Stop (the generator is closed): the request ends too
+            yield _gallery(images), {"images": [image.linked.to_api() for image in images]}
+
+        with_signature(
+            generate, self.fields, summary="Generate images from a prompt, store them, return them with links."
+        )
+        return generate
+
+    def check_form(self, *values: Any) -> list[dict[str, Any]]:
+        """Gradio's validator for /generate: a bad field is named next to its input, before the queue."""
+        error = self.service.invalid_field(dict(zip(self.names, values, strict=True)))
+        return [
+            gr.validate(error is None or error.field != name, str(error) if error is not None else "")
+            for name in self.names
+        ]
+
+    def history(self, page: float = 1, request: gr.Request | None = None) -> tuple[GalleryItems, dict[str, Any]]:
+        """One page of your earlier images, newest first, with freshly signed links.
+
+        Args:
+            page: page number, from 1
+        """
+        assert request is not None
+        try:
+            caller = caller_of(request, secret=self.owner_secret, trusted_proxies=self.trusted_proxies)
+            found = self.service.history(owner=caller.owner, page=page, earlier_owner=caller.earlier_owner)
+        except UserFacingError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        records = [image.to_api() for image in found.page.images]
+        gallery = [(str(path), caption(image)) for path, image in zip(found.png_paths, records, strict=True)]
+        return gallery, {"images": records, "page": found.page.page, "has_more": found.page.has_more}
+
+    def model_recommends(self) -> list[Any]:
+        """On page load: the served model's recommendations, where they changed since the page was built."""
+        now = form_defaults(self.limits, default_size=self.default_size, model=self.service.model_defaults)
+        return [
+            gr.skip() if getattr(now, name) == getattr(self.built_with, name) else getattr(now, name)
+            for name in DEFAULTED
+        ]
+
+
+def caption(image: dict[str, Any]) -> str:
+    """An image's caption in a gallery: seed, size and sampler."""
+    return f"seed {image['seed']} · {image['width']}x{image['height']} · {image['scheduler']}"
+
+
+def _preview_output(preview: Preview) -> tuple[list[tuple[Image.Image, str]], dict[str, Any]]:
+    """An intermediate /generate output: the preview where the images will be, and the step it shows."""
+    step = f"preview · step {preview.step}/{preview.total}"
+    return [(preview.picture(), step)], {"images": [], "preview": {"step": preview.step, "total": preview.total}}
+
+
+def _gallery(images: list[GeneratedImage]) -> GalleryItems:
+    return [(str(image.png_path), caption(image.linked.to_api())) for image in images]
