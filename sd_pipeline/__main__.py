@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from sd_pipeline.contract.errors import InvalidRequestError, ModelLoadError
-from sd_pipeline.contract.request import RequestLimits, TokenBudget, check_inputs
-from sd_pipeline.contract.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
+from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
+from sd_pipeline.contract.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
+from sd_pipeline.contract.samplers import SCHEDULER_NAMES
 from sd_pipeline.contract.settings import DEFAULT_MODEL, PipelineSettings
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import load_pipeline
@@ -24,12 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=512)
+    recommended = "default: the model's recommendation, else %s"
+    parser.add_argument("--steps", type=int, help=recommended % GenerationRequest.steps)
+    parser.add_argument("--guidance-scale", type=float, help=recommended % GenerationRequest.guidance_scale)
+    parser.add_argument("--width", type=int, help=recommended % "its native size (512 for SD 1.x)")
+    parser.add_argument("--height", type=int, help=recommended % "its native size")
     parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULER_NAMES)
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help=recommended % GenerationRequest.scheduler)
     parser.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     return parser
 
@@ -51,16 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_pipeline(settings)
         limits = RequestLimits(max_pixels=settings.max_pixels)
         tokens = TokenBudget.of(loaded.pipeline.tokenizer)
-        fields = {
-            "negative_prompt": args.negative_prompt,
-            "seed": args.seed,
-            "steps": args.steps,
-            "guidance_scale": args.guidance_scale,
-            "width": args.width,
-            "height": args.height,
-            "num_images": args.num_images,
-            "scheduler": args.scheduler,
-        }
+        start = recommended_request(limits, native_size=loaded.native_size, model=loaded.defaults)
+        chosen = {name: getattr(args, name) for name in RECOMMENDABLE}
+        fields = {name: getattr(start, name) if value is None else value for name, value in chosen.items()}
+        fields |= {"negative_prompt": args.negative_prompt, "seed": args.seed, "num_images": args.num_images}
         requests = [check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens) for prompt in prompts]
     except (InvalidRequestError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -9,17 +9,18 @@ import gradio as gr
 
 from harness.app_server import ROOT
 from sd_pipeline.contract.models import ModelDefaults
+from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
 from sd_pipeline.contract.request import RequestLimits
-from webapp.form import DEFAULTED, GENERAL_EXAMPLE_PROMPT, form_defaults, generate_fields
+from webapp.form import GENERAL_EXAMPLE_PROMPT, generate_fields
 from webapp.ui import build_demo
 
 
 def test_the_models_recommendations_become_the_defaults_where_they_fit() -> None:
     limits = RequestLimits(max_pixels=512 * 512)
-    plain = form_defaults(limits, default_size=64)
+    plain = recommended_request(limits, native_size=64)
     assert (plain.steps, plain.guidance_scale, plain.width, plain.height) == (25, 7.5, 64, 64)
     recommended = ModelDefaults(steps=12, guidance_scale=4.0, scheduler="UniPC", width=96)
-    chosen = form_defaults(limits, default_size=64, model=recommended)
+    chosen = recommended_request(limits, native_size=64, model=recommended)
     assert (chosen.steps, chosen.guidance_scale, chosen.scheduler, chosen.width, chosen.height) == (
         12,
         4.0,
@@ -27,7 +28,7 @@ def test_the_models_recommendations_become_the_defaults_where_they_fit() -> None
         96,
         64,
     )
-    too_big = form_defaults(limits, default_size=64, model=ModelDefaults(steps=12, width=1024, height=1024))
+    too_big = recommended_request(limits, native_size=64, model=ModelDefaults(steps=12, width=1024, height=1024))
     assert (too_big.steps, too_big.width) == (25, 64)  # beyond this app's MAX_PIXELS: the app's own defaults
     fields = {
         field.name: field.default for field in generate_fields(limits, default_size=64, model_defaults=recommended)
@@ -48,7 +49,7 @@ def test_a_page_opened_after_a_rollout_gets_the_new_models_defaults() -> None:
     skipped = type(gr.skip())
     assert all(isinstance(value, skipped) for value in recommends())  # nothing changed: nothing is touched
     service.model_defaults = ModelDefaults(steps=12, scheduler="UniPC")
-    values = dict(zip(DEFAULTED, recommends(), strict=True))
+    values = dict(zip(RECOMMENDABLE, recommends(), strict=True))
     assert (values["steps"], values["scheduler"]) == (12, "UniPC")
     assert isinstance(values["width"], skipped)  # unchanged fields are left as the user has them
     generate = next(block.fn for block in demo.fns.values() if getattr(block, "api_name", None) == "generate")
@@ -68,5 +69,5 @@ def test_the_prompt_placeholder_is_the_models_example() -> None:
     shapes = ModelDefaults.model_validate_json((ROOT / "models" / "tiny-shapes" / "model_defaults.json").read_bytes())
     assert placeholder(shapes) == "a green triangle"
     assert placeholder(None) == GENERAL_EXAMPLE_PROMPT
-    with_example = form_defaults(limits, default_size=64, model=shapes)
+    with_example = recommended_request(limits, native_size=64, model=shapes)
     assert (with_example.steps, with_example.guidance_scale) == (20, 4.0)  # the example is no form value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from sd_pipeline.contract.errors import ModelLoadError
+from sd_pipeline.contract.models import DEFAULTS_FILE
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
@@ -84,6 +87,23 @@ def test_cli_writes_pngs_from_a_prompts_file(tiny_model_dir: Path, tmp_path: Pat
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["0000-7.png", "0001-7.png"]
     assert read_png_parameters(files[1].read_bytes()).prompt == "a blue bird"
+
+
+def test_cli_starts_from_the_models_recommendations_at_its_native_size(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / DEFAULTS_FILE).write_text(json.dumps({"steps": 2, "guidance_scale": 3.0, "scheduler": "Euler"}))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sd_pipeline", "a red fox", "--model", str(model), "--out", str(out)]
+    subprocess.run([*command, "--seed", "1"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [*command, "--seed", "2", "--steps", "1", "--width", "64"], check=True, capture_output=True, timeout=120
+    )
+    recommended = read_png_parameters((out / "0000-1.png").read_bytes())
+    assert (recommended.steps, recommended.cfg_scale, recommended.sampler) == (2, 3.0, "Euler")
+    assert (recommended.width, recommended.height) == (256, 256)  # the tiny UNet's native size, not 512
+    chosen = read_png_parameters((out / "0000-2.png").read_bytes())
+    assert (chosen.steps, chosen.cfg_scale, chosen.width, chosen.height) == (1, 3.0, 64, 256)  # flags win
 
 
 def test_cli_reports_bad_input_by_field(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ from PIL import Image
 
 from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.models import ModelDefaults
+from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
 from sd_pipeline.contract.request import RequestLimits
-from webapp.form import DEFAULTED, form_defaults, generate_fields, with_signature
+from webapp.form import generate_fields, with_signature
 from webapp.owners import Network, caller_of
 from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
@@ -41,7 +42,7 @@ class Endpoints:
         self.owner_secret = owner_secret
         self.fields = generate_fields(limits, default_size=default_size, model_defaults=model_defaults)
         self.names = [field.name for field in self.fields]
-        self.built_with = form_defaults(limits, default_size=default_size, model=model_defaults)
+        self.built_with = recommended_request(limits, native_size=default_size, model=model_defaults)
 
     def generate(self) -> Callable[..., AsyncIterator[tuple[Any, dict[str, Any]]]]:
         """The ``/generate`` handler, with one named, documented parameter per field (Gradio reads them)."""
@@ -101,10 +102,10 @@ class Endpoints:
 
     def model_recommends(self) -> list[Any]:
         """On page load: the served model's recommendations, where they changed since the page was built."""
-        now = form_defaults(self.limits, default_size=self.default_size, model=self.service.model_defaults)
+        now = recommended_request(self.limits, native_size=self.default_size, model=self.service.model_defaults)
         return [
             gr.skip() if getattr(now, name) == getattr(self.built_with, name) else getattr(now, name)
-            for name in DEFAULTED
+            for name in RECOMMENDABLE
         ]
 
 

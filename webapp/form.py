@@ -6,21 +6,19 @@ descriptions, the validator, and "Load these settings". Ranges and defaults come
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
-from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.models import ModelDefaults
-from sd_pipeline.contract.request import MAX_SEED, RANDOM_SEED, GenerationRequest, RequestLimits, check_inputs
+from sd_pipeline.contract.recommended import recommended_request
+from sd_pipeline.contract.request import MAX_SEED, RANDOM_SEED, RequestLimits
 from sd_pipeline.contract.samplers import SCHEDULER_NAMES
 from webapp.components import validated_by_app
 
 REQUIRED = inspect.Parameter.empty
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,31 +37,14 @@ class FormField:
         return self.component()
 
 
-def form_defaults(limits: RequestLimits, *, default_size: int, model: ModelDefaults | None = None) -> GenerationRequest:
-    """The form's and the API's defaults: what the model recommends (its manifest or
-    ``model_defaults.json``) where it fits this app's limits, else the app's own; the size
-    defaults to the model's native side (512 for SD 1.x)."""
-    settings = (model or ModelDefaults()).model_dump(include=set(DEFAULTED))
-    recommended = {name: value for name, value in settings.items() if value is not None}
-    chosen = {"width": default_size, "height": default_size, **recommended}
-    try:
-        check_inputs({"prompt": "defaults", **chosen}, limits=limits)
-    except InvalidRequestError as error:
-        logger.warning("the model's recommended settings do not fit this app (%s); the app's defaults apply", error)
-        chosen = {"width": default_size, "height": default_size}
-    return GenerationRequest(prompt="", **chosen)
-
-
 GENERAL_EXAMPLE_PROMPT = "A lighthouse on a cliff at dusk, oil painting"  # for a model that names no example
-
-DEFAULTED = ("steps", "guidance_scale", "scheduler", "width", "height")  # the fields a model may recommend
 
 
 def generate_fields(
     limits: RequestLimits, *, default_size: int, model_defaults: ModelDefaults | None = None
 ) -> list[FormField]:
-    """/generate's inputs in API order, with the model's recommended defaults (``form_defaults``)."""
-    defaults = form_defaults(limits, default_size=default_size, model=model_defaults)
+    """/generate's inputs in API order, with the model's recommended defaults (``recommended_request``)."""
+    defaults = recommended_request(limits, native_size=default_size, model=model_defaults)
     sides = f"{limits.min_side}-{limits.max_side}, multiple of 8"
     example_prompt = (model_defaults and model_defaults.example_prompt) or GENERAL_EXAMPLE_PROMPT
 

@@ -11,11 +11,12 @@ from typing import Any
 import gradio as gr
 
 from sd_pipeline.contract.models import ModelDefaults
+from sd_pipeline.contract.recommended import RECOMMENDABLE
 from sd_pipeline.contract.request import RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
 from webapp.endpoints import Endpoints, GalleryItems
-from webapp.form import DEFAULTED, FormField, settings_of
+from webapp.form import FormField, settings_of
 from webapp.owners import Network
 from webapp.service import ImageService
 
@@ -180,7 +181,7 @@ def build_demo(
 
         demo.load(
             endpoints.model_recommends,
-            outputs=[form_inputs[name] for name in DEFAULTED],
+            outputs=[form_inputs[name] for name in RECOMMENDABLE],
             api_name=False,
             queue=False,
             show_progress="hidden",
