@@ -4,6 +4,7 @@ what they do lives in ``ImageService`` (webapp.service), the layout in ``webapp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
 
 GalleryItems = list[tuple[str, str]]
+
+STOP_WAIT_SECONDS = 10.0  # how long Stop waits for the page's generation to end before clearing anyway
 
 
 class Endpoints:
@@ -43,6 +46,8 @@ class Endpoints:
         self.fields = generate_fields(limits, default_size=default_size, model_defaults=model_defaults)
         self.names = [field.name for field in self.fields]
         self.built_with = recommended_request(limits, native_size=default_size, model=model_defaults)
+        # Per page (Gradio session): resolves when its generation ends, True if it delivered images.
+        self._generations: dict[str | None, asyncio.Future[bool]] = {}
 
     def generate(self) -> Callable[..., AsyncIterator[tuple[Any, dict[str, Any]]]]:
         """The ``/generate`` handler, with one named, documented parameter per field (Gradio reads them)."""
@@ -61,15 +66,21 @@ class Endpoints:
                     address=caller.address,
                 )
             )
+            ended = self._generation_started(request.session_hash)
             try:
                 async for preview in previews.until(running):  # intermediate outputs: the picture so far
                     yield _preview_output(preview)
                 images = running.result()
-            except UserFacingError as error:
-                raise gr.Error(str(error), print_exception=False) from None
+            except BaseException as error:  # failed, or Stop closed the generator: the request ends too
+                running.cancel()
+                self._generation_ended(request.session_hash, ended, delivered=False)
+                if isinstance(error, UserFacingError):
+                    raise gr.Error(str(error), print_exception=False) from None
+                raise
+            try:
+                yield _gallery(images), {"images": [image.linked.to_api() for image in images]}
             finally:
-                running.cancel()  # Stop (the generator is closed): the request ends too
-            yield _gallery(images), {"images": [image.linked.to_api() for image in images]}
+                self._generation_ended(request.session_hash, ended, delivered=True)
 
         with_signature(
             generate, self.fields, summary="Generate images from a prompt, store them, return them with links."
@@ -99,6 +110,30 @@ class Endpoints:
         records = [image.to_api() for image in found.page.images]
         gallery = [(str(path), caption(image)) for path, image in zip(found.png_paths, records, strict=True)]
         return gallery, {"images": records, "page": found.page.page, "has_more": found.page.has_more}
+
+    async def stop(self, result: dict[str, Any] | None, request: gr.Request) -> tuple[Any, Any]:
+        """On Stop (Gradio cancels the page's generation beside this): once that generation has
+        ended, its preview goes; finished images stay. Waiting first matters: a preview already on
+        its way when Stop was pressed would otherwise land after the clearing."""
+        ended = self._generations.get(request.session_hash)
+        delivered = False
+        if ended is not None:
+            with contextlib.suppress(TimeoutError):
+                delivered = await asyncio.wait_for(asyncio.shield(ended), timeout=STOP_WAIT_SECONDS)
+        if delivered or (result and result.get("images")):
+            return gr.skip(), gr.skip()
+        return [], None
+
+    def _generation_started(self, session: str | None) -> asyncio.Future[bool]:
+        ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._generations[session] = ended
+        return ended
+
+    def _generation_ended(self, session: str | None, ended: asyncio.Future[bool], *, delivered: bool) -> None:
+        if not ended.done():
+            ended.set_result(delivered)
+        if self._generations.get(session) is ended:
+            del self._generations[session]
 
     def model_recommends(self) -> list[Any]:
         """On page load: the served model's recommendations, where they changed since the page was built."""

@@ -31,8 +31,10 @@ class LatestPreview:
         """Each newest preview as it arrives, until ``running`` is done (its result then follows)."""
         while not running.done():
             waiting = asyncio.ensure_future(self._arrived.wait())
-            await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
+            try:
+                await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the stream is closed mid-wait (the user pressed Stop)
+                waiting.cancel()
             if self._latest is not None and not running.done():
                 preview, self._latest = self._latest, None
                 self._arrived.clear()

@@ -182,6 +182,8 @@ class ImageService:
             return wrapped.result()
         except asyncio.CancelledError:
             self.admission.cancel(request)
+            # Admission ends the request as cancelled; nobody awaits that outcome any more.
+            wrapped.add_done_callback(_consume_outcome)
             raise
         except (OutOfMemoryError, WorkerCrashedError) as error:
             raise GenerationFailedError(str(error)) from error
@@ -278,3 +280,9 @@ def _outcome_of(error: UserFacingError) -> Outcome:
     if isinstance(error, BusyError):
         return Outcome.REJECTED
     return Outcome.ERROR
+
+
+def _consume_outcome(outcome: asyncio.Future[Any]) -> None:
+    """Read an abandoned request's outcome, so asyncio does not log it as never retrieved."""
+    if not outcome.cancelled():
+        outcome.exception()

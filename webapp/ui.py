@@ -203,8 +203,14 @@ def build_demo(
             _new_images, inputs=[result, gallery], outputs=[links, *new_image], api_visibility="private"
         ).then(history, inputs=page, outputs=[history_gallery, history_json], api_visibility="private")
         gallery.select(_pick_new_image, inputs=[result, gallery], outputs=new_image, api_visibility="private")
-        stop.click(
-            _clear_preview, inputs=result, outputs=[gallery, result], cancels=[generation], api_visibility="private"
+        # Cancel first, then clear: the page dispatches a click's listeners one after another, so
+        # a clearing step that waits for the generation to end must not come before the cancel.
+        stop.click(None, cancels=[generation], api_visibility="private").then(
+            endpoints.stop,
+            inputs=result,
+            outputs=[gallery, result],
+            api_visibility="private",
+            concurrency_limit=None,  # each page's Stop waits for its own generation only
         )
         random_seed.click(lambda: -1, outputs=seed, api_visibility="private")
         reuse_seed.click(_last_seed, inputs=[result, seed], outputs=seed, api_visibility="private")
@@ -236,13 +242,6 @@ def skip_missing_matplotlib_probe() -> None:
     process's CPU under load). Marking it absent makes the same ImportError instant."""
     if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
         sys.modules["matplotlib"] = None  # type: ignore[assignment]  # Python's "not importable" marker
-
-
-def _clear_preview(result: dict[str, Any] | None) -> tuple[Any, Any]:
-    """On Stop: a preview goes with its request; finished images stay."""
-    if result and result.get("preview"):
-        return [], None
-    return gr.skip(), gr.skip()
 
 
 def _last_seed(result: dict[str, Any] | None, current: float) -> float:
