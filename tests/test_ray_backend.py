@@ -327,11 +327,15 @@ def test_a_front_end_that_deploys_nothing_waits_for_the_version_and_never_redepl
     monkeypatch.setattr(ray_backend, "REPLICA_WATCH_SECONDS", 0.01)
     deployed: list[PipelineSettings] = []
     monkeypatch.setattr(front_end, "_deploy", lambda settings, deadline: deployed.append(settings))
+    statuses = iter(["DEPLOYING", "DEPLOYING", "RUNNING"])
+    monkeypatch.setattr(front_end, "_application_status", lambda: next(statuses))
     front_end.info = BackendInfo("tiny", "cpu", "float32", 0.1, version="v1")
-    front_end._handle = DescribedReplicas(["v1", "v1", "v1", "v2"])  # the rolling update lands on the 4th look
+    # The first replica answers v2 on the 4th look, while the update still runs; it is over on the 6th.
+    front_end._handle = DescribedReplicas(["v1", "v1", "v1", "v2"])
     info = front_end.switch_model("s3://models/demo@v2")
-    assert info.version == "v2" and front_end._handle.asked == 4 and deployed == []
+    assert info.version == "v2" and front_end._handle.asked == 6 and deployed == []
     assert front_end.checker.tokens == 77
+    monkeypatch.setattr(front_end, "_application_status", lambda: "RUNNING")
     front_end._handle = DescribedReplicas(["v2"])
     front_end.plan = dataclasses.replace(plan, start_timeout=0.05)
     with pytest.raises(ModelLoadError, match="did not reach version v3"):

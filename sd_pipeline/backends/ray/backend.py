@@ -171,8 +171,8 @@ class RayBackend:
         tokens = token_budget(settings)  # fetches and verifies a version from S3 first
         target = pinned_version(model)
         if target and self.info is not None:
-            serving = self._describe(timeout=30)
-            if serving.version == target:  # another front end rolled it out already
+            serving = self._serving(target, timeout=30)
+            if serving is not None:  # another front end rolled it out already
                 self.settings, self.info, self.checker.tokens = settings, serving, tokens
                 return serving
         deadline = time.monotonic() + self.plan.start_timeout
@@ -200,8 +200,8 @@ class RayBackend:
         if not target:
             raise ModelLoadError("with RAY_DEPLOY=never a front end follows published versions only (s3://...@VERSION)")
         while True:
-            info = self._describe(timeout=max(1.0, deadline - time.monotonic()))
-            if info.version == target:
+            info = self._serving(target, timeout=max(1.0, deadline - time.monotonic()))
+            if info is not None:
                 return info
             if time.monotonic() > deadline or self._closing.wait(REPLICA_WATCH_SECONDS):
                 raise ModelLoadError(
@@ -247,6 +247,19 @@ class RayBackend:
         target = serve.RunTarget(target=application, name=APP_NAME, route_prefix=None)
         (self._handle,) = serve.run_many([target], wait_for_applications_running=False)
         self._wait_until_running(deadline)
+
+    def _serving(self, target: str, *, timeout: float) -> BackendInfo | None:
+        """The replicas' description once all of them serve ``target``, else None: one replica
+        says so and Serve's rolling update is over (mid-update, one new replica may answer for all)."""
+        info = self._describe(timeout=timeout)
+        return info if info.version == target and self._application_status() == "RUNNING" else None
+
+    def _application_status(self) -> str:
+        """Serve's status of the pipeline application (DEPLOYING while a rolling update runs)."""
+        from ray import serve
+
+        status: str = serve.status().applications[APP_NAME].status
+        return status
 
     def _describe(self, *, timeout: float) -> BackendInfo:
         from ray.exceptions import GetTimeoutError
