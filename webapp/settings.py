@@ -13,8 +13,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sd_pipeline.contract.models import ModelStore, is_s3_model
 from sd_pipeline.contract.plans import DEFAULT_STALL_SECONDS, DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
-from sd_pipeline.contract.request import RequestLimits
-from sd_pipeline.contract.settings import DEFAULT_MODEL, DeviceName, DtypeName, PipelineSettings, PreviewName
+from sd_pipeline.contract.request import DEFAULT_MAX_PIXELS, RequestLimits
+from sd_pipeline.contract.settings import (
+    DEFAULT_MODEL,
+    DEFAULT_PREVIEW_INTERVAL,
+    DeviceName,
+    DtypeName,
+    PipelineSettings,
+    PreviewName,
+)
 from sd_pipeline.contract.simulation import SimulatedAccelerator
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
 from webapp.owners import parse_networks
@@ -88,9 +95,11 @@ class Settings(BaseSettings):
         None, description="local folder of a diffusers AutoencoderTiny (e.g. madebyollin/taesd), for SD_PREVIEW=taesd"
     )
     preview_interval_seconds: float = Field(
-        0.5, gt=0, description="at most one preview per request this often (and only after a new step)"
+        DEFAULT_PREVIEW_INTERVAL,
+        gt=0,
+        description="at most one preview per request this often (and only after a new step)",
     )
-    max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="largest width x height accepted")
     sd_simulated_gpu: str | None = Field(
         None,
         description="benchmarks only: each UNet/VAE call lasts a modelled accelerator's time, "

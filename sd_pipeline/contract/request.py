@@ -19,6 +19,7 @@ from sd_pipeline.contract.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
 ALLOWED_CONTROL_CHARACTERS = {"\n", "\t"}
+DEFAULT_MAX_PIXELS = 1024 * 1024  # largest width x height accepted unless MAX_PIXELS says otherwise
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class RequestLimits:
     max_guidance: float = 30.0
     min_side: int = 64
     max_side: int = 1024
-    max_pixels: int = 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_images: int = 4
 
 

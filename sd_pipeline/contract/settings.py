@@ -7,9 +7,11 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from sd_pipeline.contract.models import ModelStore, PreviewMethod
+from sd_pipeline.contract.request import DEFAULT_MAX_PIXELS
 from sd_pipeline.contract.simulation import SimulatedAccelerator
 
 DEFAULT_MODEL = "OFA-Sys/small-stable-diffusion-v0"
+DEFAULT_PREVIEW_INTERVAL = 0.5  # seconds between two previews of one request
 
 DeviceName = Literal["auto", "cuda", "mps", "cpu"]
 PreviewName = Literal["auto", PreviewMethod]  # auto: what the model recommends, else approx
@@ -17,7 +19,11 @@ DtypeName = Literal["auto", "float16", "bfloat16", "float32"]
 
 
 class PipelineSettings(BaseModel):
-    """How to load the model and which speedups to apply."""
+    """How to load the model and which speedups to apply.
+
+    The defaults suit one-off use (the command line, tests, benchmarks): no warm-up and no
+    previews. The app's ``Settings`` (webapp/settings.py) serve with both on (SD_WARMUP, SD_PREVIEW)
+    and build these through ``Settings.pipeline()``."""
 
     model: str = Field(
         DEFAULT_MODEL, description="Hugging Face model id, local pipeline folder, or s3://BUCKET/PREFIX@VERSION"
@@ -38,14 +44,16 @@ class PipelineSettings(BaseModel):
     )
     channels_last: bool = Field(False, description="channels-last memory format for the UNet and VAE")
     fuse_qkv: bool = Field(False, description="fuse attention q/k/v projections")
-    max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="largest width x height accepted")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="largest width x height accepted")
     preview: PreviewName = Field(
         "off",
         description="live previews: approx (a linear map of the latents), taesd (a tiny decoder), full (the VAE), "
         "off, or auto (the model's recommendation in model_defaults.json, else approx)",
     )
     preview_decoder: str | None = Field(None, description="folder of a diffusers AutoencoderTiny (for taesd)")
-    preview_interval: float = Field(0.5, gt=0, description="seconds between two previews of one request")
+    preview_interval: float = Field(
+        DEFAULT_PREVIEW_INTERVAL, gt=0, description="seconds between two previews of one request"
+    )
     simulated_gpu: str | None = Field(
         None, description="benchmarks only: model each UNet/VAE call's time, e.g. 'unet=32.6+1.1*n,vae=13*n' or 'h200'"
     )

@@ -39,6 +39,7 @@ from sd_pipeline.contract.facts import GenerationObserver
 from sd_pipeline.contract.jobs import GenerationResult, JobOutcome, Preview, Timings
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.contract.settings import DEFAULT_PREVIEW_INTERVAL
 from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
 from sd_pipeline.model.previews import Previewer, predicted_clean
@@ -105,7 +106,7 @@ class StepEngine:
         max_batch_images: int = 8,
         observer: GenerationObserver | None = None,
         previewer: Previewer | None = None,
-        preview_interval: float = 0.5,
+        preview_interval: float = DEFAULT_PREVIEW_INTERVAL,
         threads: ThreadTuner | None = None,
     ) -> None:
         self.loaded = loaded
