@@ -22,6 +22,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -328,14 +329,14 @@ def test_a_front_end_that_deploys_nothing_waits_for_the_version_and_never_redepl
     deployed: list[PipelineSettings] = []
     monkeypatch.setattr(front_end, "_deploy", lambda settings, deadline: deployed.append(settings))
     statuses = iter(["DEPLOYING", "DEPLOYING", "RUNNING"])
-    monkeypatch.setattr(front_end, "_application_status", lambda: next(statuses))
+    monkeypatch.setattr(front_end, "_application", lambda: SimpleNamespace(status=next(statuses)))
     front_end.info = BackendInfo("tiny", "cpu", "float32", 0.1, version="v1")
     # The first replica answers v2 on the 4th look, while the update still runs; it is over on the 6th.
     front_end._handle = DescribedReplicas(["v1", "v1", "v1", "v2"])
     info = front_end.switch_model("s3://models/demo@v2")
     assert info.version == "v2" and front_end._handle.asked == 6 and deployed == []
     assert front_end.checker.tokens == 77
-    monkeypatch.setattr(front_end, "_application_status", lambda: "RUNNING")
+    monkeypatch.setattr(front_end, "_application", lambda: SimpleNamespace(status="RUNNING"))
     front_end._handle = DescribedReplicas(["v2"])
     front_end.plan = dataclasses.replace(plan, start_timeout=0.05)
     with pytest.raises(ModelLoadError, match="did not reach version v3"):

@@ -252,14 +252,14 @@ class RayBackend:
         """The replicas' description once all of them serve ``target``, else None: one replica
         says so and Serve's rolling update is over (mid-update, one new replica may answer for all)."""
         info = self._describe(timeout=timeout)
-        return info if info.version == target and self._application_status() == "RUNNING" else None
+        return info if info.version == target and self._application().status == "RUNNING" else None
 
-    def _application_status(self) -> str:
-        """Serve's status of the pipeline application (DEPLOYING while a rolling update runs)."""
+    def _application(self) -> Any:
+        """Serve's status of the pipeline application (``status`` is DEPLOYING while a rolling
+        update runs; ``deployments`` has the replica counts)."""
         from ray import serve
 
-        status: str = serve.status().applications[APP_NAME].status
-        return status
+        return serve.status().applications[APP_NAME]
 
     def _describe(self, *, timeout: float) -> BackendInfo:
         from ray.exceptions import GetTimeoutError
@@ -314,10 +314,8 @@ class RayBackend:
 
     def _wait_until_running(self, deadline: float) -> None:
         """Until the application runs: a clear error if its deployment failed or the deadline passed."""
-        from ray import serve
-
         while time.monotonic() < deadline:
-            status = serve.status().applications[APP_NAME]
+            status = self._application()
             if status.status == "RUNNING":
                 return
             if status.status == "DEPLOY_FAILED":
@@ -336,10 +334,8 @@ class RayBackend:
 
     def _look_at_replicas(self) -> None:
         """The replica counts by state, for readiness and the metrics."""
-        from ray import serve
-
         try:
-            deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+            deployment = self._application().deployments[DEPLOYMENT_NAME]
         except Exception as error:  # noqa: BLE001 - any failure to ask Ray is a readiness problem
             self._replica_problem = f"Ray Serve status unavailable: {type(error).__name__}"
             if self.observer is not None:
