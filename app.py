@@ -185,6 +185,7 @@ def report_model(metrics: Metrics, info: BackendInfo) -> None:
         dtype=info.dtype,
         seconds=info.load_seconds,
         simulated=info.simulated,
+        family=info.family,
     )
 
 

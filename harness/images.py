@@ -32,14 +32,15 @@ def assert_same_image(first: Any, second: Any, *, tolerance: int = SAME_IMAGE_TO
 
 
 def pipeline_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:
-    """``StableDiffusionPipeline.__call__`` with the request's settings and one generator per image."""
+    """The pipeline's own ``__call__`` with the request's settings and one generator per image (an empty
+    negative prompt is no negative prompt, as the service reads it)."""
     pipeline = loaded.pipeline
     saved = pipeline.scheduler
     pipeline.scheduler = make_scheduler(request.scheduler, saved.config)
     try:
         output = pipeline(
             prompt=[request.prompt] * request.num_images,
-            negative_prompt=[request.negative_prompt] * request.num_images,
+            negative_prompt=[request.negative_prompt] * request.num_images if request.negative_prompt else None,
             width=request.width,
             height=request.height,
             num_inference_steps=request.steps,

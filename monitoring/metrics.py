@@ -152,7 +152,7 @@ class Metrics:
             registry=r,
         )
         self.model_load = Gauge(f"{PREFIX}model_load_seconds", "Time the model took to load", registry=r)
-        self.model_info = Info(f"{PREFIX}model", "The model served, its version, device and dtype", registry=r)
+        self.model_info = Info(f"{PREFIX}model", "The model served, its family, version, device and dtype", registry=r)
         self.model_rollouts = Counter(
             f"{PREFIX}model_rollouts",
             "Model versions rolled out (succeeded) or refused (the old version kept serving)",
@@ -190,6 +190,7 @@ class Metrics:
         version: str = "",
         model_hash: str = "",
         simulated: str = "",
+        family: str = "",
     ) -> None:
         """The model in service (again after each rollout); ``simulated``: the modelled accelerator, if any."""
         self.model_load.set(seconds)
@@ -201,6 +202,7 @@ class Metrics:
                 "device": device,
                 "dtype": dtype,
                 "simulated": simulated,
+                "family": family,
             }
         )
 

@@ -1,6 +1,6 @@
-"""Build a tiny Stable Diffusion pipeline with random weights, for offline tests and demos.
+"""Build tiny pipelines (SD, SDXL) with random weights, for offline tests and demos.
 
-Usage: ``python -m sd_pipeline.tiny DIR`` writes a pipeline folder that the normal loader
+Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sdxl]`` writes a pipeline folder that the normal loader
 accepts (``--model DIR``). The images are noise: it exists to exercise the product, not to
 draw pictures.
 """
@@ -96,21 +96,23 @@ TINY_TEXT: dict[str, Any] = {
 }
 
 
-def random_pipeline(*, unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any], seed: int = 0) -> Any:
-    """An SD pipeline (a ``StableDiffusionPipeline``) with random weights, built from component configs."""
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tokenizer() -> Any:
+    """A character-level CLIP tokenizer, built offline."""
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tokenizer_dir:
         write_tokenizer_files(Path(tokenizer_dir))
-        tokenizer = CLIPTokenizer(
+        return CLIPTokenizer(
             vocab=str(Path(tokenizer_dir) / "vocab.json"),
             merges=str(Path(tokenizer_dir) / "merges.txt"),
             model_max_length=TOKEN_LIMIT,
         )
-    text_config = CLIPTextConfig(
+
+
+def _text_config(tokenizer: Any, text: dict[str, Any]) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         **{
             "bos_token_id": len(tokenizer) - 2,
             "eos_token_id": len(tokenizer) - 1,
@@ -120,16 +122,81 @@ def random_pipeline(*, unet: dict[str, Any], vae: dict[str, Any], text: dict[str
             **text,
         }
     )
-    scheduler = DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG)
+
+
+def random_pipeline(
+    *,
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    text: dict[str, Any],
+    seed: int = 0,
+    scheduler: dict[str, Any] = SD_SCHEDULER_CONFIG,
+) -> Any:
+    """An SD pipeline (a ``StableDiffusionPipeline``) with random weights, built from component configs."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel(**unet),
         vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModel(text_config),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, text)),
         tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=DPMSolverMultistepScheduler.from_config(scheduler),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+# SD 2.1's shape where it differs from 1.x: v-prediction (scheduler), attention upcast and linear
+# projections (UNet), 768 px native size (96 x 8).
+SD2_SCHEDULER_CONFIG: dict[str, Any] = {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+SD2_UNET: dict[str, Any] = {**TINY_UNET, "upcast_attention": True, "use_linear_projection": True, "sample_size": 96}
+
+
+# SDXL's shape in small: two text encoders (the second with a projection whose output is the pooled
+# text), their hidden states side by side as cross-attention context (32 + 32), and the UNet's
+# "text_time" added embedding of 6 size ids x 8 plus the 32-wide pooled text (diffusers' SDXL tests).
+TINY_SDXL_UNET: dict[str, Any] = {
+    **TINY_UNET,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": (1, 2),
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "cross_attention_dim": 64,
+}
+TINY_SDXL_TEXT: dict[str, Any] = {**TINY_TEXT, "projection_dim": 32}
+# SDXL 1.0 base's scheduler_config.json (less its class).
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    **SD_SCHEDULER_CONFIG,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+}
+
+
+def random_sdxl_pipeline(*, seed: int = 0) -> Any:
+    """An SDXL pipeline (a ``StableDiffusionXLPipeline``) with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    return StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(**TINY_SDXL_UNET),
+        vae=AutoencoderKL(**TINY_VAE, sample_size=128, force_upcast=True),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, TINY_SDXL_TEXT)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, TINY_SDXL_TEXT)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
 
 
@@ -142,6 +209,7 @@ def save_random_pipeline(
     return folder
 
 
+# SD kinds: their UNet and VAE configs.
 KINDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "tiny": (TINY_UNET, TINY_VAE),
     "heavy": (HEAVY_UNET, TINY_VAE),
@@ -149,8 +217,22 @@ KINDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny") -> Path:
-    """Create a small random SD pipeline (``kind``: tiny, heavy or micro) and ``save_pretrained`` it into ``folder``."""
+FAMILIES = ("sd", "sd2", "sdxl")
+
+
+def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny", family: str = "sd") -> Path:
+    """Create a small random pipeline and ``save_pretrained`` it into ``folder``: ``family`` sd (1.x), sd2
+    (v-prediction, 768 native) or sdxl; for sd, ``kind`` tiny, heavy (compute dominates) or micro."""
+    folder = Path(folder)
+    if family == "sdxl":
+        random_sdxl_pipeline(seed=seed).save_pretrained(folder)
+        return folder
+    if family == "sd2":
+        pipeline = random_pipeline(
+            unet=SD2_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=seed, scheduler=SD2_SCHEDULER_CONFIG
+        )
+        pipeline.save_pretrained(folder)
+        return folder
     unet, vae = KINDS[kind]
     return save_random_pipeline(folder, unet=unet, vae=vae, text=TINY_TEXT, seed=seed)
 
@@ -160,11 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="where to write the pipeline")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument("--family", choices=FAMILIES, default="sd", help="the model family (pipeline class)")
     parser.add_argument(
-        "--kind", choices=sorted(KINDS), default="tiny", help="heavy: compute dominates; micro: nearly free modules"
+        "--kind", choices=sorted(KINDS), default="tiny", help="sd only: heavy: compute dominates; micro: nearly free"
     )
     args = parser.parse_args(argv)
-    path = build_tiny_pipeline(args.folder, seed=args.seed, kind=args.kind)
+    path = build_tiny_pipeline(args.folder, seed=args.seed, kind=args.kind, family=args.family)
     print(f"tiny pipeline written to {path}; run: python app.py --model {path}")
 
 

@@ -40,6 +40,17 @@ def tiny_loaded(tiny_model_dir: Path) -> LoadedPipeline:
     return load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL pipeline (two text encoders, size ids) written with save_pretrained."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def sdxl_loaded(tiny_sdxl_dir: Path) -> LoadedPipeline:
+    return load_pipeline(PipelineSettings(model=str(tiny_sdxl_dir), device="cpu"))
+
+
 @pytest.fixture()
 def engine(tiny_loaded: LoadedPipeline) -> StepEngine:
     return StepEngine(tiny_loaded)

@@ -195,7 +195,7 @@ def test_metrics_move_with_real_traffic_and_pass_promtool(s3_app: RunningApp, tm
     exposition = requests.get(f"{s3_app.metrics_url}/metrics", timeout=10).text
     # A plain folder has no published version or hash (a model from S3 does: tests/test_rollout_app.py),
     # and the real device is not simulated (SD_SIMULATED_GPU).
-    info = r'sdapp_model_info\{device="cpu",dtype="float32",hash="",model="[^"]+",simulated="",version=""\}'
+    info = r'sdapp_model_info\{device="cpu",dtype="float32",family="sd",hash="",model="[^"]+",simulated="",version=""\}'
     assert re.search(info, exposition)
     assert "process_resident_memory_bytes" in exposition
     checked = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)

@@ -20,8 +20,9 @@ from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.families.base import SD15_LATENT_RGB
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
-from sd_pipeline.model.previews import SD15_LATENT_RGB, DecoderPreview, LinearPreview, load_previewer
+from sd_pipeline.model.previews import DecoderPreview, LinearPreview, load_previewer
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.adherence import read_picture
 

@@ -34,6 +34,7 @@ class BackendInfo:
     model_hash: str = ""  # short hash of the version's manifest, as PNGs carry it ("Model hash:")
     defaults: ModelDefaults = field(default_factory=ModelDefaults)  # what the model recommends
     simulated: str = ""  # the modelled accelerator (SD_SIMULATED_GPU, benchmarks only); "" for the real device
+    family: str = "sd"  # the model family read from the model's folder: sd (1.x, 2.x) or sdxl
 
     @property
     def label(self) -> str:

@@ -4,12 +4,13 @@ A diffusers pipeline call runs a batch from first step to last, so a request tha
 step into a 60-step call waits for all 60 steps, and requests with different steps, guidance
 or samplers never share a call. ``StepEngine`` keeps a set of active requests and, between
 two denoising steps, admits waiting ones and drops finished and cancelled ones.
-Each step is one UNet call over every active image of one size, with a timestep per image,
-classifier-free guidance only for the images that use it, and each request's own scheduler
-stepping its own slice. The math is the diffusers pipeline's own parts: ``encode_prompt``,
-``randn_tensor`` latents with each image's generator, each scheduler's ``set_timesteps`` /
-``scale_model_input`` / ``step``, the VAE, ``run_safety_checker`` and the image processor, so
-a request alone gives ``StableDiffusionPipeline.__call__``'s image.
+Each step is one denoiser call over every active image of one size, with a timestep and a
+conditioning per image, classifier-free guidance only for the images that use it, and each
+request's own scheduler stepping its own slice. What differs between model families (text
+encoders, extra conditioning, latents, the denoiser's inputs, decoding) is asked of the
+model's family (``sd_pipeline.model.families``), whose answers are the diffusers pipeline's own
+parts; with each scheduler's ``set_timesteps`` / ``scale_model_input`` / ``step`` and the image
+processor, a request alone gives that pipeline's ``__call__`` image.
 
 The engine is driven by whoever owns the model (``sd_pipeline.backends.engine_loop`` in the
 worker process and in each Ray replica): ``submit`` from any thread, ``step`` in a loop on the
@@ -32,7 +33,6 @@ from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryError
 from sd_pipeline.contract.facts import GenerationObserver
@@ -41,6 +41,7 @@ from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import DEFAULT_PREVIEW_INTERVAL
 from sd_pipeline.model.failures import Failure, classify
+from sd_pipeline.model.families import Conditioning, join_rows, split_rows
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
 from sd_pipeline.model.previews import Previewer, predicted_clean
 from sd_pipeline.model.schedulers import make_scheduler
@@ -66,8 +67,8 @@ class _Active:
     scheduler: SchedulerMixin
     timesteps: torch.Tensor
     latents: torch.Tensor
-    prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
+    positive: Conditioning
+    negative: Conditioning | None  # None: no classifier-free guidance
     step_kwargs: dict[str, Any]
     admitted_at: float
     last_stepped_at: float
@@ -89,7 +90,7 @@ class _Active:
 
     @property
     def unet_samples(self) -> int:
-        return self.images * (2 if self.negative_embeds is not None else 1)
+        return self.images * (2 if self.negative is not None else 1)
 
     @property
     def finished(self) -> bool:
@@ -212,42 +213,34 @@ class StepEngine:
             self._start(admitted)
 
     def _start(self, admitted: list[_Waiting]) -> None:
-        """Encode every admitted prompt and negative prompt in one text-encoder call; draw latents."""
-        pipeline = self.loaded.pipeline
+        """Encode every admitted prompt and negative prompt together; draw each request's latents."""
+        family = self.loaded.family
         device = self.loaded.device
         requests = [waiting.job.inputs for waiting in admitted]
-        texts = [r.prompt for r in requests] + [r.negative_prompt for r in requests]
         try:
             with torch.no_grad():
-                embeds, _ = pipeline.encode_prompt(texts, device, 1, False)
+                positives, negatives = family.encode(
+                    [r.prompt for r in requests], [r.negative_prompt for r in requests], device
+                )
         except Exception as error:  # noqa: BLE001 - classified; every admitted job gets the error
             self._fail_all(admitted, error)
             return
         now = time.perf_counter()
-        for number, waiting in enumerate(admitted):
+        for waiting, positive, negative in zip(admitted, positives, negatives, strict=True):
             request = waiting.job.inputs
             scheduler = make_scheduler(request.scheduler, self._base_config)
-            scheduler.set_timesteps(request.steps, device=device)
+            family.set_timesteps(scheduler, request, device)
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds()]
-            shape = (
-                request.num_images,
-                pipeline.unet.config.in_channels,
-                request.height // pipeline.vae_scale_factor,
-                request.width // pipeline.vae_scale_factor,
-            )
-            latents = randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype)
-            guided = request.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
-            positive = embeds[number : number + 1].expand(request.num_images, -1, -1)
-            negative = embeds[len(admitted) + number : len(admitted) + number + 1].expand(request.num_images, -1, -1)
+            latents = family.initial_latents(request, generators, scheduler, device=device, dtype=self.loaded.dtype)
             self._active.append(
                 _Active(
                     job=waiting.job,
                     done=waiting.done,
                     scheduler=scheduler,
                     timesteps=scheduler.timesteps,
-                    latents=latents * scheduler.init_noise_sigma,
-                    prompt_embeds=positive,
-                    negative_embeds=negative if guided else None,
+                    latents=latents,
+                    positive=family.conditioning(request, positive),
+                    negative=family.conditioning(request, negative) if family.guided(request) else None,
                     step_kwargs=_step_kwargs(scheduler, generators),
                     admitted_at=waiting.submitted_at,
                     last_stepped_at=waiting.submitted_at,
@@ -315,26 +308,24 @@ class StepEngine:
             return classify(error)
 
     def _unet_step_unguarded(self, group: list[_Active], chunks: int) -> None:
-        unet = self.loaded.pipeline.unet
-        inputs, contexts, timesteps = [], [], []
+        family = self.loaded.family
+        inputs, conditions, timesteps = [], [], []
         for active in group:
             t = active.timesteps[active.step]
-            negative = active.negative_embeds
+            negative = active.negative
             sample = active.latents if negative is None else torch.cat([active.latents] * 2)
             inputs.append(active.scheduler.scale_model_input(sample, t))
-            contexts.append(active.prompt_embeds if negative is None else torch.cat([negative, active.prompt_embeds]))
+            conditions.append(active.positive if negative is None else join_rows([negative, active.positive]))
             timesteps.append(t.reshape(1).expand(sample.shape[0]))
         pieces = zip(
             torch.cat(inputs).tensor_split(chunks),
             torch.cat(timesteps).tensor_split(chunks),
-            torch.cat(contexts).tensor_split(chunks),
+            split_rows(join_rows(conditions), chunks),
             strict=True,
         )
-        noise = torch.cat(
-            [unet(sample, t, encoder_hidden_states=context, return_dict=False)[0] for sample, t, context in pieces]
-        )
+        noise = torch.cat([family.denoise(sample, t, condition) for sample, t, condition in pieces])
         for active, predicted in zip(group, torch.split(noise, [a.unet_samples for a in group]), strict=True):
-            if active.negative_embeds is not None:
+            if active.negative is not None:
                 uncond, text = predicted.chunk(2)
                 predicted = uncond + active.job.inputs.guidance_scale * (text - uncond)
             t = active.timesteps[active.step]
@@ -394,13 +385,10 @@ class StepEngine:
             )
 
     def _decode(self, finished: list[_Active]) -> tuple[list[Any], list[bool]]:
-        pipeline = self.loaded.pipeline
         latents = torch.cat([active.latents for active in finished])
         with torch.no_grad():
-            decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
-            decoded, nsfw = pipeline.run_safety_checker(decoded, self.loaded.device, finished[0].prompt_embeds.dtype)
-        flags = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * decoded.shape[0]
-        images = pipeline.image_processor.postprocess(
+            decoded, flags = self.loaded.family.decode(latents, self.loaded.device)
+        images = self.loaded.pipeline.image_processor.postprocess(
             decoded, output_type="pil", do_denormalize=[not flag for flag in flags]
         )
         return images, flags

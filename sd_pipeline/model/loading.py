@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion pipeline from a Hugging Face id, a local folder or a published S3 version."""
+"""Load a diffusers pipeline of a served family from a Hugging Face id, a local folder or a published S3 version."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -19,6 +20,7 @@ from sd_pipeline.contract.backend import BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.settings import DeviceName, DtypeName, PipelineSettings
+from sd_pipeline.model.families import Family, family_of, served_classes
 from sd_pipeline.model.simulated import simulate_accelerator
 from sd_pipeline.versions.resolve import ResolvedModel, resolve_model
 
@@ -31,7 +33,8 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 class LoadedPipeline:
     """A pipeline on its device, with what was chosen and how long loading took."""
 
-    pipeline: StableDiffusionPipeline
+    pipeline: Any  # a diffusers pipeline of a served family
+    family: Family
     model: str
     device: torch.device
     dtype: torch.dtype
@@ -64,6 +67,7 @@ class LoadedPipeline:
             model_hash=self.model_hash,
             defaults=self.defaults,
             simulated=self.simulated,
+            family=self.family.name,
         )
 
 
@@ -101,26 +105,48 @@ def resolve_dtype(name: DtypeName, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _from_pretrained(settings: PipelineSettings, source: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    extra = {} if settings.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+def _load_error(settings: PipelineSettings, error: Exception) -> ModelLoadError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(
+        f"cannot load model '{settings.model}': {reason[:300]}. Set SD_MODEL (or --model) to a local "
+        "pipeline folder (for an offline try: python -m sd_pipeline.tiny ./tiny-model), or check the "
+        "Hugging Face id and that the Hub is reachable."
+    )
+
+
+def family_in(settings: PipelineSettings, source: str) -> type[Family]:
+    """The family of the pipeline in ``source``, read from its ``model_index.json``; a class no family
+    serves is a one-line ``ModelLoadError`` naming it and the served ones."""
+    try:
+        index = DiffusionPipeline.load_config(source)
+    except (OSError, ValueError, HfHubHTTPError) as error:
+        raise _load_error(settings, error) from error
+    pipeline_class = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+    family = family_of(pipeline_class)
+    if family is None:
+        raise ModelLoadError(
+            f"cannot serve model '{settings.model}': its pipeline is {pipeline_class or 'of no named class'}, "
+            f"and this service serves {served_classes()}"
+        )
+    return family
+
+
+def _from_pretrained(settings: PipelineSettings, source: str, dtype: torch.dtype) -> tuple[Any, Family]:
     if settings.model.startswith((".", "/", "~")) and not Path(settings.model).expanduser().is_dir():
         raise ModelLoadError(
             f"cannot load model '{settings.model}': no such folder. Set SD_MODEL (or --model) to a folder made by "
             "save_pretrained (for an offline try: python -m sd_pipeline.tiny ./tiny-model) or to a Hugging Face id."
         )
+    family = family_in(settings, source)
+    options = family.load_options(safety_checker=settings.safety_checker)
     try:
-        pipeline: StableDiffusionPipeline = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, **extra)
+        pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, **options)
     except (OSError, ValueError, HfHubHTTPError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(
-            f"cannot load model '{settings.model}': {reason[:300]}. Set SD_MODEL (or --model) to a local "
-            "pipeline folder (for an offline try: python -m sd_pipeline.tiny ./tiny-model), or check the "
-            "Hugging Face id and that the Hub is reachable."
-        ) from error
-    return pipeline
+        raise _load_error(settings, error) from error
+    return pipeline, family(pipeline)
 
 
-def apply_speedups(pipeline: StableDiffusionPipeline, settings: PipelineSettings, device: torch.device) -> None:
+def apply_speedups(pipeline: Any, settings: PipelineSettings, device: torch.device) -> None:
     """Zero-cost speedups on by default on CUDA; the optional ones only when asked for.
 
     cuDNN benchmarking stays off unless asked for: it times algorithms again for every new
@@ -175,7 +201,7 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
     dtype = resolve_dtype(settings.dtype, device)
     started = time.perf_counter()
     resolved: ResolvedModel = resolve_model(settings.model, settings.model_store)
-    pipeline = _from_pretrained(settings, resolved.source, dtype)
+    pipeline, family = _from_pretrained(settings, resolved.source, dtype)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     apply_speedups(pipeline, settings, device)
@@ -184,9 +210,10 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
         simulate_accelerator(pipeline, simulation)
     load_seconds = time.perf_counter() - started
     label = f"{resolved.name}@{resolved.version}" if resolved.version else settings.model
-    logger.info("loaded %s on %s (%s) in %.1fs", label, device, dtype, load_seconds)
+    logger.info("loaded %s (%s) on %s (%s) in %.1fs", label, family.title, device, dtype, load_seconds)
     return LoadedPipeline(
         pipeline=pipeline,
+        family=family,
         model=resolved.name,
         device=device,
         dtype=dtype,

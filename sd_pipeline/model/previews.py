@@ -3,8 +3,8 @@
 Made where the latents are (the worker process, a Ray replica), for the images due a preview on
 the same step together, and encoded small: never the latents themselves.
 
-- ``approx``: a linear map from the 4 latent channels to RGB (plus a bias). For SD 1.x the
-  published factors (ComfyUI's ``comfy/latent_formats.py``, class ``SD15``; the same idea as
+- ``approx``: a linear map from the latent channels to RGB (plus a bias). Each model family
+  carries the published factors of its latent format (``Family.latent_rgb``; the same idea as
   AUTOMATIC1111's "Approx cheap" preview); a model folder may carry its own in ``latent_rgb.json``
   (the shapes model's are fitted by ``python -m sd_pipeline.shapes fit-preview``). The picture is
   the latents' size (1/8 of the image per side): a PNG of a few hundred bytes to a few KB.
@@ -34,13 +34,6 @@ from sd_pipeline.model.loading import LoadedPipeline
 logger = logging.getLogger(__name__)
 
 LATENT_RGB_FILE = "latent_rgb.json"
-# SD 1.x latents (scaled by the VAE's 0.18215) to RGB in [-1, 1]: ComfyUI, comfy/latent_formats.py, SD15.
-SD15_LATENT_RGB = (
-    (0.3512, 0.2297, 0.3227),
-    (0.3250, 0.4974, 0.2350),
-    (-0.2829, 0.1762, 0.2721),
-    (-0.2120, -0.2616, -0.7177),
-)
 DECODED_SIDE = 256
 JPEG_QUALITY = 80
 
@@ -59,13 +52,14 @@ class LinearPreview:
         self.bias = bias.float()  # (3,)
 
     @classmethod
-    def for_model(cls, source: str) -> LinearPreview:
-        """The factors a model folder carries in ``latent_rgb.json``, else SD 1.x's."""
-        path = Path(source) / LATENT_RGB_FILE
+    def for_model(cls, loaded: LoadedPipeline) -> LinearPreview:
+        """The factors a model folder carries in ``latent_rgb.json``, else its family's."""
+        path = Path(loaded.source) / LATENT_RGB_FILE
         if path.is_file():
             fitted = json.loads(path.read_text())
             return cls(torch.tensor(fitted["factors"]), torch.tensor(fitted["bias"]))
-        return cls(torch.tensor(SD15_LATENT_RGB), torch.zeros(3))
+        family = loaded.family
+        return cls(torch.tensor(family.latent_rgb), torch.tensor(family.latent_rgb_bias))
 
     def render(self, latents: torch.Tensor) -> list[bytes]:
         rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), self.factors) + self.bias
@@ -97,7 +91,7 @@ def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previe
     if method == "off":
         return None
     if method == "approx":
-        return LinearPreview.for_model(loaded.source)
+        return LinearPreview.for_model(loaded)
     if method == "full":
         vae = loaded.pipeline.vae
         return DecoderPreview(vae, latent_scale=float(vae.config.scaling_factor))

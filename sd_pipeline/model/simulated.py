@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from sd_pipeline.contract.simulation import CallCost, SimulatedAccelerator
 
@@ -25,7 +24,7 @@ Sleep = Callable[[float], None]
 
 
 def simulate_accelerator(
-    pipeline: StableDiffusionPipeline,
+    pipeline: Any,
     accelerator: SimulatedAccelerator,
     *,
     clock: Clock = time.perf_counter,

@@ -1,0 +1,123 @@
+"""What the step engine asks of a model family, and Stable Diffusion 1.x / 2.x's answers.
+
+A family knows its conditioning (text encoders, pooled embeddings, extra ids), how a
+request's starting latents are drawn, the denoiser call on a batch of rows that each carry
+their own conditioning and timestep, and decoding. The engine owns everything else (who
+steps with whom, schedulers, guidance, previews, out-of-memory splitting), so each family
+is served with the same batching, cancelling and previews. Every answer is made of the
+diffusers pipeline's own parts, so a request alone gives that pipeline's ``__call__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from sd_pipeline.contract.request import GenerationRequest
+
+# Latents to RGB in [-1, 1] for the ``approx`` preview: (channels x RGB) factors and an RGB bias.
+LatentRgb = tuple[tuple[float, float, float], ...]
+# SD 1.x / 2.x latents (scaled by the VAE's 0.18215): ComfyUI, comfy/latent_formats.py, class SD15.
+SD15_LATENT_RGB: LatentRgb = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+
+# One text's or one request's conditioning: the denoiser's keyword inputs, one row per image.
+Conditioning = dict[str, torch.Tensor]
+
+
+def join_rows(parts: list[Conditioning]) -> Conditioning:
+    """Several requests' conditioning as one batch, in order."""
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def split_rows(conditioning: Conditioning, chunks: int) -> list[Conditioning]:
+    """A batch's conditioning in ``chunks`` pieces of rows (``tensor_split``'s sizes)."""
+    pieces = {key: value.tensor_split(chunks) for key, value in conditioning.items()}
+    return [{key: pieces[key][index] for key in conditioning} for index in range(chunks)]
+
+
+def expand_rows(conditioning: Conditioning, rows: int) -> Conditioning:
+    """One text's conditioning (batch of 1) for ``rows`` images."""
+    return {key: value.expand(rows, *value.shape[1:]) for key, value in conditioning.items()}
+
+
+class StableDiffusion:
+    """SD 1.x and 2.x (``StableDiffusionPipeline``): one CLIP text encoder, a UNet, the safety checker.
+
+    SD 2.x needs nothing more here: v-prediction is in the scheduler config (every sampler is
+    built from it), attention upcasting in the UNet's config, the native size in its sample size.
+    """
+
+    name: ClassVar[str] = "sd"
+    title: ClassVar[str] = "Stable Diffusion 1.x / 2.x"
+    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
+    latent_rgb: ClassVar[LatentRgb] = SD15_LATENT_RGB
+    latent_rgb_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+
+    @staticmethod
+    def load_options(*, safety_checker: bool) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments."""
+        return {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+
+    def guided(self, request: GenerationRequest) -> bool:
+        """Classifier-free guidance (two denoiser rows per image), as the pipeline decides it."""
+        return request.guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None
+
+    def encode(
+        self, prompts: list[str], negatives: list[str], device: torch.device
+    ) -> tuple[list[Conditioning], list[Conditioning]]:
+        """Every prompt and negative prompt in one text-encoder call; one conditioning (batch 1) each."""
+        embeds, _ = self.pipeline.encode_prompt(prompts + negatives, device, 1, False)
+        rows = [{"encoder_hidden_states": embeds[index : index + 1]} for index in range(len(embeds))]
+        return rows[: len(prompts)], rows[len(prompts) :]
+
+    def conditioning(self, request: GenerationRequest, text: Conditioning) -> Conditioning:
+        """A request's conditioning, one row per image, from its text's."""
+        return expand_rows(text, request.num_images)
+
+    def set_timesteps(self, scheduler: SchedulerMixin, request: GenerationRequest, device: torch.device) -> None:
+        scheduler.set_timesteps(request.steps, device=device)
+
+    def initial_latents(
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        scheduler: SchedulerMixin,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``prepare_latents``: noise drawn with each image's generator, scaled for the scheduler."""
+        scale = self.pipeline.vae_scale_factor
+        shape = (
+            request.num_images,
+            self.pipeline.unet.config.in_channels,
+            request.height // scale,
+            request.width // scale,
+        )
+        noise: torch.Tensor = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        scaled: torch.Tensor = noise * scheduler.init_noise_sigma
+        return scaled
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The denoiser's prediction for a batch of rows, each with its own timestep and conditioning."""
+        predicted: torch.Tensor = self.pipeline.unet(sample, timesteps, **conditioning, return_dict=False)[0]
+        return predicted
+
+    def decode(self, latents: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+        """Images in [-1, 1] and, per image, whether the safety checker blacked it out."""
+        vae = self.pipeline.vae
+        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        decoded, nsfw = self.pipeline.run_safety_checker(decoded, device, latents.dtype)
+        flags = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * decoded.shape[0]
+        return decoded, flags
