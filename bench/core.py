@@ -1,6 +1,6 @@
 """The step engine: time per image, and 4 requests stepping together against 4 run one after another, in one run.
 
-python -m bench.core [--model DIR] [--size 64] [--steps 10] [--repeats 5]
+python -m bench.core [--model DIR | --family sd|sd2|sdxl|sd3] [--size 64] [--steps 10] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -14,20 +14,22 @@ from sd_pipeline.contract.request import check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import load_pipeline
-from sd_pipeline.tiny import build_tiny_pipeline
+from sd_pipeline.tiny import FAMILIES, build_tiny_pipeline
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="pipeline folder or id (default: a fresh tiny pipeline)")
+    parser.add_argument("--model", help="pipeline folder or id (default: a fresh tiny pipeline of --family)")
+    parser.add_argument("--family", choices=FAMILIES, default="sd", help="the tiny pipeline's family")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    model = args.model or str(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny"))
+    model = args.model or str(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny", family=args.family))
     engine = StepEngine(load_pipeline(PipelineSettings(model=model)))
     fields = {"prompt": "a lighthouse at dusk", "steps": args.steps, "width": args.size, "height": args.size}
-    singles = [check_inputs({**fields, "seed": seed}) for seed in range(4)]
+    samplers = engine.loaded.family.samplers
+    singles = [check_inputs({**fields, "seed": seed}, samplers=samplers) for seed in range(4)]
     engine.generate(singles[:1])  # warm-up
 
     one = timed(lambda: engine.generate(singles[:1]), repeats=args.repeats)
@@ -35,7 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     four_batched = timed(lambda: engine.generate(singles), repeats=args.repeats)
     results = {
         "machine": machine(),
-        "settings": {"model": engine.loaded.model, "size": args.size, "steps": args.steps, "repeats": args.repeats},
+        "settings": {
+            "model": engine.loaded.model,
+            "family": engine.loaded.family.name,
+            "size": args.size,
+            "steps": args.steps,
+            "repeats": args.repeats,
+        },
         "seconds_per_image_single": median(one),
         "four_single_calls_seconds": median(four_single),
         "one_batch_of_four_seconds": median(four_batched),
@@ -51,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             ],
         )
     )
-    print(f"\nbatch of 4 vs 4 single calls: {results['batch_speedup']:.2f}x throughput")
+    print(f"\n{engine.loaded.family.title}: batch of 4 vs 4 single calls: {results['batch_speedup']:.2f}x throughput")
     print(f"written {write_json('core.json', results)}")
 
 

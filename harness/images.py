@@ -13,7 +13,6 @@ import torch
 
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.model.loading import LoadedPipeline
-from sd_pipeline.model.schedulers import make_scheduler
 
 SAME_IMAGE_TOLERANCE = 1  # levels of 255
 
@@ -36,7 +35,7 @@ def pipeline_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[A
     negative prompt is no negative prompt, as the service reads it)."""
     pipeline = loaded.pipeline
     saved = pipeline.scheduler
-    pipeline.scheduler = make_scheduler(request.scheduler, saved.config)
+    pipeline.scheduler = loaded.family.make_scheduler(request.scheduler, saved.config)
     try:
         output = pipeline(
             prompt=[request.prompt] * request.num_images,

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, help=recommended % "its native size (512 for SD 1.x)")
     parser.add_argument("--height", type=int, help=recommended % "its native size")
     parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help=recommended % GenerationRequest.scheduler)
+    samplers = f"one of the model's samplers ({', '.join(SCHEDULER_NAMES)} for SD 1.x/2.x and SDXL; Euler for SD3)"
+    parser.add_argument("--scheduler", help=f"{samplers}; {recommended % GenerationRequest.scheduler}")
     parser.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     return parser
 
@@ -53,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_pipeline(settings)
         limits = RequestLimits(max_pixels=settings.max_pixels)
         tokens = TokenBudget.of(loaded.pipeline.tokenizer)
-        start = recommended_request(limits, native_size=loaded.native_size, model=loaded.defaults)
+        samplers = loaded.family.samplers
+        start = recommended_request(limits, native_size=loaded.native_size, model=loaded.defaults, samplers=samplers)
         chosen = {name: getattr(args, name) for name in RECOMMENDABLE}
         fields = {name: getattr(start, name) if value is None else value for name, value in chosen.items()}
         fields |= {"negative_prompt": args.negative_prompt, "seed": args.seed, "num_images": args.num_images}
-        requests = [check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens) for prompt in prompts]
+        requests = [
+            check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens, samplers=samplers)
+            for prompt in prompts
+        ]
     except (InvalidRequestError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Build tiny pipelines (SD, SDXL) with random weights, for offline tests and demos.
 
-Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sdxl]`` writes a pipeline folder that the normal loader
+Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sdxl|sd3]`` writes a pipeline folder that the normal loader
 accepts (``--model DIR``). The images are noise: it exists to exercise the product, not to
 draw pictures.
 """
@@ -217,15 +217,67 @@ KINDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-FAMILIES = ("sd", "sd2", "sdxl")
+# SD3's shape in small: two CLIP encoders with projections (pooled 32 + 32 = 64, hidden 32 + 32 = 64 =
+# the joint attention width, as T5's would be), no T5 (SD3 runs without it), 16-channel latents in
+# 2x2 patches, the VAE's scaling and shift factors and the flow-matching scheduler's shift of SD3.
+TINY_SD3_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 32,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": 96,
+}
+TINY_SD3_VAE: dict[str, Any] = {
+    **TINY_VAE,
+    "latent_channels": 16,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
+def random_sd3_pipeline(*, seed: int = 0) -> Any:
+    """An SD3 pipeline (a ``StableDiffusion3Pipeline``, without T5) with random weights."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**TINY_SD3_TRANSFORMER),
+        vae=AutoencoderKL(**TINY_SD3_VAE),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, TINY_SDXL_TEXT)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, TINY_SDXL_TEXT)),
+        text_encoder_3=None,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        tokenizer_3=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+FAMILIES = ("sd", "sd2", "sdxl", "sd3")
 
 
 def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny", family: str = "sd") -> Path:
     """Create a small random pipeline and ``save_pretrained`` it into ``folder``: ``family`` sd (1.x), sd2
-    (v-prediction, 768 native) or sdxl; for sd, ``kind`` tiny, heavy (compute dominates) or micro."""
+    (v-prediction, 768 native), sdxl or sd3; for sd, ``kind`` tiny, heavy (compute dominates) or micro."""
     folder = Path(folder)
-    if family == "sdxl":
-        random_sdxl_pipeline(seed=seed).save_pretrained(folder)
+    if family in ("sdxl", "sd3"):
+        (random_sdxl_pipeline if family == "sdxl" else random_sd3_pipeline)(seed=seed).save_pretrained(folder)
         return folder
     if family == "sd2":
         pipeline = random_pipeline(

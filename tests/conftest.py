@@ -51,6 +51,17 @@ def sdxl_loaded(tiny_sdxl_dir: Path) -> LoadedPipeline:
     return load_pipeline(PipelineSettings(model=str(tiny_sdxl_dir), device="cpu"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD3 pipeline (MMDiT transformer, flow matching, no T5) written with save_pretrained."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd3"), family="sd3")
+
+
+@pytest.fixture(scope="session")
+def sd3_loaded(tiny_sd3_dir: Path) -> LoadedPipeline:
+    return load_pipeline(PipelineSettings(model=str(tiny_sd3_dir), device="cpu"))
+
+
 @pytest.fixture()
 def engine(tiny_loaded: LoadedPipeline) -> StepEngine:
     return StepEngine(tiny_loaded)

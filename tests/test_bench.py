@@ -79,8 +79,8 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path: Path) -> None:
 
 
 def test_core_and_storage_benchmarks_run() -> None:
-    core = run_module("bench.core", "--repeats", "1", "--steps", "2")
-    assert "batch of 4 vs 4 single calls" in core
+    core = run_module("bench.core", "--repeats", "1", "--steps", "2", "--family", "sd3")
+    assert "Stable Diffusion 3 / 3.5: batch of 4 vs 4 single calls" in core
     storage = run_module("bench.storage", "--history", "15", "--repeats", "2")
     assert "| save one image + record " in storage and "history page of 12" in storage
 

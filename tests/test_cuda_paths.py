@@ -175,9 +175,9 @@ def test_cudnn_benchmark_is_opt_in(tiny_loaded: LoadedPipeline) -> None:
     try:
         torch.backends.cudnn.benchmark = True
         cuda = torch.device("cuda")  # the settings are applied; nothing runs on the device here
-        apply_speedups(tiny_loaded.pipeline, PipelineSettings(), cuda)
+        apply_speedups(tiny_loaded.family, PipelineSettings(), cuda)
         assert torch.backends.cudnn.benchmark is False
-        apply_speedups(tiny_loaded.pipeline, PipelineSettings(cudnn_benchmark=True), cuda)
+        apply_speedups(tiny_loaded.family, PipelineSettings(cudnn_benchmark=True), cuda)
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = saved

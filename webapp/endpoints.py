@@ -35,6 +35,7 @@ class Endpoints:
         limits: RequestLimits,
         default_size: int,
         model_defaults: ModelDefaults | None,
+        samplers: Sequence[str],
         trusted_proxies: Sequence[Network],
         owner_secret: bytes | None,
     ) -> None:
@@ -43,9 +44,12 @@ class Endpoints:
         self.default_size = default_size
         self.trusted_proxies = trusted_proxies
         self.owner_secret = owner_secret
-        self.fields = generate_fields(limits, default_size=default_size, model_defaults=model_defaults)
+        self.samplers = samplers
+        self.fields = generate_fields(
+            limits, default_size=default_size, model_defaults=model_defaults, samplers=samplers
+        )
         self.names = [field.name for field in self.fields]
-        self.built_with = recommended_request(limits, native_size=default_size, model=model_defaults)
+        self.built_with = recommended_request(limits, native_size=default_size, model=model_defaults, samplers=samplers)
         # Per page (Gradio session): resolves when its generation ends, True if it delivered images.
         self._generations: dict[str | None, asyncio.Future[bool]] = {}
 
@@ -137,7 +141,9 @@ class Endpoints:
 
     def model_recommends(self) -> list[Any]:
         """On page load: the served model's recommendations, where they changed since the page was built."""
-        now = recommended_request(self.limits, native_size=self.default_size, model=self.service.model_defaults)
+        now = recommended_request(
+            self.limits, native_size=self.default_size, model=self.service.model_defaults, samplers=self.samplers
+        )
         return [
             gr.skip() if getattr(now, name) == getattr(self.built_with, name) else getattr(now, name)
             for name in RECOMMENDABLE

@@ -41,10 +41,15 @@ GENERAL_EXAMPLE_PROMPT = "A lighthouse on a cliff at dusk, oil painting"  # for 
 
 
 def generate_fields(
-    limits: RequestLimits, *, default_size: int, model_defaults: ModelDefaults | None = None
+    limits: RequestLimits,
+    *,
+    default_size: int,
+    model_defaults: ModelDefaults | None = None,
+    samplers: Sequence[str] = SCHEDULER_NAMES,
 ) -> list[FormField]:
-    """/generate's inputs in API order, with the model's recommended defaults (``recommended_request``)."""
-    defaults = recommended_request(limits, native_size=default_size, model=model_defaults)
+    """/generate's inputs in API order, with the model's recommended defaults (``recommended_request``)
+    and its family's ``samplers``."""
+    defaults = recommended_request(limits, native_size=default_size, model=model_defaults, samplers=samplers)
     sides = f"{limits.min_side}-{limits.max_side}, multiple of 8"
     example_prompt = (model_defaults and model_defaults.example_prompt) or GENERAL_EXAMPLE_PROMPT
 
@@ -137,9 +142,9 @@ def generate_fields(
             "scheduler",
             str,
             defaults.scheduler,
-            "one of the listed sampler names",
+            f"sampler: one of {', '.join(samplers)}",
             lambda: gr.Dropdown(
-                list(SCHEDULER_NAMES),
+                list(samplers),
                 value=defaults.scheduler,
                 label="Sampler",
                 allow_custom_value=True,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
+from sd_pipeline.contract.samplers import SCHEDULER_NAMES
 
 if TYPE_CHECKING:
     from sd_pipeline.contract.lifecycle import Request
@@ -34,7 +35,8 @@ class BackendInfo:
     model_hash: str = ""  # short hash of the version's manifest, as PNGs carry it ("Model hash:")
     defaults: ModelDefaults = field(default_factory=ModelDefaults)  # what the model recommends
     simulated: str = ""  # the modelled accelerator (SD_SIMULATED_GPU, benchmarks only); "" for the real device
-    family: str = "sd"  # the model family read from the model's folder: sd (1.x, 2.x) or sdxl
+    family: str = "sd"  # the model family read from the model's folder: sd (1.x, 2.x), sdxl or sd3
+    samplers: tuple[str, ...] = SCHEDULER_NAMES  # the sampler names the family can use, its default first
 
     @property
     def label(self) -> str:
@@ -43,15 +45,20 @@ class BackendInfo:
 
 
 class RequestChecker:
-    """``check_inputs`` with a deployment's limits and the model's token budget (once it is known)."""
+    """``check_inputs`` with a deployment's limits, and the model's token budget and samplers once known."""
 
     def __init__(self, limits: RequestLimits) -> None:
         self.limits = limits
         self.tokens: TokenBudget | None = None
+        self.samplers: tuple[str, ...] = SCHEDULER_NAMES
+
+    def serve(self, info: BackendInfo, tokens: TokenBudget) -> None:
+        """Check against the model now served: its tokenizer and its family's samplers."""
+        self.tokens, self.samplers = tokens, info.samplers
 
     def check(self, data: Mapping[str, Any]) -> GenerationRequest:
         """Validate raw fields; raises ``InvalidRequestError`` naming the field and its range."""
-        return check_inputs(data, limits=self.limits, tokens=self.tokens)
+        return check_inputs(data, limits=self.limits, tokens=self.tokens, samplers=self.samplers)
 
 
 class Backend(Protocol):

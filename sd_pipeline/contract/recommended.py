@@ -5,10 +5,12 @@ native size. The page, the API and the command line all start from here."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.models import ModelDefaults
-from sd_pipeline.contract.request import GenerationRequest, RequestLimits, check_inputs
+from sd_pipeline.contract.request import GenerationRequest, RequestLimits, check_inputs, default_sampler
+from sd_pipeline.contract.samplers import SCHEDULER_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -16,16 +18,22 @@ RECOMMENDABLE = ("steps", "guidance_scale", "scheduler", "width", "height")  # t
 
 
 def recommended_request(
-    limits: RequestLimits, *, native_size: int, model: ModelDefaults | None = None
+    limits: RequestLimits,
+    *,
+    native_size: int,
+    model: ModelDefaults | None = None,
+    samplers: Sequence[str] = SCHEDULER_NAMES,
 ) -> GenerationRequest:
     """A prompt-less request with the model's recommendations where they pass ``check_inputs``
-    under ``limits``; if they do not, the general defaults at ``native_size`` (logged)."""
+    under ``limits`` and the model family's ``samplers``; if they do not, the general defaults at
+    ``native_size`` with the family's default sampler (logged)."""
     settings = (model or ModelDefaults()).model_dump(include=set(RECOMMENDABLE))
     recommended = {name: value for name, value in settings.items() if value is not None}
-    chosen = {"width": native_size, "height": native_size, **recommended}
+    general = {"width": native_size, "height": native_size, "scheduler": default_sampler(samplers)}
+    chosen = {**general, **recommended}
     try:
-        check_inputs({"prompt": "defaults", **chosen}, limits=limits)
+        check_inputs({"prompt": "defaults", **chosen}, limits=limits, samplers=samplers)
     except InvalidRequestError as error:
         logger.warning("the model's recommended settings do not fit this app (%s); the general defaults apply", error)
-        chosen = {"width": native_size, "height": native_size}
+        chosen = general
     return GenerationRequest(prompt="", **chosen)

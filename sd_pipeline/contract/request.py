@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,11 @@ class TokenBudget:
         return cls(limit=tokenizer.model_max_length, count=lambda text: len(tokenizer(text).input_ids))
 
 
+def default_sampler(samplers: Sequence[str]) -> str:
+    """The general default sampler where the model can use it, else the model's first."""
+    return DEFAULT_SCHEDULER if DEFAULT_SCHEDULER in samplers else samplers[0]
+
+
 def _integer(field: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(field, f"must be an integer from {low} to {high}, got {value!r}")
@@ -122,14 +127,16 @@ def check_inputs(
     *,
     limits: RequestLimits | None = None,
     tokens: TokenBudget | None = None,
+    samplers: Sequence[str] = SCHEDULER_NAMES,
 ) -> GenerationRequest:
     """Validate raw fields (from a form, JSON or the CLI) into a ``GenerationRequest``.
 
-    Missing fields take their defaults. A seed of -1 is replaced by a random one, so the
+    Missing fields take their defaults (the sampler: the first of ``samplers``, the model family's,
+    when the general default is not among them). A seed of -1 is replaced by a random one, so the
     returned request always says which seed will be used.
     """
     limits = limits or RequestLimits()
-    defaults = GenerationRequest(prompt="")
+    defaults = GenerationRequest(prompt="", scheduler=default_sampler(samplers))
     unknown = set(data) - set(GenerationRequest.__dataclass_fields__)
     if unknown:
         raise InvalidRequestError(sorted(unknown)[0], "is not a known field")
@@ -150,8 +157,10 @@ def check_inputs(
         )
     num_images = _integer("num_images", get("num_images"), 1, limits.max_images)
     scheduler = get("scheduler")
-    if scheduler not in SCHEDULER_NAMES:
-        raise InvalidRequestError("scheduler", f"must be one of {', '.join(SCHEDULER_NAMES)}; got {scheduler!r}")
+    if scheduler not in samplers:
+        raise InvalidRequestError(
+            "scheduler", f"must be one of {', '.join(samplers)} (this model's samplers); got {scheduler!r}"
+        )
     if seed == RANDOM_SEED:
         seed = secrets.randbelow(MAX_SEED + 1)
     return GenerationRequest(

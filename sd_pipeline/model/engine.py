@@ -21,13 +21,12 @@ thread (the CLI, tools, benchmarks and tests).
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,13 +37,12 @@ from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryErr
 from sd_pipeline.contract.facts import GenerationObserver
 from sd_pipeline.contract.jobs import GenerationResult, JobOutcome, Preview, Timings
 from sd_pipeline.contract.lifecycle import Request
-from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.contract.request import GenerationRequest, default_sampler
 from sd_pipeline.contract.settings import DEFAULT_PREVIEW_INTERVAL
 from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.families import Conditioning, join_rows, split_rows
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
-from sd_pipeline.model.previews import Previewer, predicted_clean
-from sd_pipeline.model.schedulers import make_scheduler
+from sd_pipeline.model.previews import Previewer
 from sd_pipeline.model.threads import ThreadTuner, samples_bucket
 
 Done = Callable[[JobOutcome], None]
@@ -144,12 +142,13 @@ class StepEngine:
         that a compiled UNet never recompiles (new shapes run eagerly).
         """
         started = time.perf_counter()
+        sampler = default_sampler(self.loaded.family.samplers)
         if not (self.loaded.compiled or self.loaded.device.type == "cuda"):
-            self.generate([GenerationRequest(prompt="warm-up", steps=1, width=64, height=64)])
+            self.generate([GenerationRequest(prompt="warm-up", steps=1, width=64, height=64, scheduler=sampler)])
             return time.perf_counter() - started
-        guided = GenerationRequest(prompt="warm-up", steps=2)
+        guided = GenerationRequest(prompt="warm-up", steps=2, scheduler=sampler)
         self.generate([guided])
-        self.generate([GenerationRequest(prompt="warm-up", steps=2, guidance_scale=1.0)])
+        self.generate([GenerationRequest(prompt="warm-up", steps=2, guidance_scale=1.0, scheduler=sampler)])
         self.generate([guided, guided])
         if self.loaded.compiled:
             freeze_compiled_shapes()
@@ -228,7 +227,7 @@ class StepEngine:
         now = time.perf_counter()
         for waiting, positive, negative in zip(admitted, positives, negatives, strict=True):
             request = waiting.job.inputs
-            scheduler = make_scheduler(request.scheduler, self._base_config)
+            scheduler = family.make_scheduler(request.scheduler, self._base_config)
             family.set_timesteps(scheduler, request, device)
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds()]
             latents = family.initial_latents(request, generators, scheduler, device=device, dtype=self.loaded.dtype)
@@ -241,7 +240,7 @@ class StepEngine:
                     latents=latents,
                     positive=family.conditioning(request, positive),
                     negative=family.conditioning(request, negative) if family.guided(request) else None,
-                    step_kwargs=_step_kwargs(scheduler, generators),
+                    step_kwargs=family.step_kwargs(scheduler, generators),
                     admitted_at=waiting.submitted_at,
                     last_stepped_at=waiting.submitted_at,
                 )
@@ -314,7 +313,7 @@ class StepEngine:
             t = active.timesteps[active.step]
             negative = active.negative
             sample = active.latents if negative is None else torch.cat([active.latents] * 2)
-            inputs.append(active.scheduler.scale_model_input(sample, t))
+            inputs.append(family.model_input(active.scheduler, sample, t))
             conditions.append(active.positive if negative is None else join_rows([negative, active.positive]))
             timesteps.append(t.reshape(1).expand(sample.shape[0]))
         pieces = zip(
@@ -331,7 +330,8 @@ class StepEngine:
             t = active.timesteps[active.step]
             output = active.scheduler.step(predicted, t, active.latents, **active.step_kwargs, return_dict=True)
             if active.preview_due:
-                active.clean = predicted_clean(active.scheduler, output, predicted[:1], t, active.latents[:1])[:1]
+                clean = family.predicted_clean(active.scheduler, output, predicted[:1], t, active.latents[:1])
+                active.clean = clean[:1]
             active.latents = output.prev_sample
 
     # Previews.
@@ -434,17 +434,6 @@ class StepEngine:
             self.observer.out_of_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _step_kwargs(scheduler: SchedulerMixin, generators: list[torch.Generator]) -> dict[str, Any]:
-    """What the pipeline's ``prepare_extra_step_kwargs`` passes: eta 0 and the images' generators."""
-    accepted: Mapping[str, Any] = inspect.signature(scheduler.step).parameters
-    kwargs: dict[str, Any] = {}
-    if "eta" in accepted:
-        kwargs["eta"] = 0.0
-    if "generator" in accepted:
-        kwargs["generator"] = generators
-    return kwargs
 
 
 def _oom_message(active: _Active) -> str:

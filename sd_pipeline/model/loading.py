@@ -49,9 +49,7 @@ class LoadedPipeline:
     @property
     def native_size(self) -> int:
         """The side the model was trained at (512 for SD 1.x): diffusers' default width and height."""
-        sample_size = self.pipeline.unet.config.sample_size
-        side = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        return int(side) * int(self.pipeline.vae_scale_factor)
+        return self.family.native_size
 
     def describe(self, *, warmup_seconds: float | None = None) -> BackendInfo:
         """What a worker process or replica reports once this pipeline is ready."""
@@ -68,6 +66,7 @@ class LoadedPipeline:
             defaults=self.defaults,
             simulated=self.simulated,
             family=self.family.name,
+            samplers=self.family.samplers,
         )
 
 
@@ -114,21 +113,22 @@ def _load_error(settings: PipelineSettings, error: Exception) -> ModelLoadError:
     )
 
 
-def family_in(settings: PipelineSettings, source: str) -> type[Family]:
-    """The family of the pipeline in ``source``, read from its ``model_index.json``; a class no family
+def family_in(settings: PipelineSettings, source: str) -> tuple[type[Family], dict[str, Any]]:
+    """The family of the pipeline in ``source`` and its ``model_index.json``; a class no family
     serves is a one-line ``ModelLoadError`` naming it and the served ones."""
     try:
         index = DiffusionPipeline.load_config(source)
     except (OSError, ValueError, HfHubHTTPError) as error:
         raise _load_error(settings, error) from error
-    pipeline_class = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+    index = index if isinstance(index, dict) else {}
+    pipeline_class = str(index.get("_class_name", ""))
     family = family_of(pipeline_class)
     if family is None:
         raise ModelLoadError(
             f"cannot serve model '{settings.model}': its pipeline is {pipeline_class or 'of no named class'}, "
             f"and this service serves {served_classes()}"
         )
-    return family
+    return family, index
 
 
 def _from_pretrained(settings: PipelineSettings, source: str, dtype: torch.dtype) -> tuple[Any, Family]:
@@ -137,8 +137,8 @@ def _from_pretrained(settings: PipelineSettings, source: str, dtype: torch.dtype
             f"cannot load model '{settings.model}': no such folder. Set SD_MODEL (or --model) to a folder made by "
             "save_pretrained (for an offline try: python -m sd_pipeline.tiny ./tiny-model) or to a Hugging Face id."
         )
-    family = family_in(settings, source)
-    options = family.load_options(safety_checker=settings.safety_checker)
+    family, index = family_in(settings, source)
+    options = family.load_options(safety_checker=settings.safety_checker, index=index)
     try:
         pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, **options)
     except (OSError, ValueError, HfHubHTTPError) as error:
@@ -146,30 +146,32 @@ def _from_pretrained(settings: PipelineSettings, source: str, dtype: torch.dtype
     return pipeline, family(pipeline)
 
 
-def apply_speedups(pipeline: Any, settings: PipelineSettings, device: torch.device) -> None:
+def apply_speedups(family: Family, settings: PipelineSettings, device: torch.device) -> None:
     """Zero-cost speedups on by default on CUDA; the optional ones only when asked for.
 
     cuDNN benchmarking stays off unless asked for: it times algorithms again for every new
     (batch, height, width), so many first requests run slow, and its choice can move pixels.
-    The UNet is compiled without ``fullgraph``: a graph break or the recompile limit then falls
-    back to eager instead of failing the request, and after warm-up the compiler runs new
-    shapes eagerly instead of blocking the pipeline to compile them (see ``freeze_compiled_shapes``).
+    The denoiser (UNet or transformer) is compiled without ``fullgraph``: a graph break or the
+    recompile limit then falls back to eager instead of failing the request, and after warm-up the
+    compiler runs new shapes eagerly instead of blocking the pipeline to compile them (see
+    ``freeze_compiled_shapes``).
     """
+    pipeline = family.pipeline
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = settings.cudnn_benchmark
-        pipeline.unet.set_attn_processor(AttnProcessor2_0())
+        family.denoiser.set_attn_processor(AttnProcessor2_0())
         pipeline.vae.set_attn_processor(AttnProcessor2_0())
     if settings.fuse_qkv:
         pipeline.fuse_qkv_projections()
     if settings.channels_last:
-        pipeline.unet.to(memory_format=torch.channels_last)
+        family.denoiser.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if settings.compile_unet:
         if settings.compile_backend == "inductor" and device.type == "cuda":
             require_compiler_toolchain()
-        pipeline.unet = torch.compile(pipeline.unet, backend=settings.compile_backend)
+        family.denoiser = torch.compile(family.denoiser, backend=settings.compile_backend)
 
 
 def require_compiler_toolchain() -> None:
@@ -204,10 +206,10 @@ def load_pipeline(settings: PipelineSettings) -> LoadedPipeline:
     pipeline, family = _from_pretrained(settings, resolved.source, dtype)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    apply_speedups(pipeline, settings, device)
+    apply_speedups(family, settings, device)
     simulation = settings.simulation()
     if simulation is not None:
-        simulate_accelerator(pipeline, simulation)
+        simulate_accelerator(family.denoiser, pipeline.vae, simulation)
     load_seconds = time.perf_counter() - started
     label = f"{resolved.name}@{resolved.version}" if resolved.version else settings.model
     logger.info("loaded %s (%s) on %s (%s) in %.1fs", label, family.title, device, dtype, load_seconds)

@@ -52,13 +52,15 @@ class LinearPreview:
         self.bias = bias.float()  # (3,)
 
     @classmethod
-    def for_model(cls, loaded: LoadedPipeline) -> LinearPreview:
-        """The factors a model folder carries in ``latent_rgb.json``, else its family's."""
+    def for_model(cls, loaded: LoadedPipeline) -> LinearPreview | None:
+        """The factors a model folder carries in ``latent_rgb.json``, else its family's (None: it has none)."""
         path = Path(loaded.source) / LATENT_RGB_FILE
         if path.is_file():
             fitted = json.loads(path.read_text())
             return cls(torch.tensor(fitted["factors"]), torch.tensor(fitted["bias"]))
         family = loaded.family
+        if family.latent_rgb is None:
+            return None
         return cls(torch.tensor(family.latent_rgb), torch.tensor(family.latent_rgb_bias))
 
     def render(self, latents: torch.Tensor) -> list[bytes]:
@@ -91,7 +93,11 @@ def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previe
     if method == "off":
         return None
     if method == "approx":
-        return LinearPreview.for_model(loaded)
+        linear = LinearPreview.for_model(loaded)
+        if linear is not None:
+            return linear
+        logger.warning("no approx preview factors for %s latents: previews use the model's VAE", loaded.family.title)
+        method = "full"
     if method == "full":
         vae = loaded.pipeline.vae
         return DecoderPreview(vae, latent_scale=float(vae.config.scaling_factor))
@@ -107,18 +113,6 @@ def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previe
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load the preview decoder {settings.preview_decoder!r}: {error}") from error
     return DecoderPreview(decoder.to(loaded.device).eval())
-
-
-def predicted_clean(scheduler: Any, output: Any, model_output: torch.Tensor, t: Any, sample: torch.Tensor) -> Any:
-    """The scheduler's predicted clean latents (x0) for this step: its own where it reports them (Euler,
-    DDIM), else from the noise prediction and the cumulative alphas (DPM-Solver, UniPC)."""
-    reported = getattr(output, "pred_original_sample", None)
-    if reported is not None:
-        return reported
-    alpha = scheduler.alphas_cumprod[int(t)].to(sample.device, sample.dtype)
-    if scheduler.config.prediction_type == "v_prediction":
-        return alpha.sqrt() * sample - (1 - alpha).sqrt() * model_output
-    return (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
 
 
 def _to_uint8(rgb: torch.Tensor) -> np.ndarray:

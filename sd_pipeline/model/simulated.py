@@ -24,15 +24,16 @@ Sleep = Callable[[float], None]
 
 
 def simulate_accelerator(
-    pipeline: Any,
+    denoiser: Any,
+    vae: Any,
     accelerator: SimulatedAccelerator,
     *,
     clock: Clock = time.perf_counter,
     sleep: Sleep = time.sleep,
 ) -> None:
-    """Wrap ``pipeline.unet``'s forward and ``pipeline.vae.decode`` in the modelled time."""
-    pipeline.unet.forward = paced(pipeline.unet.forward, accelerator.unet, clock=clock, sleep=sleep)
-    pipeline.vae.decode = paced(pipeline.vae.decode, accelerator.vae, clock=clock, sleep=sleep)
+    """Wrap the denoiser's forward (the UNet's, or a transformer's) and ``vae.decode`` in the modelled time."""
+    denoiser.forward = paced(denoiser.forward, accelerator.unet, clock=clock, sleep=sleep)
+    vae.decode = paced(vae.decode, accelerator.vae, clock=clock, sleep=sleep)
     logger.warning(
         "SIMULATED ACCELERATOR (SD_SIMULATED_GPU=%s): every UNet and VAE call sleeps to the modelled time. "
         "For benchmarks only: this is not a real GPU.",

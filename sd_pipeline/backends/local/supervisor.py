@@ -143,7 +143,7 @@ class LocalBackend:
             settings = self.settings.model_copy(update={"model": model})
             tokens = token_budget(settings)  # fetches and verifies a version from S3 first
             info = self._switch_drained(settings) if self.rollout == "drain" else self._switch_beside(settings)
-            self.checker.tokens = tokens
+            self.checker.serve(info, tokens)
             return info
 
     def _switch_beside(self, settings: PipelineSettings) -> BackendInfo:
@@ -223,7 +223,7 @@ class LocalBackend:
         """Start the first worker (raises ``ModelLoadError``) and begin watching it."""
         worker = self.new_worker(self.settings)
         info = worker.start()
-        self.checker.tokens = token_budget(self.settings)
+        self.checker.serve(info, token_budget(self.settings))
         with self._condition:
             self._worker, self._ready, self._problem = worker, True, None
         self._report_up(True)

@@ -153,7 +153,7 @@ class RayBackend:
             self.info = self._handle.describe.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
         except (GetTimeoutError, TimeoutError):
             raise ModelLoadError(self._not_within("no pipeline replica answered")) from None
-        self.checker.tokens = token_budget(self.settings)  # front ends share the replicas' settings
+        self.checker.serve(self.info, token_budget(self.settings))  # front ends share the replicas' settings
         self.start_calls()
         self._look_at_replicas()
         threading.Thread(target=self._watch_replicas, name="ray-replica-watch", daemon=True).start()
@@ -173,13 +173,15 @@ class RayBackend:
         if target and self.info is not None:
             serving = self._serving(target, timeout=30)
             if serving is not None:  # another front end rolled it out already
-                self.settings, self.info, self.checker.tokens = settings, serving, tokens
+                self.settings, self.info = settings, serving
+                self.checker.serve(serving, tokens)
                 return serving
         deadline = time.monotonic() + self.plan.start_timeout
         if self.plan.deploy == "never" and self.plan.address != "local":
             # Another deployer (a RayService, the deploying front end) rolls the replicas out: wait for it.
             info = self._wait_for_version(target, deadline)
-            self.settings, self.info, self.checker.tokens = settings, info, tokens
+            self.settings, self.info = settings, info
+            self.checker.serve(info, tokens)
             return info
         self._notice = f"waiting for a replica while the model is updated to {target or model}"
         try:
@@ -191,7 +193,8 @@ class RayBackend:
             raise
         finally:
             self._notice = None
-        self.settings, self.info, self.checker.tokens = settings, info, tokens
+        self.settings, self.info = settings, info
+        self.checker.serve(info, tokens)
         return info
 
     def _wait_for_version(self, target: str | None, deadline: float) -> BackendInfo:

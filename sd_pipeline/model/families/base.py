@@ -10,6 +10,8 @@ diffusers pipeline's own parts, so a request alone gives that pipeline's ``__cal
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +19,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.model.schedulers import SCHEDULER_NAMES as SAMPLERS
+from sd_pipeline.model.schedulers import make_scheduler
 
 # Latents to RGB in [-1, 1] for the ``approx`` preview: (channels x RGB) factors and an RGB bias.
 LatentRgb = tuple[tuple[float, float, float], ...]
@@ -56,18 +60,45 @@ class StableDiffusion:
     """
 
     name: ClassVar[str] = "sd"
+    denoiser_name: ClassVar[str] = "unet"  # the pipeline attribute holding the denoiser
     title: ClassVar[str] = "Stable Diffusion 1.x / 2.x"
     pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
-    latent_rgb: ClassVar[LatentRgb] = SD15_LATENT_RGB
+    latent_rgb: ClassVar[LatentRgb | None] = SD15_LATENT_RGB  # None: no published factors
     latent_rgb_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
 
     @staticmethod
-    def load_options(*, safety_checker: bool) -> dict[str, Any]:
-        """Extra ``from_pretrained`` arguments."""
+    def load_options(*, safety_checker: bool, index: Mapping[str, Any]) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments for a folder whose ``model_index.json`` is ``index``."""
         return {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+
+    @property
+    def denoiser(self) -> Any:
+        """The UNet (or transformer) called once per step."""
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @denoiser.setter
+    def denoiser(self, module: Any) -> None:
+        setattr(self.pipeline, self.denoiser_name, module)
+
+    @property
+    def native_size(self) -> int:
+        """The side the model was trained at: diffusers' default width and height."""
+        sample_size = self.denoiser.config.sample_size
+        side = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        return int(side) * int(self.pipeline.vae_scale_factor)
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The sampler names this family can use (AUTOMATIC1111's names); the default is
+        ``DEFAULT_SCHEDULER`` where it is one of them, else the first."""
+        return SAMPLERS
+
+    def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
+        """A fresh scheduler for one request, built from the model's own scheduler config."""
+        return make_scheduler(name, base_config)
 
     def guided(self, request: GenerationRequest) -> bool:
         """Classifier-free guidance (two denoiser rows per image), as the pipeline decides it."""
@@ -88,6 +119,34 @@ class StableDiffusion:
     def set_timesteps(self, scheduler: SchedulerMixin, request: GenerationRequest, device: torch.device) -> None:
         scheduler.set_timesteps(request.steps, device=device)
 
+    def model_input(self, scheduler: SchedulerMixin, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's input for ``sample`` at ``t`` (the scheduler's ``scale_model_input``)."""
+        scaled: torch.Tensor = scheduler.scale_model_input(sample, t)
+        return scaled
+
+    def step_kwargs(self, scheduler: SchedulerMixin, generators: list[torch.Generator]) -> dict[str, Any]:
+        """What the pipeline's ``prepare_extra_step_kwargs`` passes: eta 0 and the images' generators."""
+        accepted: Mapping[str, Any] = inspect.signature(scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            kwargs["eta"] = 0.0
+        if "generator" in accepted:
+            kwargs["generator"] = generators
+        return kwargs
+
+    def predicted_clean(
+        self, scheduler: Any, output: Any, model_output: torch.Tensor, t: Any, sample: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean latents (x0) this step predicts, for previews: the scheduler's own where it reports
+        them (Euler, DDIM), else from the prediction and the cumulative alphas (DPM-Solver, UniPC)."""
+        reported = getattr(output, "pred_original_sample", None)
+        if reported is not None:
+            return reported  # type: ignore[no-any-return]
+        alpha = scheduler.alphas_cumprod[int(t)].to(sample.device, sample.dtype)
+        if scheduler.config.prediction_type == "v_prediction":
+            return alpha.sqrt() * sample - (1 - alpha).sqrt() * model_output  # type: ignore[no-any-return]
+        return (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()  # type: ignore[no-any-return]
+
     def initial_latents(
         self,
         request: GenerationRequest,
@@ -101,7 +160,7 @@ class StableDiffusion:
         scale = self.pipeline.vae_scale_factor
         shape = (
             request.num_images,
-            self.pipeline.unet.config.in_channels,
+            self.denoiser.config.in_channels,
             request.height // scale,
             request.width // scale,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -47,8 +48,8 @@ class StableDiffusionXL(StableDiffusion):
             vae.to(dtype=torch.float32)
 
     @staticmethod
-    def load_options(*, safety_checker: bool) -> dict[str, Any]:
-        del safety_checker  # SDXL pipelines have none
+    def load_options(*, safety_checker: bool, index: Mapping[str, Any]) -> dict[str, Any]:
+        del safety_checker, index  # SDXL pipelines have no safety checker
         return {"add_watermarker": False}
 
     def encode(

@@ -1,0 +1,126 @@
+"""Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``): an MMDiT transformer on flow matching."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion
+
+# Flow-matching samplers by AUTOMATIC1111/Forge name: the model's own scheduler.
+T5_PARTS = ("text_encoder_3", "tokenizer_3")
+FLOW_SAMPLERS: dict[str, type[SchedulerMixin]] = {"Euler": FlowMatchEulerDiscreteScheduler}
+
+
+class StableDiffusion3(StableDiffusion):
+    """SD3 and 3.5, as ``StableDiffusion3Pipeline.__call__`` runs them.
+
+    - Conditioning: two CLIP encoders' penultimate states side by side, padded to T5's width and
+      followed by T5's (zeros when the folder has no T5: SD3 runs without it, a big memory saver),
+      and both CLIP encoders' pooled outputs (``pooled_projections``).
+    - Latents: plain noise (no scheduler scaling), 16 channels; the sampler is the model's own
+      flow-matching scheduler (its ``shift``; ``mu`` from the image's sequence length when the
+      config asks for dynamic shifting); the timestep goes to the transformer as it is.
+    - Decoding: latents / scaling factor + shift factor. No safety checker, no negative-prompt zeros.
+    """
+
+    name: ClassVar[str] = "sd3"
+    title: ClassVar[str] = "Stable Diffusion 3 / 3.5"
+    pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
+    denoiser_name: ClassVar[str] = "transformer"
+    latent_rgb: ClassVar[LatentRgb | None] = None  # 16 channels: no factors here yet (previews decode)
+
+    @staticmethod
+    def load_options(*, safety_checker: bool, index: Mapping[str, Any]) -> dict[str, Any]:
+        """A folder saved without T5 (``[null, null]`` in its index) loads without it."""
+        del safety_checker  # SD3 pipelines have none
+        return {name: None for name in T5_PARTS if index.get(name) in (None, [None, None])}
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return tuple(FLOW_SAMPLERS)
+
+    def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
+        return FLOW_SAMPLERS[name].from_config(base_config)
+
+    def guided(self, request: GenerationRequest) -> bool:
+        return request.guidance_scale > 1
+
+    def encode(
+        self, prompts: list[str], negatives: list[str], device: torch.device
+    ) -> tuple[list[Conditioning], list[Conditioning]]:
+        texts = prompts + negatives
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
+        )
+        rows = [
+            {"encoder_hidden_states": embeds[index : index + 1], "pooled_projections": pooled[index : index + 1]}
+            for index in range(len(texts))
+        ]
+        return rows[: len(prompts)], rows[len(prompts) :]
+
+    def set_timesteps(self, scheduler: SchedulerMixin, request: GenerationRequest, device: torch.device) -> None:
+        config = scheduler.config
+        if not config.get("use_dynamic_shifting", None):
+            scheduler.set_timesteps(request.steps, device=device)
+            return
+        patch = self.denoiser.config.patch_size
+        scale = self.pipeline.vae_scale_factor
+        sequence = (request.height // scale // patch) * (request.width // scale // patch)
+        mu = calculate_shift(
+            sequence,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+        scheduler.set_timesteps(request.steps, device=device, mu=mu)
+
+    def model_input(self, scheduler: SchedulerMixin, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return sample
+
+    def step_kwargs(self, scheduler: SchedulerMixin, generators: list[torch.Generator]) -> dict[str, Any]:
+        return {}  # the pipeline steps with none
+
+    def predicted_clean(
+        self, scheduler: Any, output: Any, model_output: torch.Tensor, t: Any, sample: torch.Tensor
+    ) -> torch.Tensor:
+        """Flow matching predicts the velocity noise - x0 at noise level sigma: x0 = x_t - sigma * v
+        (the scheduler has already stepped, so this step's sigma is the one before its index)."""
+        sigma: torch.Tensor = scheduler.sigmas[scheduler.step_index - 1].to(sample.device, sample.dtype)
+        return sample - sigma * model_output
+
+    def initial_latents(
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        scheduler: SchedulerMixin,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        scale = self.pipeline.vae_scale_factor
+        shape = (request.num_images, self.denoiser.config.in_channels, request.height // scale, request.width // scale)
+        noise: torch.Tensor = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        return noise
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        predicted: torch.Tensor = self.denoiser(
+            hidden_states=sample, timestep=timesteps, **conditioning, return_dict=False
+        )[0]
+        return predicted
+
+    def decode(self, latents: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+        del device
+        vae = self.pipeline.vae
+        decoded: torch.Tensor = vae.decode(
+            latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False
+        )[0]
+        return decoded, [False] * decoded.shape[0]
