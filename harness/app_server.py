@@ -116,7 +116,8 @@ def launched_app(
     log_path = tmp_path / f"app-{port}.log"
     command = [sys.executable, "app.py", "--model", str(model_dir), "--port", str(port)]
     command += ["--metrics-port", str(metrics_port), "--data-dir", str(tmp_path / f"data-{port}"), *(args or [])]
-    environment = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), **(env or {})}
+    # No lingering after the drain unless a test asks (its clients fetch results while the app stops).
+    environment = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "SHUTDOWN_LINGER": "0", **(env or {})}
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
     app = RunningApp(process, f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{metrics_port}", log_path)

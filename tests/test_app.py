@@ -275,6 +275,7 @@ def test_a_missing_bucket_still_stops_start_up(tiny_model_dir: Path, s3_server: 
 def test_sigterm_while_busy_loses_nothing(tiny_model_dir: Path, s3_server: S3Server, tmp_path: Path) -> None:
     s3_server.create_bucket("sigterm")
     env = {"S3_BUCKET": "sigterm", "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
+    env["SHUTDOWN_LINGER"] = "3"  # the clients fetch their results while the app stops
     with launched_app(tiny_model_dir, tmp_path, env=env) as app:
         steps_before = app.metric("sdapp_denoising_step_seconds_count")  # the warm-up ran one
         jobs = [
