@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or str(build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny", family=args.family))
     engine = StepEngine(load_pipeline(PipelineSettings(model=model)))
     fields = {"prompt": "a lighthouse at dusk", "steps": args.steps, "width": args.size, "height": args.size}
-    samplers = engine.loaded.family.samplers
-    singles = [check_inputs({**fields, "seed": seed}, samplers=samplers) for seed in range(4)]
+    rules = engine.loaded.family.rules
+    singles = [check_inputs({**fields, "seed": seed}, rules=rules) for seed in range(4)]
     engine.generate(singles[:1])  # warm-up
 
     one = timed(lambda: engine.generate(singles[:1]), repeats=args.repeats)

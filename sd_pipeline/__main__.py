@@ -54,14 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_pipeline(settings)
         limits = RequestLimits(max_pixels=settings.max_pixels)
         tokens = TokenBudget.of(loaded.pipeline.tokenizer)
-        samplers = loaded.family.samplers
-        start = recommended_request(limits, native_size=loaded.native_size, model=loaded.defaults, samplers=samplers)
+        rules = loaded.family.rules
+        start = recommended_request(limits, native_size=loaded.native_size, model=loaded.defaults, rules=rules)
         chosen = {name: getattr(args, name) for name in RECOMMENDABLE}
         fields = {name: getattr(start, name) if value is None else value for name, value in chosen.items()}
         fields |= {"negative_prompt": args.negative_prompt, "seed": args.seed, "num_images": args.num_images}
         requests = [
-            check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens, samplers=samplers)
-            for prompt in prompts
+            check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens, rules=rules) for prompt in prompts
         ]
     except (InvalidRequestError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -148,12 +148,16 @@ def test_sd3_requests_sharing_steps_each_equal_themselves_alone(sd3_loaded: Load
     assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
 
 
-def test_a_sampler_the_family_cannot_use_is_refused_by_field(sd3_loaded: LoadedPipeline) -> None:
-    samplers = sd3_loaded.describe().samplers
+def test_a_sampler_or_size_the_family_cannot_use_is_refused_by_field(sd3_loaded: LoadedPipeline) -> None:
+    rules = sd3_loaded.describe().rules  # what the web process learns from the worker
+    assert (rules.samplers, rules.size_multiple, rules.guidance) == (("Euler",), 16, "cfg")
     with pytest.raises(InvalidRequestError, match=r"must be one of Euler \(this model's samplers\); got 'DDIM'"):
-        check_inputs({"prompt": "a cat", "scheduler": "DDIM"}, samplers=samplers)
-    assert check_inputs({"prompt": "a cat"}, samplers=samplers).scheduler == "Euler"  # the family's default
-    assert recommended_request(RequestLimits(), native_size=256, samplers=samplers).scheduler == "Euler"
+        check_inputs({"prompt": "a cat", "scheduler": "DDIM"}, rules=rules)
+    with pytest.raises(InvalidRequestError, match=r"^height: must be a multiple of 16 from 64 to 1024, got 72"):
+        check_inputs({"prompt": "a cat", "height": 72}, rules=rules)  # SD 1.x takes it: 72 = 9 x 8
+    assert check_inputs({"prompt": "a cat", "height": 72}).height == 72
+    assert check_inputs({"prompt": "a cat"}, rules=rules).scheduler == "Euler"  # the family's default
+    assert recommended_request(RequestLimits(), native_size=256, rules=rules).scheduler == "Euler"
 
 
 def test_sd3_previews_decode_with_its_vae_for_want_of_published_factors(sd3_loaded: LoadedPipeline) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
-from sd_pipeline.contract.request import RequestLimits
+from sd_pipeline.contract.request import InputRules, RequestLimits
 from webapp.form import generate_fields, with_signature
 from webapp.owners import Network, caller_of
 from webapp.previews import LatestPreview
@@ -35,7 +35,7 @@ class Endpoints:
         limits: RequestLimits,
         default_size: int,
         model_defaults: ModelDefaults | None,
-        samplers: Sequence[str],
+        rules: InputRules,
         trusted_proxies: Sequence[Network],
         owner_secret: bytes | None,
     ) -> None:
@@ -44,12 +44,10 @@ class Endpoints:
         self.default_size = default_size
         self.trusted_proxies = trusted_proxies
         self.owner_secret = owner_secret
-        self.samplers = samplers
-        self.fields = generate_fields(
-            limits, default_size=default_size, model_defaults=model_defaults, samplers=samplers
-        )
+        self.rules = rules
+        self.fields = generate_fields(limits, default_size=default_size, model_defaults=model_defaults, rules=rules)
         self.names = [field.name for field in self.fields]
-        self.built_with = recommended_request(limits, native_size=default_size, model=model_defaults, samplers=samplers)
+        self.built_with = recommended_request(limits, native_size=default_size, model=model_defaults, rules=rules)
         # Per page (Gradio session): resolves when its generation ends, True if it delivered images.
         self._generations: dict[str | None, asyncio.Future[bool]] = {}
 
@@ -142,7 +140,7 @@ class Endpoints:
     def model_recommends(self) -> list[Any]:
         """On page load: the served model's recommendations, where they changed since the page was built."""
         now = recommended_request(
-            self.limits, native_size=self.default_size, model=self.service.model_defaults, samplers=self.samplers
+            self.limits, native_size=self.default_size, model=self.service.model_defaults, rules=self.rules
         )
         return [
             gr.skip() if getattr(now, name) == getattr(self.built_with, name) else getattr(now, name)

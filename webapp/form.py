@@ -14,8 +14,7 @@ import gradio as gr
 
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.recommended import recommended_request
-from sd_pipeline.contract.request import MAX_SEED, RANDOM_SEED, RequestLimits
-from sd_pipeline.contract.samplers import SCHEDULER_NAMES
+from sd_pipeline.contract.request import GUIDANCE_MEANING, MAX_SEED, RANDOM_SEED, InputRules, RequestLimits
 from webapp.components import validated_by_app
 
 REQUIRED = inspect.Parameter.empty
@@ -45,12 +44,15 @@ def generate_fields(
     *,
     default_size: int,
     model_defaults: ModelDefaults | None = None,
-    samplers: Sequence[str] = SCHEDULER_NAMES,
+    rules: InputRules | None = None,
 ) -> list[FormField]:
     """/generate's inputs in API order, with the model's recommended defaults (``recommended_request``)
-    and its family's ``samplers``."""
-    defaults = recommended_request(limits, native_size=default_size, model=model_defaults, samplers=samplers)
-    sides = f"{limits.min_side}-{limits.max_side}, multiple of 8"
+    and what its family accepts (``rules``: samplers, size multiple, what guidance means)."""
+    rules = rules or InputRules()
+    samplers = rules.samplers
+    defaults = recommended_request(limits, native_size=default_size, model=model_defaults, rules=rules)
+    sides = f"{limits.min_side}-{limits.max_side}, multiple of {rules.size_multiple}"
+    guidance = GUIDANCE_MEANING[rules.guidance]
     example_prompt = (model_defaults and model_defaults.example_prompt) or GENERAL_EXAMPLE_PROMPT
 
     def whole_slider(
@@ -101,7 +103,7 @@ def generate_fields(
             "guidance_scale",
             float,
             defaults.guidance_scale,
-            f"classifier-free guidance, 0 to {limits.max_guidance:g}",
+            f"{guidance}; 0 to {limits.max_guidance:g}",
             lambda: validated_by_app(
                 gr.Slider(
                     0,
@@ -109,6 +111,7 @@ def generate_fields(
                     value=defaults.guidance_scale,
                     step=0.5,
                     label="Guidance scale",
+                    info=None if rules.guidance == "cfg" else guidance,
                     elem_id="guidance",
                 )
             ),

@@ -12,8 +12,7 @@ import gradio as gr
 
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.recommended import RECOMMENDABLE
-from sd_pipeline.contract.request import RequestLimits
-from sd_pipeline.contract.samplers import SCHEDULER_NAMES
+from sd_pipeline.contract.request import InputRules, RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
 from webapp.endpoints import Endpoints, GalleryItems
@@ -60,7 +59,7 @@ def build_demo(
     model_name: str,
     default_size: int = 512,
     model_defaults: ModelDefaults | None = None,
-    samplers: Sequence[str] = SCHEDULER_NAMES,
+    rules: InputRules | None = None,
     trusted_proxies: Sequence[Network] = (),
     owner_secret: bytes | None = None,
 ) -> gr.Blocks:
@@ -68,15 +67,15 @@ def build_demo(
 
     ``default_size`` is the model's native side (512 for SD 1.x) and ``model_defaults`` what the
     model recommends: the form's and the API's defaults. A page opened after a model rollout
-    gets the new model's recommendations (``service.model_defaults``). ``samplers``: the model
-    family's sampler names, the dropdown's choices."""
+    gets the new model's recommendations (``service.model_defaults``). ``rules``: what the
+    model's family accepts (the sampler choices, the size multiple, what guidance means)."""
 
     endpoints = Endpoints(
         service,
         limits=limits,
         default_size=default_size,
         model_defaults=model_defaults,
-        samplers=samplers,
+        rules=rules or InputRules(),
         trusted_proxies=trusted_proxies,
         owner_secret=owner_secret,
     )

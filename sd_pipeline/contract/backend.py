@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sd_pipeline.contract.models import ModelDefaults
-from sd_pipeline.contract.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
-from sd_pipeline.contract.samplers import SCHEDULER_NAMES
+from sd_pipeline.contract.request import GenerationRequest, InputRules, RequestLimits, TokenBudget, check_inputs
 
 if TYPE_CHECKING:
     from sd_pipeline.contract.lifecycle import Request
@@ -36,7 +35,7 @@ class BackendInfo:
     defaults: ModelDefaults = field(default_factory=ModelDefaults)  # what the model recommends
     simulated: str = ""  # the modelled accelerator (SD_SIMULATED_GPU, benchmarks only); "" for the real device
     family: str = "sd"  # the model family read from the model's folder: sd (1.x, 2.x), sdxl or sd3
-    samplers: tuple[str, ...] = SCHEDULER_NAMES  # the sampler names the family can use, its default first
+    rules: InputRules = field(default_factory=InputRules)  # what the family accepts: samplers, size multiple
 
     @property
     def label(self) -> str:
@@ -45,20 +44,20 @@ class BackendInfo:
 
 
 class RequestChecker:
-    """``check_inputs`` with a deployment's limits, and the model's token budget and samplers once known."""
+    """``check_inputs`` with a deployment's limits, and the model's token budget and family rules once known."""
 
     def __init__(self, limits: RequestLimits) -> None:
         self.limits = limits
         self.tokens: TokenBudget | None = None
-        self.samplers: tuple[str, ...] = SCHEDULER_NAMES
+        self.rules = InputRules()
 
     def serve(self, info: BackendInfo, tokens: TokenBudget) -> None:
-        """Check against the model now served: its tokenizer and its family's samplers."""
-        self.tokens, self.samplers = tokens, info.samplers
+        """Check against the model now served: its tokenizer and its family's rules."""
+        self.tokens, self.rules = tokens, info.rules
 
     def check(self, data: Mapping[str, Any]) -> GenerationRequest:
         """Validate raw fields; raises ``InvalidRequestError`` naming the field and its range."""
-        return check_inputs(data, limits=self.limits, tokens=self.tokens, samplers=self.samplers)
+        return check_inputs(data, limits=self.limits, tokens=self.tokens, rules=self.rules)
 
 
 class Backend(Protocol):

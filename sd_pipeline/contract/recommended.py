@@ -5,12 +5,10 @@ native size. The page, the API and the command line all start from here."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.models import ModelDefaults
-from sd_pipeline.contract.request import GenerationRequest, RequestLimits, check_inputs, default_sampler
-from sd_pipeline.contract.samplers import SCHEDULER_NAMES
+from sd_pipeline.contract.request import GenerationRequest, InputRules, RequestLimits, check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -22,17 +20,18 @@ def recommended_request(
     *,
     native_size: int,
     model: ModelDefaults | None = None,
-    samplers: Sequence[str] = SCHEDULER_NAMES,
+    rules: InputRules | None = None,
 ) -> GenerationRequest:
     """A prompt-less request with the model's recommendations where they pass ``check_inputs``
-    under ``limits`` and the model family's ``samplers``; if they do not, the general defaults at
+    under ``limits`` and the model family's ``rules``; if they do not, the general defaults at
     ``native_size`` with the family's default sampler (logged)."""
+    rules = rules or InputRules()
     settings = (model or ModelDefaults()).model_dump(include=set(RECOMMENDABLE))
     recommended = {name: value for name, value in settings.items() if value is not None}
-    general = {"width": native_size, "height": native_size, "scheduler": default_sampler(samplers)}
+    general = {"width": native_size, "height": native_size, "scheduler": rules.default_sampler}
     chosen = {**general, **recommended}
     try:
-        check_inputs({"prompt": "defaults", **chosen}, limits=limits, samplers=samplers)
+        check_inputs({"prompt": "defaults", **chosen}, limits=limits, rules=rules)
     except InvalidRequestError as error:
         logger.warning("the model's recommended settings do not fit this app (%s); the general defaults apply", error)
         chosen = general

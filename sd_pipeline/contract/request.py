@@ -11,7 +11,7 @@ import secrets
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
@@ -73,6 +73,29 @@ def default_sampler(samplers: Sequence[str]) -> str:
     return DEFAULT_SCHEDULER if DEFAULT_SCHEDULER in samplers else samplers[0]
 
 
+Guidance = Literal["cfg", "distilled", "none"]
+GUIDANCE_MEANING: dict[str, str] = {
+    "cfg": "classifier-free guidance: how closely to follow the prompt (1 or less: off)",
+    "distilled": "the model's distilled guidance (FLUX.1-dev: about 3.5); one pass per image, no negative prompt",
+    "none": "not used by this model (FLUX.1-schnell is guidance-distilled): any value draws the same image",
+}
+
+
+@dataclass(frozen=True)
+class InputRules:
+    """What the served model's family accepts, beside the deployment's limits: its samplers (the
+    default is ``DEFAULT_SCHEDULER`` where it is one of them, else the first), the multiple its
+    width and height must be, and what its guidance scale means."""
+
+    samplers: tuple[str, ...] = SCHEDULER_NAMES
+    size_multiple: int = 8
+    guidance: Guidance = "cfg"
+
+    @property
+    def default_sampler(self) -> str:
+        return default_sampler(self.samplers)
+
+
 def _integer(field: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(field, f"must be an integer from {low} to {high}, got {value!r}")
@@ -113,11 +136,11 @@ def _text(field: str, value: Any, *, required: bool, limits: RequestLimits, toke
     return text
 
 
-def _side(field: str, value: Any, limits: RequestLimits) -> int:
+def _side(field: str, value: Any, limits: RequestLimits, multiple: int) -> int:
     side = _integer(field, value, limits.min_side, limits.max_side)
-    if side % 8:
+    if side % multiple:
         raise InvalidRequestError(
-            field, f"must be a multiple of 8 from {limits.min_side} to {limits.max_side}, got {side}"
+            field, f"must be a multiple of {multiple} from {limits.min_side} to {limits.max_side}, got {side}"
         )
     return side
 
@@ -127,16 +150,17 @@ def check_inputs(
     *,
     limits: RequestLimits | None = None,
     tokens: TokenBudget | None = None,
-    samplers: Sequence[str] = SCHEDULER_NAMES,
+    rules: InputRules | None = None,
 ) -> GenerationRequest:
     """Validate raw fields (from a form, JSON or the CLI) into a ``GenerationRequest``.
 
-    Missing fields take their defaults (the sampler: the first of ``samplers``, the model family's,
-    when the general default is not among them). A seed of -1 is replaced by a random one, so the
+    ``rules``: the served model family's (SD 1.x's when None). Missing fields take their defaults
+    (the sampler: the family's default). A seed of -1 is replaced by a random one, so the
     returned request always says which seed will be used.
     """
     limits = limits or RequestLimits()
-    defaults = GenerationRequest(prompt="", scheduler=default_sampler(samplers))
+    rules = rules or InputRules()
+    defaults = GenerationRequest(prompt="", scheduler=rules.default_sampler)
     unknown = set(data) - set(GenerationRequest.__dataclass_fields__)
     if unknown:
         raise InvalidRequestError(sorted(unknown)[0], "is not a known field")
@@ -149,17 +173,17 @@ def check_inputs(
     seed = _integer("seed", data.get("seed", RANDOM_SEED), RANDOM_SEED, MAX_SEED)
     steps = _integer("steps", get("steps"), limits.min_steps, limits.max_steps)
     guidance = _number("guidance_scale", get("guidance_scale"), 0.0, limits.max_guidance)
-    width = _side("width", get("width"), limits)
-    height = _side("height", get("height"), limits)
+    width = _side("width", get("width"), limits, rules.size_multiple)
+    height = _side("height", get("height"), limits, rules.size_multiple)
     if width * height > limits.max_pixels:
         raise InvalidRequestError(
             "width", f"width x height must be at most {limits.max_pixels} pixels, got {width}x{height}"
         )
     num_images = _integer("num_images", get("num_images"), 1, limits.max_images)
     scheduler = get("scheduler")
-    if scheduler not in samplers:
+    if scheduler not in rules.samplers:
         raise InvalidRequestError(
-            "scheduler", f"must be one of {', '.join(samplers)} (this model's samplers); got {scheduler!r}"
+            "scheduler", f"must be one of {', '.join(rules.samplers)} (this model's samplers); got {scheduler!r}"
         )
     if seed == RANDOM_SEED:
         seed = secrets.randbelow(MAX_SEED + 1)

@@ -37,7 +37,7 @@ from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryErr
 from sd_pipeline.contract.facts import GenerationObserver
 from sd_pipeline.contract.jobs import GenerationResult, JobOutcome, Preview, Timings
 from sd_pipeline.contract.lifecycle import Request
-from sd_pipeline.contract.request import GenerationRequest, default_sampler
+from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import DEFAULT_PREVIEW_INTERVAL
 from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.families import Conditioning, join_rows, split_rows
@@ -142,7 +142,7 @@ class StepEngine:
         that a compiled UNet never recompiles (new shapes run eagerly).
         """
         started = time.perf_counter()
-        sampler = default_sampler(self.loaded.family.samplers)
+        sampler = self.loaded.family.rules.default_sampler
         if not (self.loaded.compiled or self.loaded.device.type == "cuda"):
             self.generate([GenerationRequest(prompt="warm-up", steps=1, width=64, height=64, scheduler=sampler)])
             return time.perf_counter() - started

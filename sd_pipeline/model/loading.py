@@ -66,7 +66,7 @@ class LoadedPipeline:
             defaults=self.defaults,
             simulated=self.simulated,
             family=self.family.name,
-            samplers=self.family.samplers,
+            rules=self.family.rules,
         )
 
 

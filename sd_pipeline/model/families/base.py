@@ -18,7 +18,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES as SAMPLERS
 from sd_pipeline.model.schedulers import make_scheduler
 
@@ -95,6 +95,11 @@ class StableDiffusion:
         """The sampler names this family can use (AUTOMATIC1111's names); the default is
         ``DEFAULT_SCHEDULER`` where it is one of them, else the first."""
         return SAMPLERS
+
+    @property
+    def rules(self) -> InputRules:
+        """What requests to this model may ask: its samplers, size multiple and guidance."""
+        return InputRules(samplers=self.samplers, size_multiple=int(self.pipeline.vae_scale_factor))
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
         """A fresh scheduler for one request, built from the model's own scheduler config."""

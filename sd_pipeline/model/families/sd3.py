@@ -11,7 +11,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion
 
 # Flow-matching samplers by AUTOMATIC1111/Forge name: the model's own scheduler.
@@ -46,6 +46,12 @@ class StableDiffusion3(StableDiffusion):
     @property
     def samplers(self) -> tuple[str, ...]:
         return tuple(FLOW_SAMPLERS)
+
+    @property
+    def rules(self) -> InputRules:
+        """Sides are whole patches of latents (the pipeline's own check: VAE factor x patch size)."""
+        multiple = int(self.pipeline.vae_scale_factor) * int(self.denoiser.config.patch_size)
+        return InputRules(samplers=self.samplers, size_multiple=multiple)
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
         return FLOW_SAMPLERS[name].from_config(base_config)
