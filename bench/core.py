@@ -1,6 +1,6 @@
 """The step engine: time per image, and 4 requests stepping together against 4 run one after another, in one run.
 
-python -m bench.core [--model DIR | --family sd|sd2|sdxl|sd3] [--size 64] [--steps 10] [--repeats 5]
+python -m bench.core [--model DIR | --family sd|sd2|sdxl|sd3|flux|flux-schnell] [--size 64] [--steps 10] [--repeats 5]
 """
 
 from __future__ import annotations

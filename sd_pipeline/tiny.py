@@ -1,8 +1,8 @@
-"""Build tiny pipelines (SD, SDXL) with random weights, for offline tests and demos.
+"""Build tiny pipelines of every served family with random weights, for offline tests and demos.
 
-Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sdxl|sd3]`` writes a pipeline folder that the normal loader
-accepts (``--model DIR``). The images are noise: it exists to exercise the product, not to
-draw pictures.
+Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sdxl|sd3|flux|flux-schnell]`` writes a
+pipeline folder that the normal loader accepts (``--model DIR``). The images are noise: it exists
+to exercise the product, not to draw pictures.
 """
 
 from __future__ import annotations
@@ -269,15 +269,81 @@ def random_sd3_pipeline(*, seed: int = 0) -> Any:
     )
 
 
-FAMILIES = ("sd", "sd2", "sdxl", "sd3")
+# FLUX.1's shape in small: CLIP's pooled output (32) and T5's states (32 wide, its 512 tokens) as
+# text, 16-channel latents packed 2x2 into 64-wide tokens, rotary axes summing to the head width,
+# the dev scheduler's dynamic shift; "flux" has dev's guidance embedding, "flux-schnell" none.
+TINY_FLUX_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "axes_dims_rope": (4, 4, 8),
+}
+TINY_T5: dict[str, Any] = {"d_model": 32, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 2}
+FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def _t5_tokenizer() -> Any:
+    """A character-level T5 tokenizer (SentencePiece-style unigram over printable characters), built offline."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(char, -1.0) for char in string.printable if not char.isspace()]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0
+    )
+
+
+def random_flux_pipeline(*, seed: int = 0, guidance_embeds: bool = True) -> Any:
+    """A FLUX.1 pipeline (a ``FluxPipeline``; dev with ``guidance_embeds``, else schnell) with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, t5_tokenizer = _tokenizer(), _t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **TINY_T5))
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER, guidance_embeds=guidance_embeds),
+        vae=AutoencoderKL(**TINY_SD3_VAE),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, TINY_TEXT)),
+        text_encoder_2=t5,
+        tokenizer=tokenizer,
+        tokenizer_2=t5_tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+    )
+
+
+FAMILIES = ("sd", "sd2", "sdxl", "sd3", "flux", "flux-schnell")
 
 
 def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny", family: str = "sd") -> Path:
-    """Create a small random pipeline and ``save_pretrained`` it into ``folder``: ``family`` sd (1.x), sd2
-    (v-prediction, 768 native), sdxl or sd3; for sd, ``kind`` tiny, heavy (compute dominates) or micro."""
+    """Create a small random pipeline and ``save_pretrained`` it into ``folder``: ``family`` sd (1.x),
+    sd2 (v-prediction, 768 native), sdxl, sd3, flux (FLUX.1-dev) or flux-schnell; for sd, ``kind``
+    tiny, heavy (compute dominates) or micro."""
     folder = Path(folder)
     if family in ("sdxl", "sd3"):
         (random_sdxl_pipeline if family == "sdxl" else random_sd3_pipeline)(seed=seed).save_pretrained(folder)
+        return folder
+    if family.startswith("flux"):
+        random_flux_pipeline(seed=seed, guidance_embeds=family == "flux").save_pretrained(folder)
         return folder
     if family == "sd2":
         pipeline = random_pipeline(

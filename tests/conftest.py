@@ -62,6 +62,17 @@ def sd3_loaded(tiny_sd3_dir: Path) -> LoadedPipeline:
     return load_pipeline(PipelineSettings(model=str(tiny_sd3_dir), device="cpu"))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev pipeline (packed latents, guidance embedding, T5) written with save_pretrained."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux"), family="flux")
+
+
+@pytest.fixture(scope="session")
+def flux_loaded(tiny_flux_dir: Path) -> LoadedPipeline:
+    return load_pipeline(PipelineSettings(model=str(tiny_flux_dir), device="cpu"))
+
+
 @pytest.fixture()
 def engine(tiny_loaded: LoadedPipeline) -> StepEngine:
     return StepEngine(tiny_loaded)

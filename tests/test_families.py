@@ -34,7 +34,7 @@ BATCHED_TOLERANCE = 2  # levels of 255: the same request in a different batch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def request(**fields: Any) -> GenerationRequest:
+def ask(**fields: Any) -> GenerationRequest:
     defaults: dict[str, Any] = {"prompt": "a red circle", "steps": 5, "width": 64, "height": 64, "seed": 7}
     return GenerationRequest(**{**defaults, **fields})
 
@@ -55,16 +55,16 @@ def test_the_family_is_read_from_the_folder(tiny_loaded: LoadedPipeline, sdxl_lo
 def test_an_sdxl_request_alone_equals_the_sdxl_pipeline_call(sdxl_loaded: LoadedPipeline, scheduler: str) -> None:
     engine = StepEngine(sdxl_loaded)
     for negative in ("", "blurry"):  # an empty negative prompt is zeros (force_zeros_for_empty_prompt)
-        wanted = request(scheduler=scheduler, num_images=2, negative_prompt=negative)
+        wanted = ask(scheduler=scheduler, num_images=2, negative_prompt=negative)
         ours = [result.image for result in engine.generate([wanted])[0]]
         for got, expected in zip(ours, pipeline_image(sdxl_loaded, wanted), strict=True):
             assert_same_image(got, expected)
-    other = pipeline_image(sdxl_loaded, request(scheduler=scheduler, seed=8))[0]
+    other = pipeline_image(sdxl_loaded, ask(scheduler=scheduler, seed=8))[0]
     assert max_difference(ours[0], other) > 10  # the comparison can fail
 
 
 def test_sdxl_zeroes_an_empty_negative_prompt_rather_than_encoding_it(sdxl_loaded: LoadedPipeline) -> None:
-    wanted = request(scheduler="Euler")
+    wanted = ask(scheduler="Euler")
     ours = StepEngine(sdxl_loaded).generate([wanted])[0][0].image
     pipeline = sdxl_loaded.pipeline
     pipeline.scheduler = make_scheduler("Euler", pipeline.scheduler.config)
@@ -79,11 +79,11 @@ def test_sdxl_requests_sharing_steps_each_equal_themselves_alone(sdxl_loaded: Lo
     """Other prompts, seeds, samplers, guidance and a second size share steps; one joins after two steps."""
     engine = StepEngine(sdxl_loaded, max_batch_images=8)
     wanted = [
-        request(scheduler="Euler", steps=6),
-        request(scheduler="DPM++ 2M Karras", seed=3, prompt="a blue square", guidance_scale=1.0),
-        request(scheduler="Euler a", seed=4, width=64, height=96, negative_prompt="dark"),
+        ask(scheduler="Euler", steps=6),
+        ask(scheduler="DPM++ 2M Karras", seed=3, prompt="a blue square", guidance_scale=1.0),
+        ask(scheduler="Euler a", seed=4, width=64, height=96, negative_prompt="dark"),
     ]
-    late = request(scheduler="UniPC", seed=5, steps=4, prompt="a green triangle")
+    late = ask(scheduler="UniPC", seed=5, steps=4, prompt="a green triangle")
     outcomes: dict[int, Any] = {}
     jobs = [Request(r) for r in wanted]
     for job in jobs:
@@ -107,7 +107,7 @@ def test_sd2_v_prediction_keeps_its_prediction_type_and_equals_the_pipeline(
     assert sd2_loaded.family.name == "sd" and sd2_loaded.native_size == 768
     built = make_scheduler(scheduler, sd2_loaded.pipeline.scheduler.config)
     assert built.config.prediction_type == "v_prediction"
-    wanted = request(scheduler=scheduler, negative_prompt="blurry")
+    wanted = ask(scheduler=scheduler, negative_prompt="blurry")
     ours = StepEngine(sd2_loaded).generate([wanted])[0][0].image
     assert_same_image(ours, pipeline_image(sd2_loaded, wanted)[0])
 
@@ -115,11 +115,11 @@ def test_sd2_v_prediction_keeps_its_prediction_type_and_equals_the_pipeline(
 @pytest.mark.parametrize("negative", ["", "blurry"])
 def test_an_sd3_request_alone_equals_the_sd3_pipeline_call(sd3_loaded: LoadedPipeline, negative: str) -> None:
     assert (sd3_loaded.family.name, sd3_loaded.family.samplers, sd3_loaded.native_size) == ("sd3", ("Euler",), 256)
-    wanted = request(scheduler="Euler", num_images=2, negative_prompt=negative)
+    wanted = ask(scheduler="Euler", num_images=2, negative_prompt=negative)
     ours = [result.image for result in StepEngine(sd3_loaded).generate([wanted])[0]]
     for got, expected in zip(ours, pipeline_image(sd3_loaded, wanted), strict=True):
         assert_same_image(got, expected)
-    assert max_difference(ours[0], pipeline_image(sd3_loaded, request(scheduler="Euler", seed=8))[0]) > 10
+    assert max_difference(ours[0], pipeline_image(sd3_loaded, ask(scheduler="Euler", seed=8))[0]) > 10
 
 
 def test_sd3_requests_sharing_steps_each_equal_themselves_alone(sd3_loaded: LoadedPipeline) -> None:
@@ -127,11 +127,11 @@ def test_sd3_requests_sharing_steps_each_equal_themselves_alone(sd3_loaded: Load
     counts, guidance on and off and a second size share steps; one joins after two steps."""
     engine = StepEngine(sd3_loaded, max_batch_images=8)
     wanted = [
-        request(scheduler="Euler", steps=6),
-        request(scheduler="Euler", seed=3, prompt="a blue square", guidance_scale=1.0),
-        request(scheduler="Euler", seed=4, width=64, height=96, negative_prompt="dark", steps=4),
+        ask(scheduler="Euler", steps=6),
+        ask(scheduler="Euler", seed=3, prompt="a blue square", guidance_scale=1.0),
+        ask(scheduler="Euler", seed=4, width=64, height=96, negative_prompt="dark", steps=4),
     ]
-    late = request(scheduler="Euler", seed=5, steps=3, prompt="a green triangle")
+    late = ask(scheduler="Euler", seed=5, steps=3, prompt="a green triangle")
     outcomes: dict[int, Any] = {}
     jobs = [Request(r) for r in wanted]
     for job in jobs:
@@ -160,12 +160,16 @@ def test_a_sampler_or_size_the_family_cannot_use_is_refused_by_field(sd3_loaded:
     assert recommended_request(RequestLimits(), native_size=256, rules=rules).scheduler == "Euler"
 
 
-def test_sd3_previews_decode_with_its_vae_for_want_of_published_factors(sd3_loaded: LoadedPipeline) -> None:
-    previewer = load_previewer(PipelineSettings(preview="approx"), sd3_loaded)
-    assert isinstance(previewer, DecoderPreview) and previewer.decoder is sd3_loaded.pipeline.vae
-    engine = StepEngine(sd3_loaded, previewer=previewer, preview_interval=0.0)
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_matching_previews_decode_with_the_vae_for_want_of_published_factors(
+    request: pytest.FixtureRequest, family: str
+) -> None:
+    loaded: LoadedPipeline = request.getfixturevalue(f"{family}_loaded")
+    previewer = load_previewer(PipelineSettings(preview="approx"), loaded)
+    assert isinstance(previewer, DecoderPreview) and previewer.decoder is loaded.pipeline.vae
+    engine = StepEngine(loaded, previewer=previewer, preview_interval=0.0)
     seen: list[Any] = []
-    outcome = engine.run([Request(request(scheduler="Euler", steps=6), on_preview=seen.append)])[0]
+    outcome = engine.run([Request(ask(scheduler="Euler", steps=6), on_preview=seen.append)])[0]
     assert outcome.error is None and len(seen) == 5
     # The last preview (x0 predicted one step from the end) is close to the final image.
     final = np.asarray(outcome.results[0].image.convert("RGB"), dtype=np.float32)
@@ -174,12 +178,68 @@ def test_sd3_previews_decode_with_its_vae_for_want_of_published_factors(sd3_load
     assert np.abs(last - final).mean() < np.abs(first - final).mean()
 
 
+def test_flux_dev_alone_equals_the_flux_pipeline_and_its_guidance_is_distilled(flux_loaded: LoadedPipeline) -> None:
+    rules = flux_loaded.family.rules
+    assert (flux_loaded.family.name, rules.samplers, rules.size_multiple, rules.guidance) == (
+        "flux",
+        ("Euler",),
+        16,
+        "distilled",
+    )
+    assert flux_loaded.native_size == 1024  # diffusers' default_sample_size x the VAE factor
+    engine = StepEngine(flux_loaded)
+    images = {}
+    for guidance in (1.0, 3.5):
+        wanted = ask(scheduler="Euler", num_images=2, width=64, height=96, guidance_scale=guidance)
+        ours = [result.image for result in engine.generate([wanted])[0]]
+        for got, expected in zip(ours, pipeline_image(flux_loaded, wanted), strict=True):
+            assert_same_image(got, expected)
+        images[guidance] = ours[0]
+    assert max_difference(images[1.0], images[3.5]) > 2  # the embedding changes the picture
+
+
+def test_flux_schnell_ignores_guidance(tmp_path: Path) -> None:
+    folder = build_tiny_pipeline(tmp_path / "schnell", family="flux-schnell")
+    loaded = load_pipeline(PipelineSettings(model=str(folder), device="cpu"))
+    assert loaded.family.rules.guidance == "none"
+    engine = StepEngine(loaded)
+    low, high = (engine.generate([ask(scheduler="Euler", guidance_scale=g)])[0][0].image for g in (1.0, 9.0))
+    assert_same_image(low, high, tolerance=0)
+    assert_same_image(low, pipeline_image(loaded, ask(scheduler="Euler"))[0])
+
+
+def test_flux_requests_sharing_steps_each_equal_themselves_alone(flux_loaded: LoadedPipeline) -> None:
+    """Packed latents of several requests in one transformer call, each with its own guidance
+    embedding, timestep and sigmas; a second size steps apart; one joins after two steps."""
+    engine = StepEngine(flux_loaded, max_batch_images=8)
+    wanted = [
+        ask(scheduler="Euler", steps=6, guidance_scale=3.5),
+        ask(scheduler="Euler", seed=3, prompt="a blue square", guidance_scale=1.0),
+        ask(scheduler="Euler", seed=4, width=64, height=96, steps=4),
+    ]
+    late = ask(scheduler="Euler", seed=5, steps=3, prompt="a green triangle", guidance_scale=5.0)
+    outcomes: dict[int, Any] = {}
+    jobs = [Request(r) for r in wanted]
+    for job in jobs:
+        engine.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
+    engine.step()
+    engine.step()
+    jobs.append(Request(late))
+    engine.submit(jobs[-1], lambda outcome: outcomes.__setitem__(id(jobs[-1]), outcome))
+    engine.run_until_idle()
+    for job, asked in zip(jobs, [*wanted, late], strict=True):
+        outcome = outcomes[id(job)]
+        assert outcome.error is None, outcome.error
+        assert_same_image(outcome.results[0].image, pipeline_image(flux_loaded, asked)[0], tolerance=BATCHED_TOLERANCE)
+    assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
+
+
 def test_sdxl_previews_use_its_latent_format(sdxl_loaded: LoadedPipeline) -> None:
     previewer = LinearPreview.for_model(sdxl_loaded)
     assert torch.allclose(previewer.factors, torch.tensor(SDXL_LATENT_RGB))
     engine = StepEngine(sdxl_loaded, previewer=previewer, preview_interval=0.0)
     seen: list[Any] = []
-    job = Request(request(steps=6), on_preview=seen.append)
+    job = Request(ask(steps=6), on_preview=seen.append)
     outcome = engine.run([job])[0]
     assert outcome.error is None and len(seen) == 5  # every step but the last
     assert all(preview.image.startswith(b"\x89PNG") for preview in seen)
@@ -193,11 +253,11 @@ def unservable_copy(source: Path, folder: Path, pipeline_class: str) -> Path:
 
 
 def test_a_pipeline_no_family_serves_is_refused_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
-    folder = unservable_copy(tiny_model_dir, tmp_path / "flux", "FluxPipeline")  # not yet a family here
+    folder = unservable_copy(tiny_model_dir, tmp_path / "pixart", "PixArtSigmaPipeline")
     with pytest.raises(ModelLoadError) as refused:
         load_pipeline(PipelineSettings(model=str(folder), device="cpu"))
     message = str(refused.value)
-    assert "\n" not in message and "FluxPipeline" in message
+    assert "\n" not in message and "PixArtSigmaPipeline" in message
     assert all(
         name in message for name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
     )
@@ -206,4 +266,4 @@ def test_a_pipeline_no_family_serves_is_refused_in_one_line(tiny_model_dir: Path
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
-    assert f"error: cannot serve model '{folder}': its pipeline is FluxPipeline" in cli.stderr
+    assert f"error: cannot serve model '{folder}': its pipeline is PixArtSigmaPipeline" in cli.stderr

@@ -1,4 +1,4 @@
-"""SDXL and SD3 models served by the launched app: the served PNG equals the family's diffusers
+"""SDXL, SD3 and FLUX.1 models served by the launched app: the served PNG equals the family's diffusers
 pipeline, alone and sharing steps."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from gradio_client import Client
 from harness.app_server import RunningApp, is_stepping, launched_app
 from harness.images import assert_same_image, pipeline_image
 from harness.servers import S3Server, wait_until
-from sd_pipeline.contract.request import GenerationRequest, default_sampler
+from sd_pipeline.contract.request import GUIDANCE_MEANING, GenerationRequest, default_sampler
 from sd_pipeline.model.loading import LoadedPipeline
 from sd_pipeline.png import read_png_parameters
 from tests.test_app import fetch_pixels
@@ -38,7 +38,7 @@ class Served:
         return samplers[number % len(samplers)]
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd3"])
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
 def served(
     request: pytest.FixtureRequest, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
@@ -71,8 +71,12 @@ def test_the_app_equals_the_familys_pipeline_alone_and_sharing_steps(served: Ser
     app, loaded = served.app, served.loaded
     api = client(app, tmp_path).view_api(return_format="dict", print_info=False)
     parameters = {p["parameter_name"]: p for p in api["named_endpoints"]["/generate"]["parameters"]}
-    assert parameters["width"]["parameter_default"] == parameters["height"]["parameter_default"] == 256  # native
+    native = parameters["width"]["parameter_default"] == parameters["height"]["parameter_default"]
+    assert native and parameters["width"]["parameter_default"] == loaded.native_size  # 256, FLUX.1 1024
     assert parameters["scheduler"]["parameter_default"] == default_sampler(loaded.family.samplers)
+    if loaded.family.rules.guidance != "cfg":  # the page says what the guidance field means for this model
+        page = requests.get(f"{app.url}config", timeout=10).text
+        assert GUIDANCE_MEANING[loaded.family.rules.guidance] in page
     alone = asked("a red circle", 11, served.sampler(0))
     _, result = client(app, tmp_path / "alone").predict(**alone, api_name="/generate")
     served_matches_the_pipeline(loaded, result, alone)
@@ -96,9 +100,10 @@ def test_the_app_names_the_family_and_refuses_a_size_or_sampler_it_cannot_use(se
     exposition = requests.get(f"{served.app.metrics_url}/metrics", timeout=10).text
     assert re.search(rf'sdapp_model_info\{{[^}}]*family="{served.family}"', exposition)
     odd = {**asked("odd", 1, served.sampler(0)), "width": 100}
-    with pytest.raises(Exception, match=r"width: .*multiple of 8"):
+    multiple = served.loaded.family.rules.size_multiple
+    with pytest.raises(Exception, match=rf"width: must be a multiple of {multiple} "):
         client(served.app, tmp_path).predict(**odd, api_name="/generate")
-    if served.family == "sd3":  # a sampler of another family, named with the ones this model takes
+    if served.family != "sdxl":  # a sampler of another family, named with the ones this model takes
         foreign = asked("foreign", 1, "DPM++ 2M Karras")
         with pytest.raises(Exception, match=r"scheduler: must be one of Euler \(this model's samplers\)"):
             client(served.app, tmp_path).predict(**foreign, api_name="/generate")

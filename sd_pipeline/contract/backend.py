@@ -34,7 +34,7 @@ class BackendInfo:
     model_hash: str = ""  # short hash of the version's manifest, as PNGs carry it ("Model hash:")
     defaults: ModelDefaults = field(default_factory=ModelDefaults)  # what the model recommends
     simulated: str = ""  # the modelled accelerator (SD_SIMULATED_GPU, benchmarks only); "" for the real device
-    family: str = "sd"  # the model family read from the model's folder: sd (1.x, 2.x), sdxl or sd3
+    family: str = "sd"  # the model family read from the model's folder: sd (1.x, 2.x), sdxl, sd3 or flux
     rules: InputRules = field(default_factory=InputRules)  # what the family accepts: samplers, size multiple
 
     @property

@@ -331,7 +331,7 @@ class StepEngine:
             output = active.scheduler.step(predicted, t, active.latents, **active.step_kwargs, return_dict=True)
             if active.preview_due:
                 clean = family.predicted_clean(active.scheduler, output, predicted[:1], t, active.latents[:1])
-                active.clean = clean[:1]
+                active.clean = family.spatial(clean[:1], active.job.inputs)
             active.latents = output.prev_sample
 
     # Previews.
@@ -385,9 +385,10 @@ class StepEngine:
             )
 
     def _decode(self, finished: list[_Active]) -> tuple[list[Any], list[bool]]:
-        latents = torch.cat([active.latents for active in finished])
+        family = self.loaded.family
+        latents = torch.cat([family.spatial(active.latents, active.job.inputs) for active in finished])
         with torch.no_grad():
-            decoded, flags = self.loaded.family.decode(latents, self.loaded.device)
+            decoded, flags = family.decode(latents, self.loaded.device)
         images = self.loaded.pipeline.image_processor.postprocess(
             decoded, output_type="pil", do_denormalize=[not flag for flag in flags]
         )

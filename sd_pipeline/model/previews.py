@@ -71,13 +71,14 @@ class LinearPreview:
 class DecoderPreview:
     """``taesd`` and ``full``: a decoder turns the latents into pictures, batched."""
 
-    def __init__(self, decoder: Any, *, latent_scale: float = 1.0) -> None:
+    def __init__(self, decoder: Any, *, latent_scale: float = 1.0, latent_shift: float = 0.0) -> None:
         self.decoder = decoder
         self.latent_scale = latent_scale  # what the decoder's input is divided by (the VAE's scaling factor)
+        self.latent_shift = latent_shift  # then shifted by (the VAE's shift factor: SD3, FLUX.1)
 
     def render(self, latents: torch.Tensor) -> list[bytes]:
         parameter = next(self.decoder.parameters())
-        scaled = latents.to(parameter.device, parameter.dtype) / self.latent_scale
+        scaled = latents.to(parameter.device, parameter.dtype) / self.latent_scale + self.latent_shift
         with torch.no_grad():
             decoded = self.decoder.decode(scaled, return_dict=False)[0]
         pictures = _to_uint8(decoded.float().cpu().permute(0, 2, 3, 1))
@@ -100,7 +101,8 @@ def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previe
         method = "full"
     if method == "full":
         vae = loaded.pipeline.vae
-        return DecoderPreview(vae, latent_scale=float(vae.config.scaling_factor))
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        return DecoderPreview(vae, latent_scale=float(vae.config.scaling_factor), latent_shift=shift)
     if not settings.preview_decoder or not Path(settings.preview_decoder).expanduser().is_dir():
         raise ModelLoadError(
             "SD_PREVIEW=taesd needs SD_PREVIEW_DECODER: a local folder with a diffusers AutoencoderTiny "

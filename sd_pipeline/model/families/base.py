@@ -173,6 +173,10 @@ class StableDiffusion:
         scaled: torch.Tensor = noise * scheduler.init_noise_sigma
         return scaled
 
+    def spatial(self, latents: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        """A request's latents as (images, channels, height, width), for decoding and previews."""
+        return latents
+
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """The denoiser's prediction for a batch of rows, each with its own timestep and conditioning."""
         predicted: torch.Tensor = self.pipeline.unet(sample, timesteps, **conditioning, return_dict=False)[0]

@@ -1,0 +1,143 @@
+"""FLUX.1 (``FluxPipeline``, dev and schnell): a transformer on packed latents, guidance distilled in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from sd_pipeline.contract.request import GenerationRequest, InputRules
+from sd_pipeline.model.families.base import Conditioning, expand_rows
+from sd_pipeline.model.families.sd3 import StableDiffusion3
+
+PATCH = 2  # latents are packed in 2x2 patches: sides are multiples of the VAE factor x 2
+
+
+class Flux(StableDiffusion3):
+    """FLUX.1-dev and -schnell, as ``FluxPipeline.__call__`` runs them (no true CFG, ``true_cfg_scale`` 1).
+
+    - Conditioning: T5's hidden states (512 tokens) and CLIP's pooled output; text ids are zeros.
+    - Guidance: dev (``guidance_embeds``) feeds the guidance scale to the transformer as an
+      embedding, one pass per image, a value per batch row; schnell has none and ignores it. A
+      negative prompt is not used (the pipeline uses one only with ``true_cfg_scale`` > 1).
+    - Latents: noise drawn unpacked with each image's generator, then packed 2x2 into a sequence
+      with image ids from the size; sigmas 1 to 1/steps shifted by ``mu`` from the sequence
+      length; the timestep goes to the transformer divided by 1000.
+    - Decoding: unpacked, / scaling factor + shift factor, the VAE.
+    """
+
+    name: ClassVar[str] = "flux"
+    title: ClassVar[str] = "FLUX.1"
+    pipeline_class: ClassVar[str] = "FluxPipeline"
+
+    @staticmethod
+    def load_options(*, safety_checker: bool, index: Mapping[str, Any]) -> dict[str, Any]:
+        del safety_checker, index  # FLUX.1 pipelines have no safety checker
+        return {}
+
+    @property
+    def distilled_guidance(self) -> bool:
+        return bool(self.denoiser.config.guidance_embeds)
+
+    @property
+    def rules(self) -> InputRules:
+        return InputRules(
+            samplers=self.samplers,
+            size_multiple=int(self.pipeline.vae_scale_factor) * PATCH,
+            guidance="distilled" if self.distilled_guidance else "none",
+        )
+
+    @property
+    def native_size(self) -> int:
+        return int(self.pipeline.default_sample_size) * int(self.pipeline.vae_scale_factor)
+
+    def guided(self, request: GenerationRequest) -> bool:
+        return False
+
+    def encode(
+        self, prompts: list[str], negatives: list[str], device: torch.device
+    ) -> tuple[list[Conditioning], list[Conditioning]]:
+        embeds, pooled, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+        rows = [
+            {"encoder_hidden_states": embeds[index : index + 1], "pooled_projections": pooled[index : index + 1]}
+            for index in range(len(prompts))
+        ]
+        return rows, [{} for _ in negatives]  # no negative prompt without true CFG
+
+    def conditioning(self, request: GenerationRequest, text: Conditioning) -> Conditioning:
+        device = text["encoder_hidden_states"].device
+        tokens = self._token_grid(request)
+        rows: Conditioning = {**text, "token_grid": torch.tensor([tokens], device=device)}
+        if self.distilled_guidance:
+            rows["guidance"] = torch.full([1], request.guidance_scale, device=device, dtype=torch.float32)
+        return expand_rows(rows, request.num_images)
+
+    def set_timesteps(self, scheduler: SchedulerMixin, request: GenerationRequest, device: torch.device) -> None:
+        config = scheduler.config
+        steps = request.steps
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        rows, columns = self._token_grid(request)
+        mu = calculate_shift(
+            rows * columns,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        if sigmas is None:
+            scheduler.set_timesteps(steps, device=device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        scheduler.set_begin_index(0)
+
+    def initial_latents(
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        scheduler: SchedulerMixin,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        rows, columns = self._token_grid(request)
+        channels = self.denoiser.config.in_channels // (PATCH * PATCH)
+        shape = (request.num_images, channels, rows * PATCH, columns * PATCH)
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        packed: torch.Tensor = FluxPipeline._pack_latents(
+            noise, request.num_images, channels, rows * PATCH, columns * PATCH
+        )
+        return packed
+
+    def spatial(self, latents: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        unpacked: torch.Tensor = FluxPipeline._unpack_latents(
+            latents, request.height, request.width, self.pipeline.vae_scale_factor
+        )
+        return unpacked
+
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        inputs = dict(conditioning)
+        rows, columns = (int(value) for value in inputs.pop("token_grid")[0])
+        context = inputs["encoder_hidden_states"]
+        image_ids = FluxPipeline._prepare_latent_image_ids(sample.shape[0], rows, columns, sample.device, context.dtype)
+        text_ids = torch.zeros(context.shape[1], 3, device=sample.device, dtype=context.dtype)
+        predicted: torch.Tensor = self.denoiser(
+            hidden_states=sample,
+            timestep=timesteps.to(sample.dtype) / 1000,
+            guidance=inputs.pop("guidance", None),
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+            **inputs,
+        )[0]
+        return predicted
+
+    def _token_grid(self, request: GenerationRequest) -> tuple[int, int]:
+        """The packed latents' rows and columns: one token per 2x2 latent patch."""
+        side = int(self.pipeline.vae_scale_factor) * PATCH
+        return request.height // side, request.width // side
