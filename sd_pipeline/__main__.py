@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, help=recommended % "its native size (512 for SD 1.x)")
     parser.add_argument("--height", type=int, help=recommended % "its native size")
     parser.add_argument("--num-images", type=int, default=1)
-    samplers = f"one of the model's samplers ({', '.join(SCHEDULER_NAMES)} for SD 1.x/2.x and SDXL; Euler for SD3 and FLUX.1)"
+    samplers = (
+        f"one of the model's samplers ({', '.join(SCHEDULER_NAMES)} for SD 1.x/2.x and SDXL; Euler for SD3 and FLUX.1)"
+    )
     parser.add_argument("--scheduler", help=f"{samplers}; {recommended % GenerationRequest.scheduler}")
     parser.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     return parser

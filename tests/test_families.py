@@ -234,6 +234,17 @@ def test_flux_requests_sharing_steps_each_equal_themselves_alone(flux_loaded: Lo
     assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
 
 
+def test_a_preview_decoder_for_other_latents_is_refused_at_start(sd3_loaded: LoadedPipeline, tmp_path: Path) -> None:
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4).save_pretrained(
+        tmp_path / "taesd"
+    )  # SD 1.x's 4 latent channels
+    settings = PipelineSettings(preview="taesd", preview_decoder=str(tmp_path / "taesd"))
+    with pytest.raises(ModelLoadError, match=r"reads 4-channel latents but Stable Diffusion 3 / 3.5 makes 16-channel"):
+        load_previewer(settings, sd3_loaded)
+
+
 def test_sdxl_previews_use_its_latent_format(sdxl_loaded: LoadedPipeline) -> None:
     previewer = LinearPreview.for_model(sdxl_loaded)
     assert torch.allclose(previewer.factors, torch.tensor(SDXL_LATENT_RGB))

@@ -114,6 +114,13 @@ def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previe
         decoder = AutoencoderTiny.from_pretrained(str(Path(settings.preview_decoder).expanduser()), dtype=loaded.dtype)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load the preview decoder {settings.preview_decoder!r}: {error}") from error
+    theirs, ours = int(decoder.config.latent_channels), int(loaded.pipeline.vae.config.latent_channels)
+    if theirs != ours:
+        raise ModelLoadError(
+            f"SD_PREVIEW_DECODER {settings.preview_decoder!r} reads {theirs}-channel latents but "
+            f"{loaded.family.title} makes {ours}-channel ones: use the decoder made for it (taesd for SD 1.x/2.x, "
+            "taesdxl for SDXL, taesd3 for SD3, taef1 for FLUX.1)"
+        )
     return DecoderPreview(decoder.to(loaded.device).eval())
 
 
