@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from harness.images import assert_same_image, max_difference, pipeline_image
-from sd_pipeline.contract.errors import InvalidRequestError, ModelLoadError
+from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, ModelLoadError
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.recommended import recommended_request
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits, check_inputs
@@ -278,3 +278,55 @@ def test_a_pipeline_no_family_serves_is_refused_in_one_line(tiny_model_dir: Path
     )  # fmt: skip
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert f"error: cannot serve model '{folder}': its pipeline is PixArtSigmaPipeline" in cli.stderr
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_out_of_memory_splits_and_a_cancel_leaves_the_others_as_they_were(
+    request: pytest.FixtureRequest, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's recovery works on every family's denoiser: out of memory, the group is halved
+    and then one request's rows split; a neighbour cancelled mid-run changes nobody's image."""
+    loaded: LoadedPipeline = request.getfixturevalue(f"{family}_loaded")
+    sampler = loaded.family.rules.default_sampler
+    denoiser = loaded.family.denoiser
+    real_forward = denoiser.forward
+    rows: list[int] = []
+
+    def one_row_at_a_time(*args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs["hidden_states"]
+        rows.append(batch.shape[0])
+        if batch.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(denoiser, "forward", one_row_at_a_time)
+    engine = StepEngine(loaded)
+    wanted = [ask(scheduler=sampler, seed=seed, steps=3) for seed in (1, 2)]
+    kept, doomed = Request(wanted[0]), Request(ask(scheduler=sampler, seed=9, steps=8, num_images=2))
+    tried = Request(wanted[1])
+    outcomes = {}
+    for job in (kept, doomed, tried):
+        engine.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
+    engine.step()
+    doomed.cancel()
+    engine.run_until_idle()
+    monkeypatch.setattr(denoiser, "forward", real_forward)
+    assert isinstance(outcomes[id(doomed)].error, GenerationCancelledError)
+    assert max(rows) > 1 and rows.count(1) > 0  # tried together, then one row per call
+    for job, asked in zip((kept, tried), wanted, strict=True):
+        got = outcomes[id(job)].results[0].image
+        assert_same_image(got, pipeline_image(loaded, asked)[0], tolerance=BATCHED_TOLERANCE)
+
+
+def test_the_simulated_accelerator_paces_a_transformer_and_changes_no_picture(
+    flux_loaded: LoadedPipeline, tiny_flux_dir: Path
+) -> None:
+    settings = PipelineSettings(model=str(tiny_flux_dir), device="cpu", simulated_gpu="unet=1+0.5*n,vae=1*n")
+    simulated = load_pipeline(settings)
+    wanted = [ask(scheduler="Euler", steps=3, num_images=2), ask(scheduler="Euler", steps=2, seed=4)]
+    paced = StepEngine(simulated).generate(wanted)
+    real = StepEngine(flux_loaded).generate(wanted)
+    for ours, theirs in zip(paced, real, strict=True):
+        for image, expected in zip(ours, theirs, strict=True):
+            assert_same_image(image.image, expected.image)
+    assert simulated.describe().simulated == "unet=1+0.5*n,vae=1*n"

@@ -42,12 +42,14 @@ def simulate_accelerator(
 
 
 def paced(call: Callable[..., Any], cost: CallCost, *, clock: Clock, sleep: Sleep) -> Callable[..., Any]:
-    """``call`` made to last ``cost`` for the images in its first argument's batch (never shorter than itself)."""
+    """``call`` made to last ``cost`` for the images in its batch (never shorter than itself): the first
+    positional argument, or ``hidden_states`` (transformers are called with keywords only)."""
 
     @functools.wraps(call)
-    def modelled(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def modelled(*args: Any, **kwargs: Any) -> Any:
+        sample: torch.Tensor = args[0] if args else kwargs["hidden_states"]
         started = clock()
-        output = call(sample, *args, **kwargs)
+        output = call(*args, **kwargs)
         if sample.device.type == "cuda":
             torch.cuda.synchronize(sample.device)
         remaining = cost.seconds(int(sample.shape[0])) - (clock() - started)
