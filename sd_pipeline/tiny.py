@@ -1,6 +1,6 @@
 """Build tiny pipelines of every served family with random weights, for offline tests and demos.
 
-Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sdxl|sd3|flux|flux-schnell]`` writes a
+Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sdxl|sd3|sd3-no-t5|flux|flux-schnell]`` writes a
 pipeline folder that the normal loader accepts (``--model DIR``). The images are noise: it exists
 to exercise the product, not to draw pictures.
 """
@@ -217,9 +217,9 @@ KINDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-# SD3's shape in small: two CLIP encoders with projections (pooled 32 + 32 = 64, hidden 32 + 32 = 64 =
-# the joint attention width, as T5's would be), no T5 (SD3 runs without it), 16-channel latents in
-# 2x2 patches, the VAE's scaling and shift factors and the flow-matching scheduler's shift of SD3.
+# SD3's shape in small: two CLIP encoders with projections (pooled 32 + 32 = 64, hidden 32 + 32 = 64,
+# padded to T5's width, the joint attention width), a T5 encoder (SD3 also runs without it), 16-channel
+# latents in 2x2 patches, the VAE's scaling and shift factors and the flow-matching scheduler's shift.
 TINY_SD3_TRANSFORMER: dict[str, Any] = {
     "sample_size": 32,
     "patch_size": 2,
@@ -243,8 +243,8 @@ TINY_SD3_VAE: dict[str, Any] = {
 }
 
 
-def random_sd3_pipeline(*, seed: int = 0) -> Any:
-    """An SD3 pipeline (a ``StableDiffusion3Pipeline``, without T5) with random weights."""
+def random_sd3_pipeline(*, seed: int = 0, t5: bool = True) -> Any:
+    """An SD3 pipeline (a ``StableDiffusion3Pipeline``, with or without T5) with random weights."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -252,19 +252,21 @@ def random_sd3_pipeline(*, seed: int = 0) -> Any:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
+    t5_tokenizer = _t5_tokenizer() if t5 else None
+    t5_config = T5Config(vocab_size=len(t5_tokenizer), **{**TINY_T5, "d_model": 64}) if t5_tokenizer else None
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(**TINY_SD3_TRANSFORMER),
         vae=AutoencoderKL(**TINY_SD3_VAE),
         text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, TINY_SDXL_TEXT)),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, TINY_SDXL_TEXT)),
-        text_encoder_3=None,
+        text_encoder_3=T5EncoderModel(t5_config) if t5_config else None,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        tokenizer_3=None,
+        tokenizer_3=t5_tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
 
@@ -331,16 +333,19 @@ def random_flux_pipeline(*, seed: int = 0, guidance_embeds: bool = True) -> Any:
     )
 
 
-FAMILIES = ("sd", "sd2", "sdxl", "sd3", "flux", "flux-schnell")
+FAMILIES = ("sd", "sd2", "sdxl", "sd3", "sd3-no-t5", "flux", "flux-schnell")
 
 
 def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny", family: str = "sd") -> Path:
     """Create a small random pipeline and ``save_pretrained`` it into ``folder``: ``family`` sd (1.x),
-    sd2 (v-prediction, 768 native), sdxl, sd3, flux (FLUX.1-dev) or flux-schnell; for sd, ``kind``
-    tiny, heavy (compute dominates) or micro."""
+    sd2 (v-prediction, 768 native), sdxl, sd3 (with T5), sd3-no-t5, flux (FLUX.1-dev) or flux-schnell;
+    for sd, ``kind`` tiny, heavy (compute dominates) or micro."""
     folder = Path(folder)
-    if family in ("sdxl", "sd3"):
-        (random_sdxl_pipeline if family == "sdxl" else random_sd3_pipeline)(seed=seed).save_pretrained(folder)
+    if family == "sdxl":
+        random_sdxl_pipeline(seed=seed).save_pretrained(folder)
+        return folder
+    if family.startswith("sd3"):
+        random_sd3_pipeline(seed=seed, t5=family == "sd3").save_pretrained(folder)
         return folder
     if family.startswith("flux"):
         random_flux_pipeline(seed=seed, guidance_embeds=family == "flux").save_pretrained(folder)

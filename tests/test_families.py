@@ -330,3 +330,17 @@ def test_the_simulated_accelerator_paces_a_transformer_and_changes_no_picture(
         for image, expected in zip(ours, theirs, strict=True):
             assert_same_image(image.image, expected.image)
     assert simulated.describe().simulated == "unet=1+0.5*n,vae=1*n"
+
+
+def test_sd3_runs_without_t5_when_told_or_when_its_folder_has_none(
+    sd3_loaded: LoadedPipeline, tiny_sd3_dir: Path, tmp_path: Path
+) -> None:
+    assert sd3_loaded.pipeline.text_encoder_3 is not None  # the tiny SD3 ships T5, as SD3 does
+    without = load_pipeline(PipelineSettings(model=str(tiny_sd3_dir), device="cpu", t5_encoder=False))
+    assert without.pipeline.text_encoder_3 is None and without.pipeline.tokenizer_3 is None
+    wanted = ask(scheduler="Euler")
+    ours = StepEngine(without).generate([wanted])[0][0].image
+    assert_same_image(ours, pipeline_image(without, wanted)[0])  # diffusers' own pipeline, T5 left out
+    assert max_difference(ours, StepEngine(sd3_loaded).generate([wanted])[0][0].image) > 2  # T5 mattered
+    folder = build_tiny_pipeline(tmp_path / "no-t5", family="sd3-no-t5")
+    assert load_pipeline(PipelineSettings(model=str(folder), device="cpu")).pipeline.text_encoder_3 is None

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
         "auto", description="auto (float16 on CUDA, float32 otherwise), float16, bfloat16, float32"
     )
     sd_safety_checker: bool = Field(True, description="run the model's safety checker when it ships one")
+    sd_t5: bool = Field(
+        True, description="load an SD3 model's T5 text encoder (off: SD3 runs without it, several GB less memory)"
+    )
     sd_cpu_threads: int | None = Field(
         None,
         ge=1,
@@ -241,6 +244,7 @@ class Settings(BaseSettings):
             device=self.sd_device,
             dtype=self.sd_dtype,
             safety_checker=self.sd_safety_checker,
+            t5_encoder=self.sd_t5,
             cpu_threads=self.sd_cpu_threads or serving_cpu_threads(),
             cpu_thread_choices=() if self.sd_cpu_threads else adaptive_cpu_threads(),
             warmup=self.sd_warmup,

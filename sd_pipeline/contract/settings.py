@@ -32,6 +32,10 @@ class PipelineSettings(BaseModel):
     device: DeviceName = Field("auto", description="auto picks cuda, then mps, then cpu")
     dtype: DtypeName = Field("auto", description="auto: float16 on CUDA, float32 elsewhere")
     safety_checker: bool = Field(True, description="run the model's safety checker when it has one")
+    t5_encoder: bool = Field(
+        True,
+        description="load SD3's T5 text encoder when the folder has one (off: SD3 runs without it, in less memory)",
+    )
     cpu_threads: int | None = Field(None, ge=1, le=512, description="torch CPU threads (default: torch's choice)")
     cpu_thread_choices: tuple[int, ...] = Field(
         (), description="on the CPU, thread counts the engine picks from per step by measuring (cpu_threads first)"

@@ -138,7 +138,7 @@ def _from_pretrained(settings: PipelineSettings, source: str, dtype: torch.dtype
             "save_pretrained (for an offline try: python -m sd_pipeline.tiny ./tiny-model) or to a Hugging Face id."
         )
     family, index = family_in(settings, source)
-    options = family.load_options(safety_checker=settings.safety_checker, index=index)
+    options = family.load_options(settings, index)
     try:
         pipeline = DiffusionPipeline.from_pretrained(source, dtype=dtype, **options)
     except (OSError, ValueError, HfHubHTTPError) as error:

@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.request import GenerationRequest, InputRules
+from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES as SAMPLERS
 from sd_pipeline.model.schedulers import make_scheduler
 
@@ -70,9 +71,9 @@ class StableDiffusion:
         self.pipeline = pipeline
 
     @staticmethod
-    def load_options(*, safety_checker: bool, index: Mapping[str, Any]) -> dict[str, Any]:
+    def load_options(settings: PipelineSettings, index: Mapping[str, Any]) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments for a folder whose ``model_index.json`` is ``index``."""
-        return {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+        return {} if settings.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
 
     @property
     def denoiser(self) -> Any:

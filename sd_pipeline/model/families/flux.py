@@ -13,6 +13,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.request import GenerationRequest, InputRules
+from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, expand_rows
 from sd_pipeline.model.families.sd3 import StableDiffusion3
 
@@ -37,8 +38,8 @@ class Flux(StableDiffusion3):
     pipeline_class: ClassVar[str] = "FluxPipeline"
 
     @staticmethod
-    def load_options(*, safety_checker: bool, index: Mapping[str, Any]) -> dict[str, Any]:
-        del safety_checker, index  # FLUX.1 pipelines have no safety checker
+    def load_options(settings: PipelineSettings, index: Mapping[str, Any]) -> dict[str, Any]:
+        del settings, index  # FLUX.1 pipelines have no safety checker (and need their T5)
         return {}
 
     @property

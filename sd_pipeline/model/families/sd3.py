@@ -12,6 +12,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.request import GenerationRequest, InputRules
+from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion
 
 # Flow-matching samplers by AUTOMATIC1111/Forge name: the model's own scheduler.
@@ -38,10 +39,11 @@ class StableDiffusion3(StableDiffusion):
     latent_rgb: ClassVar[LatentRgb | None] = None  # 16 channels: no factors here yet (previews decode)
 
     @staticmethod
-    def load_options(*, safety_checker: bool, index: Mapping[str, Any]) -> dict[str, Any]:
-        """A folder saved without T5 (``[null, null]`` in its index) loads without it."""
-        del safety_checker  # SD3 pipelines have none
-        return {name: None for name in T5_PARTS if index.get(name) in (None, [None, None])}
+    def load_options(settings: PipelineSettings, index: Mapping[str, Any]) -> dict[str, Any]:
+        """Without T5 when the settings say so (``SD_T5=false``) or the folder was saved without it
+        (``[null, null]`` in its index); SD3 pipelines have no safety checker."""
+        absent = any(index.get(name) in (None, [None, None]) for name in T5_PARTS)
+        return {name: None for name in T5_PARTS} if absent or not settings.t5_encoder else {}
 
     @property
     def samplers(self) -> tuple[str, ...]:

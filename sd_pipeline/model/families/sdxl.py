@@ -9,6 +9,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion, expand_rows
 
 NO_CROP = (0, 0)
@@ -48,8 +49,8 @@ class StableDiffusionXL(StableDiffusion):
             vae.to(dtype=torch.float32)
 
     @staticmethod
-    def load_options(*, safety_checker: bool, index: Mapping[str, Any]) -> dict[str, Any]:
-        del safety_checker, index  # SDXL pipelines have no safety checker
+    def load_options(settings: PipelineSettings, index: Mapping[str, Any]) -> dict[str, Any]:
+        del settings, index  # SDXL pipelines have no safety checker
         return {"add_watermarker": False}
 
     def encode(
