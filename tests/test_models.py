@@ -161,6 +161,7 @@ def test_the_command_line_publishes_lists_and_promotes(bucket: str, s3_server: S
     assert again.returncode == 2 and "already exists" in again.stderr
     listing = cli("list", location).stdout.splitlines()
     assert [line.split()[0] for line in listing[1:]] == ["v1", "v2"] and listing[1].rstrip().endswith("*")
+    assert all(" StableDiffusionPipeline " in line for line in listing[1:])  # the family each version is
     assert cli("promote", location, "v2").returncode == 0
     assert cli("list", location).stdout.splitlines()[2].rstrip().endswith("*")
     missing = cli("promote", location, "v9")

@@ -70,13 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             registry.promote(args.version)
             print(f"current version of {registry.location}: {args.version}")
         else:
-            print(f"{'VERSION':<20} {'CREATED':<26} {'SIZE':>10} {'FILES':>6}  HASH        CURRENT")
+            print(f"{'VERSION':<20} {'CREATED':<26} {'SIZE':>10} {'FILES':>6}  HASH        {'PIPELINE':<26} CURRENT")
             for summary in registry.versions():
                 mark = "*" if summary.current else ""
                 size = f"{summary.total_bytes / 1e6:.1f} MB"
                 print(
                     f"{summary.name:<20} {summary.created_at:<26} {size:>10} {summary.files:>6}  "
-                    f"{summary.short_hash}  {mark}"
+                    f"{summary.short_hash}  {summary.pipeline_class or '?':<26} {mark}"
                 )
     except (LocationError, RegistryError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

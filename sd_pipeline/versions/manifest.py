@@ -26,6 +26,7 @@ class Manifest(BaseModel):
     version: str
     created_at: str
     source: str = Field("", description="where it was published from (a folder's name, a training run)")
+    pipeline_class: str = Field("", description="model_index.json's pipeline class: the model family it belongs to")
     files: dict[str, FileEntry]
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
 
@@ -94,7 +95,8 @@ def folder_files(folder: Path) -> list[str]:
 
 def build_manifest(folder: Path, *, version: str, source: str = "") -> Manifest:
     """The manifest of a diffusers pipeline folder about to be published as ``version``."""
-    if not (folder / "model_index.json").is_file():
+    index = folder / "model_index.json"
+    if not index.is_file():
         raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     files = {
         name: FileEntry(size=(folder / name).stat().st_size, sha256=file_sha256(folder / name))
@@ -106,6 +108,7 @@ def build_manifest(folder: Path, *, version: str, source: str = "") -> Manifest:
         source=source or folder.resolve().name,
         files=files,
         defaults=read_folder_defaults(folder),
+        pipeline_class=str(json.loads(index.read_text()).get("_class_name", "")),
     )
 
 

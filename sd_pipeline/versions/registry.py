@@ -41,6 +41,7 @@ class VersionSummary:
     files: int
     short_hash: str
     current: bool
+    pipeline_class: str = ""
 
 
 def make_client(store: ModelStore) -> S3Client:
@@ -120,6 +121,7 @@ class ModelRegistry:
                     len(manifest.files),
                     manifest.short_hash,
                     name == current,
+                    manifest.pipeline_class,
                 )
             )
         return sorted(summaries, key=lambda summary: (summary.created_at, summary.name))
