@@ -234,12 +234,14 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     parts.admission.start()
     parts.service = ImageService(backend, parts.admission, store, metrics, page_size=settings.history_page_size)
     parts.service.model_defaults = info.defaults
+    parts.service.model_rules, parts.service.native_size = info.rules, info.native_size
     service = parts.service
 
     def on_switched(switched: BackendInfo) -> None:
         """A new model version serves: metrics, and the defaults new pages get."""
         report_model(metrics, switched)
         service.model_defaults = switched.defaults
+        service.model_rules, service.native_size = switched.rules, switched.native_size
 
     if resolved is not None:
         rollout = parts.rollout = build_rollout(settings, backend, resolved, metrics, on_switched)

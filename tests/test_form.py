@@ -10,7 +10,7 @@ import gradio as gr
 from harness.app_server import ROOT
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
-from sd_pipeline.contract.request import RequestLimits
+from sd_pipeline.contract.request import InputRules, RequestLimits
 from webapp.form import GENERAL_EXAMPLE_PROMPT, generate_fields
 from webapp.ui import build_demo
 
@@ -37,9 +37,11 @@ def test_the_models_recommendations_become_the_defaults_where_they_fit() -> None
 
 
 class Service:
-    """What the page reads from the service at load: the served model's recommendations."""
+    """What the page reads from the service at load: the served model's recommendations, family rules and size."""
 
     model_defaults = ModelDefaults()
+    model_rules = InputRules()
+    native_size = 0
 
 
 def test_a_page_opened_after_a_rollout_gets_the_new_models_defaults() -> None:
@@ -54,6 +56,14 @@ def test_a_page_opened_after_a_rollout_gets_the_new_models_defaults() -> None:
     assert isinstance(values["width"], skipped)  # unchanged fields are left as the user has them
     generate = next(block.fn for block in demo.fns.values() if getattr(block, "api_name", None) == "generate")
     assert inspect.signature(generate).parameters["steps"].default == 25  # built before the rollout
+    # A rollout to another family (SD3: its own sampler, 1024 px): new pages offer its samplers at its size.
+    service.model_defaults, service.native_size = ModelDefaults(), 1024
+    service.model_rules = InputRules(samplers=("Euler",), size_multiple=16)
+    values = dict(zip(RECOMMENDABLE, recommends(), strict=True))
+    assert (values["width"], values["height"]) == (1024, 1024)
+    sampler = values["scheduler"]
+    assert isinstance(sampler, gr.Dropdown) and sampler.value == "Euler"
+    assert [choice[0] for choice in sampler.choices] == ["Euler"]
 
 
 def test_the_prompt_placeholder_is_the_models_example() -> None:

@@ -138,14 +138,19 @@ class Endpoints:
             del self._generations[session]
 
     def model_recommends(self) -> list[Any]:
-        """On page load: the served model's recommendations, where they changed since the page was built."""
-        now = recommended_request(
-            self.limits, native_size=self.default_size, model=self.service.model_defaults, rules=self.rules
-        )
-        return [
+        """On page load: the served model's recommendations, where they changed since the page was built;
+        after a rollout to another family, its samplers become the sampler choices."""
+        service = self.service
+        rules = service.model_rules
+        native = service.native_size or self.default_size
+        now = recommended_request(self.limits, native_size=native, model=service.model_defaults, rules=rules)
+        changed = [
             gr.skip() if getattr(now, name) == getattr(self.built_with, name) else getattr(now, name)
             for name in RECOMMENDABLE
         ]
+        if rules.samplers != self.rules.samplers:
+            changed[RECOMMENDABLE.index("scheduler")] = gr.Dropdown(choices=list(rules.samplers), value=now.scheduler)
+        return changed
 
 
 def caption(image: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from sd_pipeline.contract.errors import (
 from sd_pipeline.contract.jobs import GenerationResult, PreviewCallback
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.models import ModelDefaults
+from sd_pipeline.contract.request import InputRules
 from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError, StorageFullError
 from storage.keys import new_image_id
@@ -85,7 +86,11 @@ class ImageService:
         self.active = 0
         self.step_clock = StepClock()
         self._adopted: set[str] = set()  # earlier owner keys already moved (or found empty)
-        self.model_defaults = ModelDefaults()  # what the served model recommends (updated on each rollout)
+        # The served model, as new pages start from it (updated on each rollout): what it recommends,
+        # what its family accepts, its native side (0: the side the page was built with).
+        self.model_defaults = ModelDefaults()
+        self.model_rules = InputRules()
+        self.native_size = 0
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="history-fetch")
 
     def wait_idle(self, *, timeout: float) -> bool:
