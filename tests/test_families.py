@@ -112,10 +112,16 @@ def test_sd2_v_prediction_keeps_its_prediction_type_and_equals_the_pipeline(
     assert_same_image(ours, pipeline_image(sd2_loaded, wanted)[0])
 
 
-@pytest.mark.parametrize("negative", ["", "blurry"])
-def test_an_sd3_request_alone_equals_the_sd3_pipeline_call(sd3_loaded: LoadedPipeline, negative: str) -> None:
-    assert (sd3_loaded.family.name, sd3_loaded.family.samplers, sd3_loaded.native_size) == ("sd3", ("Euler",), 256)
-    wanted = ask(scheduler="Euler", num_images=2, negative_prompt=negative)
+@pytest.mark.parametrize(("sampler", "negative"), [("Euler", ""), ("Euler", "blurry"), ("DPM++ 2M", "blurry")])
+def test_an_sd3_request_alone_equals_the_sd3_pipeline_call(
+    sd3_loaded: LoadedPipeline, sampler: str, negative: str
+) -> None:
+    assert (sd3_loaded.family.name, sd3_loaded.family.samplers, sd3_loaded.native_size) == (
+        "sd3",
+        ("Euler", "DPM++ 2M"),
+        256,
+    )
+    wanted = ask(scheduler=sampler, num_images=2, negative_prompt=negative)
     ours = [result.image for result in StepEngine(sd3_loaded).generate([wanted])[0]]
     for got, expected in zip(ours, pipeline_image(sd3_loaded, wanted), strict=True):
         assert_same_image(got, expected)
@@ -150,8 +156,10 @@ def test_sd3_requests_sharing_steps_each_equal_themselves_alone(sd3_loaded: Load
 
 def test_a_sampler_or_size_the_family_cannot_use_is_refused_by_field(sd3_loaded: LoadedPipeline) -> None:
     rules = sd3_loaded.describe().rules  # what the web process learns from the worker
-    assert (rules.samplers, rules.size_multiple, rules.guidance) == (("Euler",), 16, "cfg")
-    with pytest.raises(InvalidRequestError, match=r"must be one of Euler \(this model's samplers\); got 'DDIM'"):
+    assert (rules.samplers, rules.size_multiple, rules.guidance) == (("Euler", "DPM++ 2M"), 16, "cfg")
+    with pytest.raises(
+        InvalidRequestError, match=r"must be one of Euler, DPM\+\+ 2M \(this model's samplers\); got 'DDIM'"
+    ):
         check_inputs({"prompt": "a cat", "scheduler": "DDIM"}, rules=rules)
     with pytest.raises(InvalidRequestError, match=r"^height: must be a multiple of 16 from 64 to 1024, got 72"):
         check_inputs({"prompt": "a cat", "height": 72}, rules=rules)  # SD 1.x takes it: 72 = 9 x 8
@@ -182,7 +190,7 @@ def test_flux_dev_alone_equals_the_flux_pipeline_and_its_guidance_is_distilled(f
     rules = flux_loaded.family.rules
     assert (flux_loaded.family.name, rules.samplers, rules.size_multiple, rules.guidance) == (
         "flux",
-        ("Euler",),
+        ("Euler", "DPM++ 2M"),
         16,
         "distilled",
     )
@@ -344,3 +352,19 @@ def test_sd3_runs_without_t5_when_told_or_when_its_folder_has_none(
     assert max_difference(ours, StepEngine(sd3_loaded).generate([wanted])[0][0].image) > 2  # T5 mattered
     folder = build_tiny_pipeline(tmp_path / "no-t5", family="sd3-no-t5")
     assert load_pipeline(PipelineSettings(model=str(folder), device="cpu")).pipeline.text_encoder_3 is None
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_flow_samplers_solve_the_same_flow(request: pytest.FixtureRequest, family: str) -> None:
+    """Euler and DPM++ 2M read the prediction as the same velocity: with many steps their pictures
+    meet (a sign or prediction-type mistake would not), while another seed stays far away."""
+    loaded: LoadedPipeline = request.getfixturevalue(f"{family}_loaded")
+    engine = StepEngine(loaded)
+
+    def pixels(sampler: str, seed: int = 3) -> np.ndarray:
+        image = engine.generate([ask(scheduler=sampler, steps=40, seed=seed, guidance_scale=1.0)])[0][0].image
+        return np.asarray(image, dtype=np.float32)
+
+    euler = pixels("Euler")
+    assert np.abs(euler - pixels("DPM++ 2M")).mean() < 2.0
+    assert np.abs(euler - pixels("Euler", seed=4)).mean() > 20.0

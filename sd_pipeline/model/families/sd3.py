@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -17,7 +17,30 @@ from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffu
 
 # Flow-matching samplers by AUTOMATIC1111/Forge name: the model's own scheduler.
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
-FLOW_SAMPLERS: dict[str, type[SchedulerMixin]] = {"Euler": FlowMatchEulerDiscreteScheduler}
+FLOW_SAMPLERS = ("Euler", "DPM++ 2M")
+
+
+def flow_scheduler(name: str, base_config: Any) -> SchedulerMixin:
+    """A flow-matching sampler from the model's own (``FlowMatchEulerDiscreteScheduler``) config.
+
+    ``Euler`` is that scheduler. ``DPM++ 2M`` is diffusers' DPM-Solver++ (2M) on flow sigmas
+    (``use_flow_sigmas``, ``flow_prediction``) with the same time shift: ``shift`` as ``flow_shift``,
+    or, when the model shifts by resolution, ``exp(mu)`` (``use_dynamic_shifting``, exponential)."""
+    if name == "Euler":
+        euler: SchedulerMixin = FlowMatchEulerDiscreteScheduler.from_config(base_config)
+        return euler
+    dynamic = bool(base_config.get("use_dynamic_shifting", False))
+    dpm: SchedulerMixin = DPMSolverMultistepScheduler(
+        num_train_timesteps=base_config.get("num_train_timesteps", 1000),
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=base_config.get("shift", 1.0),
+        use_dynamic_shifting=dynamic,
+        time_shift_type=base_config.get("time_shift_type", "exponential"),
+    )
+    return dpm
 
 
 class StableDiffusion3(StableDiffusion):
@@ -47,7 +70,7 @@ class StableDiffusion3(StableDiffusion):
 
     @property
     def samplers(self) -> tuple[str, ...]:
-        return tuple(FLOW_SAMPLERS)
+        return FLOW_SAMPLERS
 
     @property
     def rules(self) -> InputRules:
@@ -56,7 +79,7 @@ class StableDiffusion3(StableDiffusion):
         return InputRules(samplers=self.samplers, size_multiple=multiple)
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
-        return FLOW_SAMPLERS[name].from_config(base_config)
+        return flow_scheduler(name, base_config)
 
     def guided(self, request: GenerationRequest) -> bool:
         return request.guidance_scale > 1
