@@ -118,7 +118,14 @@ def measure_folder(
     from sd_pipeline.model.engine import StepEngine
     from sd_pipeline.model.loading import load_pipeline
 
-    settings = PipelineSettings(model=str(folder), device=device, dtype=dtype, compile_unet=compile_unet, warmup=False)
+    settings = PipelineSettings(
+        model=str(folder),
+        device=device,
+        dtype=dtype,
+        compile_unet=compile_unet,
+        compile_backend=compile_backend,
+        warmup=False,
+    )
     engine = StepEngine(load_pipeline(settings), max_batch_images=len(every_ask()) * seeds)
     report = AdherenceReport()
     asks = [ask for ask in every_ask() for _ in range(seeds)]
