@@ -1,10 +1,10 @@
 """What the step engine asks of a model family, and Stable Diffusion 1.x / 2.x's answers.
 
-A family knows its conditioning (text encoders, pooled embeddings, extra ids), how a
-request's starting latents are drawn, the denoiser call on a batch of rows that each carry
-their own conditioning and timestep, and decoding. The engine owns everything else (who
-steps with whom, schedulers, guidance, previews, out-of-memory splitting), so each family
-is served with the same batching, cancelling and previews. Every answer is made of the
+A family knows its conditioning (text encoders, pooled embeddings, extra ids), its samplers
+and their timesteps, how a request's starting latents are drawn, the denoiser call on a batch
+of rows that each carry their own conditioning and timestep, and decoding. The engine owns
+everything else (who steps with whom, guidance, when previews are due, out-of-memory
+splitting), so each family is served with the same batching, cancelling and previews. Every answer is made of the
 diffusers pipeline's own parts, so a request alone gives that pipeline's ``__call__``.
 """
 
