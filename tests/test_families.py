@@ -39,6 +39,28 @@ def ask(**fields: Any) -> GenerationRequest:
     return GenerationRequest(**{**defaults, **fields})
 
 
+def each_equals_itself_alone(
+    loaded: LoadedPipeline, wanted: list[GenerationRequest], *, late: GenerationRequest
+) -> None:
+    """``wanted`` step together, ``late`` joins after two steps; each image is within
+    ``BATCHED_TOLERANCE`` of the family's own pipeline alone, and some step carried 3+ images."""
+    engine = StepEngine(loaded, max_batch_images=8)
+    outcomes: dict[int, Any] = {}
+    jobs = [Request(r) for r in wanted]
+    for job in jobs:
+        engine.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
+    engine.step()
+    engine.step()
+    jobs.append(Request(late))
+    engine.submit(jobs[-1], lambda outcome: outcomes.__setitem__(id(jobs[-1]), outcome))
+    engine.run_until_idle()
+    for job, asked in zip(jobs, [*wanted, late], strict=True):
+        outcome = outcomes[id(job)]
+        assert outcome.error is None, outcome.error
+        assert_same_image(outcome.results[0].image, pipeline_image(loaded, asked)[0], tolerance=BATCHED_TOLERANCE)
+    assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
+
+
 @pytest.fixture(scope="module")
 def sd2_loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedPipeline:
     folder = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2"), family="sd2")
@@ -77,27 +99,14 @@ def test_sdxl_zeroes_an_empty_negative_prompt_rather_than_encoding_it(sdxl_loade
 
 def test_sdxl_requests_sharing_steps_each_equal_themselves_alone(sdxl_loaded: LoadedPipeline) -> None:
     """Other prompts, seeds, samplers, guidance and a second size share steps; one joins after two steps."""
-    engine = StepEngine(sdxl_loaded, max_batch_images=8)
     wanted = [
         ask(scheduler="Euler", steps=6),
         ask(scheduler="DPM++ 2M Karras", seed=3, prompt="a blue square", guidance_scale=1.0),
         ask(scheduler="Euler a", seed=4, width=64, height=96, negative_prompt="dark"),
     ]
-    late = ask(scheduler="UniPC", seed=5, steps=4, prompt="a green triangle")
-    outcomes: dict[int, Any] = {}
-    jobs = [Request(r) for r in wanted]
-    for job in jobs:
-        engine.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
-    engine.step()
-    engine.step()
-    jobs.append(Request(late))
-    engine.submit(jobs[-1], lambda outcome: outcomes.__setitem__(id(jobs[-1]), outcome))
-    engine.run_until_idle()
-    for job, asked in zip(jobs, [*wanted, late], strict=True):
-        outcome = outcomes[id(job)]
-        assert outcome.error is None, outcome.error
-        assert_same_image(outcome.results[0].image, pipeline_image(sdxl_loaded, asked)[0], tolerance=BATCHED_TOLERANCE)
-    assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
+    each_equals_itself_alone(
+        sdxl_loaded, wanted, late=ask(scheduler="UniPC", seed=5, steps=4, prompt="a green triangle")
+    )
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
@@ -131,27 +140,14 @@ def test_an_sd3_request_alone_equals_the_sd3_pipeline_call(
 def test_sd3_requests_sharing_steps_each_equal_themselves_alone(sd3_loaded: LoadedPipeline) -> None:
     """Flow matching keeps each request's sigmas in its own scheduler: other prompts, seeds, step
     counts, guidance on and off and a second size share steps; one joins after two steps."""
-    engine = StepEngine(sd3_loaded, max_batch_images=8)
     wanted = [
         ask(scheduler="Euler", steps=6),
         ask(scheduler="Euler", seed=3, prompt="a blue square", guidance_scale=1.0),
         ask(scheduler="Euler", seed=4, width=64, height=96, negative_prompt="dark", steps=4),
     ]
-    late = ask(scheduler="Euler", seed=5, steps=3, prompt="a green triangle")
-    outcomes: dict[int, Any] = {}
-    jobs = [Request(r) for r in wanted]
-    for job in jobs:
-        engine.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
-    engine.step()
-    engine.step()
-    jobs.append(Request(late))
-    engine.submit(jobs[-1], lambda outcome: outcomes.__setitem__(id(jobs[-1]), outcome))
-    engine.run_until_idle()
-    for job, asked in zip(jobs, [*wanted, late], strict=True):
-        outcome = outcomes[id(job)]
-        assert outcome.error is None, outcome.error
-        assert_same_image(outcome.results[0].image, pipeline_image(sd3_loaded, asked)[0], tolerance=BATCHED_TOLERANCE)
-    assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
+    each_equals_itself_alone(
+        sd3_loaded, wanted, late=ask(scheduler="Euler", seed=5, steps=3, prompt="a green triangle")
+    )
 
 
 def test_a_sampler_or_size_the_family_cannot_use_is_refused_by_field(sd3_loaded: LoadedPipeline) -> None:
@@ -219,27 +215,14 @@ def test_flux_schnell_ignores_guidance(tmp_path: Path) -> None:
 def test_flux_requests_sharing_steps_each_equal_themselves_alone(flux_loaded: LoadedPipeline) -> None:
     """Packed latents of several requests in one transformer call, each with its own guidance
     embedding, timestep and sigmas; a second size steps apart; one joins after two steps."""
-    engine = StepEngine(flux_loaded, max_batch_images=8)
     wanted = [
         ask(scheduler="Euler", steps=6, guidance_scale=3.5),
         ask(scheduler="Euler", seed=3, prompt="a blue square", guidance_scale=1.0),
         ask(scheduler="Euler", seed=4, width=64, height=96, steps=4),
     ]
-    late = ask(scheduler="Euler", seed=5, steps=3, prompt="a green triangle", guidance_scale=5.0)
-    outcomes: dict[int, Any] = {}
-    jobs = [Request(r) for r in wanted]
-    for job in jobs:
-        engine.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
-    engine.step()
-    engine.step()
-    jobs.append(Request(late))
-    engine.submit(jobs[-1], lambda outcome: outcomes.__setitem__(id(jobs[-1]), outcome))
-    engine.run_until_idle()
-    for job, asked in zip(jobs, [*wanted, late], strict=True):
-        outcome = outcomes[id(job)]
-        assert outcome.error is None, outcome.error
-        assert_same_image(outcome.results[0].image, pipeline_image(flux_loaded, asked)[0], tolerance=BATCHED_TOLERANCE)
-    assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
+    each_equals_itself_alone(
+        flux_loaded, wanted, late=ask(scheduler="Euler", seed=5, steps=3, prompt="a green triangle", guidance_scale=5.0)
+    )
 
 
 def test_a_preview_decoder_for_other_latents_is_refused_at_start(sd3_loaded: LoadedPipeline, tmp_path: Path) -> None:
