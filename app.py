@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from sd_pipeline.admission import Admission
 from sd_pipeline.contract.backend import Backend, BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.models import is_s3_model
-from sd_pipeline.contract.request import InputRules
 from sd_pipeline.versions.cache import ModelCache
 from sd_pipeline.versions.location import ModelLocation
 from sd_pipeline.versions.registry import ModelRegistry, make_client
@@ -62,7 +61,6 @@ class Parts:
     service: ImageService | None = None
     rollout: ModelRollout | None = None
     native_size: int = 512  # the model's own side: the default width and height
-    rules: InputRules = field(default_factory=InputRules)  # what the model family accepts: the form's choices
 
 
 def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, LocalStore | None]:
@@ -222,7 +220,7 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     health.pipeline_readiness = backend.readiness_problem
     health.pipeline_liveness = backend.liveness_problem
     info = backend.start()
-    parts.native_size, parts.rules = info.native_size, info.rules
+    parts.native_size = info.native_size
     report_model(metrics, info)
     parts.admission = Admission(
         backend,
@@ -295,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_name=parts.service.backend.model,
         default_size=parts.native_size,
         model_defaults=parts.service.model_defaults,
-        rules=parts.rules,
+        rules=parts.service.model_rules,
         trusted_proxies=parse_networks(settings.trusted_proxies),
         owner_secret=owner_secret(settings, secret),
     )
