@@ -162,7 +162,8 @@ class StableDiffusion:
         device: torch.device,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """``prepare_latents``: noise drawn with each image's generator, scaled for the scheduler."""
+        """``prepare_latents``: noise drawn with each image's generator, scaled by the scheduler's
+        ``init_noise_sigma`` (flow-matching schedulers have none: their pipelines leave it unscaled)."""
         scale = self.pipeline.vae_scale_factor
         shape = (
             request.num_images,
@@ -171,7 +172,7 @@ class StableDiffusion:
             request.width // scale,
         )
         noise: torch.Tensor = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-        scaled: torch.Tensor = noise * scheduler.init_noise_sigma
+        scaled: torch.Tensor = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         return scaled
 
     def spatial(self, latents: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
@@ -180,7 +181,7 @@ class StableDiffusion:
 
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """The denoiser's prediction for a batch of rows, each with its own timestep and conditioning."""
-        predicted: torch.Tensor = self.pipeline.unet(sample, timesteps, **conditioning, return_dict=False)[0]
+        predicted: torch.Tensor = self.denoiser(sample, timesteps, **conditioning, return_dict=False)[0]
         return predicted
 
     def decode(self, latents: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, list[bool]]:

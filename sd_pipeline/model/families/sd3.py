@@ -9,15 +9,13 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion
 
-# Flow-matching samplers by AUTOMATIC1111/Forge name: the model's own scheduler.
-T5_PARTS = ("text_encoder_3", "tokenizer_3")
-FLOW_SAMPLERS = ("Euler", "DPM++ 2M")
+T5_PARTS = ("text_encoder_3", "tokenizer_3")  # the folder's parts that SD_T5=false leaves out
+FLOW_SAMPLERS = ("Euler", "DPM++ 2M")  # flow-matching samplers by AUTOMATIC1111's names (``flow_scheduler``)
 
 
 def flow_scheduler(name: str, base_config: Any) -> SchedulerMixin:
@@ -49,9 +47,9 @@ class StableDiffusion3(StableDiffusion):
     - Conditioning: two CLIP encoders' penultimate states side by side, padded to T5's width and
       followed by T5's (zeros when the folder has no T5: SD3 runs without it, a big memory saver),
       and both CLIP encoders' pooled outputs (``pooled_projections``).
-    - Latents: plain noise (no scheduler scaling), 16 channels; the sampler is the model's own
-      flow-matching scheduler (its ``shift``; ``mu`` from the image's sequence length when the
-      config asks for dynamic shifting); the timestep goes to the transformer as it is.
+    - Latents: plain noise (flow-matching schedulers have no ``init_noise_sigma``), 16 channels;
+      the samplers keep the model's time shift (its ``shift``; ``mu`` from the image's sequence
+      length when the config asks for dynamic shifting); the timestep goes to the transformer as it is.
     - Decoding: latents / scaling factor + shift factor. No safety checker, no negative-prompt zeros.
     """
 
@@ -127,20 +125,6 @@ class StableDiffusion3(StableDiffusion):
         (the scheduler has already stepped, so this step's sigma is the one before its index)."""
         sigma: torch.Tensor = scheduler.sigmas[scheduler.step_index - 1].to(sample.device, sample.dtype)
         return sample - sigma * model_output
-
-    def initial_latents(
-        self,
-        request: GenerationRequest,
-        generators: list[torch.Generator],
-        scheduler: SchedulerMixin,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        scale = self.pipeline.vae_scale_factor
-        shape = (request.num_images, self.denoiser.config.in_channels, request.height // scale, request.width // scale)
-        noise: torch.Tensor = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-        return noise
 
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         predicted: torch.Tensor = self.denoiser(

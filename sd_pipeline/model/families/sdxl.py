@@ -88,7 +88,7 @@ class StableDiffusionXL(StableDiffusion):
     def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         added = {"text_embeds": conditioning["text_embeds"], "time_ids": conditioning["time_ids"]}
         context = conditioning["encoder_hidden_states"]
-        predicted: torch.Tensor = self.pipeline.unet(
+        predicted: torch.Tensor = self.denoiser(
             sample, timesteps, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False
         )[0]
         return predicted
