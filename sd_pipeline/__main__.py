@@ -12,6 +12,7 @@ from sd_pipeline.contract.request import GenerationRequest, RequestLimits, Token
 from sd_pipeline.contract.samplers import SCHEDULER_NAMES
 from sd_pipeline.contract.settings import DEFAULT_MODEL, PipelineSettings
 from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.families.sd3 import FLOW_SAMPLERS
 from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.png import encode_png
 
@@ -32,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, help=recommended % "its native size")
     parser.add_argument("--num-images", type=int, default=1)
     samplers = (
-        f"one of the model's samplers ({', '.join(SCHEDULER_NAMES)} for SD 1.x/2.x and SDXL; Euler for SD3 and FLUX.1)"
+        f"one of the model's samplers ({', '.join(SCHEDULER_NAMES)} for SD 1.x/2.x and SDXL; "
+        f"{', '.join(FLOW_SAMPLERS)} for SD3 and FLUX.1)"
     )
     parser.add_argument("--scheduler", help=f"{samplers}; {recommended % GenerationRequest.scheduler}")
     parser.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
