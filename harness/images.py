@@ -38,7 +38,7 @@ def pipeline_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[A
     pipeline.scheduler = loaded.family.make_scheduler(request.scheduler, saved.config)
     try:
         output = pipeline(
-            prompt=[request.prompt] * request.num_images,
+            prompt=[request.text] * request.num_images,
             negative_prompt=[request.negative_prompt] * request.num_images if request.negative_prompt else None,
             width=request.width,
             height=request.height,

@@ -105,6 +105,22 @@ class Metrics:
         self.out_of_memory_events = Counter(
             f"{PREFIX}gpu_out_of_memory", "Pipeline calls that ran out of accelerator memory", registry=r
         )
+        self.lora_loads = Histogram(
+            f"{PREFIX}lora_load_seconds",
+            "Time to load one LoRA adapter onto the device (its count: adapters loaded)",
+            buckets=STORAGE_BUCKETS,
+            registry=r,
+        )
+        self.lora_loaded_bytes = Counter(
+            f"{PREFIX}lora_loaded_bytes", "Bytes of LoRA adapters loaded onto the device", registry=r
+        )
+        self.lora_cache_hits = Counter(
+            f"{PREFIX}lora_cache_hits", "Requests' LoRA adapters found already loaded", registry=r
+        )
+        self.lora_cache_bytes = Gauge(
+            f"{PREFIX}lora_cache_bytes", "Bytes of LoRA adapters kept loaded (LORA_CACHE_MB bounds it)", registry=r
+        )
+        self.lora_cache_adapters = Gauge(f"{PREFIX}lora_cache_adapters", "LoRA adapters kept loaded", registry=r)
         self.upload_duration = Histogram(
             f"{PREFIX}storage_upload_seconds",
             "Time to upload one image and its record",
@@ -224,6 +240,17 @@ class Metrics:
 
     def out_of_memory(self) -> None:
         self.out_of_memory_events.inc()
+
+    def lora_load(self, *, seconds: float, size: int) -> None:
+        self.lora_loads.observe(seconds)
+        self.lora_loaded_bytes.inc(size)
+
+    def lora_cache_hit(self) -> None:
+        self.lora_cache_hits.inc()
+
+    def lora_cache(self, *, size: int, adapters: int) -> None:
+        self.lora_cache_bytes.set(size)
+        self.lora_cache_adapters.set(adapters)
 
     def gpu_memory(self, *, allocated: int, reserved: int) -> None:
         """Peak memory of the pipeline's GPU during one run, reported with its result (CUDA only)."""

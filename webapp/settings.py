@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     sd_preview_decoder: str | None = Field(
         None, description="local folder of a diffusers AutoencoderTiny (e.g. madebyollin/taesd), for SD_PREVIEW=taesd"
     )
+    lora_dir: Path | None = Field(
+        None,
+        description="folder of LoRA adapters (NAME.safetensors, kohya/AUTOMATIC1111 or diffusers/PEFT files) that "
+        "prompts name with <lora:NAME:WEIGHT>; none when unset",
+    )
+    lora_cache_mb: int = Field(
+        1024, ge=1, description="LoRA adapters kept loaded on the device, least recently used out first (MB)"
+    )
     preview_interval_seconds: float = Field(
         DEFAULT_PREVIEW_INTERVAL,
         gt=0,
@@ -257,6 +265,8 @@ class Settings(BaseSettings):
             preview_interval=self.preview_interval_seconds,
             max_pixels=self.max_pixels,
             simulated_gpu=self.sd_simulated_gpu,
+            lora_dir=str(self.lora_dir.resolve()) if self.lora_dir else None,
+            lora_cache_mb=self.lora_cache_mb,
         )
 
     @field_validator("ray_replicas", mode="before")

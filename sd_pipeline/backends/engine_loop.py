@@ -24,9 +24,11 @@ from sd_pipeline.contract.facts import GenerationObserver
 from sd_pipeline.contract.jobs import JobOutcome
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.loras.folder import LoraFolder
 from sd_pipeline.model.engine import Done, StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
+from sd_pipeline.model.loras import LoraAdapters
 from sd_pipeline.model.previews import load_previewer
 from sd_pipeline.model.threads import ThreadTuner
 
@@ -165,9 +167,20 @@ def start_engine(
         previewer=load_previewer(settings, loaded),
         preview_interval=settings.preview_interval,
         threads=thread_tuner(settings, loaded),
+        loras=lora_adapters(settings, loaded, observer),
     )
     warmup_seconds = engine.warmup() if settings.warmup else None
     return engine, loaded.describe(warmup_seconds=warmup_seconds)
+
+
+def lora_adapters(
+    settings: PipelineSettings, loaded: LoadedPipeline, observer: GenerationObserver | None
+) -> LoraAdapters | None:
+    """The adapters prompts may name, loaded on first use (None without ``lora_dir``)."""
+    if settings.lora_dir is None:
+        return None
+    folder = LoraFolder(settings.lora_dir)
+    return LoraAdapters(loaded.pipeline, folder, cache_bytes=settings.lora_cache_mb * 2**20, observer=observer)
 
 
 def thread_tuner(settings: PipelineSettings, loaded: LoadedPipeline) -> ThreadTuner | None:

@@ -46,8 +46,9 @@ class BackendInfo:
 class RequestChecker:
     """``check_inputs`` with a deployment's limits, and the model's token budget and family rules once known."""
 
-    def __init__(self, limits: RequestLimits) -> None:
+    def __init__(self, limits: RequestLimits, adapters: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.limits = limits
+        self.adapters = adapters  # the LoRA adapters prompts may name (name -> family), listed anew per request
         self.tokens: TokenBudget | None = None
         self.rules = InputRules()
 
@@ -57,7 +58,8 @@ class RequestChecker:
 
     def check(self, data: Mapping[str, Any]) -> GenerationRequest:
         """Validate raw fields; raises ``InvalidRequestError`` naming the field and its range."""
-        return check_inputs(data, limits=self.limits, tokens=self.tokens, rules=self.rules)
+        adapters = self.adapters() if self.adapters is not None else None
+        return check_inputs(data, limits=self.limits, tokens=self.tokens, rules=self.rules, adapters=adapters)
 
 
 class Backend(Protocol):

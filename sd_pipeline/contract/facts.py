@@ -18,6 +18,12 @@ class GenerationObserver(Protocol):
 
     def out_of_memory(self) -> None: ...
 
+    def lora_load(self, *, seconds: float, size: int) -> None: ...
+
+    def lora_cache_hit(self) -> None: ...
+
+    def lora_cache(self, *, size: int, adapters: int) -> None: ...
+
 
 class WorkerObserver(GenerationObserver, Protocol):
     """Generation facts plus the accelerator's memory (implemented by the metrics module)."""
@@ -26,7 +32,18 @@ class WorkerObserver(GenerationObserver, Protocol):
 
 
 Fact = tuple[str, dict[str, Any]]  # an observer method's name and its keyword arguments
-FACT_NAMES = frozenset({"pipeline_call", "denoising_step", "first_step_wait", "out_of_memory", "gpu_memory"})
+FACT_NAMES = frozenset(
+    {
+        "pipeline_call",
+        "denoising_step",
+        "first_step_wait",
+        "out_of_memory",
+        "gpu_memory",
+        "lora_load",
+        "lora_cache_hit",
+        "lora_cache",
+    }
+)
 
 
 class FactRelay:
@@ -50,6 +67,15 @@ class FactRelay:
 
     def gpu_memory(self, *, allocated: int, reserved: int) -> None:
         self.send(("gpu_memory", {"allocated": allocated, "reserved": reserved}))
+
+    def lora_load(self, *, seconds: float, size: int) -> None:
+        self.send(("lora_load", {"seconds": seconds, "size": size}))
+
+    def lora_cache_hit(self) -> None:
+        self.send(("lora_cache_hit", {}))
+
+    def lora_cache(self, *, size: int, adapters: int) -> None:
+        self.send(("lora_cache", {"size": size, "adapters": adapters}))
 
 
 def replay(fact: Fact, observer: Any) -> None:

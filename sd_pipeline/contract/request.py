@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.loras import LoraChoice, check_adapters, parse_prompt
 from sd_pipeline.contract.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 MAX_SEED = 2**32 - 1
@@ -49,6 +50,16 @@ class GenerationRequest:
     height: int = 512
     num_images: int = 1
     scheduler: str = DEFAULT_SCHEDULER
+
+    @property
+    def text(self) -> str:
+        """The prompt the text encoder reads: without its ``<lora:...>`` tags."""
+        return parse_prompt(self.prompt).text
+
+    @property
+    def loras(self) -> tuple[LoraChoice, ...]:
+        """The LoRA adapters the prompt names, with their weights."""
+        return parse_prompt(self.prompt).loras
 
     def seeds(self) -> list[int]:
         """Seed of each image: consecutive from ``seed``, wrapping at 2**32 (AUTOMATIC1111 convention)."""
@@ -90,6 +101,7 @@ class InputRules:
     samplers: tuple[str, ...] = SCHEDULER_NAMES
     size_multiple: int = 8
     guidance: Guidance = "cfg"
+    family: str = "sd"  # the family's name, which LoRA adapters must be made for
 
     @property
     def default_sampler(self) -> str:
@@ -126,6 +138,11 @@ def _text(field: str, value: Any, *, required: bool, limits: RequestLimits, toke
     for char in text:
         if unicodedata.category(char) == "Cc" and char not in ALLOWED_CONTROL_CHARACTERS:
             raise InvalidRequestError(field, f"must not contain control characters (found U+{ord(char):04X})")
+    _count_tokens(field, text, tokens)
+    return text
+
+
+def _count_tokens(field: str, text: str, tokens: TokenBudget | None) -> None:
     if tokens is not None and text:
         used = tokens.count(text)
         if used > tokens.limit:
@@ -133,7 +150,6 @@ def _text(field: str, value: Any, *, required: bool, limits: RequestLimits, toke
                 field,
                 f"is {used} tokens long but the model reads at most {tokens.limit}; shorten it (nothing is truncated)",
             )
-    return text
 
 
 def _side(field: str, value: Any, limits: RequestLimits, multiple: int) -> int:
@@ -151,10 +167,12 @@ def check_inputs(
     limits: RequestLimits | None = None,
     tokens: TokenBudget | None = None,
     rules: InputRules | None = None,
+    adapters: Mapping[str, str] | None = None,
 ) -> GenerationRequest:
     """Validate raw fields (from a form, JSON or the CLI) into a ``GenerationRequest``.
 
-    ``rules``: the served model family's (SD 1.x's when None). Missing fields take their defaults
+    ``rules``: the served model family's (SD 1.x's when None). ``adapters``: the LoRA adapters a
+    prompt may name (name -> base family, "" when unknown; none when None). Missing fields take their defaults
     (the sampler: the family's default). A seed of -1 is replaced by a random one, so the
     returned request always says which seed will be used.
     """
@@ -168,8 +186,9 @@ def check_inputs(
     def get(name: str) -> Any:
         return data.get(name, getattr(defaults, name))
 
-    prompt = _text("prompt", data.get("prompt"), required=True, limits=limits, tokens=tokens)
+    prompt = _text("prompt", data.get("prompt"), required=True, limits=limits, tokens=None)
     negative = _text("negative_prompt", get("negative_prompt"), required=False, limits=limits, tokens=tokens)
+    _count_tokens("prompt", check_adapters(prompt, negative, adapters or {}, rules.family).text, tokens)
     seed = _integer("seed", data.get("seed", RANDOM_SEED), RANDOM_SEED, MAX_SEED)
     steps = _integer("steps", get("steps"), limits.min_steps, limits.max_steps)
     guidance = _number("guidance_scale", get("guidance_scale"), 0.0, limits.max_guidance)

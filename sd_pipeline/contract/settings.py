@@ -58,6 +58,8 @@ class PipelineSettings(BaseModel):
     preview_interval: float = Field(
         DEFAULT_PREVIEW_INTERVAL, gt=0, description="seconds between two previews of one request"
     )
+    lora_dir: str | None = Field(None, description="folder of LoRA adapters that prompts name (<lora:NAME:W>)")
+    lora_cache_mb: int = Field(1024, ge=1, description="LoRA adapters kept loaded on the device (MB, LRU)")
     simulated_gpu: str | None = Field(
         None, description="benchmarks only: model each UNet/VAE call's time, e.g. 'unet=32.6+1.1*n,vae=13*n' or 'h200'"
     )

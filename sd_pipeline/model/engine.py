@@ -20,6 +20,7 @@ thread (the CLI, tools, benchmarks and tests).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from sd_pipeline.contract.errors import GenerationCancelledError, OutOfMemoryError
+from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, OutOfMemoryError
 from sd_pipeline.contract.facts import GenerationObserver
 from sd_pipeline.contract.jobs import GenerationResult, JobOutcome, Preview, Timings
 from sd_pipeline.contract.lifecycle import Request
@@ -42,6 +43,7 @@ from sd_pipeline.contract.settings import DEFAULT_PREVIEW_INTERVAL
 from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.families import Conditioning, join_rows, split_rows
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
+from sd_pipeline.model.loras import LoraAdapters, RowChoices
 from sd_pipeline.model.previews import Previewer
 from sd_pipeline.model.threads import ThreadTuner, samples_bucket
 
@@ -68,6 +70,7 @@ class _Active:
     positive: Conditioning
     negative: Conditioning | None  # None: no classifier-free guidance
     step_kwargs: dict[str, Any]
+    loras: RowChoices  # the LoRA adapters every row of this request gets
     admitted_at: float
     last_stepped_at: float
     step: int = 0
@@ -107,8 +110,10 @@ class StepEngine:
         previewer: Previewer | None = None,
         preview_interval: float = DEFAULT_PREVIEW_INTERVAL,
         threads: ThreadTuner | None = None,
+        loras: LoraAdapters | None = None,
     ) -> None:
         self.loaded = loaded
+        self.loras = loras
         self.threads = threads
         self.max_batch_images = max_batch_images
         self.observer = observer
@@ -212,20 +217,30 @@ class StepEngine:
             self._start(admitted)
 
     def _start(self, admitted: list[_Waiting]) -> None:
-        """Encode every admitted prompt and negative prompt together; draw each request's latents."""
+        """Load the LoRA adapters the admitted requests name, encode their prompts and negative prompts
+        (together, one text-encoder call per set of adapters), and draw each request's latents."""
         family = self.loaded.family
         device = self.loaded.device
-        requests = [waiting.job.inputs for waiting in admitted]
+        admitted = self._with_adapters(admitted)
+        by_adapters: dict[RowChoices, list[_Waiting]] = {}
+        for waiting in admitted:
+            by_adapters.setdefault(waiting.job.inputs.loras, []).append(waiting)
+        texts: dict[int, tuple[Conditioning, Conditioning]] = {}
         try:
-            with torch.no_grad():
-                positives, negatives = family.encode(
-                    [r.prompt for r in requests], [r.negative_prompt for r in requests], device
-                )
+            for loras, group in by_adapters.items():
+                requests = [waiting.job.inputs for waiting in group]
+                with torch.no_grad(), self._every_row(loras):
+                    positives, negatives = family.encode(
+                        [r.text for r in requests], [r.negative_prompt for r in requests], device
+                    )
+                for waiting, positive, negative in zip(group, positives, negatives, strict=True):
+                    texts[id(waiting)] = (positive, negative)
         except Exception as error:  # noqa: BLE001 - classified; every admitted job gets the error
             self._fail_all(admitted, error)
             return
         now = time.perf_counter()
-        for waiting, positive, negative in zip(admitted, positives, negatives, strict=True):
+        for waiting in admitted:
+            positive, negative = texts[id(waiting)]
             request = waiting.job.inputs
             scheduler = family.make_scheduler(request.scheduler, self._base_config)
             family.set_timesteps(scheduler, request, device)
@@ -241,12 +256,37 @@ class StepEngine:
                     positive=family.conditioning(request, positive),
                     negative=family.conditioning(request, negative) if family.guided(request) else None,
                     step_kwargs=family.step_kwargs(scheduler, generators),
+                    loras=request.loras,
                     admitted_at=waiting.submitted_at,
                     last_stepped_at=waiting.submitted_at,
                 )
             )
             if self.observer is not None:
                 self.observer.first_step_wait(seconds=now - waiting.submitted_at)
+
+    def _with_adapters(self, admitted: list[_Waiting]) -> list[_Waiting]:
+        """The admitted requests whose LoRA adapters are loaded (loading them now); the others end
+        with the error that names why their adapter cannot serve this model."""
+        ready = []
+        in_use = {choice.name for active in self._active for choice in active.loras}
+        for waiting in admitted:
+            loras = waiting.job.inputs.loras
+            try:
+                if loras and self.loras is None:
+                    raise InvalidRequestError("prompt", "names LoRA adapters, but this service serves none")
+                if loras and self.loras is not None:
+                    self.loras.ensure(loras, keep=in_use)
+            except InvalidRequestError as error:
+                waiting.done(JobOutcome(error=error))
+                continue
+            in_use |= {choice.name for choice in loras}
+            ready.append(waiting)
+        return ready
+
+    def _every_row(self, loras: RowChoices) -> contextlib.AbstractContextManager[None]:
+        if not loras or self.loras is None:
+            return contextlib.nullcontext()
+        return self.loras.every_row(loras)
 
     def _next_group(self) -> list[_Active]:
         """The active requests of one size: the size whose least recently stepped request waited longest."""
@@ -309,6 +349,7 @@ class StepEngine:
     def _unet_step_unguarded(self, group: list[_Active], chunks: int) -> None:
         family = self.loaded.family
         inputs, conditions, timesteps = [], [], []
+        rows: list[RowChoices] = []
         for active in group:
             t = active.timesteps[active.step]
             negative = active.negative
@@ -316,13 +357,20 @@ class StepEngine:
             inputs.append(family.model_input(active.scheduler, sample, t))
             conditions.append(active.positive if negative is None else join_rows([negative, active.positive]))
             timesteps.append(t.reshape(1).expand(sample.shape[0]))
+            rows += [active.loras] * sample.shape[0]
+        samples = torch.cat(inputs).tensor_split(chunks)
         pieces = zip(
-            torch.cat(inputs).tensor_split(chunks),
+            samples,
             torch.cat(timesteps).tensor_split(chunks),
             split_rows(join_rows(conditions), chunks),
+            _split_list(rows, [len(piece) for piece in samples]),
             strict=True,
         )
-        noise = torch.cat([family.denoise(sample, t, condition) for sample, t, condition in pieces])
+        outputs = []
+        for sample, t, condition, choices in pieces:
+            with self._lora_rows(choices):
+                outputs.append(family.denoise(sample, t, condition))
+        noise = torch.cat(outputs)
         for active, predicted in zip(group, torch.split(noise, [a.unet_samples for a in group]), strict=True):
             if active.negative is not None:
                 uncond, text = predicted.chunk(2)
@@ -333,6 +381,11 @@ class StepEngine:
                 clean = family.predicted_clean(active.scheduler, output, predicted[:1], t, active.latents[:1])
                 active.clean = family.spatial(clean[:1], active.job.inputs)
             active.latents = output.prev_sample
+
+    def _lora_rows(self, choices: list[RowChoices]) -> contextlib.AbstractContextManager[None]:
+        if self.loras is None or not any(choices):
+            return contextlib.nullcontext()
+        return self.loras.rows(choices, self.loaded.device)
 
     # Previews.
     def _preview_due(self, active: _Active, now: float) -> bool:
@@ -435,6 +488,15 @@ class StepEngine:
             self.observer.out_of_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _split_list(items: list[RowChoices], sizes: list[int]) -> list[list[RowChoices]]:
+    """``items`` in consecutive pieces of ``sizes``."""
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(items[start : start + size])
+        start += size
+    return pieces
 
 
 def _oom_message(active: _Active) -> str:

@@ -100,7 +100,7 @@ class StableDiffusion:
     @property
     def rules(self) -> InputRules:
         """What requests to this model may ask: its samplers, size multiple and guidance."""
-        return InputRules(samplers=self.samplers, size_multiple=int(self.pipeline.vae_scale_factor))
+        return InputRules(samplers=self.samplers, size_multiple=int(self.pipeline.vae_scale_factor), family=self.name)
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
         """A fresh scheduler for one request, built from the model's own scheduler config."""

@@ -52,6 +52,7 @@ class Flux(StableDiffusion3):
             samplers=self.samplers,
             size_multiple=int(self.pipeline.vae_scale_factor) * PATCH,
             guidance="distilled" if self.distilled_guidance else "none",
+            family=self.name,
         )
 
     @property

@@ -1,0 +1,135 @@
+"""A folder of LoRA adapters as AUTOMATIC1111 keeps them: ``NAME.safetensors``, the name is the tag's.
+
+``LoraFolder`` lists the adapters with the model family each was made for (read from the file's
+header: kohya's ``ss_base_model_version`` where it is written, else the layer names and shapes;
+"" when it cannot tell), finds an adapter's file by name (never by a path a user wrote), and
+gives AUTOMATIC1111's short hash of it for PNG parameters (``Lora hashes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sd_pipeline.contract.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+SUFFIX = ".safetensors"
+SHORT_HASH_CHARS = 12  # AUTOMATIC1111's shorthash
+_HEADER_LIMIT = 100 * 1024 * 1024  # a safetensors header larger than this is not an adapter's
+# kohya's ss_base_model_version values, by their start.
+_KOHYA_BASES = (("sdxl", "sdxl"), ("sd_v1", "sd"), ("sd_v2", "sd"), ("sd3", "sd3"), ("flux", "flux"))
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One adapter in the folder."""
+
+    name: str
+    path: Path
+    family: str  # "sd", "sdxl", "sd3", "flux", or "" when the file does not say
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header (tensor names, shapes, ``__metadata__``) without its tensors."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        if length > _HEADER_LIMIT:
+            raise ValueError(f"header of {length} bytes")
+        header: dict[str, Any] = json.loads(file.read(length))
+    return header
+
+
+def family_of(header: dict[str, Any]) -> str:
+    """The family an adapter was made for, from its header; "" when it cannot tell."""
+    metadata = header.get("__metadata__") or {}
+    base = str(metadata.get("ss_base_model_version", ""))
+    for start, family in _KOHYA_BASES:
+        if base.startswith(start):
+            return family
+    keys = [key for key in header if key != "__metadata__"]
+    if any(mark in key for key in keys for mark in ("single_transformer_blocks", "double_blocks", "single_blocks")):
+        return "flux"
+    if any("joint_blocks" in key for key in keys):
+        return "sd3"
+    sdxl_marks = ("lora_te2_", "text_encoder_2.", "lora_unet_input_blocks", "lora_unet_output_blocks", "add_embedding")
+    if any(mark in key for key in keys for mark in sdxl_marks):
+        return "sdxl"
+    if any(key.startswith(("lora_unet_", "unet.", "lora_te_", "text_encoder.")) for key in keys):
+        return "sd"
+    return ""
+
+
+def short_hash(path: Path) -> str:
+    """AUTOMATIC1111's LoRA hash: sha256 of the file after its header (``addnet_hash_safetensors``), 12 hex digits."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        file.seek(8 + length)
+        for chunk in iter(lambda: file.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:SHORT_HASH_CHARS]
+
+
+class LoraFolder:
+    """The adapters in one folder (read anew on each listing: files may be added while serving)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._families: dict[tuple[str, float, int], str] = {}
+        self._hashes: dict[tuple[str, float, int], str] = {}
+
+    def files(self) -> list[LoraFile]:
+        """Every adapter file, by name."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.glob(f"*{SUFFIX}")):
+            if path.is_file():
+                found.append(LoraFile(name=path.name[: -len(SUFFIX)], path=path, family=self._family(path)))
+        return found
+
+    def available(self) -> dict[str, str]:
+        """Name -> family of every adapter (what ``check_inputs`` takes)."""
+        return {lora.name: lora.family for lora in self.files()}
+
+    def path_of(self, name: str) -> Path:
+        """The file of adapter ``name`` (one of the listed names: a name is never joined into a path)."""
+        for lora in self.files():
+            if lora.name == name:
+                return lora.path
+        raise InvalidRequestError("prompt", f"names LoRA {name!r}, which is not available")
+
+    def hash_of(self, name: str) -> str:
+        """AUTOMATIC1111's short hash of adapter ``name``'s file (kept while the file is unchanged)."""
+        path = self.path_of(name)
+        key = _identity(path)
+        if key not in self._hashes:
+            self._hashes[key] = short_hash(path)
+        return self._hashes[key]
+
+    def _family(self, path: Path) -> str:
+        key = _identity(path)
+        if key not in self._families:
+            try:
+                self._families[key] = family_of(read_header(path))
+            except (OSError, ValueError, struct.error) as error:
+                logger.warning("LoRA file %s is not readable safetensors: %s", path.name, error)
+                self._families[key] = ""
+        return self._families[key]
+
+
+def _identity(path: Path) -> tuple[str, float, int]:
+    stat = path.stat()
+    return (str(path), stat.st_mtime, stat.st_size)
+
+
+def adapter_listing(lora_dir: str | None) -> Callable[[], dict[str, str]] | None:
+    """What ``RequestChecker`` lists for each request: the adapters in ``lora_dir`` (None without one)."""
+    return LoraFolder(lora_dir).available if lora_dir else None

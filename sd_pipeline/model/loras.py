@@ -1,0 +1,202 @@
+"""LoRA adapters chosen per request, applied per batch row inside one shared denoiser call.
+
+Adapters are loaded into the served pipeline with diffusers' own loader (``load_lora_weights``:
+kohya / AUTOMATIC1111 and diffusers / PEFT files alike) under their names, and PEFT's own
+application of them is switched off: the shared weights are never merged or changed. A forward
+hook on each LoRA layer adds, to each row of the batch, the low-rank deltas of the adapters that
+row's request chose, times that request's weight (PEFT's mixed-batch forward, with several
+adapters per row and a weight each). Outside ``rows``/``every_row`` a LoRA layer is its base layer.
+
+The loaded adapters are kept on the device, least recently used first out when their bytes pass
+``cache_bytes`` (adapters the engine's current requests use are never evicted).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+
+from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.loras import LoraChoice
+from sd_pipeline.loras.folder import LoraFolder
+
+logger = logging.getLogger(__name__)
+RowChoices = tuple[LoraChoice, ...]  # one batch row's adapters
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The rows of a batch one adapter applies to (None: every row) and each row's weight."""
+
+    rows: torch.Tensor | None
+    weights: torch.Tensor | float
+
+
+class LoraAdapters:
+    """The adapters loaded into one pipeline, and which batch rows each applies to."""
+
+    def __init__(self, pipeline: Any, folder: LoraFolder | None, *, cache_bytes: int, observer: Any = None) -> None:
+        self.pipeline = pipeline
+        self.folder = folder
+        self.cache_bytes = cache_bytes
+        self.observer = observer
+        self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self._hooked: set[int] = set()
+        self._plan: dict[str, _Group] | None = None
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(self._loaded.values())
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    # Loading.
+    def ensure(self, choices: Sequence[LoraChoice], *, keep: set[str]) -> None:
+        """Load each chosen adapter that is not loaded yet (evicting unused ones past the cache size).
+        An adapter that cannot serve this model raises ``InvalidRequestError`` naming the prompt."""
+        for choice in choices:
+            if choice.name in self._loaded:
+                self._loaded.move_to_end(choice.name)
+                self._count("lora_cache_hit")
+                continue
+            self._load(choice.name, keep | {chosen.name for chosen in choices})
+
+    def _load(self, name: str, keep: set[str]) -> None:
+        if self.folder is None:
+            raise InvalidRequestError("prompt", f"names LoRA {name!r}, but this service has no LoRA folder (LORA_DIR)")
+        path = self.folder.path_of(name)
+        started = time.perf_counter()
+        try:
+            self.pipeline.load_lora_weights(str(path), adapter_name=name)
+            layers = self._layers_of(name)
+            _check_served(name, layers, list(self._lora_layers()))
+        except InvalidRequestError:
+            self._unload(name)
+            raise
+        except Exception as error:  # noqa: BLE001 - a file that does not fit this model is the request's error
+            self._unload(name)
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise InvalidRequestError("prompt", f"LoRA {name!r} cannot be used with this model: {reason}") from None
+        size = sum(
+            parameter.numel() * parameter.element_size()
+            for layer in layers
+            for part in (layer.lora_A[name], layer.lora_B[name])
+            for parameter in part.parameters()
+        )
+        self._install_hooks()
+        self._loaded[name] = size
+        self._evict(keep)
+        self._count("lora_load", seconds=time.perf_counter() - started, size=size)
+        self._count("lora_cache", size=self.loaded_bytes, adapters=len(self._loaded))
+        logger.info("LoRA %s loaded: %d layers, %.1f MB", name, len(layers), size / 1e6)
+
+    def _evict(self, keep: set[str]) -> None:
+        for name in list(self._loaded):
+            if self.loaded_bytes <= self.cache_bytes:
+                return
+            if name not in keep:
+                self._unload(name)
+                self._loaded.pop(name)
+                logger.info("LoRA %s evicted (cache %d bytes over %d)", name, self.loaded_bytes, self.cache_bytes)
+
+    def _unload(self, name: str) -> None:
+        try:
+            self.pipeline.delete_adapters([name])
+        except Exception:  # noqa: BLE001 - a failed load may have left nothing to delete
+            logger.debug("nothing of LoRA %s to delete", name)
+
+    def _layers_of(self, name: str) -> list[LoraLayer]:
+        return [layer for layer in self._lora_layers() if name in layer.lora_A]
+
+    def _lora_layers(self) -> Iterator[LoraLayer]:
+        for component in self.pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                yield from (module for module in component.modules() if isinstance(module, LoraLayer))
+
+    def _install_hooks(self) -> None:
+        """Switch PEFT's own application off on every LoRA layer and hook ours in (once per layer)."""
+        for layer in self._lora_layers():
+            layer.enable_adapters(False)
+            if id(layer) not in self._hooked:
+                layer.register_forward_hook(self._add_deltas)  # type: ignore[attr-defined]
+                self._hooked.add(id(layer))
+
+    def _count(self, fact: str, **fields: Any) -> None:
+        if self.observer is not None and hasattr(self.observer, fact):
+            getattr(self.observer, fact)(**fields)
+
+    # Applying.
+    @contextmanager
+    def rows(self, choices: Sequence[RowChoices], device: torch.device) -> Iterator[None]:
+        """Within: each row ``i`` of every LoRA layer's batch gets ``choices[i]``'s adapters."""
+        plan: dict[str, tuple[list[int], list[float]]] = {}
+        for row, chosen in enumerate(choices):
+            for choice in chosen:
+                rows, weights = plan.setdefault(choice.name, ([], []))
+                rows.append(row)
+                weights.append(choice.weight)
+        groups = {
+            name: _Group(
+                rows=None if rows == list(range(len(choices))) else torch.tensor(rows, device=device),
+                weights=weights[0] if len(set(weights)) == 1 else torch.tensor(weights, device=device),
+            )
+            for name, (rows, weights) in plan.items()
+        }
+        with self._applying(groups):
+            yield
+
+    @contextmanager
+    def every_row(self, chosen: RowChoices) -> Iterator[None]:
+        """Within: every row of every LoRA layer's batch gets ``chosen``'s adapters (a text encoder call)."""
+        with self._applying({choice.name: _Group(rows=None, weights=choice.weight) for choice in chosen}):
+            yield
+
+    @contextmanager
+    def _applying(self, groups: dict[str, _Group]) -> Iterator[None]:
+        self._plan = groups or None
+        try:
+            yield
+        finally:
+            self._plan = None
+
+    def _add_deltas(self, layer: LoraLayer, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        plan = self._plan
+        if plan is None:
+            return output
+        x = args[0]
+        for name, group in plan.items():
+            if name not in layer.lora_A:
+                continue
+            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+            rows = x if group.rows is None else x[group.rows]
+            delta = lora_b(lora_a(rows.to(lora_a.weight.dtype))) * layer.scaling[name]
+            weights = group.weights
+            if isinstance(weights, torch.Tensor):
+                delta = delta * weights.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
+            else:
+                delta = delta * weights
+            if group.rows is None:
+                output = output + delta.to(output.dtype)
+            else:
+                output = output.index_add(0, group.rows, delta.to(output.dtype))
+        return output
+
+
+def _check_served(name: str, layers: list[LoraLayer], every_layer: list[LoraLayer]) -> None:
+    """An adapter whose layers all loaded as plain LoRA; anything else is refused naming what it is."""
+    if any(name in getattr(layer, "lora_embedding_A", {}) for layer in every_layer):
+        raise InvalidRequestError("prompt", f"LoRA {name!r} changes token embeddings, which is not served")
+    if not layers:
+        raise InvalidRequestError("prompt", f"LoRA {name!r} has no layer that matches this model (made for another?)")
+    for layer in layers:
+        if layer.use_dora.get(name) or name in getattr(layer, "lora_variant", {}):
+            raise InvalidRequestError("prompt", f"LoRA {name!r} is a DoRA or other LoRA variant, which is not served")

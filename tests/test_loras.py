@@ -1,0 +1,164 @@
+"""LoRA adapters chosen per request: equal to diffusers' ``load_lora_weights`` + ``set_adapters``,
+alone and while requests with other adapters, other weights and none share each denoiser call."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.images import assert_same_image, max_difference, pipeline_image
+from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.lifecycle import Request
+from sd_pipeline.contract.loras import LoraChoice, PromptAdapters, parse_prompt
+from sd_pipeline.contract.request import GenerationRequest, check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.loras.folder import LoraFolder
+from sd_pipeline.loras.random import write_random_lora
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
+from sd_pipeline.model.loras import LoraAdapters
+
+BATCHED_TOLERANCE = 2  # levels of 255: rows of one batch are not bit-identical to a batch of one on the CPU
+
+
+def ask(**fields: Any) -> GenerationRequest:
+    defaults: dict[str, Any] = {"prompt": "a red circle", "steps": 4, "width": 64, "height": 64, "seed": 7}
+    return GenerationRequest(**{**defaults, **fields})
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two adapters for the tiny SD model: ``style`` (kohya, UNet incl. a conv + text encoder, alpha != rank)
+    and ``subject`` (diffusers/PEFT keys, UNet only)."""
+    folder = tmp_path_factory.mktemp("loras")
+    write_random_lora(tiny_model_dir, folder / "style.safetensors", seed=1, extra_targets=("proj_in",))
+    write_random_lora(tiny_model_dir, folder / "subject.safetensors", seed=2, file_format="peft", text_encoder=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir: Path, lora_dir: Path) -> Iterator[StepEngine]:
+    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
+    adapters = LoraAdapters(loaded.pipeline, LoraFolder(lora_dir), cache_bytes=64 * 2**20)
+    yield StepEngine(loaded, max_batch_images=8, loras=adapters)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model_dir: Path, lora_dir: Path) -> LoadedPipeline:
+    """diffusers' own pipeline with both adapters loaded its own way."""
+    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
+    for name in ("style", "subject"):
+        loaded.pipeline.load_lora_weights(str(lora_dir / f"{name}.safetensors"), adapter_name=name)
+    return loaded
+
+
+def diffusers_image(oracle: LoadedPipeline, request: GenerationRequest) -> Any:
+    """The oracle's image for ``request`` with the adapters its prompt names, at their weights."""
+    pipeline = oracle.pipeline
+    loras = request.loras
+    if loras:
+        pipeline.enable_lora()
+        pipeline.set_adapters([lora.name for lora in loras], [lora.weight for lora in loras])
+    else:
+        pipeline.disable_lora()
+    return pipeline_image(oracle, request)[0]
+
+
+def test_a_request_with_adapters_alone_equals_diffusers(served: StepEngine, oracle: LoadedPipeline) -> None:
+    for prompt in ("<lora:style:0.8> a red circle", "a red circle <lora:style:0.6> <lora:subject:-1.5>"):
+        wanted = ask(prompt=prompt)
+        ours = served.generate([wanted])[0][0].image
+        assert_same_image(ours, diffusers_image(oracle, wanted))
+    plain = served.generate([ask()])[0][0].image
+    assert_same_image(plain, diffusers_image(oracle, ask()))
+    assert max_difference(ours, plain) > 10  # the adapters change the picture: the comparison can fail
+
+
+def test_different_adapters_and_weights_share_each_step_and_equal_diffusers(
+    served: StepEngine, oracle: LoadedPipeline
+) -> None:
+    wanted = [
+        ask(prompt="a red circle <lora:style:1>", seed=1),
+        ask(prompt="a red circle <lora:subject:0.7>", seed=2, guidance_scale=1.0),
+        ask(prompt="<lora:style:0.3> a red circle", seed=3, num_images=2),
+        ask(prompt="a red circle", seed=4),
+        ask(prompt="a blue square <lora:subject:1> <lora:style:-0.5>", seed=5),
+    ]
+    jobs = [Request(request) for request in wanted]
+    outcomes: dict[int, Any] = {}
+    for job in jobs:
+        served.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
+    served.run_until_idle()
+    for job, request in zip(jobs, wanted, strict=True):
+        outcome = outcomes[id(job)]
+        assert outcome.error is None, outcome.error
+        assert outcome.results[0].timings.batch_images == 6  # every request stepped with every other
+        assert_same_image(outcome.results[0].image, diffusers_image(oracle, request), tolerance=BATCHED_TOLERANCE)
+
+
+def test_the_text_encoder_part_of_an_adapter_changes_only_its_requests_prompts(served: StepEngine) -> None:
+    adapters = served.loras
+    assert adapters is not None
+    served.generate([ask(prompt="<lora:style> a red circle")])
+    encoder = served.loaded.pipeline.text_encoder
+    family = served.loaded.family
+    device = served.loaded.device
+    plain = family.encode(["a red circle"], [""], device)[0][0]["encoder_hidden_states"]
+    with adapters.every_row(GenerationRequest(prompt="<lora:style:1> x").loras):
+        styled = family.encode(["a red circle"], [""], device)[0][0]["encoder_hidden_states"]
+    assert any("style" in getattr(module, "lora_A", {}) for module in encoder.modules())
+    assert (styled - plain).abs().max() > 1e-3
+    assert (family.encode(["a red circle"], [""], device)[0][0]["encoder_hidden_states"] - plain).abs().max() == 0
+
+
+def test_tags_are_read_as_automatic1111_writes_them_and_stripped_from_the_encoded_text() -> None:
+    parsed = parse_prompt("a cat <lora:style:0.8>, <lora:subject> sitting <LORA:my lora.v2:-1.5>")
+    assert parsed.text == "a cat ,  sitting"
+    assert parsed.loras == (LoraChoice("style", 0.8), LoraChoice("subject", 1.0), LoraChoice("my lora.v2", -1.5))
+    assert parse_prompt("no tags here") == PromptAdapters("no tags here")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative", "says"),
+    [
+        ("a <lora:nope:1>", "", "'nope', which is not available (available: a0, a1"),
+        ("a <lora:styl>", "", "did you mean style"),
+        ("a <lora:../etc/passwd:1>", "", "plain name, without"),
+        ("a <lora:sub\\dir>", "", "plain name, without"),
+        ("a <lora:style:5>", "", "weight of 'style' must be from -4 to 4, got 5"),
+        ("a <lora:style:nan>", "", "must be from -4 to 4"),
+        ("a <lora:style:heavy>", "", "must be a number from -4 to 4"),
+        ("a <lora:style:1:0.5>", "", "more than one weight"),
+        ("a <lora::1>", "", "without a name"),
+        ("a <lora:style:1", "", "not closed"),
+        ("a <lora:style> <lora:style:0.5>", "", "twice"),
+        ("a <lora:xl_style>", "", "is for sdxl models; the served model is sd"),
+        ("a cat", "<lora:style>", "go in the prompt"),
+        (" ".join(f"<lora:a{index}>" for index in range(9)), "", "at most 8 per prompt"),
+    ],
+)
+def test_each_bad_tag_is_refused_naming_the_field(prompt: str, negative: str, says: str) -> None:
+    available = {"style": "sd", "subject": "", "xl_style": "sdxl", **{f"a{index}": "" for index in range(9)}}
+    with pytest.raises(InvalidRequestError, match=re.escape(says)) as raised:
+        check_inputs({"prompt": prompt, "negative_prompt": negative}, adapters=available)
+    assert raised.value.field == ("negative_prompt" if negative else "prompt")
+
+
+def test_the_folder_lists_adapters_with_their_family_and_automatic1111_hash(lora_dir: Path, tmp_path: Path) -> None:
+    folder = LoraFolder(lora_dir)
+    assert folder.available() == {"style": "sd", "subject": "sd"}
+    digest = hashlib.sha256((lora_dir / "style.safetensors").read_bytes()[8 + header_length(lora_dir) :])
+    assert folder.hash_of("style") == digest.hexdigest()[:12]
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    assert LoraFolder(tmp_path).available() == {"broken": ""}  # listed; loading it says why it fails
+    with pytest.raises(InvalidRequestError, match="'missing', which is not available"):
+        folder.path_of("missing")
+
+
+def header_length(lora_dir: Path) -> int:
+    return int.from_bytes((lora_dir / "style.safetensors").read_bytes()[:8], "little")
