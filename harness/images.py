@@ -49,3 +49,16 @@ def pipeline_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[A
     finally:
         pipeline.scheduler = saved
     return list(output.images)
+
+
+def pipeline_image_with_loras(loaded: LoadedPipeline, request: GenerationRequest) -> Any:
+    """``pipeline_image`` of a pipeline whose LoRA adapters were loaded with diffusers' ``load_lora_weights``:
+    the adapters the request's prompt names at their weights (``set_adapters``), none when it names none."""
+    pipeline = loaded.pipeline
+    loras = request.loras
+    if loras:
+        pipeline.enable_lora()
+        pipeline.set_adapters([lora.name for lora in loras], [lora.weight for lora in loras])
+    else:
+        pipeline.disable_lora()
+    return pipeline_image(loaded, request)[0]

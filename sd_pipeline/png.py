@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 from dataclasses import dataclass
 
 from PIL import Image
@@ -11,6 +13,9 @@ from PIL.PngImagePlugin import PngInfo
 from sd_pipeline.contract.jobs import GenerationResult
 
 PARAMETERS_CHUNK = "parameters"
+# One "Key: value" pair of the settings line; a value holding commas is a quoted JSON string
+# (AUTOMATIC1111's infotext parser, ``re_param``).
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class ImageParameters:
     model: str
     model_version: str = ""
     model_hash: str = ""
+    lora_hashes: str = ""
 
 
 def parameters_of(result: GenerationResult) -> ImageParameters:
@@ -45,6 +51,7 @@ def parameters_of(result: GenerationResult) -> ImageParameters:
         model=result.model,
         model_version=result.model_version,
         model_hash=result.model_hash,
+        lora_hashes=result.lora_hashes,
     )
 
 
@@ -63,6 +70,8 @@ def format_parameters(parameters: ImageParameters) -> str:
     if parameters.model_hash:
         pairs.append(f"Model hash: {parameters.model_hash}")
     pairs.append(f"Model: {parameters.model}")
+    if parameters.lora_hashes:
+        pairs.append(f"Lora hashes: {json.dumps(parameters.lora_hashes, ensure_ascii=False)}")
     if parameters.model_version:
         pairs.append(f"Model version: {parameters.model_version}")
     lines.append(", ".join(pairs))
@@ -77,7 +86,7 @@ def parse_parameters(text: str) -> ImageParameters:
     if negative_at is not None:
         negative = "\n".join(prompt_lines[negative_at:])[len("Negative prompt: ") :]
         prompt_lines = prompt_lines[:negative_at]
-    values = dict(pair.split(": ", 1) for pair in settings_line.split(", ") if ": " in pair)
+    values = {key: _unquote(value) for key, value in _PAIR.findall(settings_line)}
     width, height = values["Size"].split("x")
     return ImageParameters(
         prompt="\n".join(prompt_lines),
@@ -91,7 +100,18 @@ def parse_parameters(text: str) -> ImageParameters:
         model=values.get("Model", ""),
         model_version=values.get("Model version", ""),
         model_hash=values.get("Model hash", ""),
+        lora_hashes=values.get("Lora hashes", ""),
     )
+
+
+def _unquote(value: str) -> str:
+    """A value as AUTOMATIC1111 quotes one holding a comma or colon (a JSON string)."""
+    if value.startswith('"') and value.endswith('"') and len(value) > 1:
+        try:
+            return str(json.loads(value))
+        except ValueError:
+            return value
+    return value
 
 
 def encode_png(result: GenerationResult) -> bytes:

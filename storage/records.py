@@ -30,6 +30,7 @@ class ImageRecord(BaseModel):
     model: str
     model_version: str = ""  # the published version that drew it (models from S3)
     model_hash: str = ""
+    lora_hashes: str = ""  # the LoRA adapters the prompt named: "NAME: HASH, ..." (AUTOMATIC1111's)
     nsfw: bool = False
     status: Status = "stored"
 
@@ -54,6 +55,7 @@ class ImageRecord(BaseModel):
             model=result.model,
             model_version=result.model_version,
             model_hash=result.model_hash,
+            lora_hashes=result.lora_hashes,
             nsfw=result.nsfw,
         )
 

@@ -12,6 +12,7 @@ import pytest
 from harness.servers import S3Server, running_s3_server
 from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH
 from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.loras.random import write_random_lora
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.tiny import build_tiny_pipeline
@@ -71,6 +72,25 @@ def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def flux_loaded(tiny_flux_dir: Path) -> LoadedPipeline:
     return load_pipeline(PipelineSettings(model=str(tiny_flux_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two adapters for the tiny SD model: ``style`` (kohya keys, UNet incl. a conv + text encoder,
+    alpha != rank) and ``subject`` (diffusers/PEFT keys, UNet only)."""
+    folder = tmp_path_factory.mktemp("loras")
+    write_random_lora(tiny_model_dir, folder / "style.safetensors", seed=1, extra_targets=("proj_in",))
+    write_random_lora(tiny_model_dir, folder / "subject.safetensors", seed=2, file_format="peft", text_encoder=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lora_oracle(tiny_model_dir: Path, tiny_lora_dir: Path) -> LoadedPipeline:
+    """The tiny SD pipeline with both adapters loaded diffusers' own way (``load_lora_weights``)."""
+    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
+    for name in ("style", "subject"):
+        loaded.pipeline.load_lora_weights(str(tiny_lora_dir / f"{name}.safetensors"), adapter_name=name)
+    return loaded
 
 
 @pytest.fixture()

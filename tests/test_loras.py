@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 
-from harness.images import assert_same_image, max_difference, pipeline_image
+from harness.images import assert_same_image, max_difference, pipeline_image_with_loras
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.loras import LoraChoice, PromptAdapters, parse_prompt
 from sd_pipeline.contract.request import GenerationRequest, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.loras.folder import LoraFolder
-from sd_pipeline.loras.random import write_random_lora
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.loras import LoraAdapters
+from sd_pipeline.png import format_parameters, parameters_of, parse_parameters
 
 BATCHED_TOLERANCE = 2  # levels of 255: rows of one batch are not bit-identical to a batch of one on the CPU
 
@@ -32,55 +32,24 @@ def ask(**fields: Any) -> GenerationRequest:
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two adapters for the tiny SD model: ``style`` (kohya, UNet incl. a conv + text encoder, alpha != rank)
-    and ``subject`` (diffusers/PEFT keys, UNet only)."""
-    folder = tmp_path_factory.mktemp("loras")
-    write_random_lora(tiny_model_dir, folder / "style.safetensors", seed=1, extra_targets=("proj_in",))
-    write_random_lora(tiny_model_dir, folder / "subject.safetensors", seed=2, file_format="peft", text_encoder=False)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model_dir: Path, lora_dir: Path) -> Iterator[StepEngine]:
+def served(tiny_model_dir: Path, tiny_lora_dir: Path) -> Iterator[StepEngine]:
     loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
-    adapters = LoraAdapters(loaded.pipeline, LoraFolder(lora_dir), cache_bytes=64 * 2**20)
+    adapters = LoraAdapters(loaded.pipeline, LoraFolder(tiny_lora_dir), cache_bytes=64 * 2**20)
     yield StepEngine(loaded, max_batch_images=8, loras=adapters)
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_model_dir: Path, lora_dir: Path) -> LoadedPipeline:
-    """diffusers' own pipeline with both adapters loaded its own way."""
-    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
-    for name in ("style", "subject"):
-        loaded.pipeline.load_lora_weights(str(lora_dir / f"{name}.safetensors"), adapter_name=name)
-    return loaded
-
-
-def diffusers_image(oracle: LoadedPipeline, request: GenerationRequest) -> Any:
-    """The oracle's image for ``request`` with the adapters its prompt names, at their weights."""
-    pipeline = oracle.pipeline
-    loras = request.loras
-    if loras:
-        pipeline.enable_lora()
-        pipeline.set_adapters([lora.name for lora in loras], [lora.weight for lora in loras])
-    else:
-        pipeline.disable_lora()
-    return pipeline_image(oracle, request)[0]
-
-
-def test_a_request_with_adapters_alone_equals_diffusers(served: StepEngine, oracle: LoadedPipeline) -> None:
+def test_a_request_with_adapters_alone_equals_diffusers(served: StepEngine, lora_oracle: LoadedPipeline) -> None:
     for prompt in ("<lora:style:0.8> a red circle", "a red circle <lora:style:0.6> <lora:subject:-1.5>"):
         wanted = ask(prompt=prompt)
         ours = served.generate([wanted])[0][0].image
-        assert_same_image(ours, diffusers_image(oracle, wanted))
+        assert_same_image(ours, pipeline_image_with_loras(lora_oracle, wanted))
     plain = served.generate([ask()])[0][0].image
-    assert_same_image(plain, diffusers_image(oracle, ask()))
+    assert_same_image(plain, pipeline_image_with_loras(lora_oracle, ask()))
     assert max_difference(ours, plain) > 10  # the adapters change the picture: the comparison can fail
 
 
 def test_different_adapters_and_weights_share_each_step_and_equal_diffusers(
-    served: StepEngine, oracle: LoadedPipeline
+    served: StepEngine, lora_oracle: LoadedPipeline
 ) -> None:
     wanted = [
         ask(prompt="a red circle <lora:style:1>", seed=1),
@@ -98,7 +67,9 @@ def test_different_adapters_and_weights_share_each_step_and_equal_diffusers(
         outcome = outcomes[id(job)]
         assert outcome.error is None, outcome.error
         assert outcome.results[0].timings.batch_images == 6  # every request stepped with every other
-        assert_same_image(outcome.results[0].image, diffusers_image(oracle, request), tolerance=BATCHED_TOLERANCE)
+        assert_same_image(
+            outcome.results[0].image, pipeline_image_with_loras(lora_oracle, request), tolerance=BATCHED_TOLERANCE
+        )
 
 
 def test_the_text_encoder_part_of_an_adapter_changes_only_its_requests_prompts(served: StepEngine) -> None:
@@ -149,10 +120,12 @@ def test_each_bad_tag_is_refused_naming_the_field(prompt: str, negative: str, sa
     assert raised.value.field == ("negative_prompt" if negative else "prompt")
 
 
-def test_the_folder_lists_adapters_with_their_family_and_automatic1111_hash(lora_dir: Path, tmp_path: Path) -> None:
-    folder = LoraFolder(lora_dir)
+def test_the_folder_lists_adapters_with_their_family_and_automatic1111_hash(
+    tiny_lora_dir: Path, tmp_path: Path
+) -> None:
+    folder = LoraFolder(tiny_lora_dir)
     assert folder.available() == {"style": "sd", "subject": "sd"}
-    digest = hashlib.sha256((lora_dir / "style.safetensors").read_bytes()[8 + header_length(lora_dir) :])
+    digest = hashlib.sha256((tiny_lora_dir / "style.safetensors").read_bytes()[8 + header_length(tiny_lora_dir) :])
     assert folder.hash_of("style") == digest.hexdigest()[:12]
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     assert LoraFolder(tmp_path).available() == {"broken": ""}  # listed; loading it says why it fails
@@ -160,5 +133,23 @@ def test_the_folder_lists_adapters_with_their_family_and_automatic1111_hash(lora
         folder.path_of("missing")
 
 
-def header_length(lora_dir: Path) -> int:
-    return int.from_bytes((lora_dir / "style.safetensors").read_bytes()[:8], "little")
+def header_length(tiny_lora_dir: Path) -> int:
+    return int.from_bytes((tiny_lora_dir / "style.safetensors").read_bytes()[:8], "little")
+
+
+def test_an_adapters_image_carries_lora_hashes_as_automatic1111_writes_them(
+    served: StepEngine, tiny_lora_dir: Path
+) -> None:
+    result = served.generate([ask(prompt="a cat, <lora:style:0.5> <lora:subject>")])[0][0]
+    folder = LoraFolder(tiny_lora_dir)
+    expected = f"style: {folder.hash_of('style')}, subject: {folder.hash_of('subject')}"
+    assert result.lora_hashes == expected
+    text = format_parameters(parameters_of(result))
+    assert f'Lora hashes: "{expected}"' in text.splitlines()[-1]
+    read = parse_parameters(text)
+    assert (read.prompt, read.lora_hashes, read.model) == (
+        "a cat, <lora:style:0.5> <lora:subject>",
+        expected,
+        result.model,
+    )
+    assert served.generate([ask()])[0][0].lora_hashes == ""

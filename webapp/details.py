@@ -49,6 +49,7 @@ def parameter_block(image: dict[str, Any]) -> str:
         ("Size", f"{image['width']}×{image['height']}"),
         ("Sampler", image["scheduler"]),
         ("Model", model_words(image)),
+        *([("LoRA", image["lora_hashes"])] if image.get("lora_hashes") else []),
         ("Created", _readable_date(image["created_at"])),
         ("Status", status_words(image)),
         ("Link", lifetime_words(image["expires_at"])),

@@ -54,6 +54,7 @@ class GenerationResult:
     nsfw: bool = False
     model_version: str = ""  # the published version that drew it ("" for a Hub id or a plain folder)
     model_hash: str = ""
+    lora_hashes: str = ""  # the LoRA adapters that drew it, as AUTOMATIC1111 writes them: "NAME: HASH, ..."
 
 
 @dataclass

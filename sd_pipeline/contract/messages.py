@@ -77,6 +77,7 @@ class ResultData(_Message):
     nsfw: bool = False
     model_version: str = ""
     model_hash: str = ""
+    lora_hashes: str = ""
 
     @classmethod
     def of(cls, result: GenerationResult) -> ResultData:
@@ -91,6 +92,7 @@ class ResultData(_Message):
             nsfw=result.nsfw,
             model_version=result.model_version,
             model_hash=result.model_hash,
+            lora_hashes=result.lora_hashes,
         )
 
     def result(self) -> GenerationResult:
@@ -104,6 +106,7 @@ class ResultData(_Message):
             nsfw=self.nsfw,
             model_version=self.model_version,
             model_hash=self.model_hash,
+            lora_hashes=self.lora_hashes,
         )
 
 

@@ -464,6 +464,7 @@ class StepEngine:
                     nsfw=flags[offset + index],
                     model_version=self.loaded.version,
                     model_hash=self.loaded.model_hash,
+                    lora_hashes=self.loras.hashes(active.loras) if self.loras is not None else "",
                 )
                 for index, seed in enumerate(request.seeds())
             ]

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class LoraAdapters:
         self.cache_bytes = cache_bytes
         self.observer = observer
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self._hashes: dict[str, str] = {}  # name -> AUTOMATIC1111's short hash of the file loaded
         self._hooked: set[int] = set()
         self._plan: dict[str, _Group] | None = None
 
@@ -75,6 +77,7 @@ class LoraAdapters:
             raise InvalidRequestError("prompt", f"names LoRA {name!r}, but this service has no LoRA folder (LORA_DIR)")
         path = self.folder.path_of(name)
         started = time.perf_counter()
+        self._hashes[name] = self.folder.hash_of(name)
         try:
             self.pipeline.load_lora_weights(str(path), adapter_name=name)
             layers = self._layers_of(name)
@@ -84,7 +87,7 @@ class LoraAdapters:
             raise
         except Exception as error:  # noqa: BLE001 - a file that does not fit this model is the request's error
             self._unload(name)
-            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            reason = _why_not_loaded(error, path)
             raise InvalidRequestError("prompt", f"LoRA {name!r} cannot be used with this model: {reason}") from None
         size = sum(
             parameter.numel() * parameter.element_size()
@@ -133,6 +136,10 @@ class LoraAdapters:
     def _count(self, fact: str, **fields: Any) -> None:
         if self.observer is not None and hasattr(self.observer, fact):
             getattr(self.observer, fact)(**fields)
+
+    def hashes(self, choices: Sequence[LoraChoice]) -> str:
+        """The chosen adapters' hashes as PNG parameters carry them: ``NAME: HASH, NAME: HASH``."""
+        return ", ".join(f"{choice.name}: {self._hashes.get(choice.name, '')}" for choice in choices)
 
     # Applying.
     @contextmanager
@@ -200,3 +207,14 @@ def _check_served(name: str, layers: list[LoraLayer], every_layer: list[LoraLaye
     for layer in layers:
         if layer.use_dora.get(name) or name in getattr(layer, "lora_variant", {}):
             raise InvalidRequestError("prompt", f"LoRA {name!r} is a DoRA or other LoRA variant, which is not served")
+
+
+def _why_not_loaded(error: Exception, path: Path) -> str:
+    """A loader error in a user's words, without the server's paths."""
+    text = str(error)
+    if "size mismatch" in text:
+        return "its layers' shapes differ from this model's (is it made for another model?)"
+    if "Unable to load weights" in text or "header" in text.lower() or isinstance(error, OSError):
+        return "its file is not a readable .safetensors file"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return first.replace(str(path.parent), "LORA_DIR")[:300]
