@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from harness.images import assert_same_image, max_difference, pipeline_image_with_loras
 from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.facts import FactCollector
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.loras import LoraChoice, PromptAdapters, parse_prompt
 from sd_pipeline.contract.request import GenerationRequest, check_inputs
@@ -153,3 +155,56 @@ def test_an_adapters_image_carries_lora_hashes_as_automatic1111_writes_them(
         result.model,
     )
     assert served.generate([ask()])[0][0].lora_hashes == ""
+
+
+class SlowFolder(LoraFolder):
+    """A folder whose file reads wait until the test lets them go."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = threading.Event()
+
+    def hash_of(self, name: str) -> str:
+        assert self.release.wait(timeout=60)
+        return super().hash_of(name)
+
+
+def test_running_requests_keep_stepping_while_an_adapters_file_is_read(
+    tiny_model_dir: Path, tiny_lora_dir: Path
+) -> None:
+    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
+    folder = SlowFolder(tiny_lora_dir)
+    adapters = LoraAdapters(loaded.pipeline, folder, cache_bytes=64 * 2**20)
+    engine = StepEngine(loaded, loras=adapters)
+    outcomes: dict[str, Any] = {}
+    running, reading = Request(ask(steps=6)), Request(ask(prompt="a red circle <lora:subject>"))
+    engine.submit(running, lambda outcome: outcomes.__setitem__("running", outcome))
+    engine.submit(reading, lambda outcome: outcomes.__setitem__("reading", outcome))
+    while "running" not in outcomes:
+        engine.step()  # the read never returns meanwhile: the step loop does not wait for it
+    assert outcomes["running"].error is None and "reading" not in outcomes and not engine.idle
+    folder.release.set()
+    engine.run_until_idle()
+    assert outcomes["reading"].error is None
+    assert outcomes["reading"].results[0].lora_hashes.startswith("subject: ")
+    adapters.close()
+
+
+def test_the_cache_keeps_adapters_in_use_and_unloads_the_least_recently_used_past_its_size(
+    tiny_model_dir: Path, tiny_lora_dir: Path, lora_oracle: LoadedPipeline
+) -> None:
+    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
+    facts = FactCollector()
+    adapters = LoraAdapters(loaded.pipeline, LoraFolder(tiny_lora_dir), cache_bytes=1, observer=facts)
+    engine = StepEngine(loaded, loras=adapters)
+    both = ask(prompt="a red circle <lora:style:0.5> <lora:subject:0.5>")
+    engine.generate([both])  # both in use at once: kept although past the cache size
+    assert adapters.loaded() == ["style", "subject"]
+    engine.generate([ask(prompt="a red circle <lora:subject>")])  # loaded: a cache hit, style evicted
+    assert adapters.loaded() == ["subject"]
+    again = ask(prompt="a red circle <lora:style:0.7>")
+    assert_same_image(engine.generate([again])[0][0].image, pipeline_image_with_loras(lora_oracle, again))
+    assert adapters.loaded() == ["style"]
+    assert not any("subject" in layer.lora_A for layer in adapters._lora_layers())  # unloaded from the model
+    names = [name for name, _ in facts.take()]
+    assert names.count("lora_load") == 3 and names.count("lora_cache_hit") == 1

@@ -137,6 +137,8 @@ class StepEngine:
         """Queue a validated job; ``done`` gets its outcome (images, or the error that ended it)."""
         with self._lock:
             self._waiting.append(_Waiting(job, done, time.perf_counter()))
+        if self.loras is not None and job.inputs.loras:
+            self.loras.prefetch(job.inputs.loras)
 
     def warmup(self) -> float:
         """Generate before the first user does; returns the seconds it took.
@@ -207,14 +209,20 @@ class StepEngine:
         admitted: list[_Waiting] = []
         room = self.max_batch_images - self.active_images
         with self._lock:
-            while self._waiting:
-                images = self._waiting[0].job.inputs.num_images
+            for waiting in list(self._waiting):
+                if self.loras is not None and not self.loras.ready(waiting.job.inputs.loras):
+                    continue  # its adapter's file is still being read: the others go ahead
+                images = waiting.job.inputs.num_images
                 if images > room and (self._active or admitted):
                     break
-                admitted.append(self._waiting.popleft())
+                self._waiting.remove(waiting)
+                admitted.append(waiting)
                 room -= images
+            reading = bool(self._waiting) and not admitted and not self._active
         if admitted:
             self._start(admitted)
+        elif reading and self.loras is not None:
+            self.loras.wait_for_reads(timeout=0.05)
 
     def _start(self, admitted: list[_Waiting]) -> None:
         """Load the LoRA adapters the admitted requests name, encode their prompts and negative prompts

@@ -7,16 +7,22 @@ hook on each LoRA layer adds, to each row of the batch, the low-rank deltas of t
 row's request chose, times that request's weight (PEFT's mixed-batch forward, with several
 adapters per row and a weight each). Outside ``rows``/``every_row`` a LoRA layer is its base layer.
 
-The loaded adapters are kept on the device, least recently used first out when their bytes pass
-``cache_bytes`` (adapters the engine's current requests use are never evicted).
+Loading is split so that running requests do not wait for a file: ``prefetch`` (called when a
+request is submitted) reads the file and hashes it on a thread of its own, and the engine admits
+the request once that is done; only diffusers' conversion and the injection into the model run
+between two steps, from the page cache. The loaded adapters are kept on the device, least
+recently used first out when their bytes pass ``cache_bytes`` (adapters the engine's current
+requests use are never evicted).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +59,9 @@ class LoraAdapters:
         self._hashes: dict[str, str] = {}  # name -> AUTOMATIC1111's short hash of the file loaded
         self._hooked: set[int] = set()
         self._plan: dict[str, _Group] | None = None
+        self._reading: dict[str, Future[str]] = {}  # name -> its file read and hashed off the step loop
+        self._reader: ThreadPoolExecutor | None = None
+        self._read_done = threading.Event()
 
     @property
     def loaded_bytes(self) -> int:
@@ -62,22 +71,57 @@ class LoraAdapters:
         return list(self._loaded)
 
     # Loading.
+    def prefetch(self, choices: Sequence[LoraChoice]) -> None:
+        """Start reading (and hashing) the chosen adapters' files that are not loaded (any thread)."""
+        if self.folder is None:
+            return
+        for choice in choices:
+            if choice.name in self._loaded or choice.name in self._reading:
+                continue
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-read")
+            future = self._reader.submit(self.folder.hash_of, choice.name)
+            future.add_done_callback(lambda _: self._read_done.set())
+            self._reading[choice.name] = future
+
+    def ready(self, choices: Sequence[LoraChoice]) -> bool:
+        """Whether loading the chosen adapters now needs no file read (a failed read is ready: loading says why)."""
+        return all(
+            choice.name in self._loaded or choice.name not in self._reading or self._reading[choice.name].done()
+            for choice in choices
+        )
+
+    def wait_for_reads(self, timeout: float) -> None:
+        """Block until some file read finishes (or ``timeout``): an engine with nothing else to do."""
+        self._read_done.wait(timeout)
+        self._read_done.clear()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+
     def ensure(self, choices: Sequence[LoraChoice], *, keep: set[str]) -> None:
         """Load each chosen adapter that is not loaded yet (evicting unused ones past the cache size).
         An adapter that cannot serve this model raises ``InvalidRequestError`` naming the prompt."""
+        keep = keep | {choice.name for choice in choices}
         for choice in choices:
             if choice.name in self._loaded:
                 self._loaded.move_to_end(choice.name)
                 self._count("lora_cache_hit")
-                continue
-            self._load(choice.name, keep | {chosen.name for chosen in choices})
+            else:
+                self._load(choice.name)
+        self._evict(keep)
 
-    def _load(self, name: str, keep: set[str]) -> None:
+    def _load(self, name: str) -> None:
         if self.folder is None:
             raise InvalidRequestError("prompt", f"names LoRA {name!r}, but this service has no LoRA folder (LORA_DIR)")
-        path = self.folder.path_of(name)
+        reading = self._reading.pop(name, None)
         started = time.perf_counter()
-        self._hashes[name] = self.folder.hash_of(name)
+        try:
+            self._hashes[name] = reading.result() if reading is not None else self.folder.hash_of(name)
+        except OSError:
+            raise InvalidRequestError("prompt", f"LoRA {name!r} cannot be read from LORA_DIR") from None
+        path = self.folder.path_of(name)
         try:
             self.pipeline.load_lora_weights(str(path), adapter_name=name)
             layers = self._layers_of(name)
@@ -97,19 +141,19 @@ class LoraAdapters:
         )
         self._install_hooks()
         self._loaded[name] = size
-        self._evict(keep)
         self._count("lora_load", seconds=time.perf_counter() - started, size=size)
-        self._count("lora_cache", size=self.loaded_bytes, adapters=len(self._loaded))
         logger.info("LoRA %s loaded: %d layers, %.1f MB", name, len(layers), size / 1e6)
 
     def _evict(self, keep: set[str]) -> None:
+        """Unload the least recently used adapters not in ``keep`` while the cache is past its size."""
         for name in list(self._loaded):
             if self.loaded_bytes <= self.cache_bytes:
-                return
+                break
             if name not in keep:
                 self._unload(name)
                 self._loaded.pop(name)
-                logger.info("LoRA %s evicted (cache %d bytes over %d)", name, self.loaded_bytes, self.cache_bytes)
+                logger.info("LoRA %s unloaded: the cache holds %d bytes at most", name, self.cache_bytes)
+        self._count("lora_cache", size=self.loaded_bytes, adapters=len(self._loaded))
 
     def _unload(self, name: str) -> None:
         try:
