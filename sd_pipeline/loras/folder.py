@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 SHORT_HASH_CHARS = 12  # AUTOMATIC1111's shorthash
 _HEADER_LIMIT = 100 * 1024 * 1024  # a safetensors header larger than this is not an adapter's
+# Names only one family has: SDXL's second text encoder, its original (ldm) UNet block names as kohya
+# writes them, two or more transformer blocks per attention; SD 1.x / 2.x's one text encoder in
+# kohya's names, attention at the first UNet level (SDXL has none there).
+_SDXL_NAMES = re.compile(r"lora_te[12]_|text_encoder_2\.|lora_unet_(input|output)_blocks|transformer_blocks[._][1-9]")
+_SD_NAMES = re.compile(r"^lora_te_|down_blocks[._]0[._]attentions")
+_CROSS_ATTENTION_DOWN = re.compile(r"attn2[._]to_k[._]lora(_down|[._]down|_A)[._]weight$")
+SDXL_CROSS_ATTENTION = 2048  # the text width SDXL's cross-attention reads
+SD_CROSS_ATTENTION = {768, 1024}  # SD 1.x's and SD 2.x's
 # kohya's ss_base_model_version values, by their start.
 _KOHYA_BASES = (("sdxl", "sdxl"), ("sd_v1", "sd"), ("sd_v2", "sd"), ("sd3", "sd3"), ("flux", "flux"))
 
@@ -47,21 +56,28 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 def family_of(header: dict[str, Any]) -> str:
-    """The family an adapter was made for, from its header; "" when it cannot tell."""
+    """The family an adapter was made for, from its header; "" when its names and shapes do not
+    settle it (then loading it decides: a mismatch is refused there)."""
     metadata = header.get("__metadata__") or {}
     base = str(metadata.get("ss_base_model_version", ""))
     for start, family in _KOHYA_BASES:
         if base.startswith(start):
             return family
     keys = [key for key in header if key != "__metadata__"]
-    if any(mark in key for key in keys for mark in ("single_transformer_blocks", "double_blocks", "single_blocks")):
+    if any(re.search(r"single_transformer_blocks|double_blocks|single_blocks", key) for key in keys):
         return "flux"
     if any("joint_blocks" in key for key in keys):
         return "sd3"
-    sdxl_marks = ("lora_te2_", "text_encoder_2.", "lora_unet_input_blocks", "lora_unet_output_blocks", "add_embedding")
-    if any(mark in key for key in keys for mark in sdxl_marks):
+    if any(key.startswith(("transformer.", "lora_transformer_")) for key in keys):
+        return ""  # SD3 and FLUX.1 share these names
+    cross_attention = {
+        int(header[key]["shape"][1]) for key in keys if _CROSS_ATTENTION_DOWN.search(key) and header[key].get("shape")
+    }
+    sdxl = (_SDXL_NAMES.search(key) for key in keys)
+    if any(sdxl) or SDXL_CROSS_ATTENTION in cross_attention:
         return "sdxl"
-    if any(key.startswith(("lora_unet_", "unet.", "lora_te_", "text_encoder.")) for key in keys):
+    sd = (_SD_NAMES.search(key) for key in keys)
+    if any(sd) or cross_attention & SD_CROSS_ATTENTION:
         return "sd"
     return ""
 
