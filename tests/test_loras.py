@@ -22,6 +22,7 @@ from sd_pipeline.contract.request import GenerationRequest, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.loras.folder import LoraFolder, family_of
 from sd_pipeline.loras.random import write_random_lora
+from sd_pipeline.model import loras as loras_module
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.loras import LoraAdapters
@@ -274,3 +275,21 @@ def test_each_familys_adapters_equal_diffusers_in_one_shared_step(
         assert_same_image(images[0].image, expected, tolerance=BATCHED_TOLERANCE)
     plain = pipeline_image_with_loras(oracle, replace(wanted[0], prompt="a red circle"))
     assert max_difference(results[0][0].image, plain) > 10  # the adapter changes the picture
+
+
+def test_rows_with_one_adapter_each_take_the_batched_path_and_equal_diffusers(
+    served: StepEngine, lora_oracle: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    batched = loras_module._gathered_deltas
+    monkeypatch.setattr(loras_module, "_gathered_deltas", lambda *a: calls.append(1) or batched(*a))
+    wanted = [
+        ask(prompt="a red circle <lora:style:1>", seed=1),
+        ask(prompt="a red circle <lora:subject:0.7>", seed=2),
+        ask(prompt="a red circle", seed=3),
+        ask(prompt="a red circle <lora:style:-0.3>", seed=4, guidance_scale=1.0),
+    ]
+    for request, images in zip(wanted, served.generate(wanted), strict=True):
+        expected = pipeline_image_with_loras(lora_oracle, request)
+        assert_same_image(images[0].image, expected, tolerance=BATCHED_TOLERANCE)
+    assert calls  # the UNet's linear LoRA layers went the batched way (its convolution the per-adapter way)

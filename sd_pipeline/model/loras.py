@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from peft.tuners.lora.layer import LoraLayer
+from torch.nn import functional
 
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.loras import LoraChoice
@@ -47,6 +48,16 @@ class _Group:
     weights: torch.Tensor | float
 
 
+@dataclass(frozen=True)
+class _OnePerRow:
+    """A batch whose rows each have at most one adapter: row ``i`` gets ``names[slot[i]]`` times
+    ``weight[i]`` (0 for a row without). Lets a layer apply every adapter in two batched matmuls."""
+
+    names: tuple[str, ...]
+    slot: torch.Tensor
+    weight: torch.Tensor
+
+
 class LoraAdapters:
     """The adapters loaded into one pipeline, and which batch rows each applies to."""
 
@@ -59,6 +70,7 @@ class LoraAdapters:
         self._hashes: dict[str, str] = {}  # name -> AUTOMATIC1111's short hash of the file loaded
         self._hooked: set[int] = set()
         self._plan: dict[str, _Group] | None = None
+        self._one_per_row: _OnePerRow | None = None
         self._reading: dict[str, Future[str]] = {}  # name -> its file read and hashed off the step loop
         self._reader: ThreadPoolExecutor | None = None
         self._read_done = threading.Event()
@@ -202,7 +214,13 @@ class LoraAdapters:
             )
             for name, (rows, weights) in plan.items()
         }
-        with self._applying(groups):
+        one_per_row = None
+        if len(plan) > 1 and all(len(chosen) <= 1 for chosen in choices):
+            names = tuple(plan)
+            slot = [names.index(chosen[0].name) if chosen else 0 for chosen in choices]
+            weight = [chosen[0].weight if chosen else 0.0 for chosen in choices]
+            one_per_row = _OnePerRow(names, torch.tensor(slot, device=device), torch.tensor(weight, device=device))
+        with self._applying(groups, one_per_row):
             yield
 
     @contextmanager
@@ -212,34 +230,79 @@ class LoraAdapters:
             yield
 
     @contextmanager
-    def _applying(self, groups: dict[str, _Group]) -> Iterator[None]:
-        self._plan = groups or None
+    def _applying(self, groups: dict[str, _Group], one_per_row: _OnePerRow | None = None) -> Iterator[None]:
+        self._plan, self._one_per_row = groups or None, one_per_row
         try:
             yield
         finally:
-            self._plan = None
+            self._plan, self._one_per_row = None, None
 
     def _add_deltas(self, layer: LoraLayer, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         plan = self._plan
         if plan is None:
             return output
         x = args[0]
+        gathered = self._one_per_row
+        if gathered is not None and _gatherable(layer, gathered.names, x):
+            return output + _gathered_deltas(layer, gathered, x).to(output.dtype)
         for name, group in plan.items():
             if name not in layer.lora_A:
                 continue
-            lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
             rows = x if group.rows is None else x[group.rows]
-            delta = lora_b(lora_a(rows.to(lora_a.weight.dtype))) * layer.scaling[name]
+            delta = _low_rank(layer.lora_A[name], layer.lora_B[name], rows).to(output.dtype)
             weights = group.weights
             if isinstance(weights, torch.Tensor):
-                delta = delta * weights.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
+                delta = delta * (weights.to(delta.dtype) * layer.scaling[name]).view(-1, *([1] * (delta.dim() - 1)))
+                scale = 1.0
             else:
-                delta = delta * weights
+                scale = weights * layer.scaling[name]
             if group.rows is None:
-                output = output + delta.to(output.dtype)
+                output = torch.add(output, delta, alpha=scale)
             else:
-                output = output.index_add(0, group.rows, delta.to(output.dtype))
+                output = output.index_add(0, group.rows, delta, alpha=scale)
         return output
+
+
+def _gatherable(layer: LoraLayer, names: tuple[str, ...], x: torch.Tensor) -> bool:
+    """Whether every adapter of ``names`` is a bias-free linear LoRA in ``layer``, all of one rank."""
+    if x.dim() < 2 or any(name not in layer.lora_A for name in names):
+        return False
+    downs = [layer.lora_A[name] for name in names]
+    ups = [layer.lora_B[name] for name in names]
+    plain = all(isinstance(module, torch.nn.Linear) and module.bias is None for module in (*downs, *ups))
+    return plain and len({_weight(down).shape[0] for down in downs}) == 1
+
+
+def _gathered_deltas(layer: LoraLayer, rows: _OnePerRow, x: torch.Tensor) -> torch.Tensor:
+    """Every row's own adapter's delta, all adapters at once: each row's down and up matrices
+    gathered from the stacked adapters, then two batched matmuls."""
+    down = torch.stack([_weight(layer.lora_A[name]) for name in rows.names])[rows.slot]  # rows x rank x in
+    scalings = [layer.scaling[name] for name in rows.names]
+    ups = [_weight(layer.lora_B[name]) for name in rows.names]
+    if len(set(scalings)) > 1:  # alpha / rank differs between the adapters: folded into their up matrices
+        ups, scalings = [up * scaling for up, scaling in zip(ups, scalings, strict=True)], [1.0]
+    up = torch.stack(ups)[rows.slot]  # rows x out x rank
+    flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(down.dtype)  # rows x tokens x in
+    delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2))
+    scale = rows.weight.to(delta.dtype) * scalings[0]
+    scaled: torch.Tensor = (delta * scale.view(-1, 1, 1)).reshape(*x.shape[:-1], delta.shape[-1])
+    return scaled
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def _low_rank(down: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``up(down(x))`` in the adapter's dtype; linear layers called as functions (no module call overhead)."""
+    weight = _weight(down)
+    x = x if x.dtype == weight.dtype else x.to(weight.dtype)
+    if isinstance(down, torch.nn.Linear) and isinstance(up, torch.nn.Linear):
+        return functional.linear(functional.linear(x, down.weight, down.bias), up.weight, up.bias)
+    result: torch.Tensor = up(down(x))
+    return result
 
 
 def _check_served(name: str, layers: list[LoraLayer], every_layer: list[LoraLayer]) -> None:
