@@ -36,9 +36,12 @@ PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir: Path, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+def app(
+    tiny_model_dir: Path, tiny_lora_dir: Path, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
     s3_server.create_bucket("browser-images")
     env = {"S3_BUCKET": "browser-images", "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
+    env["LORA_DIR"] = str(tiny_lora_dir)
     with launched_app(tiny_model_dir, tmp_path_factory.mktemp("browser-app"), env=env) as running:
         yield running
 
@@ -360,3 +363,19 @@ def test_generate_is_reachable_without_scrolling_on_a_laptop(context: BrowserCon
     page, _ = open_page(context, app)
     box = page.locator("#generate").bounding_box()
     assert box is not None and box["y"] + box["height"] <= LAPTOP["height"], box
+
+
+def test_the_lora_picker_writes_the_tag_and_history_lists_the_adapter(context: BrowserContext, app: RunningApp) -> None:
+    page, errors = open_page(context, app)
+    fill_form(page, "a lora lighthouse", seed="77")
+    page.locator("#lora-pick input").click()
+    page.get_by_role("option", name="style · sd").click()
+    expect(page.locator("#prompt textarea")).to_have_value("a lora lighthouse <lora:style:1>")
+    page.locator("#generate").click()
+    newest_link(page)
+    page.locator("#refresh").click()
+    page.locator("#history-gallery img").first.click()
+    expect(page.locator("#selected")).to_contain_text("<lora:style:1>")
+    expect(page.locator("#selected")).to_contain_text(re.compile(r"style: [0-9a-f]{12}"))  # the adapter's hash
+    shot(page, "15-lora-picked")
+    assert errors == []

@@ -127,3 +127,12 @@ def test_a_bad_adapter_is_an_error_naming_the_prompt_and_its_neighbour_is_untouc
     with pytest.raises(Exception, match=re.escape(says)):
         client(lora_app, tmp_path / "bad").predict(**asked(prompt, 1), api_name="/generate")
     served_matches_diffusers(lora_oracle, neighbour.result(timeout=120)[1], fields)
+
+
+def test_the_api_lists_the_adapters_with_their_family_and_tag(lora_app: RunningApp, tmp_path: Path) -> None:
+    listing = client(lora_app, tmp_path).predict(api_name="/loras")
+    entries = {entry["name"]: entry for entry in listing["loras"]}
+    assert listing["served_family"] == "sd"
+    assert set(entries) == {"style", "subject", "xl_style", "misfit", "broken"}
+    assert entries["style"] == {"name": "style", "family": "sd", "usable": True, "tag": "<lora:style:1>"}
+    assert entries["xl_style"]["family"] == "sdxl" and not entries["xl_style"]["usable"]

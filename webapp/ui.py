@@ -17,6 +17,7 @@ from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
 from webapp.endpoints import Endpoints, GalleryItems
 from webapp.form import FormField, settings_of
+from webapp.loras import AdapterListing, insert_lora, lora_choices, lora_listing
 from webapp.owners import Network
 from webapp.service import ImageService
 
@@ -62,13 +63,15 @@ def build_demo(
     rules: InputRules | None = None,
     trusted_proxies: Sequence[Network] = (),
     owner_secret: bytes | None = None,
+    loras: AdapterListing | None = None,
 ) -> gr.Blocks:
     """The page: a form, the new images with links, and the owner's paged history.
 
     ``default_size`` is the model's native side (512 for SD 1.x) and ``model_defaults`` what the
     model recommends: the form's and the API's defaults. A page opened after a model rollout
     gets the new model's recommendations (``service.model_defaults``). ``rules``: what the
-    model's family accepts (the sampler choices, the size multiple, what guidance means)."""
+    model's family accepts (the sampler choices, the size multiple, what guidance means).
+    ``loras``: the LoRA adapters prompts may name (a picker on the page, ``/loras`` in the API)."""
 
     endpoints = Endpoints(
         service,
@@ -94,6 +97,14 @@ def build_demo(
                     return form_inputs[name]
 
                 prompt = place("prompt")
+                if loras is not None:
+                    lora_pick = gr.Dropdown(
+                        label="LoRA adapters",
+                        info="Adds <lora:NAME:1> to the prompt; edit the weight there (-4 to 4)",
+                        choices=[],
+                        value=None,
+                        elem_id="lora-pick",
+                    )
                 place("negative_prompt")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", scale=3, elem_id="generate")
@@ -189,6 +200,24 @@ def build_demo(
             queue=False,
             show_progress="hidden",
         )
+        if loras is not None:
+            demo.load(
+                lambda: gr.Dropdown(choices=lora_choices(loras, service.model_rules.family), value=None),
+                outputs=lora_pick,
+                api_name=False,
+                queue=False,
+                show_progress="hidden",
+            )
+            lora_pick.input(insert_lora, inputs=[prompt, lora_pick], outputs=prompt, api_visibility="private").then(
+                lambda: None, outputs=lora_pick, api_visibility="private", queue=False
+            )
+
+            def list_loras() -> dict[str, Any]:
+                """The LoRA adapters a prompt may name with <lora:NAME:WEIGHT>, the family each was made
+                for ("" when its file does not say) and whether the served model can use it."""
+                return lora_listing(loras, service.model_rules.family)
+
+            gr.api(list_loras, api_name="loras", queue=False)
         form = [form_inputs[name] for name in names]
         generation = gr.on(
             [run.click, prompt.submit],
