@@ -86,8 +86,12 @@ def test_the_text_encoder_part_of_an_adapter_changes_only_its_requests_prompts(s
     family = served.loaded.family
     device = served.loaded.device
     plain = family.encode(["a red circle"], [""], device)[0][0]["encoder_hidden_states"]
-    with adapters.every_row(GenerationRequest(prompt="<lora:style:1> x").loras):
-        styled = family.encode(["a red circle"], [""], device)[0][0]["encoder_hidden_states"]
+    chosen = GenerationRequest(prompt="<lora:style:1> x").loras
+    with adapters.rows([chosen, ()], device):  # the prompt's row with the adapter, the negative's without
+        (styled,), (negative,) = family.encode(["a red circle"], [""], device)
+    styled = styled["encoder_hidden_states"]
+    plain_negative = family.encode(["a red circle"], [""], device)[1][0]["encoder_hidden_states"]
+    assert (negative["encoder_hidden_states"] - plain_negative).abs().max() == 0
     assert any("style" in getattr(module, "lora_A", {}) for module in encoder.modules())
     assert (styled - plain).abs().max() > 1e-3
     assert (family.encode(["a red circle"], [""], device)[0][0]["encoder_hidden_states"] - plain).abs().max() == 0

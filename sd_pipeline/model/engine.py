@@ -225,30 +225,22 @@ class StepEngine:
             self.loras.wait_for_reads(timeout=0.05)
 
     def _start(self, admitted: list[_Waiting]) -> None:
-        """Load the LoRA adapters the admitted requests name, encode their prompts and negative prompts
-        (together, one text-encoder call per set of adapters), and draw each request's latents."""
+        """Load the LoRA adapters the admitted requests name, encode every prompt and negative prompt
+        together (each text with its request's adapters), and draw each request's latents."""
         family = self.loaded.family
         device = self.loaded.device
         admitted = self._with_adapters(admitted)
-        by_adapters: dict[RowChoices, list[_Waiting]] = {}
-        for waiting in admitted:
-            by_adapters.setdefault(waiting.job.inputs.loras, []).append(waiting)
-        texts: dict[int, tuple[Conditioning, Conditioning]] = {}
+        requests = [waiting.job.inputs for waiting in admitted]
+        negative_prompts = [r.negative_prompt for r in requests]
+        text_loras = [requests[index].loras for index in family.text_rows(negative_prompts)]
         try:
-            for loras, group in by_adapters.items():
-                requests = [waiting.job.inputs for waiting in group]
-                with torch.no_grad(), self._every_row(loras):
-                    positives, negatives = family.encode(
-                        [r.text for r in requests], [r.negative_prompt for r in requests], device
-                    )
-                for waiting, positive, negative in zip(group, positives, negatives, strict=True):
-                    texts[id(waiting)] = (positive, negative)
+            with torch.no_grad(), self._lora_rows(text_loras):
+                positives, negatives = family.encode([r.text for r in requests], negative_prompts, device)
         except Exception as error:  # noqa: BLE001 - classified; every admitted job gets the error
             self._fail_all(admitted, error)
             return
         now = time.perf_counter()
-        for waiting in admitted:
-            positive, negative = texts[id(waiting)]
+        for waiting, positive, negative in zip(admitted, positives, negatives, strict=True):
             request = waiting.job.inputs
             scheduler = family.make_scheduler(request.scheduler, self._base_config)
             family.set_timesteps(scheduler, request, device)
@@ -290,11 +282,6 @@ class StepEngine:
             in_use |= {choice.name for choice in loras}
             ready.append(waiting)
         return ready
-
-    def _every_row(self, loras: RowChoices) -> contextlib.AbstractContextManager[None]:
-        if not loras or self.loras is None:
-            return contextlib.nullcontext()
-        return self.loras.every_row(loras)
 
     def _next_group(self) -> list[_Active]:
         """The active requests of one size: the size whose least recently stepped request waited longest."""

@@ -5,7 +5,8 @@ kohya / AUTOMATIC1111 and diffusers / PEFT files alike) under their names, and P
 application of them is switched off: the shared weights are never merged or changed. A forward
 hook on each LoRA layer adds, to each row of the batch, the low-rank deltas of the adapters that
 row's request chose, times that request's weight (PEFT's mixed-batch forward, with several
-adapters per row and a weight each). Outside ``rows``/``every_row`` a LoRA layer is its base layer.
+adapters per row and a weight each), in the denoiser and the text encoders alike. Outside
+``rows`` a LoRA layer is its base layer.
 
 Loading is split so that running requests do not wait for a file: ``prefetch`` (called when a
 request is submitted) reads the file and hashes it on a thread of its own, and the engine admits
@@ -221,12 +222,6 @@ class LoraAdapters:
             weight = [chosen[0].weight if chosen else 0.0 for chosen in choices]
             one_per_row = _OnePerRow(names, torch.tensor(slot, device=device), torch.tensor(weight, device=device))
         with self._applying(groups, one_per_row):
-            yield
-
-    @contextmanager
-    def every_row(self, chosen: RowChoices) -> Iterator[None]:
-        """Within: every row of every LoRA layer's batch gets ``chosen``'s adapters (a text encoder call)."""
-        with self._applying({choice.name: _Group(rows=None, weights=choice.weight) for choice in chosen}):
             yield
 
     @contextmanager

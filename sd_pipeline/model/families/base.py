@@ -118,6 +118,11 @@ class StableDiffusion:
         rows = [{"encoder_hidden_states": embeds[index : index + 1]} for index in range(len(embeds))]
         return rows[: len(prompts)], rows[len(prompts) :]
 
+    def text_rows(self, negatives: list[str]) -> list[int]:
+        """Whose text each row of ``encode``'s text-encoder batches is: an index into the prompts
+        (then the negatives, as many), for per-request LoRA layers in the text encoders."""
+        return [*range(len(negatives)), *range(len(negatives))]
+
     def conditioning(self, request: GenerationRequest, text: Conditioning) -> Conditioning:
         """A request's conditioning, one row per image, from its text's."""
         return expand_rows(text, request.num_images)

@@ -72,6 +72,9 @@ class Flux(StableDiffusion3):
         ]
         return rows, [{} for _ in negatives]  # no negative prompt without true CFG
 
+    def text_rows(self, negatives: list[str]) -> list[int]:
+        return list(range(len(negatives)))  # prompts only
+
     def conditioning(self, request: GenerationRequest, text: Conditioning) -> Conditioning:
         device = text["encoder_hidden_states"].device
         tokens = self._token_grid(request)

@@ -70,6 +70,10 @@ class StableDiffusionXL(StableDiffusion):
         negative_rows = [next(encoded) if text or not zeroed else zeros for text in negatives]
         return rows[: len(prompts)], negative_rows
 
+    def text_rows(self, negatives: list[str]) -> list[int]:
+        zeroed = bool(self.pipeline.config.force_zeros_for_empty_prompt)
+        return [*range(len(negatives)), *(index for index, text in enumerate(negatives) if text or not zeroed)]
+
     def conditioning(self, request: GenerationRequest, text: Conditioning) -> Conditioning:
         size = (request.height, request.width)
         embeds = text["encoder_hidden_states"]
