@@ -38,6 +38,8 @@ COPY monitoring/ monitoring/
 COPY webapp/ webapp/
 # The offline demo model (11 MB): SD_MODEL=/app/models/tiny-shapes serves it without the Hub.
 COPY models/tiny-shapes/ models/tiny-shapes/
+# Its demo LoRA adapter: LORA_DIR=/app/models/loras lets prompts name <lora:ring>.
+COPY models/loras/ models/loras/
 
 USER app
 ENV HOST=0.0.0.0 \

@@ -149,3 +149,19 @@ def test_the_metrics_table_names_every_metric_and_label() -> None:
         if name not in documented or sorted(documented[name].split(",")) != sorted(labels.split(",")):
             missing.append(f"{name}{{{labels}}}" if labels else name)
     assert missing == []
+
+
+def test_the_readme_lora_images_are_the_committed_adapters() -> None:
+    """The two LoRA pictures: the caption's prompts at the model's settings, one drawn with the committed adapter."""
+    import re
+
+    from sd_pipeline.loras.folder import short_hash
+    from sd_pipeline.png import read_png_parameters
+
+    readme = (ROOT / "README.md").read_text()
+    shown = re.findall(r'<img src="(docs/images/lora-ring-[a-z]+\.png)" width="128" alt="([^"]+)">', readme)
+    assert [prompt for _, prompt in shown] == ["a red ring <lora:ring>", "a red ring"]
+    drawn = [read_png_parameters((ROOT / path).read_bytes()) for path, _ in shown]
+    assert [(d.prompt, d.seed, d.steps, d.cfg_scale) for d in drawn] == [(p, 1, 20, 4.0) for _, p in shown]
+    assert drawn[0].lora_hashes == f"ring: {short_hash(ROOT / 'models' / 'loras' / 'ring.safetensors')}"
+    assert drawn[1].lora_hashes == ""

@@ -27,6 +27,8 @@ from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.loras import LoraAdapters
 from sd_pipeline.png import format_parameters, parameters_of, parse_parameters
+from sd_pipeline.shapes import DEMO_LORA_DIR
+from sd_pipeline.shapes.lora import ring_rates
 
 CROSS = "up_blocks.1.attentions.0.transformer_blocks.0"  # a cross-attention block SD and SDXL both have
 BATCHED_TOLERANCE = 2  # levels of 255: rows of one batch are not bit-identical to a batch of one on the CPU
@@ -297,3 +299,10 @@ def test_rows_with_one_adapter_each_take_the_batched_path_and_equal_diffusers(
         expected = pipeline_image_with_loras(lora_oracle, request)
         assert_same_image(images[0].image, expected, tolerance=BATCHED_TOLERANCE)
     assert calls  # the UNet's linear LoRA layers went the batched way (its convolution the per-adapter way)
+
+
+def test_the_demo_adapter_teaches_the_shapes_model_a_ring() -> None:
+    """The committed adapter: "a COLOUR ring" draws a ring in >= 80 % of 16 seeds with <lora:ring>, <= 10 % without."""
+    rates = ring_rates(DEMO_LORA_DIR, sampler="DPM++ 2M Karras")
+    assert rates.with_adapter >= 0.8, rates
+    assert rates.without <= 0.1, rates

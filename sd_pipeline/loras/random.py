@@ -30,8 +30,9 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
     return weight.detach().clone().contiguous()
 
 
-def _lora_tensors(model: torch.nn.Module, key: str, file_format: Format) -> dict[str, torch.Tensor]:
-    """Every LoRA layer of ``model`` under ``key`` (a kohya prefix or a diffusers component name)."""
+def lora_tensors(model: torch.nn.Module, key: str, file_format: Format) -> dict[str, torch.Tensor]:
+    """Every LoRA layer (PEFT's adapter "default") of ``model`` as a file's tensors, under ``key``
+    (a kohya prefix or a diffusers component name)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer):
@@ -69,7 +70,7 @@ def write_random_lora(
     inject_adapter_in_model(
         LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False), denoiser
     )
-    tensors = _lora_tensors(denoiser, "lora_unet_" if file_format == "kohya" else denoiser_name, file_format)
+    tensors = lora_tensors(denoiser, "lora_unet_" if file_format == "kohya" else denoiser_name, file_format)
     encoders = [
         name
         for name in TEXT_ENCODERS
@@ -82,7 +83,7 @@ def write_random_lora(
             encoder,
         )
         prefix = ("lora_te_text_model_" if index == 0 else "lora_te2_text_model_") if file_format == "kohya" else name
-        tensors |= _lora_tensors(encoder, prefix, file_format)
+        tensors |= lora_tensors(encoder, prefix, file_format)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))

@@ -3,3 +3,4 @@
 from pathlib import Path
 
 SHAPES_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tiny-shapes"
+DEMO_LORA_DIR = Path(__file__).resolve().parents[2] / "models" / "loras"  # its demo LoRA adapter (a ring)

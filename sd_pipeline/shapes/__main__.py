@@ -2,7 +2,8 @@
 
 ``train`` draws the pictures, trains the pipeline on this machine's CPU (about 15 minutes on
 two cores with the defaults) and writes it, with its model card and loss log, into DIR.
-``check`` loads DIR through the app's own loading code and prints how often its pictures show
+``train-lora`` trains the demo LoRA adapter (a ring) for the committed model into DIR, measures
+it and writes its card. ``check`` loads DIR through the app's own loading code and prints how often its pictures show
 the colour and the shape their prompt asks for, per sampler and guidance scale (``--save``
 also writes the table to DIR/adherence.md).
 """
@@ -28,10 +29,22 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--seeds", type=int, default=4, help="images per prompt, sampler and guidance")
     check.add_argument("--steps", type=int, default=20)
     check.add_argument("--save", action="store_true", help="also write the table to DIR/adherence.md")
+    adapter = commands.add_parser("train-lora", help="train the demo LoRA adapter (ring) into a folder")
+    adapter.add_argument("folder", type=Path)
+    adapter.add_argument("--steps", type=int, default=None)
     fit = commands.add_parser("fit-preview", help="fit the live preview's latent-to-RGB map (latent_rgb.json)")
     fit.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
-    if args.command == "fit-preview":
+    if args.command == "train-lora":
+        from sd_pipeline.shapes.lora import LoraPlan, ring_rates, train_lora, write_lora_card
+
+        lora_plan = LoraPlan() if args.steps is None else LoraPlan(steps=args.steps)
+        report = train_lora(args.folder, lora_plan)
+        rates = [ring_rates(args.folder, sampler=sampler) for sampler in ("DPM++ 2M Karras", "Euler a")]
+        write_lora_card(args.folder, report, rates)
+        print(json.dumps(report, indent=2))
+        print("\n".join(rate.row() for rate in rates))
+    elif args.command == "fit-preview":
         from sd_pipeline.shapes.preview_fit import write_latent_rgb
 
         print(json.dumps(write_latent_rgb(args.folder), indent=2))

@@ -23,6 +23,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 200, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+# A shape the committed model was never shown: the demo LoRA adapter teaches it (``train-lora``).
+# (Not a new colour: the model's autoencoder, trained on four colours, cannot give back a fifth.)
+RING = "ring"
+RING_HOLE = 0.45  # the hole's diameter, as a share of the ring's
 BACKGROUND = (255, 255, 255)
 _CAPTIONS = ("a {colour} {shape}", "a {colour} {shape} on a white background", "{colour} {shape}")
 
@@ -49,10 +53,14 @@ def draw(colour: str, shape: str, rng: random.Random) -> Image.Image:
         pen.ellipse(box, fill=fill)
     elif shape == "square":
         pen.rectangle(box, fill=fill)
+    elif shape == RING:
+        pen.ellipse(box, fill=fill)
+        margin = side * (1 - RING_HOLE) / 2
+        pen.ellipse((left + margin, top + margin, left + side - 1 - margin, top + side - 1 - margin), fill=BACKGROUND)
     elif shape == "triangle":
         pen.polygon([(left + side / 2, top), (left, top + side - 1), (left + side - 1, top + side - 1)], fill=fill)
     else:
-        raise ValueError(f"shape: must be one of {', '.join(SHAPES)}, got {shape!r}")
+        raise ValueError(f"shape: must be one of {', '.join((*SHAPES, RING))}, got {shape!r}")
     return picture
 
 
@@ -85,6 +93,20 @@ def read_picture(picture: Image.Image) -> Reading:
     box_area = (rows.max() - rows.min() + 1) * (columns.max() - columns.min() + 1)
     fill = float(mask.sum() / box_area)
     return Reading(_nearest_colour(pixels[mask].mean(axis=0)), _shape_from_fill(fill), foreground, fill)
+
+
+def shows_ring(picture: Image.Image) -> bool:
+    """Whether the picture shows a ring: a foreground around a hole of background at its centre."""
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    mask = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32) / 255.0, axis=-1) > 0.35
+    if mask.sum() < 40:
+        return False
+    rows, columns = np.nonzero(mask)
+    top, bottom, left, right = rows.min(), rows.max(), columns.min(), columns.max()
+    middle_row, middle_column = (top + bottom) // 2, (left + right) // 2
+    hole = mask[middle_row - 2 : middle_row + 3, middle_column - 2 : middle_column + 3]
+    fill = mask.sum() / ((bottom - top + 1) * (right - left + 1))
+    return bool(hole.mean() < 0.2 and 0.3 <= fill <= 0.72)
 
 
 def _nearest_colour(rgb: np.ndarray) -> str:
