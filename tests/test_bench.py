@@ -78,6 +78,11 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path: Path) -> None:
             assert timings[batch]["max_abs_diff_vs_a"] < 0.02  # 8-bit PNG rounding is 0.004
 
 
+def test_lora_benchmark_runs() -> None:
+    output = run_module("bench.loras", "--repeats", "1", "--steps", "2", "--rank", "4")
+    assert "4 different adapters vs one shared:" in output and "x the time" in output
+
+
 def test_core_and_storage_benchmarks_run() -> None:
     core = run_module("bench.core", "--repeats", "1", "--steps", "2", "--family", "sd3")
     assert "Stable Diffusion 3 / 3.5: batch of 4 vs 4 single calls" in core
