@@ -11,9 +11,11 @@ from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
 from sd_pipeline.contract.samplers import SCHEDULER_NAMES
 from sd_pipeline.contract.settings import DEFAULT_MODEL, PipelineSettings
+from sd_pipeline.loras.folder import LoraFolder
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.families.sd3 import FLOW_SAMPLERS
 from sd_pipeline.model.loading import load_pipeline
+from sd_pipeline.model.loras import LoraAdapters
 from sd_pipeline.png import encode_png
 
 
@@ -38,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--scheduler", help=f"{samplers}; {recommended % GenerationRequest.scheduler}")
     parser.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
+    parser.add_argument("--lora-dir", type=Path, help="folder of LoRA adapters the prompts name with <lora:NAME:W>")
     return parser
 
 
@@ -53,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     """Generate every prompt and write ``<seed>-<n>.png`` files; returns the exit code."""
     args = _parser().parse_args(argv)
     prompts = _prompts(args)
-    settings = PipelineSettings(model=args.model, device=args.device, safety_checker=not args.no_safety_checker)
+    lora_dir = str(args.lora_dir.resolve()) if args.lora_dir else None
+    settings = PipelineSettings(
+        model=args.model, device=args.device, safety_checker=not args.no_safety_checker, lora_dir=lora_dir
+    )
+    folder = LoraFolder(lora_dir) if lora_dir else None
     try:
         loaded = load_pipeline(settings)
         limits = RequestLimits(max_pixels=settings.max_pixels)
@@ -63,15 +70,23 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {name: getattr(args, name) for name in RECOMMENDABLE}
         fields = {name: getattr(start, name) if value is None else value for name, value in chosen.items()}
         fields |= {"negative_prompt": args.negative_prompt, "seed": args.seed, "num_images": args.num_images}
+        adapters = folder.available() if folder is not None else None
         requests = [
-            check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens, rules=rules) for prompt in prompts
+            check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens, rules=rules, adapters=adapters)
+            for prompt in prompts
         ]
     except (InvalidRequestError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    engine = StepEngine(loaded, max_batch_images=max(8, len(requests)))
-    for number, results in enumerate(engine.generate(requests)):
+    loras = LoraAdapters(loaded.pipeline, folder, cache_bytes=settings.lora_cache_mb * 2**20) if folder else None
+    engine = StepEngine(loaded, max_batch_images=max(8, len(requests)), loras=loras)
+    try:
+        generated = engine.generate(requests)
+    except InvalidRequestError as error:  # an adapter that cannot serve this model
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for number, results in enumerate(generated):
         for result in results:
             path = args.out / f"{number:04d}-{result.seed}.png"
             path.write_bytes(encode_png(result))

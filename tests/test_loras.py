@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from harness.images import assert_same_image, max_difference, pipeline_image_with_loras
+from sd_pipeline.__main__ import main as cli
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.facts import FactCollector
 from sd_pipeline.contract.lifecycle import Request
@@ -26,8 +27,8 @@ from sd_pipeline.model import loras as loras_module
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.loras import LoraAdapters
-from sd_pipeline.png import format_parameters, parameters_of, parse_parameters
-from sd_pipeline.shapes import DEMO_LORA_DIR
+from sd_pipeline.png import format_parameters, parameters_of, parse_parameters, read_png_parameters
+from sd_pipeline.shapes import DEMO_LORA_DIR, SHAPES_MODEL_DIR
 from sd_pipeline.shapes.lora import ring_rates
 
 CROSS = "up_blocks.1.attentions.0.transformer_blocks.0"  # a cross-attention block SD and SDXL both have
@@ -306,3 +307,13 @@ def test_the_demo_adapter_teaches_the_shapes_model_a_ring() -> None:
     rates = ring_rates(DEMO_LORA_DIR, sampler="DPM++ 2M Karras")
     assert rates.with_adapter >= 0.8, rates
     assert rates.without <= 0.1, rates
+
+
+def test_the_command_line_serves_adapters_from_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--model", str(SHAPES_MODEL_DIR), "--lora-dir", str(DEMO_LORA_DIR), "--seed", "3", "--steps", "4"]
+    assert cli(["a blue ring <lora:ring:0.9>", *common, "--out", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("*.png")
+    parameters = read_png_parameters(png.read_bytes())
+    assert parameters.prompt == "a blue ring <lora:ring:0.9>" and parameters.lora_hashes.startswith("ring: ")
+    assert cli(["a blue ring <lora:rng>", *common, "--out", str(tmp_path)]) == 2
+    assert "prompt: names LoRA 'rng', which is not available; did you mean ring?" in capsys.readouterr().err
