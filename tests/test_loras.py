@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -317,3 +318,21 @@ def test_the_command_line_serves_adapters_from_a_folder(tmp_path: Path, capsys: 
     assert parameters.prompt == "a blue ring <lora:ring:0.9>" and parameters.lora_hashes.startswith("ring: ")
     assert cli(["a blue ring <lora:rng>", *common, "--out", str(tmp_path)]) == 2
     assert "prompt: names LoRA 'rng', which is not available; did you mean ring?" in capsys.readouterr().err
+
+
+def test_a_truncated_file_ends_only_its_request_and_the_engine_keeps_serving(
+    tiny_model_dir: Path, tiny_lora_dir: Path, lora_oracle: LoadedPipeline, tmp_path: Path
+) -> None:
+    shutil.copy(tiny_lora_dir / "style.safetensors", tmp_path)
+    (tmp_path / "stub.safetensors").write_bytes(b"\x01\x02\x03")  # shorter than a safetensors header
+    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
+    engine = StepEngine(loaded, loras=LoraAdapters(loaded.pipeline, LoraFolder(tmp_path), cache_bytes=2**30))
+    outcomes: dict[str, Any] = {}
+    good = ask(prompt="a red circle <lora:style:0.6>")
+    for key, request in (("stub", ask(prompt="a red circle <lora:stub>")), ("good", good)):
+        engine.submit(Request(request), lambda outcome, key=key: outcomes.__setitem__(key, outcome))
+    engine.run_until_idle()
+    error = outcomes["stub"].error
+    assert isinstance(error, InvalidRequestError) and error.field == "prompt"
+    assert "'stub' cannot be used with this model: its file is not a readable .safetensors file" in str(error)
+    assert_same_image(outcomes["good"].results[0].image, pipeline_image_with_loras(lora_oracle, good))

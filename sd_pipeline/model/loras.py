@@ -19,6 +19,7 @@ requests use are never evicted).
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -130,20 +131,17 @@ class LoraAdapters:
             raise InvalidRequestError("prompt", f"names LoRA {name!r}, but this service has no LoRA folder (LORA_DIR)")
         reading = self._reading.pop(name, None)
         started = time.perf_counter()
-        try:
-            self._hashes[name] = reading.result() if reading is not None else self.folder.hash_of(name)
-        except OSError:
-            raise InvalidRequestError("prompt", f"LoRA {name!r} cannot be read from LORA_DIR") from None
         path = self.folder.path_of(name)
         try:
+            self._hashes[name] = reading.result() if reading is not None else self.folder.hash_of(name)
             self.pipeline.load_lora_weights(str(path), adapter_name=name)
             layers = self._layers_of(name)
             _check_served(name, layers, list(self._lora_layers()))
-        except InvalidRequestError:
+        except Exception as error:
             self._unload(name)
-            raise
-        except Exception as error:  # noqa: BLE001 - a file that does not fit this model is the request's error
-            self._unload(name)
+            self._install_hooks()  # a failed load may have switched PEFT's own application back on
+            if isinstance(error, InvalidRequestError):
+                raise
             reason = _why_not_loaded(error, path)
             raise InvalidRequestError("prompt", f"LoRA {name!r} cannot be used with this model: {reason}") from None
         size = sum(
@@ -316,7 +314,8 @@ def _why_not_loaded(error: Exception, path: Path) -> str:
     text = str(error)
     if "size mismatch" in text:
         return "its layers' shapes differ from this model's (is it made for another model?)"
-    if "Unable to load weights" in text or "header" in text.lower() or isinstance(error, OSError):
+    unreadable = (OSError, struct.error, UnicodeDecodeError)
+    if "Unable to load weights" in text or "header" in text.lower() or isinstance(error, unreadable):
         return "its file is not a readable .safetensors file"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
     return first.replace(str(path.parent), "LORA_DIR")[:300]
