@@ -31,6 +31,7 @@ from sd_pipeline.model.loras import LoraAdapters
 from sd_pipeline.png import format_parameters, parameters_of, parse_parameters, read_png_parameters
 from sd_pipeline.shapes import DEMO_LORA_DIR, SHAPES_MODEL_DIR
 from sd_pipeline.shapes.lora import ring_rates
+from webapp.settings import SettingsError, load_settings
 
 CROSS = "up_blocks.1.attentions.0.transformer_blocks.0"  # a cross-attention block SD and SDXL both have
 BATCHED_TOLERANCE = 2  # levels of 255: rows of one batch are not bit-identical to a batch of one on the CPU
@@ -336,3 +337,9 @@ def test_a_truncated_file_ends_only_its_request_and_the_engine_keeps_serving(
     assert isinstance(error, InvalidRequestError) and error.field == "prompt"
     assert "'stub' cannot be used with this model: its file is not a readable .safetensors file" in str(error)
     assert_same_image(outcomes["good"].results[0].image, pipeline_image_with_loras(lora_oracle, good))
+
+
+def test_a_lora_folder_with_a_compiled_unet_stops_start_up_naming_both_settings(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="LORA_DIR cannot be combined with SD_COMPILE yet"):
+        load_settings([], env={"LORA_DIR": str(tmp_path), "SD_COMPILE": "true"})
+    assert load_settings([], env={"LORA_DIR": str(tmp_path)}).pipeline().lora_dir == str(tmp_path.resolve())

@@ -282,6 +282,12 @@ class Settings(BaseSettings):
             raise ValueError("RAY_MIN_REPLICAS must not exceed RAY_MAX_REPLICAS")
         return self
 
+    @model_validator(mode="after")
+    def _lora_without_compile(self) -> Settings:
+        if self.lora_dir is not None and self.sd_compile:
+            raise ValueError("LORA_DIR cannot be combined with SD_COMPILE yet (LoRA layers are added while serving)")
+        return self
+
     def ray_plan(self) -> RayPlan | None:
         """Where the Ray replicas run, or None for the local worker process."""
         if not self.ray_address:

@@ -83,9 +83,7 @@ def examples(count: int, seed: int) -> list[tuple[Image.Image, str, str, str]]:
 
 def read_picture(picture: Image.Image) -> Reading:
     """The colour and shape a picture shows; ``None`` where there is no clear foreground."""
-    pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
-    distance = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32) / 255.0, axis=-1)
-    mask = distance > 0.35
+    pixels, mask = _foreground(picture)
     foreground = float(mask.mean())
     if mask.sum() < 40:
         return Reading(None, None, foreground, 0.0)
@@ -97,8 +95,7 @@ def read_picture(picture: Image.Image) -> Reading:
 
 def shows_ring(picture: Image.Image) -> bool:
     """Whether the picture shows a ring: a foreground around a hole of background at its centre."""
-    pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
-    mask = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32) / 255.0, axis=-1) > 0.35
+    _, mask = _foreground(picture)
     if mask.sum() < 40:
         return False
     rows, columns = np.nonzero(mask)
@@ -107,6 +104,12 @@ def shows_ring(picture: Image.Image) -> bool:
     hole = mask[middle_row - 2 : middle_row + 3, middle_column - 2 : middle_column + 3]
     fill = mask.sum() / ((bottom - top + 1) * (right - left + 1))
     return bool(hole.mean() < 0.2 and 0.3 <= fill <= 0.72)
+
+
+def _foreground(picture: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The picture's pixels in [0, 1] and where they are far from the white background."""
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    return pixels, np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float32) / 255.0, axis=-1) > 0.35
 
 
 def _nearest_colour(rgb: np.ndarray) -> str:
