@@ -19,7 +19,7 @@ import requests
 from gradio_client import Client
 from gradio_client.client import Job
 
-from harness.servers import free_port
+from harness.servers import free_ports
 
 T = TypeVar("T")
 
@@ -112,7 +112,7 @@ def launched_app(
     ready_timeout: float = 120,
 ) -> Iterator[RunningApp]:
     """Start ``python app.py`` with the tiny model, wait until ready; SIGTERM (then SIGKILL) on exit."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     log_path = tmp_path / f"app-{port}.log"
     command = [sys.executable, "app.py", "--model", str(model_dir), "--port", str(port)]
     command += ["--metrics-port", str(metrics_port), "--data-dir", str(tmp_path / f"data-{port}"), *(args or [])]

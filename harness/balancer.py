@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness.app_server import RunningApp
-from harness.servers import free_port, wait_for_port
+from harness.servers import free_ports, wait_for_port
 
 
 def haproxy_config(port: int, stats_port: int, front_ends: list[RunningApp]) -> str:
@@ -48,7 +48,7 @@ def haproxy_config(port: int, stats_port: int, front_ends: list[RunningApp]) -> 
 
 @contextmanager
 def running_haproxy(folder: Path, front_ends: list[RunningApp]) -> Iterator[tuple[str, str]]:
-    port, stats_port = free_port(), free_port()
+    port, stats_port = free_ports(2)
     config = folder / "haproxy.cfg"
     config.write_text(haproxy_config(port, stats_port, front_ends))
     checked = subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True, text=True)

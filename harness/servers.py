@@ -12,10 +12,21 @@ import boto3
 from moto.server import ThreadedMotoServer
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` different loopback ports free now: all bound at once, so none is handed out twice
+    (asked one after another, the system may give back the port it just released)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def wait_for_port(port: int, *, timeout: float = 30.0) -> None:

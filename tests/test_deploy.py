@@ -24,7 +24,7 @@ import requests
 import yaml
 
 from harness.app_server import ROOT, wait_ready
-from harness.servers import S3Server, free_port, wait_for_port, wait_until
+from harness.servers import S3Server, free_ports, wait_for_port, wait_until
 from sd_pipeline.backends.ray.replica import APP_NAME
 from tests.needs import needed_program
 from tests.test_monitoring import ALERT_RULES, DASHBOARD, DATASOURCE, PROMETHEUS_CONFIG
@@ -267,7 +267,7 @@ def dockerfile_entrypoint_and_env() -> tuple[list[str], dict[str, str]]:
 def test_the_image_entrypoint_starts_the_app_here(tiny_model_dir: Path, tmp_path: Path) -> None:
     entrypoint, image_env = dockerfile_entrypoint_and_env()
     assert entrypoint == ["python", "app.py"]
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     env = {**os.environ, **{k: v for k, v in image_env.items() if k not in ("PATH", "VIRTUAL_ENV")}}
     # Same command and image settings; only what must differ outside a container is overridden.
     env.update(HOST="127.0.0.1", PORT=str(port), METRICS_PORT=str(metrics_port), DATA_DIR=str(tmp_path / "data"))
@@ -405,7 +405,7 @@ def shipped_haproxy(resolved: dict[str, Any], folder: Path) -> Iterator[tuple[in
     plain ports."""
     backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoFrontEnd)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
-    tls, plain, health = free_port(), free_port(), free_port()
+    tls, plain, health = free_ports(3)
     config = HAPROXY_CONFIG.read_text()
     config = config.replace("/usr/local/etc/haproxy/certs/", f"{lb_certificate(resolved, folder)}/")
     config = config.replace("bind :7443 ", f"bind 127.0.0.1:{tls} ").replace("bind :7860", f"bind 127.0.0.1:{plain}")
