@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import unicodedata
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sd_pipeline.contract.errors import InvalidRequestError
-from sd_pipeline.contract.loras import LoraChoice, check_adapters, parse_prompt
+from sd_pipeline.contract.loras import LoraChoice, PromptAdapters, check_adapters, parse_prompt
 from sd_pipeline.contract.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 MAX_SEED = 2**32 - 1
@@ -51,15 +52,20 @@ class GenerationRequest:
     num_images: int = 1
     scheduler: str = DEFAULT_SCHEDULER
 
+    @functools.cached_property
+    def _split_prompt(self) -> PromptAdapters:
+        """The prompt read once per request (the engine asks on every step while it waits)."""
+        return parse_prompt(self.prompt)
+
     @property
     def text(self) -> str:
         """The prompt the text encoder reads: without its ``<lora:...>`` tags."""
-        return parse_prompt(self.prompt).text
+        return self._split_prompt.text
 
     @property
     def loras(self) -> tuple[LoraChoice, ...]:
         """The LoRA adapters the prompt names, with their weights."""
-        return parse_prompt(self.prompt).loras
+        return self._split_prompt.loras
 
     def seeds(self) -> list[int]:
         """Seed of each image: consecutive from ``seed``, wrapping at 2**32 (AUTOMATIC1111 convention)."""

@@ -70,7 +70,6 @@ class _Active:
     positive: Conditioning
     negative: Conditioning | None  # None: no classifier-free guidance
     step_kwargs: dict[str, Any]
-    loras: RowChoices  # the LoRA adapters every row of this request gets
     admitted_at: float
     last_stepped_at: float
     step: int = 0
@@ -256,7 +255,6 @@ class StepEngine:
                     positive=family.conditioning(request, positive),
                     negative=family.conditioning(request, negative) if family.guided(request) else None,
                     step_kwargs=family.step_kwargs(scheduler, generators),
-                    loras=request.loras,
                     admitted_at=waiting.submitted_at,
                     last_stepped_at=waiting.submitted_at,
                 )
@@ -268,13 +266,13 @@ class StepEngine:
         """The admitted requests whose LoRA adapters are loaded (loading them now); the others end
         with the error that names why their adapter cannot serve this model."""
         ready = []
-        in_use = {choice.name for active in self._active for choice in active.loras}
+        in_use = {choice.name for active in self._active for choice in active.job.inputs.loras}
         for waiting in admitted:
             loras = waiting.job.inputs.loras
             try:
-                if loras and self.loras is None:
-                    raise InvalidRequestError("prompt", "names LoRA adapters, but this service serves none")
-                if loras and self.loras is not None:
+                if loras:
+                    if self.loras is None:
+                        raise InvalidRequestError("prompt", "names LoRA adapters, but this service serves none")
                     self.loras.ensure(loras, keep=in_use)
             except InvalidRequestError as error:
                 waiting.done(JobOutcome(error=error))
@@ -352,7 +350,7 @@ class StepEngine:
             inputs.append(family.model_input(active.scheduler, sample, t))
             conditions.append(active.positive if negative is None else join_rows([negative, active.positive]))
             timesteps.append(t.reshape(1).expand(sample.shape[0]))
-            rows += [active.loras] * sample.shape[0]
+            rows += [active.job.inputs.loras] * sample.shape[0]
         samples = torch.cat(inputs).tensor_split(chunks)
         pieces = zip(
             samples,
@@ -459,7 +457,7 @@ class StepEngine:
                     nsfw=flags[offset + index],
                     model_version=self.loaded.version,
                     model_hash=self.loaded.model_hash,
-                    lora_hashes=self.loras.hashes(active.loras) if self.loras is not None else "",
+                    lora_hashes=self.loras.hashes(request.loras) if self.loras is not None else "",
                 )
                 for index, seed in enumerate(request.seeds())
             ]
