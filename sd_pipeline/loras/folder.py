@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sd_pipeline.contract.errors import InvalidRequestError
 
@@ -48,7 +48,7 @@ class LoraFile:
 def read_header(path: Path) -> dict[str, Any]:
     """A safetensors file's JSON header (tensor names, shapes, ``__metadata__``) without its tensors."""
     with path.open("rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
+        length = _header_length(file)
         if length > _HEADER_LIMIT:
             raise ValueError(f"header of {length} bytes")
         header: dict[str, Any] = json.loads(file.read(length))
@@ -82,12 +82,17 @@ def family_of(header: dict[str, Any]) -> str:
     return ""
 
 
+def _header_length(file: BinaryIO) -> int:
+    """The length of a safetensors file's JSON header (its first 8 bytes, little-endian)."""
+    (length,) = struct.unpack("<Q", file.read(8))
+    return int(length)
+
+
 def short_hash(path: Path) -> str:
     """AUTOMATIC1111's LoRA hash: sha256 of the file after its header (``addnet_hash_safetensors``), 12 hex digits."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        file.seek(8 + length)
+        file.seek(8 + _header_length(file))
         for chunk in iter(lambda: file.read(1024 * 1024), b""):
             digest.update(chunk)
     return digest.hexdigest()[:SHORT_HASH_CHARS]
@@ -102,14 +107,8 @@ class LoraFolder:
         self._hashes: dict[tuple[str, float, int], str] = {}
 
     def files(self) -> list[LoraFile]:
-        """Every adapter file, by name."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for path in sorted(self.root.glob(f"*{SUFFIX}")):
-            if path.is_file():
-                found.append(LoraFile(name=path.name[: -len(SUFFIX)], path=path, family=self._family(path)))
-        return found
+        """Every adapter file, by name, with the family its header names."""
+        return [LoraFile(name=name, path=path, family=self._family(path)) for name, path in self._paths().items()]
 
     def available(self) -> dict[str, str]:
         """Name -> family of every adapter (what ``check_inputs`` takes)."""
@@ -117,10 +116,10 @@ class LoraFolder:
 
     def path_of(self, name: str) -> Path:
         """The file of adapter ``name`` (one of the listed names: a name is never joined into a path)."""
-        for lora in self.files():
-            if lora.name == name:
-                return lora.path
-        raise InvalidRequestError("prompt", f"names LoRA {name!r}, which is not available")
+        path = self._paths().get(name)
+        if path is None:
+            raise InvalidRequestError("prompt", f"names LoRA {name!r}, which is not available")
+        return path
 
     def hash_of(self, name: str) -> str:
         """AUTOMATIC1111's short hash of adapter ``name``'s file (kept while the file is unchanged)."""
@@ -129,6 +128,13 @@ class LoraFolder:
         if key not in self._hashes:
             self._hashes[key] = short_hash(path)
         return self._hashes[key]
+
+    def _paths(self) -> dict[str, Path]:
+        """Name -> file of every ``NAME.safetensors`` in the folder, sorted by name."""
+        if not self.root.is_dir():
+            return {}
+        files = (path for path in sorted(self.root.glob(f"*{SUFFIX}")) if path.is_file())
+        return {path.name[: -len(SUFFIX)]: path for path in files}
 
     def _family(self, path: Path) -> str:
         key = _identity(path)
@@ -147,5 +153,5 @@ def _identity(path: Path) -> tuple[str, float, int]:
 
 
 def adapter_listing(lora_dir: str | None) -> Callable[[], dict[str, str]] | None:
-    """What ``RequestChecker`` lists for each request: the adapters in ``lora_dir`` (None without one)."""
+    """What ``RequestChecker`` lists for a request that names adapters: those in ``lora_dir`` (None without one)."""
     return LoraFolder(lora_dir).available if lora_dir else None
