@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     fields = {"steps": args.steps, "width": args.size, "height": args.size, "scheduler": rules.default_sampler}
 
     def ask(prompt: str, seed: int) -> GenerationRequest:
-        return check_inputs({"prompt": prompt, "seed": seed, **fields}, rules=rules, adapters={n: "" for n in ADAPTERS})
+        return check_inputs(
+            {"prompt": prompt, "seed": seed, **fields}, rules=rules, adapters=lambda: dict.fromkeys(ADAPTERS, "")
+        )
 
     shared = [ask("a lighthouse <lora:one:0.8>", seed) for seed in range(4)]
     mixed = [ask(f"a lighthouse <lora:{name}:0.8>", seed) for seed, name in enumerate(ADAPTERS)]

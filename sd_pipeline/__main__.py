@@ -70,9 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {name: getattr(args, name) for name in RECOMMENDABLE}
         fields = {name: getattr(start, name) if value is None else value for name, value in chosen.items()}
         fields |= {"negative_prompt": args.negative_prompt, "seed": args.seed, "num_images": args.num_images}
-        adapters = folder.available() if folder is not None else None
         requests = [
-            check_inputs({"prompt": prompt, **fields}, limits=limits, tokens=tokens, rules=rules, adapters=adapters)
+            check_inputs(
+                {"prompt": prompt, **fields},
+                limits=limits,
+                tokens=tokens,
+                rules=rules,
+                adapters=folder.available if folder else None,
+            )
             for prompt in prompts
         ]
     except (InvalidRequestError, ModelLoadError) as error:

@@ -131,7 +131,7 @@ def test_tags_are_read_as_automatic1111_writes_them_and_stripped_from_the_encode
 def test_each_bad_tag_is_refused_naming_the_field(prompt: str, negative: str, says: str) -> None:
     available = {"style": "sd", "subject": "", "xl_style": "sdxl", **{f"a{index}": "" for index in range(9)}}
     with pytest.raises(InvalidRequestError, match=re.escape(says)) as raised:
-        check_inputs({"prompt": prompt, "negative_prompt": negative}, adapters=available)
+        check_inputs({"prompt": prompt, "negative_prompt": negative}, adapters=lambda: available)
     assert raised.value.field == ("negative_prompt" if negative else "prompt")
 
 
@@ -343,3 +343,10 @@ def test_a_lora_folder_with_a_compiled_unet_stops_start_up_naming_both_settings(
     with pytest.raises(SettingsError, match="LORA_DIR cannot be combined with SD_COMPILE yet"):
         load_settings([], env={"LORA_DIR": str(tmp_path), "SD_COMPILE": "true"})
     assert load_settings([], env={"LORA_DIR": str(tmp_path)}).pipeline().lora_dir == str(tmp_path.resolve())
+
+
+def test_the_adapter_folder_is_listed_only_for_a_prompt_that_names_one() -> None:
+    def listing() -> dict[str, str]:
+        raise AssertionError("listed for a prompt without tags")
+
+    assert check_inputs({"prompt": "a plain prompt"}, adapters=listing).loras == ()

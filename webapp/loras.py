@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sd_pipeline.contract.loras import LoraChoice
+from sd_pipeline.contract.loras import LoraChoice, for_another_family
 
 AdapterListing = Callable[[], dict[str, str]]  # name -> the family it was made for ("" when unknown)
 
@@ -15,7 +15,12 @@ def lora_listing(adapters: AdapterListing, served_family: str) -> dict[str, Any]
     return {
         "served_family": served_family,
         "loras": [
-            {"name": name, "family": family, "usable": family in ("", served_family), "tag": LoraChoice(name).tag}
+            {
+                "name": name,
+                "family": family,
+                "usable": not for_another_family(family, served_family),
+                "tag": LoraChoice(name).tag,
+            }
             for name, family in sorted(adapters().items())
         ],
     }
@@ -26,7 +31,7 @@ def lora_choices(adapters: AdapterListing, served_family: str) -> list[tuple[str
     entries = []
     for name, family in sorted(adapters().items()):
         note = family or "family not recorded"
-        if family and family != served_family:
+        if for_another_family(family, served_family):
             note = f"{family}: not for this model"
         entries.append((f"{name} · {note}", name))
     return entries

@@ -10,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 
+from sd_pipeline.contract.loras import MAX_WEIGHT, MIN_WEIGHT
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.recommended import RECOMMENDABLE
 from sd_pipeline.contract.request import InputRules, RequestLimits
@@ -100,7 +101,8 @@ def build_demo(
                 if loras is not None:
                     lora_pick = gr.Dropdown(
                         label="LoRA adapters",
-                        info="Adds <lora:NAME:1> to the prompt; edit the weight there (-4 to 4)",
+                        info=f"Adds <lora:NAME:1> to the prompt; edit its weight there "
+                        f"({MIN_WEIGHT:g} to {MAX_WEIGHT:g})",
                         choices=[],
                         value=None,
                         elem_id="lora-pick",

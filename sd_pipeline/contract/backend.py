@@ -48,7 +48,7 @@ class RequestChecker:
 
     def __init__(self, limits: RequestLimits, adapters: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.limits = limits
-        self.adapters = adapters  # the LoRA adapters prompts may name (name -> family), listed anew per request
+        self.adapters = adapters  # lists the LoRA adapters prompts may name (name -> family), per request naming any
         self.tokens: TokenBudget | None = None
         self.rules = InputRules()
 
@@ -58,8 +58,7 @@ class RequestChecker:
 
     def check(self, data: Mapping[str, Any]) -> GenerationRequest:
         """Validate raw fields; raises ``InvalidRequestError`` naming the field and its range."""
-        adapters = self.adapters() if self.adapters is not None else None
-        return check_inputs(data, limits=self.limits, tokens=self.tokens, rules=self.rules, adapters=adapters)
+        return check_inputs(data, limits=self.limits, tokens=self.tokens, rules=self.rules, adapters=self.adapters)
 
 
 class Backend(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from sd_pipeline.contract.errors import InvalidRequestError
@@ -94,12 +94,21 @@ def parse_prompt(prompt: str, field: str = "prompt") -> PromptAdapters:
     return PromptAdapters(text=text.strip(), loras=tuple(loras))
 
 
-def check_adapters(prompt: str, negative_prompt: str, available: Mapping[str, str], family: str) -> PromptAdapters:
-    """The prompt's adapters, each one of ``available`` (name -> base family, "" when unknown) and
-    made for the served ``family``. LoRA tags belong in the prompt: one in the negative prompt is refused."""
+def for_another_family(base: str, served: str) -> bool:
+    """Whether an adapter made for ``base`` ("" when its file does not say) cannot serve the ``served`` family."""
+    return bool(base) and base != served
+
+
+def check_adapters(
+    prompt: str, negative_prompt: str, listing: Callable[[], Mapping[str, str]], family: str
+) -> PromptAdapters:
+    """The prompt's adapters, each one of those ``listing`` gives (name -> base family, "" when unknown;
+    listed only when the prompt names any) and made for the served ``family``. LoRA tags belong in
+    the prompt: one in the negative prompt is refused."""
     if _OPENED.search(negative_prompt):
         raise InvalidRequestError("negative_prompt", "LoRA tags go in the prompt, not the negative prompt")
     adapters = parse_prompt(prompt)
+    available = listing() if adapters.loras else {}
     for choice in adapters.loras:
         if choice.name not in available:
             close = difflib.get_close_matches(choice.name, list(available), n=3, cutoff=0.5)
@@ -107,7 +116,7 @@ def check_adapters(prompt: str, negative_prompt: str, available: Mapping[str, st
             listed = f" (available: {', '.join(sorted(available)[:20])})" if available and not close else ""
             raise InvalidRequestError("prompt", f"names LoRA {choice.name!r}, which is not available{hint}{listed}")
         base = available[choice.name]
-        if base and base != family:
+        if for_another_family(base, family):
             raise InvalidRequestError(
                 "prompt", f"LoRA {choice.name!r} is for {base} models; the served model is {family}"
             )

@@ -173,14 +173,15 @@ def check_inputs(
     limits: RequestLimits | None = None,
     tokens: TokenBudget | None = None,
     rules: InputRules | None = None,
-    adapters: Mapping[str, str] | None = None,
+    adapters: Callable[[], Mapping[str, str]] | None = None,
 ) -> GenerationRequest:
     """Validate raw fields (from a form, JSON or the CLI) into a ``GenerationRequest``.
 
-    ``rules``: the served model family's (SD 1.x's when None). ``adapters``: the LoRA adapters a
-    prompt may name (name -> base family, "" when unknown; none when None). Missing fields take their defaults
-    (the sampler: the family's default). A seed of -1 is replaced by a random one, so the
-    returned request always says which seed will be used.
+    ``rules``: the served model family's (SD 1.x's when None). ``adapters``: lists the LoRA
+    adapters a prompt may name (name -> base family, "" when unknown), asked only when the prompt
+    names one; none when None. Missing fields take their defaults (the sampler: the family's
+    default). A seed of -1 is replaced by a random one, so the returned request always says which
+    seed will be used.
     """
     limits = limits or RequestLimits()
     rules = rules or InputRules()
@@ -194,7 +195,7 @@ def check_inputs(
 
     prompt = _text("prompt", data.get("prompt"), required=True, limits=limits, tokens=None)
     negative = _text("negative_prompt", get("negative_prompt"), required=False, limits=limits, tokens=tokens)
-    _count_tokens("prompt", check_adapters(prompt, negative, adapters or {}, rules.family).text, tokens)
+    _count_tokens("prompt", check_adapters(prompt, negative, adapters or dict, rules.family).text, tokens)
     seed = _integer("seed", data.get("seed", RANDOM_SEED), RANDOM_SEED, MAX_SEED)
     steps = _integer("steps", get("steps"), limits.min_steps, limits.max_steps)
     guidance = _number("guidance_scale", get("guidance_scale"), 0.0, limits.max_guidance)
