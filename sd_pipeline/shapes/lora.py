@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from sd_pipeline.loras.random import CLIP_TARGETS, DENOISER_TARGETS, lora_tensors
 from sd_pipeline.shapes import SHAPES_MODEL_DIR
 from sd_pipeline.shapes.drawing import COLOURS, RING, caption, draw, examples
-from sd_pipeline.shapes.train import CAPTION_DROPOUT
+from sd_pipeline.shapes.train import noise_prediction_loss
 
 NAME = RING
 
@@ -80,15 +79,9 @@ def train_lora(folder: Path, plan: LoraPlan, model_dir: Path = SHAPES_MODEL_DIR)
     unet.train()
     text_encoder.train()
     for _ in (bar := tqdm(range(plan.steps), desc="LoRA")):
-        chosen = torch.randint(len(latents), (plan.batch,), generator=generator)
-        ids = tokens.input_ids[chosen].clone()
-        ids[torch.rand(plan.batch, generator=generator) < CAPTION_DROPOUT] = empty.input_ids[0]
-        clean = latents[chosen]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (plan.batch,), generator=generator)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = noise_prediction_loss(
+            pipeline, noise_scheduler, latents, tokens.input_ids, empty.input_ids[0], plan.batch, generator
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()

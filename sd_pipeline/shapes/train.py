@@ -115,16 +115,9 @@ def train_pipeline(folder: Path, plan: TrainingPlan) -> dict[str, Any]:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=plan.unet_steps, eta_min=1e-5)
     batch = plan.unet_batch
     for step in (bar := tqdm(range(plan.unet_steps), desc="unet + text encoder")):
-        chosen = torch.randint(len(latents), (batch,), generator=generator)
-        ids = tokens.input_ids[chosen].clone()
-        dropped = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
-        ids[dropped] = empty.input_ids[0]
-        clean = latents[chosen]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = noise_prediction_loss(
+            pipeline, noise_scheduler, latents, tokens.input_ids, empty.input_ids[0], batch, generator
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -146,6 +139,29 @@ def train_pipeline(folder: Path, plan: TrainingPlan) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "final_losses": {stage: _last_mean(log_rows, stage) for stage in ("autoencoder", "unet")},
     }
+
+
+def noise_prediction_loss(
+    pipeline: Any,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    token_ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    batch: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One batch of the model's objective, as diffusers' training examples compute it: ``batch``
+    latents and their captions (``CAPTION_DROPOUT`` of them replaced by the empty caption), noise
+    added at random timesteps, the UNet's prediction of that noise against it (MSE)."""
+    chosen = torch.randint(len(latents), (batch,), generator=generator)
+    ids = token_ids[chosen].clone()
+    ids[torch.rand(batch, generator=generator) < CAPTION_DROPOUT] = empty_ids
+    clean = latents[chosen]
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    prediction = pipeline.unet(noisy, timesteps, encoder_hidden_states=pipeline.text_encoder(ids)[0]).sample
+    return F.mse_loss(prediction, noise)
 
 
 def _log(rows: list[dict[str, Any]], bar: Any, stage: str, step: int, loss: torch.Tensor, started: float) -> None:
