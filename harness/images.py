@@ -11,10 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import GenerationRequest
+from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline
 
 SAME_IMAGE_TOLERANCE = 1  # levels of 255
+BATCHED_TOLERANCE = 2  # levels of 255: the same request in a different batch
 
 
 def max_difference(first: Any, second: Any) -> int:
@@ -62,3 +65,86 @@ def pipeline_image_with_loras(loaded: LoadedPipeline, request: GenerationRequest
     else:
         pipeline.disable_lora()
     return pipeline_image(loaded, request)[0]
+
+
+def pipeline_image_from_picture(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:
+    """diffusers' ``StableDiffusionImg2ImgPipeline`` (no mask) or ``StableDiffusionInpaintPipeline``
+    (mask), built from the loaded pipeline's parts, with the request's picture, strength, settings
+    and one generator per image."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    assert request.init_image is not None
+    components = dict(loaded.pipeline.components)
+    components["scheduler"] = loaded.family.make_scheduler(request.scheduler, components["scheduler"].config)
+    arguments: dict[str, Any] = {
+        "prompt": [request.text] * request.num_images,
+        "negative_prompt": [request.negative_prompt] * request.num_images if request.negative_prompt else None,
+        "image": request.init_image.picture(),
+        "strength": request.strength,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds()],
+    }
+    if request.mask is None:
+        output = StableDiffusionImg2ImgPipeline(**components)(**arguments)
+    else:
+        arguments.update(mask_image=request.mask.picture(), width=request.width, height=request.height)
+        output = StableDiffusionInpaintPipeline(**components)(**arguments)
+    return list(output.images)
+
+
+def oracle_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:
+    """diffusers' own images for ``request``: the text-to-image pipeline, or the image-to-image /
+    inpainting one when it starts from a picture."""
+    return (
+        pipeline_image(loaded, request) if request.init_image is None else pipeline_image_from_picture(loaded, request)
+    )
+
+
+def each_equals_itself_alone(
+    loaded: LoadedPipeline, wanted: list[GenerationRequest], *, late: GenerationRequest
+) -> None:
+    """``wanted`` step together, ``late`` joins after two steps; each image is within
+    ``BATCHED_TOLERANCE`` of diffusers' own pipeline alone (``oracle_image``), and some step carried 3+ images."""
+    engine = StepEngine(loaded, max_batch_images=8)
+    outcomes: dict[int, Any] = {}
+    jobs = [Request(r) for r in wanted]
+    for job in jobs:
+        engine.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
+    engine.step()
+    engine.step()
+    jobs.append(Request(late))
+    engine.submit(jobs[-1], lambda outcome: outcomes.__setitem__(id(jobs[-1]), outcome))
+    engine.run_until_idle()
+    for job, asked in zip(jobs, [*wanted, late], strict=True):
+        outcome = outcomes[id(job)]
+        assert outcome.error is None, outcome.error
+        assert_same_image(outcome.results[0].image, oracle_image(loaded, asked)[0], tolerance=BATCHED_TOLERANCE)
+    assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
+
+
+def png_bytes(picture: Any) -> bytes:
+    """A PIL picture as PNG file bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decompression_bomb_png(side: int = 30000) -> bytes:
+    """A valid 1-bit PNG of ``side`` x ``side`` black pixels in about a hundred kilobytes: decoded, it
+    would take ``side``² bytes (900 MB at 30000)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + the row's bits
+    packer = zlib.compressobj(9)
+    rows_at_once = 1000
+    body = b"".join(packer.compress(row * rows_at_once) for _ in range(side // rows_at_once))
+    body += packer.compress(row * (side % rows_at_once)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")

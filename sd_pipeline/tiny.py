@@ -1,6 +1,6 @@
 """Build tiny pipelines of every served family with random weights, for offline tests and demos.
 
-Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sdxl|sd3|sd3-no-t5|flux|flux-schnell]`` writes a
+Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sd-inpainting|sdxl|sd3|sd3-no-t5|flux|flux-schnell]`` writes a
 pipeline folder that the normal loader accepts (``--model DIR``). The images are noise: it exists
 to exercise the product, not to draw pictures.
 """
@@ -149,6 +149,15 @@ def random_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def random_inpainting_pipeline(*, seed: int = 0) -> Any:
+    """A ``StableDiffusionInpaintPipeline`` whose UNet reads 9 channels (latents, mask, masked-image
+    latents), as stable-diffusion-inpainting's does."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipeline = random_pipeline(unet={**TINY_UNET, "in_channels": 9}, vae=TINY_VAE, text=TINY_TEXT, seed=seed)
+    return StableDiffusionInpaintPipeline(**pipeline.components)
 
 
 # SD 2.1's shape where it differs from 1.x: v-prediction (scheduler), attention upcast and linear
@@ -333,12 +342,13 @@ def random_flux_pipeline(*, seed: int = 0, guidance_embeds: bool = True) -> Any:
     )
 
 
-FAMILIES = ("sd", "sd2", "sdxl", "sd3", "sd3-no-t5", "flux", "flux-schnell")
+FAMILIES = ("sd", "sd2", "sd-inpainting", "sdxl", "sd3", "sd3-no-t5", "flux", "flux-schnell")
 
 
 def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny", family: str = "sd") -> Path:
     """Create a small random pipeline and ``save_pretrained`` it into ``folder``: ``family`` sd (1.x),
-    sd2 (v-prediction, 768 native), sdxl, sd3 (with T5), sd3-no-t5, flux (FLUX.1-dev) or flux-schnell;
+    sd2 (v-prediction, 768 native), sd-inpainting (a 9-channel inpainting UNet), sdxl, sd3 (with T5),
+    sd3-no-t5, flux (FLUX.1-dev) or flux-schnell;
     for sd, ``kind`` tiny, heavy (compute dominates) or micro."""
     folder = Path(folder)
     if family == "sdxl":
@@ -349,6 +359,9 @@ def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny"
         return folder
     if family.startswith("flux"):
         random_flux_pipeline(seed=seed, guidance_embeds=family == "flux").save_pretrained(folder)
+        return folder
+    if family == "sd-inpainting":
+        random_inpainting_pipeline(seed=seed).save_pretrained(folder)
         return folder
     if family == "sd2":
         pipeline = random_pipeline(

@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness.images import assert_same_image, max_difference, pipeline_image
+from harness.images import (
+    BATCHED_TOLERANCE,
+    assert_same_image,
+    each_equals_itself_alone,
+    max_difference,
+    pipeline_image,
+)
 from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, ModelLoadError
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.recommended import recommended_request
@@ -30,35 +36,12 @@ from sd_pipeline.model.previews import DecoderPreview, LinearPreview, load_previ
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES, make_scheduler
 from sd_pipeline.tiny import build_tiny_pipeline
 
-BATCHED_TOLERANCE = 2  # levels of 255: the same request in a different batch
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def ask(**fields: Any) -> GenerationRequest:
     defaults: dict[str, Any] = {"prompt": "a red circle", "steps": 5, "width": 64, "height": 64, "seed": 7}
     return GenerationRequest(**{**defaults, **fields})
-
-
-def each_equals_itself_alone(
-    loaded: LoadedPipeline, wanted: list[GenerationRequest], *, late: GenerationRequest
-) -> None:
-    """``wanted`` step together, ``late`` joins after two steps; each image is within
-    ``BATCHED_TOLERANCE`` of the family's own pipeline alone, and some step carried 3+ images."""
-    engine = StepEngine(loaded, max_batch_images=8)
-    outcomes: dict[int, Any] = {}
-    jobs = [Request(r) for r in wanted]
-    for job in jobs:
-        engine.submit(job, lambda outcome, job=job: outcomes.__setitem__(id(job), outcome))
-    engine.step()
-    engine.step()
-    jobs.append(Request(late))
-    engine.submit(jobs[-1], lambda outcome: outcomes.__setitem__(id(jobs[-1]), outcome))
-    engine.run_until_idle()
-    for job, asked in zip(jobs, [*wanted, late], strict=True):
-        outcome = outcomes[id(job)]
-        assert outcome.error is None, outcome.error
-        assert_same_image(outcome.results[0].image, pipeline_image(loaded, asked)[0], tolerance=BATCHED_TOLERANCE)
-    assert max(result.timings.batch_images for job in jobs for result in outcomes[id(job)].results) >= 3
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.images import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MAX_UPLOAD_PIXELS,
+    InputImage,
+    read_input_image,
+)
 from sd_pipeline.contract.loras import LoraChoice, PromptAdapters, check_adapters, parse_prompt
 from sd_pipeline.contract.samplers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
@@ -22,6 +28,7 @@ MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
 ALLOWED_CONTROL_CHARACTERS = {"\n", "\t"}
 DEFAULT_MAX_PIXELS = 1024 * 1024  # largest width x height accepted unless MAX_PIXELS says otherwise
+DEFAULT_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class RequestLimits:
     max_side: int = 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_images: int = 4
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # an input image's or mask's file
+    max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS  # before it is resized to width x height
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,16 @@ class GenerationRequest:
     height: int = 512
     num_images: int = 1
     scheduler: str = DEFAULT_SCHEDULER
+    init_image: InputImage | None = None  # image-to-image (and inpainting) starts from it
+    strength: float = DEFAULT_STRENGTH  # how much of init_image is redrawn: 1 = all of it
+    mask: InputImage | None = None  # inpainting: white = redraw, black = keep init_image
+
+    @property
+    def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
+        """Text-to-image, image-to-image or inpainting."""
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
 
     @functools.cached_property
     def _split_prompt(self) -> PromptAdapters:
@@ -108,6 +127,8 @@ class InputRules:
     size_multiple: int = 8
     guidance: Guidance = "cfg"
     family: str = "sd"  # the family's name, which LoRA adapters must be made for
+    image_inputs: bool = True  # takes an init_image (and a mask)
+    needs_mask: bool = False  # an inpainting model: every request brings an init_image and a mask
 
     @property
     def default_sampler(self) -> str:
@@ -211,6 +232,7 @@ def check_inputs(
         raise InvalidRequestError(
             "scheduler", f"must be one of {', '.join(rules.samplers)} (this model's samplers); got {scheduler!r}"
         )
+    init_image, strength, mask = _image_inputs(get, limits, rules, size=(width, height), steps=steps)
     if seed == RANDOM_SEED:
         seed = secrets.randbelow(MAX_SEED + 1)
     return GenerationRequest(
@@ -223,4 +245,38 @@ def check_inputs(
         height=height,
         num_images=num_images,
         scheduler=scheduler,
+        init_image=init_image,
+        strength=strength,
+        mask=mask,
     )
+
+
+def _image_inputs(
+    get: Callable[[str], Any], limits: RequestLimits, rules: InputRules, *, size: tuple[int, int], steps: int
+) -> tuple[InputImage | None, float, InputImage | None]:
+    """The request's input image, strength and mask, checked; the pictures resized to ``size``."""
+    strength = get("strength")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise InvalidRequestError("strength", f"must be a number greater than 0 and at most 1, got {strength!r}")
+    image, mask = get("init_image"), get("mask")
+    if rules.needs_mask and (image is None or mask is None):
+        missing = "init_image" if image is None else "mask"
+        raise InvalidRequestError(
+            missing, "is required: this is an inpainting model (it redraws the masked part of an image)"
+        )
+    if image is None:
+        if mask is not None:
+            raise InvalidRequestError("mask", "needs an init_image: the mask says which part of it to redraw")
+        return None, float(strength), None
+    if not rules.image_inputs:
+        raise InvalidRequestError("init_image", "is not supported by this model's family yet: leave it empty")
+    if int(steps * strength) < 1:
+        raise InvalidRequestError(
+            "strength",
+            f"x steps must give at least one step; at {steps} steps, strength must be at least {1 / steps:g}",
+        )
+    bounds = {"max_bytes": limits.max_upload_bytes, "max_pixels": limits.max_upload_pixels}
+    image = read_input_image("init_image", image, size=size, mode="RGB", **bounds)
+    if mask is not None:
+        mask = read_input_image("mask", mask, size=size, mode="L", **bounds)
+    return image, float(strength), mask

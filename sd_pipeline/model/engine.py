@@ -21,6 +21,7 @@ thread (the CLI, tools, benchmarks and tests).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -36,12 +37,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, OutOfMemoryError
 from sd_pipeline.contract.facts import GenerationObserver
+from sd_pipeline.contract.images import InputImage
 from sd_pipeline.contract.jobs import GenerationResult, JobOutcome, Preview, Timings
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import DEFAULT_PREVIEW_INTERVAL
 from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.families import Conditioning, join_rows, split_rows
+from sd_pipeline.model.families.images import ImageStart, KeepOutsideMask
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
 from sd_pipeline.model.loras import LoraAdapters, RowChoices
 from sd_pipeline.model.previews import Previewer
@@ -79,6 +82,8 @@ class _Active:
     preview_due: bool = False  # this step also predicts the clean latents for a preview
     clean: torch.Tensor | None = None  # those latents (first image), once predicted
     results: list[GenerationResult] = field(default_factory=list)
+    extra_channels: torch.Tensor | None = None  # inpainting UNet: mask and masked-image latents, per image
+    keep: KeepOutsideMask | None = None  # inpainting with a regular UNet: what stays outside the mask
 
     @property
     def size(self) -> tuple[int, int]:
@@ -148,17 +153,26 @@ class StepEngine:
         that a compiled UNet never recompiles (new shapes run eagerly).
         """
         started = time.perf_counter()
-        sampler = self.loaded.family.rules.default_sampler
         if not (self.loaded.compiled or self.loaded.device.type == "cuda"):
-            self.generate([GenerationRequest(prompt="warm-up", steps=1, width=64, height=64, scheduler=sampler)])
+            self.generate([self._warmup_request(steps=1, width=64, height=64)])
             return time.perf_counter() - started
-        guided = GenerationRequest(prompt="warm-up", steps=2, scheduler=sampler)
+        guided = self._warmup_request(steps=2)
         self.generate([guided])
-        self.generate([GenerationRequest(prompt="warm-up", steps=2, guidance_scale=1.0, scheduler=sampler)])
+        self.generate([self._warmup_request(steps=2, guidance_scale=1.0)])
         self.generate([guided, guided])
         if self.loaded.compiled:
             freeze_compiled_shapes()
         return time.perf_counter() - started
+
+    def _warmup_request(self, **fields: Any) -> GenerationRequest:
+        """A warm-up request in the model's default sampler; with a picture and a mask for an inpainting model."""
+        rules = self.loaded.family.rules
+        request = GenerationRequest(prompt="warm-up", scheduler=rules.default_sampler, **fields)
+        if not rules.needs_mask:
+            return request
+        size = (request.width, request.height)
+        picture, mask = InputImage.filled(size, "RGB", 128), InputImage.filled(size, "L", 255)
+        return dataclasses.replace(request, init_image=picture, mask=mask, strength=1.0)
 
     def run(self, jobs: Sequence[Request]) -> list[JobOutcome]:
         """Submit jobs and step on this thread until the engine is idle; each job's outcome, in order."""
@@ -244,14 +258,20 @@ class StepEngine:
             scheduler = family.make_scheduler(request.scheduler, self._base_config)
             family.set_timesteps(scheduler, request, device)
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds()]
-            latents = family.initial_latents(request, generators, scheduler, device=device, dtype=self.loaded.dtype)
+            try:
+                start = self._start_of(request, generators, scheduler)
+            except Exception as error:  # noqa: BLE001 - classified; only this request ends
+                self._fail_all([waiting], error)
+                continue
             self._active.append(
                 _Active(
                     job=waiting.job,
                     done=waiting.done,
                     scheduler=scheduler,
-                    timesteps=scheduler.timesteps,
-                    latents=latents,
+                    timesteps=start.timesteps,
+                    latents=start.latents,
+                    extra_channels=start.extra_channels,
+                    keep=start.keep,
                     positive=family.conditioning(request, positive),
                     negative=family.conditioning(request, negative) if family.guided(request) else None,
                     step_kwargs=family.step_kwargs(scheduler, generators),
@@ -261,6 +281,18 @@ class StepEngine:
             )
             if self.observer is not None:
                 self.observer.first_step_wait(seconds=now - waiting.submitted_at)
+
+    def _start_of(
+        self, request: GenerationRequest, generators: list[torch.Generator], scheduler: SchedulerMixin
+    ) -> ImageStart:
+        """A request's starting latents and timesteps: noise over the whole schedule, or its input
+        image encoded and noised at its start step (it joins the others there)."""
+        family, device, dtype = self.loaded.family, self.loaded.device, self.loaded.dtype
+        if request.init_image is None:
+            latents = family.initial_latents(request, generators, scheduler, device=device, dtype=dtype)
+            return ImageStart(latents=latents, timesteps=scheduler.timesteps)
+        with torch.no_grad():
+            return family.image_start(request, generators, scheduler, device=device, dtype=dtype)
 
     def _with_adapters(self, admitted: list[_Waiting]) -> list[_Waiting]:
         """The admitted requests whose LoRA adapters are loaded (loading them now); the others end
@@ -347,7 +379,11 @@ class StepEngine:
             t = active.timesteps[active.step]
             negative = active.negative
             sample = active.latents if negative is None else torch.cat([active.latents] * 2)
-            inputs.append(family.model_input(active.scheduler, sample, t))
+            model_input = family.model_input(active.scheduler, sample, t)
+            if active.extra_channels is not None:
+                extra = active.extra_channels if negative is None else torch.cat([active.extra_channels] * 2)
+                model_input = torch.cat([model_input, extra], dim=1)
+            inputs.append(model_input)
             conditions.append(active.positive if negative is None else join_rows([negative, active.positive]))
             timesteps.append(t.reshape(1).expand(sample.shape[0]))
             rows += [active.job.inputs.loras] * sample.shape[0]
@@ -374,6 +410,9 @@ class StepEngine:
                 clean = family.predicted_clean(active.scheduler, output, predicted[:1], t, active.latents[:1])
                 active.clean = family.spatial(clean[:1], active.job.inputs)
             active.latents = output.prev_sample
+            if active.keep is not None:
+                following = active.timesteps[active.step + 1] if active.step + 1 < len(active.timesteps) else None
+                active.latents = active.keep.apply(active.scheduler, active.latents, following)
 
     def _lora_rows(self, choices: list[RowChoices]) -> contextlib.AbstractContextManager[None]:
         if self.loras is None or not any(choices):

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from sd_pipeline.model.families.base import Conditioning, StableDiffusion, join_rows, split_rows
+from sd_pipeline.model.families.base import (
+    Conditioning,
+    StableDiffusion,
+    StableDiffusionInpainting,
+    join_rows,
+    split_rows,
+)
 from sd_pipeline.model.families.flux import Flux
 from sd_pipeline.model.families.sd3 import StableDiffusion3
 from sd_pipeline.model.families.sdxl import StableDiffusionXL
 
 Family = StableDiffusion  # every family is one; the others override what differs
 FAMILIES: dict[str, type[Family]] = {
-    family.pipeline_class: family for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+    family.pipeline_class: family
+    for family in (StableDiffusion, StableDiffusionInpainting, StableDiffusionXL, StableDiffusion3, Flux)
 }
 
 __all__ = ["FAMILIES", "Conditioning", "Family", "family_of", "join_rows", "served_classes", "split_rows"]

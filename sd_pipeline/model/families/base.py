@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model.families.images import INPAINTING_CHANNELS, ImageStart, start_from_image
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES as SAMPLERS
 from sd_pipeline.model.schedulers import make_scheduler
 
@@ -66,6 +67,7 @@ class StableDiffusion:
     pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
     latent_rgb: ClassVar[LatentRgb | None] = SD15_LATENT_RGB  # None: no published factors
     latent_rgb_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
+    takes_images: ClassVar[bool] = True  # image-to-image and inpainting are built for this family
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
@@ -100,7 +102,18 @@ class StableDiffusion:
     @property
     def rules(self) -> InputRules:
         """What requests to this model may ask: its samplers, size multiple and guidance."""
-        return InputRules(samplers=self.samplers, size_multiple=int(self.pipeline.vae_scale_factor), family=self.name)
+        return InputRules(
+            samplers=self.samplers,
+            size_multiple=int(self.pipeline.vae_scale_factor),
+            family=self.name,
+            image_inputs=self.takes_images,
+            needs_mask=self.inpainting_model,
+        )
+
+    @property
+    def inpainting_model(self) -> bool:
+        """A 9-channel inpainting UNet: it draws only from an image and a mask."""
+        return int(self.denoiser.config.in_channels) == INPAINTING_CHANNELS
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
         """A fresh scheduler for one request, built from the model's own scheduler config."""
@@ -172,13 +185,33 @@ class StableDiffusion:
         scale = self.pipeline.vae_scale_factor
         shape = (
             request.num_images,
-            self.denoiser.config.in_channels,
+            self.pipeline.vae.config.latent_channels,
             request.height // scale,
             request.width // scale,
         )
         noise: torch.Tensor = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
         scaled: torch.Tensor = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         return scaled
+
+    def image_start(
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        scheduler: SchedulerMixin,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> ImageStart:
+        """Where a request with an ``init_image`` (and maybe a mask) starts (``families.images``)."""
+        return start_from_image(
+            self.pipeline,
+            request,
+            generators,
+            scheduler,
+            unet_channels=int(self.denoiser.config.in_channels),
+            device=device,
+            dtype=dtype,
+        )
 
     def spatial(self, latents: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         """A request's latents as (images, channels, height, width), for decoding and previews."""
@@ -196,3 +229,11 @@ class StableDiffusion:
         decoded, nsfw = self.pipeline.run_safety_checker(decoded, device, latents.dtype)
         flags = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * decoded.shape[0]
         return decoded, flags
+
+
+class StableDiffusionInpainting(StableDiffusion):
+    """A folder saved as ``StableDiffusionInpaintPipeline`` (e.g. stable-diffusion-inpainting): the same
+    parts; with its 9-channel UNet every request brings an image and a mask (``InputRules.needs_mask``)."""
+
+    title: ClassVar[str] = "Stable Diffusion 1.x / 2.x inpainting"
+    pipeline_class: ClassVar[str] = "StableDiffusionInpaintPipeline"

@@ -53,6 +53,7 @@ class Flux(StableDiffusion3):
             size_multiple=int(self.pipeline.vae_scale_factor) * PATCH,
             guidance="distilled" if self.distilled_guidance else "none",
             family=self.name,
+            image_inputs=False,  # FluxImg2ImgPipeline / FluxInpaintPipeline: not built yet
         )
 
     @property

@@ -74,7 +74,7 @@ class StableDiffusion3(StableDiffusion):
     def rules(self) -> InputRules:
         """Sides are whole patches of latents (the pipeline's own check: VAE factor x patch size)."""
         multiple = int(self.pipeline.vae_scale_factor) * int(self.denoiser.config.patch_size)
-        return InputRules(samplers=self.samplers, size_multiple=multiple, family=self.name)
+        return InputRules(samplers=self.samplers, size_multiple=multiple, family=self.name, image_inputs=False)
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
         return flow_scheduler(name, base_config)

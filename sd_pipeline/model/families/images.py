@@ -1,0 +1,154 @@
+"""Starting from a picture: image-to-image and inpainting, as diffusers' Stable Diffusion pipelines do it.
+
+``StableDiffusionImg2ImgPipeline``: the image is encoded by the VAE (a latent sample drawn with
+each image's generator), the sampler's schedule is cut to its last ``int(steps x strength)``
+steps, and noise is added at the first of them (``add_noise``). ``StableDiffusionInpaintPipeline``
+adds a mask: with a 9-channel inpainting UNet the mask and the masked image's latents go in
+beside the latents at every step; with a regular UNet the latents outside the mask are put back
+after every step (the image's latents noised to the next timestep). Random draws happen in the
+pipelines' order, per image generator, so a request alone gives those pipelines' images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from sd_pipeline.contract.images import InputImage
+from sd_pipeline.contract.request import GenerationRequest
+
+INPAINTING_CHANNELS = 9  # latents 4 + mask 1 + masked-image latents 4
+
+
+@dataclass
+class KeepOutsideMask:
+    """Regular-UNet inpainting: after each step, the latents outside the mask are the image's, noised."""
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor  # latent-sized, 1 = redraw
+
+    def apply(
+        self, scheduler: SchedulerMixin, latents: torch.Tensor, next_timestep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The stepped ``latents`` with the kept part put back (at ``next_timestep``'s noise; clean after the last)."""
+        kept = self.image_latents
+        if next_timestep is not None:
+            kept = scheduler.add_noise(kept, self.noise, torch.tensor([next_timestep]))
+        return (1 - self.mask) * kept + self.mask * latents
+
+
+@dataclass
+class ImageStart:
+    """Where a request that starts from a picture begins: its latents and the timesteps left."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    extra_channels: torch.Tensor | None = None  # 9-channel inpainting: mask and masked-image latents, per image
+    keep: KeepOutsideMask | None = None  # regular-UNet inpainting
+
+
+def cut_schedule(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
+    """``get_timesteps``: the schedule's last ``int(steps x strength)`` steps; the scheduler begins there."""
+    start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    timesteps: torch.Tensor = scheduler.timesteps[start:]
+    return timesteps
+
+
+def start_from_image(
+    pipeline: Any,
+    request: GenerationRequest,
+    generators: list[torch.Generator],
+    scheduler: SchedulerMixin,
+    *,
+    unet_channels: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> ImageStart:
+    """The start of an image-to-image or inpainting request (``request.init_image`` is set)."""
+    assert request.init_image is not None
+    timesteps = cut_schedule(scheduler, request.steps, request.strength)
+    start_at = timesteps[:1].repeat(request.num_images)
+    image = _pixels(pipeline.image_processor, request.init_image, request).to(torch.float32)
+    if request.mask is None:
+        image_latents = _encode(pipeline.vae, image, generators, device=device, dtype=dtype)
+        noise = _noise(image_latents.shape, generators, device=device, dtype=dtype)
+        return ImageStart(latents=scheduler.add_noise(image_latents, noise, start_at), timesteps=timesteps)
+    return _start_inpainting(
+        pipeline, request, image, generators, scheduler, start_at, timesteps, unet_channels, device, dtype
+    )
+
+
+def _start_inpainting(
+    pipeline: Any,
+    request: GenerationRequest,
+    image: torch.Tensor,
+    generators: list[torch.Generator],
+    scheduler: SchedulerMixin,
+    start_at: torch.Tensor,
+    timesteps: torch.Tensor,
+    unet_channels: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> ImageStart:
+    """``StableDiffusionInpaintPipeline``'s steps 6 to 8, with its random draws in its order."""
+    assert request.mask is not None
+    scale = int(pipeline.vae_scale_factor)
+    whole = request.strength == 1.0
+    regular = unet_channels != INPAINTING_CHANNELS
+    first = generators[:1]  # the pipeline encodes its one picture with the first generator, for every image
+    image_latents = None
+    if regular or not whole:
+        image_latents = _encode(pipeline.vae, image, first, device=device, dtype=dtype).repeat(
+            request.num_images, 1, 1, 1
+        )
+    shape = (request.num_images, pipeline.vae.config.latent_channels, request.height // scale, request.width // scale)
+    noise = _noise(shape, generators, device=device, dtype=dtype)
+    if whole:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        assert image_latents is not None
+        latents = scheduler.add_noise(image_latents, noise, start_at)
+    mask_processor = VaeImageProcessor(
+        vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+    )
+    mask_pixels = _pixels(mask_processor, request.mask, request)
+    masked_latents = _encode(pipeline.vae, image * (mask_pixels < 0.5), first, device=device, dtype=dtype)
+    masked_latents = masked_latents.repeat(request.num_images, 1, 1, 1)
+    mask = torch.nn.functional.interpolate(mask_pixels, size=(request.height // scale, request.width // scale))
+    mask = mask.to(device=device, dtype=dtype).repeat(request.num_images, 1, 1, 1)
+    if regular:
+        assert image_latents is not None
+        return ImageStart(latents, timesteps, keep=KeepOutsideMask(image_latents, noise, mask))
+    return ImageStart(latents, timesteps, extra_channels=torch.cat([mask, masked_latents], dim=1))
+
+
+def _pixels(processor: VaeImageProcessor, picture: InputImage, request: GenerationRequest) -> torch.Tensor:
+    """The picture as the pipeline's processor prepares it (already at the request's size)."""
+    prepared: torch.Tensor = processor.preprocess(picture.picture(), height=request.height, width=request.width)
+    return prepared
+
+
+def _encode(
+    vae: Any, image: torch.Tensor, generators: list[torch.Generator], *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """One VAE encode of the (single) picture; a latent sample per generator (as ``retrieve_latents``
+    draws them), scaled by the VAE's factor."""
+    distribution = vae.encode(image.to(device=device, dtype=dtype)).latent_dist
+    samples = [distribution.sample(generator) for generator in generators]
+    latents: torch.Tensor = torch.cat(samples) * vae.config.scaling_factor
+    return latents
+
+
+def _noise(
+    shape: tuple[int, ...] | torch.Size, generators: list[torch.Generator], *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    noise: torch.Tensor = randn_tensor(tuple(shape), generator=generators, device=device, dtype=dtype)
+    return noise

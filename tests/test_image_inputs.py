@@ -1,0 +1,193 @@
+"""Image-to-image and inpainting on the one step engine, and input pictures checked before any work.
+
+The oracle is diffusers' own ``StableDiffusionImg2ImgPipeline`` / ``StableDiffusionInpaintPipeline``
+built from the same parts, with the same picture, mask, strength, settings and seeds.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from harness.images import (
+    assert_same_image,
+    decompression_bomb_png,
+    each_equals_itself_alone,
+    max_difference,
+    pipeline_image_from_picture,
+    png_bytes,
+)
+from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.images import InputImage
+from sd_pipeline.contract.lifecycle import Request
+from sd_pipeline.contract.messages import Submit, decode, encode
+from sd_pipeline.contract.request import GenerationRequest, InputRules, RequestLimits, check_inputs
+from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
+from sd_pipeline.tiny import build_tiny_pipeline
+
+
+def picture(size: tuple[int, int] = (64, 64), seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    return png_bytes(Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)))
+
+
+def square_mask(size: tuple[int, int] = (64, 64)) -> bytes:
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle([size[0] // 4, size[1] // 4, 3 * size[0] // 4 - 1, 3 * size[1] // 4 - 1], fill=255)
+    return png_bytes(mask)
+
+
+def ask(rules: InputRules | None = None, **fields: Any) -> GenerationRequest:
+    defaults: dict[str, Any] = {"prompt": "a red circle", "steps": 6, "width": 64, "height": 64, "seed": 7}
+    return check_inputs({**defaults, **fields}, rules=rules)
+
+
+@pytest.fixture(scope="module")
+def inpainting_loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedPipeline:
+    folder = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-inpainting"), family="sd-inpainting")
+    return load_pipeline(PipelineSettings(model=str(folder), device="cpu"))
+
+
+@pytest.mark.parametrize("scheduler", ["Euler a", "DPM++ 2M", "DDIM"])
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_image_to_image_equals_the_img2img_pipeline(
+    tiny_loaded: LoadedPipeline, scheduler: str, strength: float
+) -> None:
+    wanted = ask(init_image=picture(), strength=strength, scheduler=scheduler, num_images=2, negative_prompt="dark")
+    assert wanted.mode == "img2img"
+    ours = StepEngine(tiny_loaded).generate([wanted])[0]
+    for got, expected in zip(ours, pipeline_image_from_picture(tiny_loaded, wanted), strict=True):
+        assert_same_image(got.image, expected)
+    assert max_difference(ours[0].image, ours[1].image) > 16  # each image its own seed's
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpainting_with_a_regular_unet_equals_the_inpaint_pipeline(
+    tiny_loaded: LoadedPipeline, strength: float
+) -> None:
+    wanted = ask(init_image=picture(), mask=square_mask(), strength=strength, scheduler="Euler a", num_images=2)
+    assert wanted.mode == "inpaint"
+    ours = StepEngine(tiny_loaded).generate([wanted])[0]
+    for got, expected in zip(ours, pipeline_image_from_picture(tiny_loaded, wanted), strict=True):
+        assert_same_image(got.image, expected)
+    # Outside the mask the picture is kept (through the VAE), inside it is redrawn.
+    assert wanted.init_image is not None
+    source = np.asarray(Image.open(io.BytesIO(wanted.init_image.png)), dtype=np.int16)
+    drawn = np.asarray(ours[0].image, dtype=np.int16)
+    inside = np.abs(drawn - source)[24:40, 24:40].mean()
+    assert inside > 10, inside
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpainting_with_a_nine_channel_unet_equals_the_inpaint_pipeline(
+    inpainting_loaded: LoadedPipeline, strength: float
+) -> None:
+    rules = inpainting_loaded.describe().rules
+    assert rules.needs_mask
+    wanted = ask(rules, init_image=picture(), mask=square_mask(), strength=strength, scheduler="DPM++ 2M", num_images=2)
+    ours = StepEngine(inpainting_loaded).generate([wanted])[0]
+    for got, expected in zip(ours, pipeline_image_from_picture(inpainting_loaded, wanted), strict=True):
+        assert_same_image(got.image, expected)
+
+
+def test_an_inpainting_model_asks_for_both_pictures_and_warms_up_with_them(
+    inpainting_loaded: LoadedPipeline,
+) -> None:
+    assert StepEngine(inpainting_loaded).warmup() > 0  # its warm-up request brings a picture and a mask
+    rules = inpainting_loaded.describe().rules
+    with pytest.raises(InvalidRequestError, match=r"^init_image: is required: this is an inpainting model"):
+        ask(rules)
+    with pytest.raises(InvalidRequestError, match=r"^mask: is required"):
+        ask(rules, init_image=picture())
+
+
+def test_pictures_share_steps_with_text_to_image_and_each_equals_itself_alone(tiny_loaded: LoadedPipeline) -> None:
+    """Text-to-image, image-to-image and inpainting (different strengths, so different start
+    steps) step together; an image-to-image request joins two steps in."""
+    wanted = [
+        ask(scheduler="Euler a", steps=8),
+        ask(init_image=picture(seed=1), strength=0.5, scheduler="DPM++ 2M", seed=3, steps=8),
+        ask(init_image=picture(seed=2), mask=square_mask(), strength=0.75, scheduler="Euler", seed=4, steps=8),
+    ]
+    late = ask(init_image=picture(seed=3), strength=0.8, scheduler="DDIM", seed=5, steps=5, prompt="a blue square")
+    each_equals_itself_alone(tiny_loaded, wanted, late=late)
+
+
+def test_nine_channel_inputs_stay_with_their_rows_guided_or_not(
+    inpainting_loaded: LoadedPipeline,
+) -> None:
+    """Guided and unguided inpainting requests in one denoiser batch: each row keeps its own extra channels."""
+    rules = inpainting_loaded.describe().rules
+    wanted = [
+        ask(rules, init_image=picture(seed=1), mask=square_mask(), strength=0.9, guidance_scale=7.5),
+        ask(rules, init_image=picture(seed=2), mask=square_mask(), strength=0.7, guidance_scale=1.0, seed=9),
+    ]
+    late = ask(rules, init_image=picture(seed=3), mask=square_mask(), strength=1.0, seed=11, steps=4)
+    each_equals_itself_alone(inpainting_loaded, wanted, late=late)
+
+
+def test_a_picture_of_another_size_is_resized_to_the_request_and_so_is_its_mask() -> None:
+    request = ask(init_image=picture((100, 50)), mask=square_mask((30, 30)), width=64, height=96)
+    assert request.init_image is not None and request.mask is not None
+    assert Image.open(io.BytesIO(request.init_image.png)).size == (64, 96)
+    mask = Image.open(io.BytesIO(request.mask.png))
+    assert (mask.size, mask.mode) == ((64, 96), "L")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"init_image": b"hello, I am text named cat.png"}, r"^init_image: must be a PNG, JPEG or WebP image"),
+        ({"init_image": decompression_bomb_png()}, r"^init_image: must be at most 16777216 pixels"),
+        ({"init_image": picture(), "mask": b"GIF89a..."}, r"^mask: must be a PNG, JPEG or WebP image"),
+        ({"init_image": b"\x89PNG\r\n\x1a\n" + b"\0" * 40}, r"^init_image: could not be read as a PNG, JPEG or WebP"),
+        ({"mask": square_mask()}, r"^mask: needs an init_image"),
+        ({"init_image": picture(), "strength": 0}, r"^strength: must be a number greater than 0 and at most 1, got 0"),
+        ({"init_image": picture(), "strength": 1.5}, r"^strength: must be a number greater than 0 and at most 1"),
+        ({"strength": float("nan")}, r"^strength: must be a number greater than 0 and at most 1"),
+        ({"init_image": picture(), "strength": 0.1}, r"^strength: x steps must give at least one step; at 6 steps"),
+        ({"init_image": "/etc/passwd"}, r"^init_image: must be an image file \(PNG, JPEG or WebP\), got str"),
+    ],
+)
+def test_a_bad_picture_or_strength_is_refused_naming_the_field(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        ask(**fields)
+
+
+def test_the_byte_and_pixel_limits_come_from_the_deployment() -> None:
+    limits = RequestLimits(max_upload_bytes=1000, max_upload_pixels=32 * 32)
+    with pytest.raises(InvalidRequestError, match=r"^init_image: must be at most 1000 bytes, got \d+"):
+        check_inputs({"prompt": "x", "width": 64, "height": 64, "init_image": picture()}, limits=limits)
+    small = png_bytes(Image.new("RGB", (40, 40)))
+    with pytest.raises(InvalidRequestError, match=r"^init_image: must be at most 1024 pixels, got 40x40"):
+        check_inputs({"prompt": "x", "width": 64, "height": 64, "init_image": small}, limits=limits)
+
+
+def test_a_family_without_image_inputs_refuses_one() -> None:
+    with pytest.raises(InvalidRequestError, match=r"^init_image: is not supported by this model's family yet"):
+        ask(InputRules(family="flux", image_inputs=False), init_image=picture())
+
+
+def test_the_pictures_cross_to_a_worker_in_the_one_message_and_arrive_checked() -> None:
+    request = ask(init_image=picture(), mask=square_mask(), strength=0.4)
+    arrived = decode(encode(Submit.of(Request(request))))
+    assert arrived.inputs == request
+    assert isinstance(arrived.inputs.init_image, InputImage) and arrived.inputs.mode == "inpaint"
+    assert "png=" not in repr(arrived.inputs)  # logs never carry the bytes
+
+
+def test_a_picture_the_engine_cannot_encode_fails_only_its_request(tiny_loaded: LoadedPipeline) -> None:
+    """A request whose start fails (here: a picture that does not decode, which only a hand-made
+    request can carry) ends with an error; the text-to-image request beside it is served."""
+    broken = InputImage(png=b"not a picture", width=64, height=64)
+    bad = GenerationRequest(prompt="x", steps=3, width=64, height=64, init_image=broken)
+    good = GenerationRequest(prompt="y", steps=3, width=64, height=64)
+    outcomes = StepEngine(tiny_loaded).run([Request(bad), Request(good)])
+    assert outcomes[0].error is not None and not outcomes[0].results
+    assert outcomes[1].error is None and len(outcomes[1].results) == 1
