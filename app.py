@@ -305,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo,
         local_store=local_store,
         sessions=sessions(settings, auth, secret, secure=secure) if auth else None,
-        max_file_size=settings.max_file_size,
+        max_upload_bytes=settings.max_upload_bytes,
+        trusted_proxies=tuple(parse_networks(settings.trusted_proxies)),
         secure_cookies=secure,
     )
     config = uvicorn.Config(

@@ -34,6 +34,7 @@ class ImageParameters:
     model_version: str = ""
     model_hash: str = ""
     lora_hashes: str = ""
+    denoising_strength: float | None = None  # image-to-image and inpainting
 
 
 def parameters_of(result: GenerationResult) -> ImageParameters:
@@ -52,6 +53,7 @@ def parameters_of(result: GenerationResult) -> ImageParameters:
         model_version=result.model_version,
         model_hash=result.model_hash,
         lora_hashes=result.lora_hashes,
+        denoising_strength=request.strength if request.init_image is not None else None,
     )
 
 
@@ -70,6 +72,8 @@ def format_parameters(parameters: ImageParameters) -> str:
     if parameters.model_hash:
         pairs.append(f"Model hash: {parameters.model_hash}")
     pairs.append(f"Model: {parameters.model}")
+    if parameters.denoising_strength is not None:
+        pairs.append(f"Denoising strength: {parameters.denoising_strength:g}")
     if parameters.lora_hashes:
         pairs.append(f"Lora hashes: {json.dumps(parameters.lora_hashes, ensure_ascii=False)}")
     if parameters.model_version:
@@ -101,6 +105,7 @@ def parse_parameters(text: str) -> ImageParameters:
         model_version=values.get("Model version", ""),
         model_hash=values.get("Model hash", ""),
         lora_hashes=values.get("Lora hashes", ""),
+        denoising_strength=float(values["Denoising strength"]) if "Denoising strength" in values else None,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Protocol
 
-from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
+from storage.records import HistoryPage, ImageRecord, InputPictures, Link, LinkedImage
 
 
 class StorageError(RuntimeError):
@@ -37,8 +37,9 @@ def disk_full(error: OSError, where: object) -> StorageFullError | None:
 class ImageStore(Protocol):
     """Save images with their records, list an owner's history, make links."""
 
-    def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
-        """Store one image and its record under ``record.owner``; returns it with a link."""
+    def save(self, png: bytes, record: ImageRecord, inputs: InputPictures | None = None) -> LinkedImage:
+        """Store one image and its record under ``record.owner`` (with the input pictures it was
+        made from, stored as images without records of their own); returns it with a link."""
         ...
 
     def history(self, owner: str, *, page: int, page_size: int) -> HistoryPage:

@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 from storage import keys
 from storage.base import StorageError, disk_full
 from storage.files import write_atomic
-from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
+from storage.records import HistoryPage, ImageRecord, InputPictures, Link, LinkedImage
 
 LINK_ROUTE = "/files"
 SECRET_FILE = ".link-secret"
@@ -74,10 +74,12 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
-        """Write the PNG and its record (atomically, via a temporary file and rename)."""
+    def save(self, png: bytes, record: ImageRecord, inputs: InputPictures | None = None) -> LinkedImage:
+        """Write the input pictures, the PNG and its record (atomically, via a temporary file and rename)."""
         stored = record.model_copy(update={"status": "stored"})
         try:
+            for input_id, picture in (inputs or {}).items():
+                write_atomic(self._path(keys.image_key("", record.owner, input_id)), picture)
             write_atomic(self._path(keys.image_key("", record.owner, record.id)), png)
             write_atomic(self._path(keys.record_key("", record.owner, record.id)), stored.model_dump_json().encode())
         except OSError as error:
@@ -108,11 +110,12 @@ class LocalStore:
         try:
             for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
                 record = ImageRecord.model_validate_json(path.read_bytes()).model_copy(update={"owner": owner})
-                image = self._path(keys.image_key("", owner, record.id))
-                image.parent.mkdir(parents=True, exist_ok=True)
+                self._path(keys.image_key("", owner, record.id)).parent.mkdir(parents=True, exist_ok=True)
                 # Already moved when an earlier adoption was killed before it wrote the record: go on.
-                with contextlib.suppress(FileNotFoundError):
-                    self._path(keys.image_key("", earlier_owner, record.id)).replace(image)
+                for image_id in (*record.input_ids, record.id):  # an input shared by several images moves once
+                    moved_to = self._path(keys.image_key("", owner, image_id))
+                    with contextlib.suppress(FileNotFoundError):
+                        self._path(keys.image_key("", earlier_owner, image_id)).replace(moved_to)
                 write_atomic(self._path(keys.record_key("", owner, record.id)), record.model_dump_json().encode())
                 path.unlink()
                 moved += 1

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 from sd_pipeline.contract.jobs import GenerationResult
 
 Status = Literal["stored", "pending"]
+InputPictures = Mapping[str, bytes]  # a request's stored input pictures: image id -> PNG
 
 
 class ImageRecord(BaseModel):
@@ -31,14 +33,24 @@ class ImageRecord(BaseModel):
     model_version: str = ""  # the published version that drew it (models from S3)
     model_hash: str = ""
     lora_hashes: str = ""  # the LoRA adapters the prompt named: "NAME: HASH, ..." (AUTOMATIC1111's)
+    strength: float | None = None  # image-to-image / inpainting: the denoising strength
+    init_image: str = ""  # the id of the stored input picture it started from ("" for text-to-image)
+    mask: str = ""  # the id of the stored inpainting mask
     nsfw: bool = False
     status: Status = "stored"
 
     @classmethod
     def from_result(
-        cls, result: GenerationResult, *, image_id: str, owner: str, created_at: dt.datetime
+        cls,
+        result: GenerationResult,
+        *,
+        image_id: str,
+        owner: str,
+        created_at: dt.datetime,
+        init_image: str = "",
+        mask: str = "",
     ) -> ImageRecord:
-        """The record for one generated image."""
+        """The record for one generated image; ``init_image`` and ``mask``: its stored inputs' ids."""
         request = result.request
         return cls(
             id=image_id,
@@ -56,8 +68,16 @@ class ImageRecord(BaseModel):
             model_version=result.model_version,
             model_hash=result.model_hash,
             lora_hashes=result.lora_hashes,
+            strength=request.strength if request.init_image is not None else None,
+            init_image=init_image,
+            mask=mask,
             nsfw=result.nsfw,
         )
+
+    @property
+    def input_ids(self) -> list[str]:
+        """The ids of the stored pictures this image was made from (input image, mask)."""
+        return [image_id for image_id in (self.init_image, self.mask) if image_id]
 
 
 @dataclass(frozen=True)
@@ -74,12 +94,16 @@ class LinkedImage:
 
     record: ImageRecord
     link: Link
+    input_links: Mapping[str, Link] = field(default_factory=dict)  # "init_image" / "mask" -> link
 
     def to_api(self) -> dict[str, Any]:
-        """The record as the public API returns it (the owner key stays internal)."""
-        fields = self.record.model_dump(exclude={"owner"})
+        """The record as the public API returns it (the owner key stays internal); a stored input
+        picture's id is replaced by its link (``init_image_url``, ``mask_url``)."""
+        fields = self.record.model_dump(exclude={"owner", "init_image", "mask"})
         fields["url"] = self.link.url
         fields["expires_at"] = self.link.expires_at.isoformat(timespec="seconds")
+        for name, link in self.input_links.items():
+            fields[f"{name}_url"] = link.url
         return fields
 
 

@@ -13,10 +13,11 @@ from pydantic import BaseModel, Field
 from storage import keys
 from storage.base import StorageError, StorageUnreachableError
 from storage.client import AddressingStyle, s3_client
-from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
+from storage.records import HistoryPage, ImageRecord, InputPictures, Link, LinkedImage
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
 MAX_LINK_TTL_SECONDS = 7 * 24 * 3600  # the SigV4 maximum
 S3_ERRORS = (BotoCoreError, ClientError)
@@ -92,19 +93,14 @@ class S3Store:
             extra["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
         self.client.create_bucket(Bucket=self.settings.bucket, **extra)
 
-    def put(self, png: bytes, record: ImageRecord) -> None:
-        """Upload the PNG, then its record (raises botocore errors; the spool catches them).
+    def put(self, png: bytes, record: ImageRecord, inputs: InputPictures | None = None) -> None:
+        """Upload the input pictures, the PNG, then its record (raises botocore errors; the spool catches them).
 
-        In that order: a process killed between the two leaves an image without a record (the
-        spool uploads both again), never a history entry without its picture."""
-        self.client.put_object(
-            Bucket=self.settings.bucket,
-            Key=keys.image_key(self.settings.prefix, record.owner, record.id),
-            Body=png,
-            ContentType="image/png",
-            ContentDisposition=f'inline; filename="{record.id}.png"',
-            CacheControl="private, max-age=86400",
-        )
+        In that order: a process killed between them leaves pictures without a record (the
+        spool uploads them all again), never a history entry without its picture."""
+        for input_id, picture in (inputs or {}).items():
+            self._put_image(record.owner, input_id, picture)
+        self._put_image(record.owner, record.id, png)
         self.client.put_object(
             Bucket=self.settings.bucket,
             Key=keys.record_key(self.settings.prefix, record.owner, record.id),
@@ -112,10 +108,20 @@ class S3Store:
             ContentType="application/json",
         )
 
-    def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
+    def _put_image(self, owner: str, image_id: str, png: bytes) -> None:
+        self.client.put_object(
+            Bucket=self.settings.bucket,
+            Key=keys.image_key(self.settings.prefix, owner, image_id),
+            Body=png,
+            ContentType="image/png",
+            ContentDisposition=f'inline; filename="{image_id}.png"',
+            CacheControl="private, max-age=86400",
+        )
+
+    def save(self, png: bytes, record: ImageRecord, inputs: InputPictures | None = None) -> LinkedImage:
         """Upload and return the stored record with a presigned link."""
         try:
-            self.put(png, record)
+            self.put(png, record, inputs)
         except S3_ERRORS as error:
             raise StorageError(f"upload to {self._where()} failed: {type(error).__name__}") from error
         stored = record.model_copy(update={"status": "stored"})
@@ -163,6 +169,9 @@ class S3Store:
             for key in record_keys:
                 record = self._get_record(key).model_copy(update={"owner": owner})
                 old_image = keys.image_key(self.settings.prefix, earlier_owner, record.id)
+                old_inputs = [keys.image_key(self.settings.prefix, earlier_owner, i) for i in record.input_ids]
+                for input_id, old_input in zip(record.input_ids, old_inputs, strict=True):
+                    self._copy_if_there(old_input, keys.image_key(self.settings.prefix, owner, input_id))
                 self.client.copy_object(
                     Bucket=self.settings.bucket,
                     Key=keys.image_key(self.settings.prefix, owner, record.id),
@@ -174,12 +183,21 @@ class S3Store:
                     Body=record.model_dump_json().encode(),
                     ContentType="application/json",
                 )
-                self.client.delete_objects(
-                    Bucket=self.settings.bucket, Delete={"Objects": [{"Key": key}, {"Key": old_image}], "Quiet": True}
-                )
+                gone: list[ObjectIdentifierTypeDef] = [{"Key": old} for old in (key, old_image, *old_inputs)]
+                self.client.delete_objects(Bucket=self.settings.bucket, Delete={"Objects": gone, "Quiet": True})
         except S3_ERRORS as error:
             raise StorageError(f"moving a history in {self._where()} failed: {type(error).__name__}") from error
         return len(record_keys)
+
+    def _copy_if_there(self, source: str, target: str) -> None:
+        """Copy one object; one already moved (an input picture shared by several images) is skipped."""
+        try:
+            self.client.copy_object(
+                Bucket=self.settings.bucket, Key=target, CopySource={"Bucket": self.settings.bucket, "Key": source}
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                raise
 
     def _list_record_keys(self, owner: str, *, limit: int) -> list[str]:
         found: list[str] = []

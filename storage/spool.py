@@ -23,13 +23,14 @@ from typing import Protocol
 
 from storage.base import SpoolFullError, StorageError, disk_full
 from storage.files import sync_folder, write_synced
-from storage.records import HistoryPage, ImageRecord, Link, LinkedImage
+from storage.records import HistoryPage, ImageRecord, InputPictures, Link, LinkedImage
 from storage.s3 import S3_ERRORS, S3Store
 
 logger = logging.getLogger(__name__)
 
 IMAGE_FILE = "image.png"
 RECORD_FILE = "record.json"
+INPUT_PREFIX = "input-"  # an input picture beside the image: input-{id}.png
 STAGING_MAX_AGE = 3600.0  # a staging folder this old was abandoned by a crash (a write takes milliseconds)
 
 
@@ -69,11 +70,12 @@ class Spool:
         """Waiting uploads, oldest first (image ids sort newest first)."""
         return sorted((path for path in self.folder.iterdir() if not path.name.startswith(".")), reverse=True)
 
-    def put(self, png: bytes, record: ImageRecord) -> None:
-        """Keep one upload on disk; raises ``SpoolFullError`` when over the limits."""
+    def put(self, png: bytes, record: ImageRecord, inputs: InputPictures | None = None) -> None:
+        """Keep one upload (with its input pictures) on disk; raises ``SpoolFullError`` when over the limits."""
+        inputs = inputs or {}
         with self._lock:
             entries = self.entries()
-            if not self._fits(entries, len(png)):
+            if not self._fits(entries, len(png) + sum(len(picture) for picture in inputs.values())):
                 raise SpoolFullError(
                     f"storage is unavailable and the upload spool is full ({len(entries)} images waiting); "
                     "nothing was saved, try again later"
@@ -81,6 +83,8 @@ class Spool:
             staging = self.folder / f".tmp-{uuid.uuid4().hex}"
             try:
                 staging.mkdir()
+                for input_id, picture in inputs.items():
+                    write_synced(staging / f"{INPUT_PREFIX}{input_id}.png", picture)
                 write_synced(staging / IMAGE_FILE, png)
                 write_synced(staging / RECORD_FILE, record.model_dump_json().encode())
                 sync_folder(staging)
@@ -104,6 +108,12 @@ class Spool:
     def load(self, entry: Path) -> tuple[bytes, ImageRecord]:
         record = ImageRecord.model_validate_json((entry / RECORD_FILE).read_bytes())
         return (entry / IMAGE_FILE).read_bytes(), record
+
+    def inputs(self, entry: Path) -> dict[str, bytes]:
+        """The input pictures kept with an entry, by id."""
+        return {
+            path.stem.removeprefix(INPUT_PREFIX): path.read_bytes() for path in entry.glob(f"{INPUT_PREFIX}*.png")
+        }
 
     def remove(self, entry: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
@@ -172,13 +182,13 @@ class SpoolingStore:
         self._report_pending()
         self._thread.start()
 
-    def save(self, png: bytes, record: ImageRecord) -> LinkedImage:
+    def save(self, png: bytes, record: ImageRecord, inputs: InputPictures | None = None) -> LinkedImage:
         """Upload now, or spool and return the record marked ``pending`` (its link works once uploaded)."""
         link = self.primary.link(record.owner, record.id)
         if self._healthy:
             started = time.perf_counter()
             try:
-                self.primary.put(png, record)
+                self.primary.put(png, record, inputs)
             except S3_ERRORS as error:
                 logger.warning("upload of %s failed (%s); spooling it", record.id, type(error).__name__)
                 self._record_failure()
@@ -187,7 +197,7 @@ class SpoolingStore:
                     self.observer.upload(seconds=time.perf_counter() - started)
                 return LinkedImage(record.model_copy(update={"status": "stored"}), link)
         pending = record.model_copy(update={"status": "pending"})
-        self.spool.put(png, pending)
+        self.spool.put(png, pending, inputs)
         self._report_pending()
         self._wake.set()
         return LinkedImage(pending, link)
@@ -307,6 +317,7 @@ class SpoolingStore:
     def _upload_held(self, entry: Path) -> bool:
         try:
             png, record = self.spool.load(entry)
+            inputs = self.spool.inputs(entry)
         except (OSError, ValueError) as error:
             if not entry.exists():
                 return True  # uploaded by another front end
@@ -315,7 +326,7 @@ class SpoolingStore:
             return True
         started = time.perf_counter()
         try:
-            self.primary.put(png, record)
+            self.primary.put(png, record, inputs)
         except S3_ERRORS as error:
             logger.warning("upload of spooled %s failed (%s); retrying later", record.id, type(error).__name__)
             self._record_failure()

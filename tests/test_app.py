@@ -19,13 +19,16 @@ import boto3
 import numpy as np
 import pytest
 import requests
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from PIL import Image
 
 from harness.app_server import ROOT, RunningApp, is_stepping, is_waiting, launched_app
-from harness.images import assert_same_image
+from harness.images import assert_same_image, decompression_bomb_png, pipeline_image_from_picture
 from harness.servers import S3Server, wait_until
+from sd_pipeline.contract.request import check_inputs
+from sd_pipeline.model.loading import LoadedPipeline
 from sd_pipeline.png import read_png_parameters
+from tests.test_image_inputs import picture, square_mask
 from tests.test_request import BAD_INPUTS
 
 FAST: dict[str, Any] = {"steps": 3, "width": 64, "height": 64, "guidance_scale": 7.5, "scheduler": "Euler a"}
@@ -40,7 +43,7 @@ def s3_app(tiny_model_dir: Path, s3_server: S3Server, tmp_path_factory: pytest.T
         tiny_model_dir,
         tmp_path_factory.mktemp("s3-app"),
         env=env,
-        args=["--history-page-size", "3", "--max-pixels", str(256 * 256)],
+        args=["--history-page-size", "3", "--max-pixels", str(256 * 256), "--max-upload-bytes", "300000"],
     ) as app:
         yield app
 
@@ -202,12 +205,93 @@ def test_metrics_move_with_real_traffic_and_pass_promtool(s3_app: RunningApp, tm
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_the_upload_route_is_refused(s3_app: RunningApp) -> None:
-    """The app takes no files, so Gradio's upload route (which stores whatever it is sent) is closed."""
-    response = requests.post(
-        s3_app.url + "gradio_api/upload", files={"files": ("x.png", b"not an image", "image/png")}, timeout=10
-    )
-    assert response.status_code == 403 and "accepts no uploads" in response.text
+UPLOAD_LIMIT = 300_000  # the s3 app's MAX_UPLOAD_BYTES
+OVER_LIMIT = b"\x89PNG\r\n\x1a\n" + bytes(UPLOAD_LIMIT)
+
+
+def uploads_left(app: RunningApp, content: bytes) -> list[Path]:
+    """Files holding ``content`` in the app's Gradio folder (where uploads land)."""
+    folder = app.log_path.parent / "gradio"
+    return [path for path in folder.rglob("*") if path.is_file() and path.read_bytes() == content]
+
+
+def picture_file(folder: Path, name: str, content: bytes) -> Any:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(content)
+    return handle_file(str(folder / name))
+
+
+def test_image_to_image_and_inpainting_through_the_api_equal_diffusers(
+    s3_app: RunningApp, tiny_loaded: LoadedPipeline, tmp_path: Path
+) -> None:
+    """A picture and a mask sent with handle_file: the served PNG equals diffusers' pipelines, the
+    inputs are stored behind links of their own (another client's history never shows them), the
+    PNG says the strength, and the uploaded files are gone once the request is over."""
+    start, mask = picture(seed=5), square_mask()
+    c = client(s3_app, tmp_path)
+    for fields in ({"strength": 0.6}, {"strength": 0.8, "mask": picture_file(tmp_path, "mask.png", mask)}):
+        sent = {**fields, "init_image": picture_file(tmp_path, "start.png", start)}
+        record = generate(c, "a red circle", seed=21, **sent)[1]["images"][0]
+        wanted = check_inputs(
+            {"prompt": "a red circle", "seed": 21, **FAST, "init_image": start, "strength": fields["strength"]}
+            | ({"mask": mask} if "mask" in fields else {})
+        )
+        served = Image.open(io.BytesIO(requests.get(record["url"], timeout=10).content))
+        assert_same_image(served.convert("RGB"), pipeline_image_from_picture(tiny_loaded, wanted)[0], tolerance=2)
+        assert (
+            read_png_parameters(requests.get(record["url"], timeout=10).content).denoising_strength
+            == fields["strength"]
+        )
+        assert record["strength"] == fields["strength"]
+        stored = fetch_pixels(record["init_image_url"])
+        assert_same_image(stored, Image.open(io.BytesIO(start)).convert("RGB"))
+        assert ("mask_url" in record) == ("mask" in fields)
+        assert uploads_left(s3_app, start) == [] and uploads_left(s3_app, mask) == []
+    others = client(s3_app, tmp_path / "other").predict(1, api_name="/history")[1]["images"]
+    assert record["id"] not in {image["id"] for image in others}
+    bare = record["init_image_url"].split("?")[0]
+    assert requests.get(bare, timeout=10).status_code == 403  # private: the link's signature is the key
+
+
+@pytest.mark.parametrize(
+    ("pictures", "fields", "message"),
+    [
+        ({"init_image": b"just text, named like a picture"}, {}, r"init_image: must be a PNG, JPEG or WebP image"),
+        ({"init_image": decompression_bomb_png()}, {}, r"init_image: must be at most \d+ pixels"),
+        (
+            {"init_image": b"\x89PNG\r\n\x1a\n" + bytes(UPLOAD_LIMIT)},
+            {},
+            rf"init_image: must be at most {UPLOAD_LIMIT} bytes",
+        ),
+        ({"mask": square_mask()}, {}, r"mask: needs an init_image"),
+        ({"init_image": picture()}, {"strength": 0}, r"strength: must be a number greater than 0 and at most 1, got 0"),
+        ({"init_image": picture()}, {"strength": 1.5}, r"strength: must be a number greater than 0 and at most 1"),
+    ],
+    ids=[
+        "text-named-png",
+        "30000x30000-png",
+        "over-max-upload-bytes",
+        "mask-without-image",
+        "strength-0",
+        "strength-1.5",
+    ],
+)
+def test_a_bad_picture_is_refused_by_field_and_leaves_nothing_on_disk(
+    s3_app: RunningApp, tmp_path: Path, pictures: dict[str, bytes], fields: dict[str, Any], message: str
+) -> None:
+    sent = {name: picture_file(tmp_path, f"{name}.png", content) for name, content in pictures.items()}
+    with pytest.raises(Exception, match=message):
+        generate(client(s3_app, tmp_path), "x", **sent, **fields)
+    assert all(uploads_left(s3_app, content) == [] for content in pictures.values())
+    assert generate(client(s3_app, tmp_path), "still serving")[1]["images"][0]["prompt"] == "still serving"
+
+
+def test_the_upload_route_is_bounded_before_it_stores_anything(s3_app: RunningApp) -> None:
+    """Past twice MAX_UPLOAD_BYTES a file is refused by the route itself (Gradio's limit, no field to name)."""
+    too_big = b"\x89PNG\r\n\x1a\n" + bytes(2 * UPLOAD_LIMIT + 1)
+    response = requests.post(s3_app.url + "gradio_api/upload", files={"files": ("big.png", too_big)}, timeout=30)
+    assert response.status_code == 413
+    assert uploads_left(s3_app, too_big) == []
 
 
 def test_storage_outage_does_not_lose_images(s3_app: RunningApp, s3_server: S3Server, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import io
 import multiprocessing
 import os
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.png import encode_png, read_png_parameters
 from storage import keys
 from storage.base import SpoolFullError, StorageError, StorageFullError, StorageUnreachableError
-from storage.local import ForbiddenLinkError, LocalStore, load_or_create_secret
-from storage.records import ImageRecord
+from storage.local import LINK_ROUTE, ForbiddenLinkError, LocalStore, load_or_create_secret
+from storage.records import ImageRecord, InputPictures
 from storage.s3 import S3Settings, S3Store
 from storage.spool import Spool, SpoolingStore, SpoolLimits
 
@@ -426,11 +427,11 @@ def test_the_uploader_outlives_unexpected_errors(tmp_path: Path, s3_server: S3Se
     )
     real_put, calls = store.primary.put, []
 
-    def put(png: bytes, record: ImageRecord) -> None:
+    def put(png: bytes, record: ImageRecord, inputs: InputPictures | None = None) -> None:
         calls.append(record.id)
         if len(calls) <= 2:
             raise RuntimeError("a bug, not an S3 error")
-        real_put(png, record)
+        real_put(png, record, inputs)
 
     store.primary.put = put  # type: ignore[method-assign]
     store._healthy = False  # as after a failed upload: new images go to the spool
@@ -535,3 +536,66 @@ def test_front_ends_starting_together_on_one_folder_share_one_secret(tmp_path: P
         made = list(pool.map(lambda _: load_or_create_secret(tmp_path, ".app-secret"), range(8)))
     assert len(set(made)) == 1 and len(made[0]) == 32
     assert sorted(path.name for path in tmp_path.iterdir()) == [".app-secret"]  # no temporary left behind
+
+
+def test_input_pictures_are_stored_private_beside_their_images_and_move_with_them(s3_server: S3Server) -> None:
+    """Two images made from one picture and mask: the pictures are stored once, behind presigned links
+    like the images (no link, no read), and an adoption moves them with the records that name them."""
+    s3_server.create_bucket("inputs")
+    store = s3_store(s3_server, "inputs", prefix="sd/")
+    earlier, owner = keys.owner_key("user:alice"), keys.owner_key("user:alice", b"k" * 32)
+    picture_id, mask_id = keys.new_image_id(dt.datetime.now(dt.UTC)), keys.new_image_id(dt.datetime.now(dt.UTC))
+    inputs = {picture_id: small_png(10), mask_id: small_png(20)}
+    records = [
+        make_record(earlier, prompt=f"inpainted {n}").model_copy(update={"init_image": picture_id, "mask": mask_id})
+        for n in range(2)
+    ]
+    store.save(small_png(1), records[0], inputs)
+    store.save(small_png(2), records[1])
+    assert requests.get(store.link(earlier, picture_id).url, timeout=10).content == small_png(10)
+    bare = f"{s3_server.endpoint_url}/inputs/sd/owners/{earlier}/images/{picture_id}.png"
+    assert requests.get(bare, timeout=10).status_code == 403  # private: only the signed link reads it
+    assert store.adopt(earlier, owner) == 2
+    assert store.fetch(owner, picture_id) == small_png(10) and store.fetch(owner, mask_id) == small_png(20)
+    with pytest.raises(StorageError):
+        store.fetch(earlier, picture_id)
+
+
+def test_input_pictures_wait_in_the_spool_with_their_image_through_an_outage(tmp_path: Path) -> None:
+    server = S3Server()
+    server.start()
+    server.create_bucket("outage-inputs")
+    store = SpoolingStore(
+        s3_store(server, "outage-inputs", max_attempts=1, connect_timeout=0.5, read_timeout=1),
+        Spool(tmp_path / "spool"),
+        min_backoff=0.2,
+        max_backoff=1.0,
+    )
+    store.start()
+    try:
+        server.stop()
+        picture_id = keys.new_image_id(dt.datetime.now(dt.UTC))
+        record = make_record(OWNER).model_copy(update={"init_image": picture_id})
+        assert store.save(small_png(1), record, {picture_id: small_png(30)}).record.status == "pending"
+        server.start()
+        assert wait_until(lambda: not store.spool.entries(), timeout=20)
+        assert store.fetch(OWNER, picture_id) == small_png(30)
+        assert store.fetch(OWNER, record.id) == small_png(1)
+    finally:
+        store.close(flush_timeout=1)
+        server.stop()
+
+
+def test_local_input_pictures_are_behind_signed_links_and_move_with_their_image(tmp_path: Path) -> None:
+    earlier, owner = keys.owner_key("user:alice"), keys.owner_key("user:alice", b"k" * 32)
+    store = LocalStore(tmp_path, secret=b"s" * 32, link_ttl_seconds=60, base_url="http://app")
+    picture_id = keys.new_image_id(dt.datetime.now(dt.UTC))
+    record = make_record(earlier).model_copy(update={"init_image": picture_id})
+    store.save(small_png(1), record, {picture_id: small_png(40)})
+    link = urllib.parse.urlsplit(store.link(earlier, picture_id).url)
+    key, query = link.path.removeprefix(LINK_ROUTE + "/"), dict(urllib.parse.parse_qsl(link.query))
+    assert store.open_signed(key, **query).read_bytes() == small_png(40)
+    with pytest.raises(ForbiddenLinkError):
+        store.open_signed(key, expires=query["expires"], signature="0" * 64)
+    assert store.adopt(earlier, owner) == 1
+    assert store.fetch(owner, picture_id) == small_png(40)

@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
@@ -19,6 +20,7 @@ from webapp.form import generate_fields, with_signature
 from webapp.owners import Network, caller_of
 from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
+from webapp.uploads import remove_pictures, take_pictures
 
 GalleryItems = list[tuple[str, str]]
 
@@ -59,9 +61,13 @@ class Endpoints:
             assert isinstance(request, gr.Request)
             previews = LatestPreview(asyncio.get_running_loop())
             caller = caller_of(request, secret=self.owner_secret, trusted_proxies=self.trusted_proxies)
+            try:  # the uploaded files are read, and removed, before anything else
+                fields = take_pictures(self._fields(values), max_bytes=self.limits.max_upload_bytes, remove=True)
+            except InvalidRequestError as error:
+                raise gr.Error(str(self.service.refused(error)), print_exception=False) from None
             running = asyncio.ensure_future(
                 self.service.generate(
-                    dict(zip(self.names, values, strict=True)),
+                    fields,
                     owner=caller.owner,
                     progress=lambda desc, done: progress(done, desc=desc),
                     on_preview=previews.put,
@@ -90,12 +96,24 @@ class Endpoints:
         return generate
 
     def check_form(self, *values: Any) -> list[dict[str, Any]]:
-        """Gradio's validator for /generate: a bad field is named next to its input, before the queue."""
-        error = self.service.invalid_field(dict(zip(self.names, values, strict=True)))
+        """Gradio's validator for /generate: a bad field is named next to its input, before the queue.
+        A refused request's uploaded pictures are removed with it."""
+        fields = self._fields(values)
+        try:
+            error = self.service.invalid_field(
+                take_pictures(fields, max_bytes=self.limits.max_upload_bytes, remove=False)
+            )
+        except InvalidRequestError as refused:
+            error = self.service.refused(refused)
+        if error is not None:
+            remove_pictures(fields)
         return [
             gr.validate(error is None or error.field != name, str(error) if error is not None else "")
             for name in self.names
         ]
+
+    def _fields(self, values: Sequence[Any]) -> dict[str, Any]:
+        return dict(zip(self.names, values, strict=True))
 
     def history(self, page: float = 1, request: gr.Request | None = None) -> tuple[GalleryItems, dict[str, Any]]:
         """One page of your earlier images, newest first, with freshly signed links.

@@ -14,8 +14,16 @@ import gradio as gr
 
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.recommended import recommended_request
-from sd_pipeline.contract.request import GUIDANCE_MEANING, MAX_SEED, RANDOM_SEED, InputRules, RequestLimits
+from sd_pipeline.contract.request import (
+    DEFAULT_STRENGTH,
+    GUIDANCE_MEANING,
+    MAX_SEED,
+    RANDOM_SEED,
+    InputRules,
+    RequestLimits,
+)
 from webapp.components import validated_by_app
+from webapp.uploads import uploaded_picture
 
 REQUIRED = inspect.Parameter.empty
 
@@ -152,6 +160,59 @@ def generate_fields(
                 label="Sampler",
                 allow_custom_value=True,
                 elem_id="scheduler",
+            ),
+        ),
+        *picture_fields(limits),
+    ]
+
+
+def picture_fields(limits: RequestLimits) -> list[FormField]:
+    """The image-to-image and inpainting inputs: last, with defaults, so earlier calls keep working."""
+    files = f"PNG, JPEG or WebP, at most {limits.max_upload_bytes} bytes and {limits.max_upload_pixels} pixels"
+    return [
+        FormField(
+            "init_image",
+            str,
+            None,
+            f"image-to-image: the picture to start from ({files}; resized to width x height). In gradio_client: "
+            "handle_file(path). None: text-to-image",
+            lambda: uploaded_picture(
+                label="Start from a picture (image-to-image)",
+                sources=["upload", "clipboard"],
+                height=220,
+                elem_id="init-image",
+            ),
+        ),
+        FormField(
+            "strength",
+            float,
+            DEFAULT_STRENGTH,
+            "with init_image: denoising strength, greater than 0 up to 1 (1 redraws everything; "
+            "int(steps x strength) steps run)",
+            lambda: validated_by_app(
+                gr.Slider(
+                    0.01,
+                    1,
+                    value=DEFAULT_STRENGTH,
+                    step=0.01,
+                    label="Denoising strength",
+                    info="how much of the picture is redrawn",
+                    elem_id="strength",
+                )
+            ),
+        ),
+        FormField(
+            "mask",
+            str,
+            None,
+            f"inpainting: white = redraw, black = keep ({files}; needs init_image; resized to width x height). "
+            "In gradio_client: handle_file(path)",
+            lambda: uploaded_picture(
+                label="Inpainting mask (white = redraw)",
+                image_mode="L",
+                sources=["upload", "clipboard"],
+                height=220,
+                elem_id="mask",
             ),
         ),
     ]

@@ -14,9 +14,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 
 from storage.local import LINK_ROUTE, ForbiddenLinkError, LocalStore, NoSuchImageError
-from webapp.owners import ASGIApp, OwnerCookieMiddleware
+from webapp.owners import ASGIApp, Network, OwnerCookieMiddleware
 from webapp.sessions import Sessions
 from webapp.ui import PAGE_CSS
+from webapp.uploads import ROUTE_LIMIT, UploadGuard
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,12 @@ def create_app(
     *,
     local_store: LocalStore | None,
     sessions: Sessions | None,
-    max_file_size: str,
+    max_upload_bytes: int,
+    trusted_proxies: tuple[Network, ...] = (),
     secure_cookies: bool = False,
 ) -> ASGIApp:
-    """FastAPI app serving signed local files (when storing locally) and the Gradio page."""
+    """FastAPI app serving signed local files (when storing locally) and the Gradio page; its upload
+    route takes pictures of at most ``max_upload_bytes`` (``webapp.uploads``)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     if local_store is not None:
         store = local_store
@@ -44,12 +47,6 @@ def create_app(
                 raise HTTPException(status_code=403, detail=str(error)) from None
             return FileResponse(path, media_type="image/png", filename=path.name, content_disposition_type="inline")
 
-    @app.post("/gradio_api/upload", include_in_schema=False)
-    @app.post("/gradio_api/upload/", include_in_schema=False)
-    def no_uploads() -> None:
-        """The app takes no files: Gradio's upload route would store any a client sends."""
-        raise HTTPException(status_code=403, detail="this app accepts no uploads")
-
     if sessions is not None:
         sessions.add_routes(app)
 
@@ -58,14 +55,15 @@ def create_app(
         demo,
         path="",
         auth_dependency=sessions.user if sessions is not None else None,
-        max_file_size=max_file_size,
+        max_file_size=ROUTE_LIMIT * max_upload_bytes,
         enable_monitoring=False,
         footer_links=["api"],
         show_error=True,
         ssr_mode=False,
         css=PAGE_CSS,
     )
-    return OwnerCookieMiddleware(app, secure=secure_cookies)
+    guarded = UploadGuard(app, max_bytes=max_upload_bytes, trusted_proxies=trusted_proxies)
+    return OwnerCookieMiddleware(guarded, secure=secure_cookies)
 
 
 class GracefulServer(uvicorn.Server):

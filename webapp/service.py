@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -28,7 +29,7 @@ from sd_pipeline.contract.errors import (
 from sd_pipeline.contract.jobs import GenerationResult, PreviewCallback
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.models import ModelDefaults
-from sd_pipeline.contract.request import InputRules
+from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.png import encode_png
 from storage.base import ImageStore, StorageError, StorageFullError
 from storage.keys import new_image_id
@@ -105,9 +106,13 @@ class ImageService:
         try:
             self.backend.check(fields)
         except InvalidRequestError as error:
-            self.metrics.request_finished(Outcome.INVALID)
-            return error
+            return self.refused(error)
         return None
+
+    def refused(self, error: InvalidRequestError) -> InvalidRequestError:
+        """Count a request refused for ``error`` (found here or by the web layer, e.g. an unreadable upload)."""
+        self.metrics.request_finished(Outcome.INVALID)
+        return error
 
     async def generate(
         self,
@@ -196,14 +201,21 @@ class ImageService:
             raise BusyError(str(error)) from error
 
     def _store_all(self, results: list[GenerationResult], owner: str) -> list[GeneratedImage]:
+        """Store each image; the request's input pictures once, with the first, under ids of their own."""
         self._prune_gallery_files()
         images = []
+        inputs = _input_pictures(results[0].request) if results else {}
+        input_ids = {name: image_id for name, (image_id, _) in inputs.items()}
+        unsaved = dict(inputs.values())
         for result in results:
             now = dt.datetime.now(dt.UTC)
-            record = ImageRecord.from_result(result, image_id=new_image_id(now), owner=owner, created_at=now)
+            record = ImageRecord.from_result(
+                result, image_id=new_image_id(now), owner=owner, created_at=now, **input_ids
+            )
             png = encode_png(result)
             try:
-                linked = self.store.save(png, record)
+                linked = self.with_input_links(self.store.save(png, record, unsaved))
+                unsaved = {}
             except StorageFullError as error:
                 self.metrics.storage_full.inc()
                 raise StorageUnavailableError(f"{error}; try again later") from error
@@ -226,6 +238,13 @@ class ImageService:
                 if path.stat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
 
+    def with_input_links(self, image: LinkedImage) -> LinkedImage:
+        """``image`` with fresh links to the pictures it was made from (signing is local: no store call)."""
+        record = image.record
+        names = {"init_image": record.init_image, "mask": record.mask}
+        links = {name: self.store.link(record.owner, image_id) for name, image_id in names.items() if image_id}
+        return dataclasses.replace(image, input_links=links) if links else image
+
     def history(self, *, owner: str, page: Any, earlier_owner: str | None = None) -> HistoryView:
         """One page of the owner's history with fresh links, and local copies for the gallery.
 
@@ -237,6 +256,7 @@ class ImageService:
             self._adopt(earlier_owner, owner)
         try:
             found = self.store.history(owner, page=int(page), page_size=self.page_size)
+            found = dataclasses.replace(found, images=[self.with_input_links(image) for image in found.images])
             paths = list(self._fetch_pool.map(lambda image: self._gallery_copy(owner, image), found.images))
         except StorageError as error:
             raise StorageUnavailableError(f"history is unavailable right now: {error}") from error
@@ -285,6 +305,13 @@ def _outcome_of(error: UserFacingError) -> Outcome:
     if isinstance(error, BusyError):
         return Outcome.REJECTED
     return Outcome.ERROR
+
+
+def _input_pictures(request: GenerationRequest) -> dict[str, tuple[str, bytes]]:
+    """A request's input pictures to store: field name -> (a new image id, PNG)."""
+    pictures = {"init_image": request.init_image, "mask": request.mask}
+    now = dt.datetime.now(dt.UTC)
+    return {name: (new_image_id(now), picture.png) for name, picture in pictures.items() if picture is not None}
 
 
 def _consume_outcome(outcome: asyncio.Future[Any]) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, Json, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sd_pipeline.contract.images import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MAX_UPLOAD_PIXELS
 from sd_pipeline.contract.models import ModelStore, is_s3_model
 from sd_pipeline.contract.plans import DEFAULT_STALL_SECONDS, DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
 from sd_pipeline.contract.request import DEFAULT_MAX_PIXELS, RequestLimits
@@ -111,6 +112,14 @@ class Settings(BaseSettings):
         description="at most one preview per request this often (and only after a new step)",
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="largest width x height accepted")
+    max_upload_bytes: int = Field(
+        DEFAULT_MAX_UPLOAD_BYTES, ge=1024, description="largest init_image or mask file accepted (bytes)"
+    )
+    max_upload_pixels: int = Field(
+        DEFAULT_MAX_UPLOAD_PIXELS,
+        ge=64 * 64,
+        description="largest init_image or mask accepted (width x height, read from the header before decoding)",
+    )
     sd_simulated_gpu: str | None = Field(
         None,
         description="benchmarks only: each UNet/VAE call lasts a modelled accelerator's time, "
@@ -216,7 +225,6 @@ class Settings(BaseSettings):
     )
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds to finish running work on SIGTERM")
     shutdown_linger: float = Field(3.0, ge=0, description="seconds to keep serving after work is done, for downloads")
-    max_file_size: str = Field("10mb", description="largest upload Gradio accepts")
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -330,7 +338,11 @@ class Settings(BaseSettings):
         )
 
     def limits(self) -> RequestLimits:
-        return RequestLimits(max_pixels=self.max_pixels)
+        return RequestLimits(
+            max_pixels=self.max_pixels,
+            max_upload_bytes=self.max_upload_bytes,
+            max_upload_pixels=self.max_upload_pixels,
+        )
 
     def s3(self) -> S3Settings | None:
         if not self.s3_bucket:

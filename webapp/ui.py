@@ -120,6 +120,11 @@ def build_demo(
                         place("height")
                     for name in ("steps", "guidance_scale", "num_images"):
                         place(name)
+                with gr.Accordion("Start from a picture (image-to-image, inpainting)", open=False, elem_id="pictures"):
+                    init_image = place("init_image")
+                    strength = place("strength")
+                    strength.visible = False  # shown once there is a picture to start from
+                    place("mask")
             with gr.Column(scale=7, min_width=320):
                 # Progress ("waiting ...", "step n/N ...") shows here, above the images, so the live
                 # preview below it stays in sight while the request renders.
@@ -245,6 +250,14 @@ def build_demo(
             outputs=[gallery, result],
             api_visibility="private",
             concurrency_limit=None,  # each page's Stop waits for its own generation only
+        )
+        init_image.change(
+            lambda picture: gr.Slider(visible=bool(picture)),
+            inputs=init_image,
+            outputs=strength,
+            api_visibility="private",
+            queue=False,
+            show_progress="hidden",
         )
         random_seed.click(lambda: -1, outputs=seed, api_visibility="private")
         reuse_seed.click(_last_seed, inputs=[result, seed], outputs=seed, api_visibility="private")
