@@ -111,9 +111,7 @@ class Spool:
 
     def inputs(self, entry: Path) -> dict[str, bytes]:
         """The input pictures kept with an entry, by id."""
-        return {
-            path.stem.removeprefix(INPUT_PREFIX): path.read_bytes() for path in entry.glob(f"{INPUT_PREFIX}*.png")
-        }
+        return {path.stem.removeprefix(INPUT_PREFIX): path.read_bytes() for path in entry.glob(f"{INPUT_PREFIX}*.png")}
 
     def remove(self, entry: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
