@@ -98,8 +98,8 @@ class LinkedImage:
 
     def to_api(self) -> dict[str, Any]:
         """The record as the public API returns it (the owner key stays internal); a stored input
-        picture's id is replaced by its link (``init_image_url``, ``mask_url``)."""
-        fields = self.record.model_dump(exclude={"owner", "init_image", "mask"})
+        picture gets its link beside its id (``init_image_url``, ``mask_url``)."""
+        fields = self.record.model_dump(exclude={"owner"})
         fields["url"] = self.link.url
         fields["expires_at"] = self.link.expires_at.isoformat(timespec="seconds")
         for name, link in self.input_links.items():

@@ -19,6 +19,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from harness.app_server import ROOT, RunningApp, launched_app
 from harness.images import assert_same_image
 from harness.servers import S3Server, wait_until
+from tests.test_image_inputs import picture
 
 pytestmark = pytest.mark.browser
 
@@ -378,4 +379,52 @@ def test_the_lora_picker_writes_the_tag_and_history_lists_the_adapter(context: B
     expect(page.locator("#selected")).to_contain_text("<lora:style:1>")
     expect(page.locator("#selected")).to_contain_text(re.compile(r"style: [0-9a-f]{12}"))  # the adapter's hash
     shot(page, "15-lora-picked")
+    assert errors == []
+
+
+def test_start_from_a_picture_paint_a_mask_and_find_both_in_history(
+    context: BrowserContext, app: RunningApp, tmp_path: Path
+) -> None:
+    """Upload a picture, paint over its middle, generate: the result is inpainted there, and the
+    history details link the stored input picture and mask."""
+    page, errors = open_page(context, app)
+    fill_form(page, "an inpainted door", seed="31", steps="8")
+    page.get_by_text("Start from a picture").click()
+    start = tmp_path / "start.png"
+    start.write_bytes(picture(seed=9))
+    page.locator("#init-image input[type=file]").set_input_files(str(start))
+    expect(page.locator("#strength")).to_be_visible()
+    canvas = page.locator("#mask-painter canvas").first
+    expect(canvas).to_be_visible()
+    canvas.scroll_into_view_if_needed()  # the mouse acts in the viewport only
+    box = canvas.bounding_box()
+    assert box is not None
+    middle_x, middle_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(middle_x - box["width"] / 6, middle_y)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(middle_x - box["width"] / 6 + step * box["width"] / 30, middle_y + step)
+    page.mouse.up()
+    expect(page.locator("#mask img").first).to_be_visible()
+    shot(page, "16-picture-and-painted-mask")
+    page.locator("#generate").click()
+    href = newest_link(page)
+    made = png_pixels(page, href)
+    source = np.asarray(Image.open(start).convert("RGB"))
+    changed = np.abs(made.astype(int) - source).max(axis=2) > 24
+    assert changed[28:36, 24:40].mean() > changed[:8, :8].mean()  # redrawn where painted, kept in the corner
+    page.locator("#refresh").click()
+    page.locator("#history-gallery img").first.click()
+    expect(page.locator("#selected")).to_contain_text("Denoising strength")
+    stored = page.locator("#selected a", has_text="input picture").get_attribute("href")
+    assert stored is not None
+    assert_same_image(png_pixels(page, stored), source)
+    expect(page.locator("#selected a", has_text="inpainting mask")).to_be_visible()
+    shot(page, "17-history-made-from")
+    for field in ("init-image", "mask"):  # cleared, then "Load these settings" brings both back
+        page.locator(f"#{field} button[aria-label='Remove Image']").click()
+        expect(page.locator(f"#{field} img")).to_have_count(0)
+    page.locator("#load-settings").click()
+    expect(page.locator("#init-image img").first).to_be_visible()
+    expect(page.locator("#mask img").first).to_be_visible()
     assert errors == []

@@ -50,13 +50,27 @@ def parameter_block(image: dict[str, Any]) -> str:
         ("Sampler", image["scheduler"]),
         ("Model", model_words(image)),
         *([("LoRA", image["lora_hashes"])] if image.get("lora_hashes") else []),
+        *([("Denoising strength", f"{image['strength']:g}")] if image.get("strength") is not None else []),
         ("Created", _readable_date(image["created_at"])),
         ("Status", status_words(image)),
         ("Link", lifetime_words(image["expires_at"])),
     ]
     lines = ["| Parameter | Value |", "|---|---|"]
     lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
+    if pictures := input_links(image):
+        lines.append(f"| Made from | {pictures} |")
     return "\n".join(lines)
+
+
+def input_links(image: dict[str, Any]) -> str:
+    """Links to the pictures an image was made from ("[input picture](...) · [mask](...)"), or ""."""
+    names = (("init_image_url", "input picture"), ("mask_url", "inpainting mask"))
+    return " · ".join(f"[{words}]({_url(image[key])})" for key, words in names if image.get(key))
+
+
+def _url(url: str) -> str:
+    """A link target that cannot end the Markdown link or break the table."""
+    return url.replace("(", "%28").replace(")", "%29").replace("|", "%7C").replace(" ", "%20")
 
 
 def model_words(image: dict[str, Any]) -> str:

@@ -16,11 +16,11 @@ from sd_pipeline.contract.jobs import Preview
 from sd_pipeline.contract.models import ModelDefaults
 from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
 from sd_pipeline.contract.request import InputRules, RequestLimits
-from webapp.form import generate_fields, with_signature
+from webapp.form import generate_fields, settings_of, with_signature
 from webapp.owners import Network, caller_of
 from webapp.previews import LatestPreview
 from webapp.service import GeneratedImage, ImageService, UserFacingError
-from webapp.uploads import remove_pictures, take_pictures
+from webapp.uploads import PICTURE_FIELDS, remove_pictures, take_pictures
 
 GalleryItems = list[tuple[str, str]]
 
@@ -111,6 +111,21 @@ class Endpoints:
             gr.validate(error is None or error.field != name, str(error) if error is not None else "")
             for name in self.names
         ]
+
+    def load_settings(self, image: dict[str, Any] | None, request: gr.Request) -> list[Any]:
+        """ "Load these settings": a history image's parameters as form values, its input picture
+        and mask (fetched from storage) among them."""
+        if not image:
+            raise gr.Error("Select an image in the history first", print_exception=False)
+        caller = caller_of(request, secret=self.owner_secret, trusted_proxies=self.trusted_proxies)
+        try:
+            pictures = self.service.input_copies(owner=caller.owner, record=image)
+        except UserFacingError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        values = settings_of(image, self.fields)
+        for name in PICTURE_FIELDS:
+            values[self.names.index(name)] = str(pictures[name]) if name in pictures else None
+        return values
 
     def _fields(self, values: Sequence[Any]) -> dict[str, Any]:
         return dict(zip(self.names, values, strict=True))

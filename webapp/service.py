@@ -276,11 +276,24 @@ class ImageService:
 
     def _gallery_copy(self, owner: str, image: LinkedImage) -> Path:
         """A local copy for the gallery (Gradio serves only local files to its clients); cached by id."""
-        path = self.gallery_dir / f"{image.record.id}.png"
+        return self._local_copy(owner, image.record.id)
+
+    def _local_copy(self, owner: str, image_id: str) -> Path:
+        path = self.gallery_dir / f"{image_id}.png"
         if not path.exists():
             self.gallery_dir.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(self.store.fetch(owner, image.record.id))
+            path.write_bytes(self.store.fetch(owner, image_id))
         return path
+
+    def input_copies(self, *, owner: str, record: Mapping[str, Any]) -> dict[str, Path]:
+        """Local copies of the pictures one of ``owner``'s images was made from, by field
+        (``init_image``, ``mask``), to put back into the form; only ``owner``'s are found."""
+        try:
+            return {
+                name: self._local_copy(owner, str(record[name])) for name in ("init_image", "mask") if record.get(name)
+            }
+        except (StorageError, ValueError) as error:
+            raise StorageUnavailableError(f"the picture it was made from is unavailable right now: {error}") from error
 
 
 class InvalidInputError(UserFacingError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import sys
 from collections.abc import Sequence
@@ -17,9 +16,9 @@ from sd_pipeline.contract.request import InputRules, RequestLimits
 from webapp.components import validated_by_app
 from webapp.details import parameter_block, summary_line
 from webapp.endpoints import Endpoints, GalleryItems
-from webapp.form import FormField, settings_of
 from webapp.loras import AdapterListing, insert_lora, lora_choices, lora_listing
 from webapp.owners import Network
+from webapp.painting import Painting, mask_painter
 from webapp.service import ImageService
 
 # The history is a grid of thumbnails (at most ~2x112 px wide) whatever the count: left alone,
@@ -120,11 +119,14 @@ def build_demo(
                         place("height")
                     for name in ("steps", "guidance_scale", "num_images"):
                         place(name)
-                with gr.Accordion("Start from a picture (image-to-image, inpainting)", open=False, elem_id="pictures"):
+                with gr.Accordion(
+                    "Start from a picture (image-to-image, inpainting)", open=False, elem_id="pictures"
+                ) as pictures:
                     init_image = place("init_image")
                     strength = place("strength")
                     strength.visible = False  # shown once there is a picture to start from
-                    place("mask")
+                    painter = mask_painter()
+                    mask = place("mask")
             with gr.Column(scale=7, min_width=320):
                 # Progress ("waiting ...", "step n/N ...") shows here, above the images, so the live
                 # preview below it stays in sight while the request renders.
@@ -151,6 +153,7 @@ def build_demo(
                     result_download = gr.DownloadButton(
                         "Download PNG", size="sm", interactive=False, elem_id="result-download"
                     )
+                    result_to_start = gr.Button("Start from this picture", size="sm", elem_id="result-to-start")
                     random_seed = gr.Button("Random seed", size="sm", elem_id="random-seed")
                     reuse_seed = gr.Button("Reuse last seed", size="sm", elem_id="reuse-seed")
                 links = gr.Markdown(elem_id="links")
@@ -194,6 +197,7 @@ def build_demo(
                         load_settings = gr.Button(
                             "Load these settings into the form", size="sm", elem_id="load-settings"
                         )
+                        selected_to_start = gr.Button("Start from this picture", size="sm", elem_id="selected-to-start")
             history_json = gr.JSON(label="History page", visible=False)
         chosen = gr.State()
 
@@ -251,14 +255,18 @@ def build_demo(
             api_visibility="private",
             concurrency_limit=None,  # each page's Stop waits for its own generation only
         )
+        painting = Painting(limits, service.gallery_dir)
         init_image.change(
-            lambda picture: gr.Slider(visible=bool(picture)),
+            lambda picture: (gr.Slider(visible=bool(picture)), painting.background(picture)),
             inputs=init_image,
-            outputs=strength,
+            outputs=[strength, painter],
             api_visibility="private",
-            queue=False,
             show_progress="hidden",
         )
+        # Strokes fire "input" (not "change") on Gradio 6's editor.
+        painter.input(painting.mask, inputs=painter, outputs=mask, api_visibility="private", show_progress="hidden")
+        for button, picked in ((result_to_start, result_download), (selected_to_start, selected_image)):
+            button.click(_start_from, inputs=picked, outputs=[init_image, pictures], api_visibility="private")
         random_seed.click(lambda: -1, outputs=seed, api_visibility="private")
         reuse_seed.click(_last_seed, inputs=[result, seed], outputs=seed, api_visibility="private")
 
@@ -277,9 +285,7 @@ def build_demo(
             outputs=[selected_image, selected, selected_link, selected_download, chosen],
             api_visibility="private",
         )
-        load_settings.click(
-            functools.partial(_settings_of, fields=fields), inputs=chosen, outputs=form, api_visibility="private"
-        )
+        load_settings.click(endpoints.load_settings, inputs=chosen, outputs=form, api_visibility="private")
     return demo
 
 
@@ -289,6 +295,13 @@ def skip_missing_matplotlib_probe() -> None:
     process's CPU under load). Marking it absent makes the same ImportError instant."""
     if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
         sys.modules["matplotlib"] = None  # type: ignore[assignment]  # Python's "not importable" marker
+
+
+def _start_from(png: str | None) -> tuple[Any, Any]:
+    """ "Start from this picture": the picked image becomes the input picture, its section opened."""
+    if not png:
+        raise gr.Error("Pick an image first", print_exception=False)
+    return png, gr.Accordion(open=True)
 
 
 def _last_seed(result: dict[str, Any] | None, current: float) -> float:
@@ -341,9 +354,3 @@ def _png_at(shown: GalleryItems | None, index: int) -> str | None:
         return None
     item = items[index]
     return str(item[0] if isinstance(item, (tuple, list)) else item)
-
-
-def _settings_of(image: dict[str, Any] | None, *, fields: list[FormField]) -> list[Any]:
-    if not image:
-        raise gr.Error("Select an image in the history first", print_exception=False)
-    return settings_of(image, fields)

@@ -29,7 +29,7 @@ from webapp.owners import OWNER_COOKIE, ASGIApp, Network, Receive, Scope, Send, 
 
 PICTURE_FIELDS = ("init_image", "mask")
 UPLOAD_ROUTE = "/gradio_api/upload"
-UPLOADS_PER_MINUTE = 30
+UPLOADS_PER_MINUTE = 120  # the mask painter uploads its layers on every stroke
 ROUTE_LIMIT = 2  # Gradio's own per-file limit, in MAX_UPLOAD_BYTES: past it, no field is named
 _MULTIPART_ALLOWANCE = 64 * 1024  # boundaries and part headers around the files
 

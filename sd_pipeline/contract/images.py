@@ -69,16 +69,7 @@ def read_input_image(
 
     Raises ``InvalidRequestError`` naming ``field`` for anything that is not a PNG, JPEG or WebP
     within ``max_bytes`` and ``max_pixels``."""
-    if isinstance(data, InputImage):
-        data = data.png
-    if not isinstance(data, (bytes, bytearray)):
-        raise InvalidRequestError(field, f"must be an image file (PNG, JPEG or WebP), got {type(data).__name__}")
-    if len(data) > max_bytes:
-        raise InvalidRequestError(field, f"must be at most {max_bytes} bytes, got {len(data)}")
-    if sniff_format(bytes(data[:16])) is None:
-        raise InvalidRequestError(field, "must be a PNG, JPEG or WebP image (the file's contents are not one)")
-    picture = _decode(field, bytes(data), max_pixels)
-    picture = picture.convert(mode)
+    picture = decode_checked(field, data, max_bytes=max_bytes, max_pixels=max_pixels).convert(mode)
     if picture.size != size:
         picture = picture.resize(size, Image.Resampling.LANCZOS)
     return InputImage(png=_png(picture), width=size[0], height=size[1])
@@ -88,6 +79,20 @@ def _png(picture: Image.Image) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def decode_checked(field: str, data: object, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """``data`` decoded once it passed the checks: bytes, at most ``max_bytes``, a PNG, JPEG or WebP
+    signature, at most ``max_pixels`` by its header."""
+    if isinstance(data, InputImage):
+        data = data.png
+    if not isinstance(data, (bytes, bytearray)):
+        raise InvalidRequestError(field, f"must be an image file (PNG, JPEG or WebP), got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise InvalidRequestError(field, f"must be at most {max_bytes} bytes, got {len(data)}")
+    if sniff_format(bytes(data[:16])) is None:
+        raise InvalidRequestError(field, "must be a PNG, JPEG or WebP image (the file's contents are not one)")
+    return _decode(field, bytes(data), max_pixels)
 
 
 def _decode(field: str, data: bytes, max_pixels: int) -> Image.Image:
