@@ -156,7 +156,7 @@ class Admission:
             if ahead is None:
                 return None
             running = [held.steps_left for held in self._running.values()]
-        before = [queued.inputs.steps for queued in queue[:ahead]]
+        before = [queued.inputs.denoising_steps for queued in queue[:ahead]]
         slots = sorted(running) + [0] * max(0, self.max_running - len(running))  # when each slot frees
         for steps in before:  # each request ahead takes the first slot to free
             slots[0] += steps

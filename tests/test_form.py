@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -42,6 +44,7 @@ class Service:
     model_defaults = ModelDefaults()
     model_rules = InputRules()
     native_size = 0
+    gallery_dir = Path(tempfile.gettempdir()) / "form-test-gallery"
 
 
 def test_a_page_opened_after_a_rollout_gets_the_new_models_defaults() -> None:

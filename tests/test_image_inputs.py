@@ -191,3 +191,14 @@ def test_a_picture_the_engine_cannot_encode_fails_only_its_request(tiny_loaded: 
     outcomes = StepEngine(tiny_loaded).run([Request(bad), Request(good)])
     assert outcomes[0].error is not None and not outcomes[0].results
     assert outcomes[1].error is None and len(outcomes[1].results) == 1
+
+
+def test_a_request_from_a_picture_counts_only_the_steps_it_runs(tiny_loaded: LoadedPipeline) -> None:
+    """Progress, the wait estimate and steps left count int(steps x strength) steps, as the engine runs them."""
+    wanted = ask(init_image=picture(), strength=0.5, steps=6)
+    assert wanted.denoising_steps == 3 and ask().denoising_steps == 6
+    reported: list[tuple[int, int]] = []
+    job = Request(wanted, on_step=lambda step, total: reported.append((step, total)))
+    assert job.steps_left == 3
+    StepEngine(tiny_loaded).run([job])
+    assert reported == [(1, 3), (2, 3), (3, 3)] and job.steps_left == 0

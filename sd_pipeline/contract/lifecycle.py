@@ -60,7 +60,7 @@ class Request:
 
     @property
     def steps_left(self) -> int:
-        return max(0, self.inputs.steps - self.steps_done)
+        return max(0, self.inputs.denoising_steps - self.steps_done)
 
     @property
     def wants_previews(self) -> bool:

@@ -71,6 +71,11 @@ class GenerationRequest:
             return "txt2img"
         return "img2img" if self.mask is None else "inpaint"
 
+    @property
+    def denoising_steps(self) -> int:
+        """The steps that run: all of them, or the last ``int(steps x strength)`` from a picture."""
+        return self.steps if self.init_image is None else min(int(self.steps * self.strength), self.steps)
+
     @functools.cached_property
     def _split_prompt(self) -> PromptAdapters:
         """The prompt read once per request (the engine asks on every step while it waits)."""
