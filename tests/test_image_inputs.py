@@ -202,3 +202,30 @@ def test_a_request_from_a_picture_counts_only_the_steps_it_runs(tiny_loaded: Loa
     assert job.steps_left == 3
     StepEngine(tiny_loaded).run([job])
     assert reported == [(1, 3), (2, 3), (3, 3)] and job.steps_left == 0
+
+
+def test_pictures_admitted_together_share_one_vae_encode_per_size(
+    tiny_loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Image-to-image and inpainting requests admitted together: their pictures (and the inpainting
+    one's masked picture) go through the VAE encoder in one call per size; each still equals diffusers."""
+    vae = tiny_loaded.pipeline.vae
+    batches: list[tuple[int, int, int]] = []
+    real_encode = vae.encode
+
+    def counted(pixels: Any, *args: Any, **kwargs: Any) -> Any:
+        batches.append((pixels.shape[0], pixels.shape[2], pixels.shape[3]))
+        return real_encode(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", counted)
+    wanted = [
+        ask(init_image=picture(seed=1), strength=0.5),
+        ask(init_image=picture(seed=2), mask=square_mask(), strength=0.7, seed=8),
+        ask(init_image=picture((64, 96), seed=3), strength=0.6, width=64, height=96, seed=9),
+        ask(prompt="no picture", seed=10),
+    ]
+    results = StepEngine(tiny_loaded).generate(wanted)
+    assert sorted(batches) == [(1, 96, 64), (3, 64, 64)]
+    monkeypatch.undo()
+    for request, images in zip(wanted[:3], results[:3], strict=True):
+        assert_same_image(images[0].image, pipeline_image_from_picture(tiny_loaded, request)[0], tolerance=2)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, OutOfMemoryError
@@ -44,13 +45,14 @@ from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import DEFAULT_PREVIEW_INTERVAL
 from sd_pipeline.model.failures import Failure, classify
 from sd_pipeline.model.families import Conditioning, join_rows, split_rows
-from sd_pipeline.model.families.images import ImageStart, KeepOutsideMask
+from sd_pipeline.model.families.images import ImageStart, KeepOutsideMask, Picture
 from sd_pipeline.model.loading import LoadedPipeline, freeze_compiled_shapes
 from sd_pipeline.model.loras import LoraAdapters, RowChoices
 from sd_pipeline.model.previews import Previewer
 from sd_pipeline.model.threads import ThreadTuner, samples_bucket
 
 Done = Callable[[JobOutcome], None]
+_EncodedPicture = tuple[Picture, list[DiagonalGaussianDistribution]]  # a picture and its VAE distributions
 logger = logging.getLogger(__name__)
 
 
@@ -238,11 +240,12 @@ class StepEngine:
             self.loras.wait_for_reads(timeout=0.05)
 
     def _start(self, admitted: list[_Waiting]) -> None:
-        """Load the LoRA adapters the admitted requests name, encode every prompt and negative prompt
-        together (each text with its request's adapters), and draw each request's latents."""
+        """Load the LoRA adapters the admitted requests name, encode their input pictures together,
+        every prompt and negative prompt together (each text with its request's adapters), and draw
+        each request's latents."""
         family = self.loaded.family
         device = self.loaded.device
-        admitted = self._with_adapters(admitted)
+        admitted, pictures = self._encode_pictures(self._with_adapters(admitted))
         requests = [waiting.job.inputs for waiting in admitted]
         negative_prompts = [r.negative_prompt for r in requests]
         text_loras = [requests[index].loras for index in family.text_rows(negative_prompts)]
@@ -259,7 +262,7 @@ class StepEngine:
             family.set_timesteps(scheduler, request, device)
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in request.seeds()]
             try:
-                start = self._start_of(request, generators, scheduler)
+                start = self._start_of(request, generators, scheduler, pictures.get(id(waiting)))
             except Exception as error:  # noqa: BLE001 - classified; only this request ends
                 self._fail_all([waiting], error)
                 continue
@@ -283,16 +286,49 @@ class StepEngine:
                 self.observer.first_step_wait(seconds=now - waiting.submitted_at)
 
     def _start_of(
-        self, request: GenerationRequest, generators: list[torch.Generator], scheduler: SchedulerMixin
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        scheduler: SchedulerMixin,
+        picture: _EncodedPicture | None,
     ) -> ImageStart:
         """A request's starting latents and timesteps: noise over the whole schedule, or its input
-        image encoded and noised at its start step (it joins the others there)."""
+        picture's latents noised at its start step (it joins the others there)."""
         family, device, dtype = self.loaded.family, self.loaded.device, self.loaded.dtype
-        if request.init_image is None:
+        if picture is None:
             latents = family.initial_latents(request, generators, scheduler, device=device, dtype=dtype)
             return ImageStart(latents=latents, timesteps=scheduler.timesteps)
+        prepared, encoded = picture
         with torch.no_grad():
-            return family.image_start(request, generators, scheduler, device=device, dtype=dtype)
+            return family.image_start(request, generators, scheduler, prepared, encoded, device=device, dtype=dtype)
+
+    def _encode_pictures(self, admitted: list[_Waiting]) -> tuple[list[_Waiting], dict[int, _EncodedPicture]]:
+        """The admitted requests' input pictures, prepared and VAE-encoded together (by ``id`` of their
+        ``_Waiting``); a request whose picture fails ends with the error, the others go on."""
+        family, device, dtype = self.loaded.family, self.loaded.device, self.loaded.dtype
+        prepared: dict[int, tuple[Picture, list[torch.Tensor]]] = {}
+        for waiting in [waiting for waiting in admitted if waiting.job.inputs.init_image is not None]:
+            try:
+                picture = family.prepare_picture(waiting.job.inputs)
+            except Exception as error:  # noqa: BLE001 - classified; only this request ends
+                self._fail_all([waiting], error)
+                continue
+            prepared[id(waiting)] = (picture, picture.to_encode())
+        ready = [w for w in admitted if w.job.inputs.init_image is None or id(w) in prepared]
+        if not prepared:
+            return ready, {}
+        try:
+            with torch.no_grad():
+                tensors = [tensor for _, to_encode in prepared.values() for tensor in to_encode]
+                encoded = family.encode_pictures(tensors, device=device, dtype=dtype)
+        except Exception as error:  # noqa: BLE001 - classified; the requests with pictures end
+            self._fail_all([w for w in ready if id(w) in prepared], error)
+            return [w for w in ready if id(w) not in prepared], {}
+        pictures, offset = {}, 0
+        for key, (picture, to_encode) in prepared.items():
+            pictures[key] = (picture, encoded[offset : offset + len(to_encode)])
+            offset += len(to_encode)
+        return ready, pictures
 
     def _with_adapters(self, admitted: list[_Waiting]) -> list[_Waiting]:
         """The admitted requests whose LoRA adapters are loaded (loading them now); the others end
@@ -512,7 +548,7 @@ class StepEngine:
         failure = classify(error)
         reported = failure.error
         if failure.out_of_memory:
-            reported = OutOfMemoryError("out of GPU memory encoding the prompts; try again in a moment")
+            reported = OutOfMemoryError("out of GPU memory encoding the prompts or pictures; try again in a moment")
         for waiting in admitted:
             waiting.done(JobOutcome(error=reported))
 

@@ -15,12 +15,20 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.model.families.images import INPAINTING_CHANNELS, ImageStart, start_from_image
+from sd_pipeline.model.families.images import (
+    INPAINTING_CHANNELS,
+    ImageStart,
+    Picture,
+    encode_pictures,
+    prepare_picture,
+    start_from_image,
+)
 from sd_pipeline.model.schedulers import SCHEDULER_NAMES as SAMPLERS
 from sd_pipeline.model.schedulers import make_scheduler
 
@@ -193,11 +201,23 @@ class StableDiffusion:
         scaled: torch.Tensor = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         return scaled
 
+    def prepare_picture(self, request: GenerationRequest) -> Picture:
+        """A request's input picture (and mask) as the image-to-image / inpainting pipelines prepare it."""
+        return prepare_picture(self.pipeline, request)
+
+    def encode_pictures(
+        self, pictures: list[torch.Tensor], *, device: torch.device, dtype: torch.dtype
+    ) -> list[DiagonalGaussianDistribution]:
+        """Each picture's VAE latent distribution, pictures of one size in one call."""
+        return encode_pictures(self.pipeline.vae, pictures, device=device, dtype=dtype)
+
     def image_start(
         self,
         request: GenerationRequest,
         generators: list[torch.Generator],
         scheduler: SchedulerMixin,
+        picture: Picture,
+        encoded: list[DiagonalGaussianDistribution],
         *,
         device: torch.device,
         dtype: torch.dtype,
@@ -208,6 +228,8 @@ class StableDiffusion:
             request,
             generators,
             scheduler,
+            picture,
+            encoded,
             unet_channels=int(self.denoiser.config.in_channels),
             device=device,
             dtype=dtype,

@@ -6,7 +6,9 @@ steps, and noise is added at the first of them (``add_noise``). ``StableDiffusio
 adds a mask: with a 9-channel inpainting UNet the mask and the masked image's latents go in
 beside the latents at every step; with a regular UNet the latents outside the mask are put back
 after every step (the image's latents noised to the next timestep). Random draws happen in the
-pipelines' order, per image generator, so a request alone gives those pipelines' images.
+pipelines' order, per image generator, so a request alone gives those pipelines' images. The
+VAE encodes the pictures of every request admitted together, one call per size; only sampling
+from each picture's latent distribution uses the request's generators.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -62,34 +65,79 @@ def cut_schedule(scheduler: SchedulerMixin, steps: int, strength: float) -> torc
     return timesteps
 
 
+@dataclass(frozen=True)
+class Picture:
+    """A request's input as its pipeline prepares it: pixels in [-1, 1], and the binarised mask."""
+
+    pixels: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def to_encode(self) -> list[torch.Tensor]:
+        """What the VAE encodes for it: the picture, and for inpainting the picture outside the mask."""
+        if self.mask is None:
+            return [self.pixels]
+        return [self.pixels, self.pixels * (self.mask < 0.5)]
+
+
+def prepare_picture(pipeline: Any, request: GenerationRequest) -> Picture:
+    """``image_processor.preprocess`` (and the inpainting pipeline's ``mask_processor``), at the request's size."""
+    assert request.init_image is not None
+    pixels = _pixels(pipeline.image_processor, request.init_image, request).to(torch.float32)
+    if request.mask is None:
+        return Picture(pixels)
+    scale = int(pipeline.vae_scale_factor)
+    masks = VaeImageProcessor(vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    return Picture(pixels, _pixels(masks, request.mask, request))
+
+
+def encode_pictures(
+    vae: Any, pictures: list[torch.Tensor], *, device: torch.device, dtype: torch.dtype
+) -> list[DiagonalGaussianDistribution]:
+    """Each picture's latent distribution; pictures of one size share one VAE call (several
+    requests' inputs, admitted together, are encoded at once)."""
+    encoded: dict[int, DiagonalGaussianDistribution] = {}
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, picture in enumerate(pictures):
+        by_size.setdefault(tuple(picture.shape[-2:]), []).append(index)
+    for indices in by_size.values():
+        batch = torch.cat([pictures[index] for index in indices]).to(device=device, dtype=dtype)
+        moments = vae.encode(batch).latent_dist.parameters
+        for row, index in enumerate(indices):
+            encoded[index] = DiagonalGaussianDistribution(moments[row : row + 1])
+    return [encoded[index] for index in range(len(pictures))]
+
+
 def start_from_image(
     pipeline: Any,
     request: GenerationRequest,
     generators: list[torch.Generator],
     scheduler: SchedulerMixin,
+    picture: Picture,
+    encoded: list[DiagonalGaussianDistribution],
     *,
     unet_channels: int,
     device: torch.device,
     dtype: torch.dtype,
 ) -> ImageStart:
-    """The start of an image-to-image or inpainting request (``request.init_image`` is set)."""
-    assert request.init_image is not None
+    """The start of an image-to-image or inpainting request, from its ``picture`` and the
+    distributions ``encode_pictures`` gave for ``picture.to_encode()``."""
     timesteps = cut_schedule(scheduler, request.steps, request.strength)
     start_at = timesteps[:1].repeat(request.num_images)
-    image = _pixels(pipeline.image_processor, request.init_image, request).to(torch.float32)
-    if request.mask is None:
-        image_latents = _encode(pipeline.vae, image, generators, device=device, dtype=dtype)
+    factor = pipeline.vae.config.scaling_factor
+    if picture.mask is None:
+        image_latents = _sample(encoded[0], generators) * factor
         noise = _noise(image_latents.shape, generators, device=device, dtype=dtype)
         return ImageStart(latents=scheduler.add_noise(image_latents, noise, start_at), timesteps=timesteps)
     return _start_inpainting(
-        pipeline, request, image, generators, scheduler, start_at, timesteps, unet_channels, device, dtype
+        pipeline, request, picture, encoded, generators, scheduler, start_at, timesteps, unet_channels, device, dtype
     )
 
 
 def _start_inpainting(
     pipeline: Any,
     request: GenerationRequest,
-    image: torch.Tensor,
+    picture: Picture,
+    encoded: list[DiagonalGaussianDistribution],
     generators: list[torch.Generator],
     scheduler: SchedulerMixin,
     start_at: torch.Tensor,
@@ -99,31 +147,24 @@ def _start_inpainting(
     dtype: torch.dtype,
 ) -> ImageStart:
     """``StableDiffusionInpaintPipeline``'s steps 6 to 8, with its random draws in its order."""
-    assert request.mask is not None
-    scale = int(pipeline.vae_scale_factor)
+    assert picture.mask is not None
+    scale, factor, images = int(pipeline.vae_scale_factor), pipeline.vae.config.scaling_factor, request.num_images
     whole = request.strength == 1.0
     regular = unet_channels != INPAINTING_CHANNELS
     first = generators[:1]  # the pipeline encodes its one picture with the first generator, for every image
     image_latents = None
     if regular or not whole:
-        image_latents = _encode(pipeline.vae, image, first, device=device, dtype=dtype).repeat(
-            request.num_images, 1, 1, 1
-        )
-    shape = (request.num_images, pipeline.vae.config.latent_channels, request.height // scale, request.width // scale)
+        image_latents = (_sample(encoded[0], first) * factor).repeat(images, 1, 1, 1)
+    shape = (images, pipeline.vae.config.latent_channels, request.height // scale, request.width // scale)
     noise = _noise(shape, generators, device=device, dtype=dtype)
     if whole:
         latents = noise * scheduler.init_noise_sigma
     else:
         assert image_latents is not None
         latents = scheduler.add_noise(image_latents, noise, start_at)
-    mask_processor = VaeImageProcessor(
-        vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
-    )
-    mask_pixels = _pixels(mask_processor, request.mask, request)
-    masked_latents = _encode(pipeline.vae, image * (mask_pixels < 0.5), first, device=device, dtype=dtype)
-    masked_latents = masked_latents.repeat(request.num_images, 1, 1, 1)
-    mask = torch.nn.functional.interpolate(mask_pixels, size=(request.height // scale, request.width // scale))
-    mask = mask.to(device=device, dtype=dtype).repeat(request.num_images, 1, 1, 1)
+    masked_latents = (_sample(encoded[1], first) * factor).repeat(images, 1, 1, 1)
+    mask = torch.nn.functional.interpolate(picture.mask, size=(request.height // scale, request.width // scale))
+    mask = mask.to(device=device, dtype=dtype).repeat(images, 1, 1, 1)
     if regular:
         assert image_latents is not None
         return ImageStart(latents, timesteps, keep=KeepOutsideMask(image_latents, noise, mask))
@@ -136,15 +177,9 @@ def _pixels(processor: VaeImageProcessor, picture: InputImage, request: Generati
     return prepared
 
 
-def _encode(
-    vae: Any, image: torch.Tensor, generators: list[torch.Generator], *, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """One VAE encode of the (single) picture; a latent sample per generator (as ``retrieve_latents``
-    draws them), scaled by the VAE's factor."""
-    distribution = vae.encode(image.to(device=device, dtype=dtype)).latent_dist
-    samples = [distribution.sample(generator) for generator in generators]
-    latents: torch.Tensor = torch.cat(samples) * vae.config.scaling_factor
-    return latents
+def _sample(distribution: DiagonalGaussianDistribution, generators: list[torch.Generator]) -> torch.Tensor:
+    """One latent sample per generator, as ``retrieve_latents`` draws them."""
+    return torch.cat([distribution.sample(generator) for generator in generators])
 
 
 def _noise(
