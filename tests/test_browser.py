@@ -406,7 +406,7 @@ def test_start_from_a_picture_paint_a_mask_and_find_both_in_history(
         page.mouse.move(middle_x - box["width"] / 6 + step * box["width"] / 30, middle_y + step)
     page.mouse.up()
     expect(page.locator("#mask img").first).to_be_visible()
-    shot(page, "16-picture-and-painted-mask")
+    shot(page, "18-picture-and-painted-mask")
     page.locator("#generate").click()
     href = newest_link(page)
     made = png_pixels(page, href)
@@ -420,11 +420,16 @@ def test_start_from_a_picture_paint_a_mask_and_find_both_in_history(
     assert stored is not None
     assert_same_image(png_pixels(page, stored), source)
     expect(page.locator("#selected a", has_text="inpainting mask")).to_be_visible()
-    shot(page, "17-history-made-from")
+    shot(page, "19-history-made-from")
     for field in ("init-image", "mask"):  # cleared, then "Load these settings" brings both back
         page.locator(f"#{field} button[aria-label='Remove Image']").click()
         expect(page.locator(f"#{field} img")).to_have_count(0)
     page.locator("#load-settings").click()
     expect(page.locator("#init-image img").first).to_be_visible()
     expect(page.locator("#mask img").first).to_be_visible()
+    page.set_viewport_size(PHONE)  # the open picture section (editor included) fits a phone
+    page.wait_for_timeout(500)
+    shot(page, "20-pictures-phone")
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"{overflow}px of horizontal scroll at {PHONE['width']}px"
     assert errors == []

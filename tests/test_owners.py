@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 import gradio as gr
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from storage.keys import owner_key
 from webapp.owners import OWNER_COOKIE, OwnerCookieMiddleware, caller_of
+from webapp.uploads import UploadGuard
 
 TOKEN = "A" * 43  # the length of secrets.token_urlsafe(32)
 SECRET = b"s" * 32
@@ -71,3 +74,25 @@ def test_the_middleware_keeps_an_owner_cookie_sent_beside_odd_ones() -> None:
         asyncio.run(middleware(scope, receive, record))
         headers = sent[0]["headers"]
         assert any(name == b"set-cookie" for name, _ in headers) == issues_cookie, header
+
+
+def test_the_upload_guard_bounds_each_callers_bytes_a_minute_and_each_body() -> None:
+    """Past its budget a caller gets 429 while another caller still uploads; a body declared past two
+    files at Gradio's limit gets 413; neither reaches the app behind."""
+    reached: list[str] = []
+    app = FastAPI()
+
+    @app.post("/gradio_api/upload")
+    def upload() -> list[str]:
+        reached.append("upload")
+        return []
+
+    guarded = TestClient(UploadGuard(app, max_bytes=1000, budget_per_minute=3))
+    alice, bob = {"cookie": f"{OWNER_COOKIE}={TOKEN}"}, {"cookie": f"{OWNER_COOKIE}={'B' * 43}"}
+    file = {"files": ("a.png", b"x" * 900)}
+    statuses = [guarded.post("/gradio_api/upload", files=file, headers=alice).status_code for _ in range(4)]
+    assert statuses[:2] == [200, 200] and statuses[-1] == 429
+    assert guarded.post("/gradio_api/upload", files=file, headers=bob).status_code == 200
+    big = guarded.post("/gradio_api/upload", files={"files": ("b.png", b"x" * 70_000)}, headers=bob)
+    assert big.status_code == 413 and "at most" in big.text
+    assert len(reached) == statuses.count(200) + 1

@@ -5,7 +5,9 @@ path nobody can know without the bytes). Gradio refuses a file over ``ROUTE_LIMI
 ``MAX_UPLOAD_BYTES`` (413) before storing it; one between the two limits is stored, then refused
 by the request naming its field. ``UploadGuard`` bounds the route before Gradio reads a byte: a
 body declared larger than two such files is refused, and each caller (browser cookie, else
-client address) may upload ``UPLOADS_PER_MINUTE`` times a minute. The input
+client address) may send ``BUDGET_PER_MINUTE`` times ``MAX_UPLOAD_BYTES`` a minute (counted
+by declared length; the mask painter uploads its layers on every stroke, so a count of
+uploads would stop a painter long before a flood). The input
 component hands the handler the file's path without decoding it (Gradio's own ``gr.Image``
 would open it first); ``take_pictures`` reads each file within ``MAX_UPLOAD_BYTES`` and removes
 it, so an upload lives until its request reads it (or Gradio's hourly cache sweep for one never
@@ -29,7 +31,7 @@ from webapp.owners import OWNER_COOKIE, ASGIApp, Network, Receive, Scope, Send, 
 
 PICTURE_FIELDS = ("init_image", "mask")
 UPLOAD_ROUTE = "/gradio_api/upload"
-UPLOADS_PER_MINUTE = 120  # the mask painter uploads its layers on every stroke
+BUDGET_PER_MINUTE = 32  # bytes a caller may upload a minute, in MAX_UPLOAD_BYTES
 ROUTE_LIMIT = 2  # Gradio's own per-file limit, in MAX_UPLOAD_BYTES: past it, no field is named
 _MULTIPART_ALLOWANCE = 64 * 1024  # boundaries and part headers around the files
 
@@ -94,7 +96,7 @@ def _read(field: str, path: Path, *, max_bytes: int, remove: bool) -> bytes:
 
 
 class UploadGuard:
-    """Bounds Gradio's upload route: the body's declared length, and uploads per caller per minute."""
+    """Bounds Gradio's upload route: the body's declared length, and bytes per caller per minute."""
 
     def __init__(
         self,
@@ -102,13 +104,13 @@ class UploadGuard:
         *,
         max_bytes: int,
         trusted_proxies: tuple[Network, ...] = (),
-        per_minute: int = UPLOADS_PER_MINUTE,
+        budget_per_minute: int = BUDGET_PER_MINUTE,
     ) -> None:
         self.app = app
         self.max_body = 2 * ROUTE_LIMIT * max_bytes + _MULTIPART_ALLOWANCE
         self.trusted_proxies = trusted_proxies
-        self.per_minute = per_minute
-        self._recent: dict[str, collections.deque[float]] = {}
+        self.budget = budget_per_minute * max_bytes
+        self._recent: dict[str, collections.deque[tuple[float, int]]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].startswith(UPLOAD_ROUTE):
@@ -116,11 +118,12 @@ class UploadGuard:
             return
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         length = headers.get("content-length", "")  # none when chunked: Gradio's per-file limit still holds
-        if length.isdigit() and int(length) > self.max_body:
+        size = int(length) if length.isdigit() else self.max_body
+        if size > self.max_body:
             await _refuse(send, 413, f"an upload must be at most {self.max_body} bytes")
             return
-        if not self._admit(self._caller(scope, headers)):
-            await _refuse(send, 429, f"at most {self.per_minute} uploads a minute; try again shortly")
+        if not self._admit(self._caller(scope, headers), size):
+            await _refuse(send, 429, f"at most {self.budget} bytes of uploads a minute; try again shortly")
             return
         await self.app(scope, receive, send)
 
@@ -131,14 +134,14 @@ class UploadGuard:
         host = scope["client"][0] if scope.get("client") else None
         return f"address:{client_address(host, headers.get('x-forwarded-for'), self.trusted_proxies)}"
 
-    def _admit(self, caller: str) -> bool:
+    def _admit(self, caller: str, size: int) -> bool:
         now = time.monotonic()
         recent = self._recent.setdefault(caller, collections.deque())
-        while recent and recent[0] < now - 60:
+        while recent and recent[0][0] < now - 60:
             recent.popleft()
-        if len(recent) >= self.per_minute:
+        if sum(sent for _, sent in recent) + size > self.budget:
             return False
-        recent.append(now)
+        recent.append((now, size))
         if len(self._recent) > 10_000:  # bounded: forget callers with nothing recent
             self._recent = {key: times for key, times in self._recent.items() if times}
         return True
