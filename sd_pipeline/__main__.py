@@ -8,7 +8,13 @@ from pathlib import Path
 
 from sd_pipeline.contract.errors import InvalidRequestError, ModelLoadError
 from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
-from sd_pipeline.contract.request import GenerationRequest, RequestLimits, TokenBudget, check_inputs
+from sd_pipeline.contract.request import (
+    DEFAULT_STRENGTH,
+    GenerationRequest,
+    RequestLimits,
+    TokenBudget,
+    check_inputs,
+)
 from sd_pipeline.contract.samplers import SCHEDULER_NAMES
 from sd_pipeline.contract.settings import DEFAULT_MODEL, PipelineSettings
 from sd_pipeline.loras.folder import LoraFolder
@@ -41,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", help=f"{samplers}; {recommended % GenerationRequest.scheduler}")
     parser.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     parser.add_argument("--lora-dir", type=Path, help="folder of LoRA adapters the prompts name with <lora:NAME:W>")
+    parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture (PNG, JPEG, WebP)")
+    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="denoising strength, 0 < s <= 1")
+    parser.add_argument("--mask", type=Path, help="inpainting: white = redraw (needs --init-image)")
     return parser
 
 
@@ -50,6 +59,19 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is None:
         raise SystemExit("error: give a prompt or --prompts-file")
     return [args.prompt]
+
+
+def _pictures(args: argparse.Namespace) -> dict[str, bytes]:
+    """The --init-image and --mask files' bytes (what they hold is judged by ``check_inputs``)."""
+    pictures = {}
+    for name in ("init_image", "mask"):
+        path: Path | None = getattr(args, name)
+        if path is not None:
+            try:
+                pictures[name] = path.read_bytes()
+            except OSError as error:
+                raise InvalidRequestError(name, f"cannot read {path}: {error.strerror}") from None
+    return pictures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {name: getattr(args, name) for name in RECOMMENDABLE}
         fields = {name: getattr(start, name) if value is None else value for name, value in chosen.items()}
         fields |= {"negative_prompt": args.negative_prompt, "seed": args.seed, "num_images": args.num_images}
+        fields |= {"strength": args.strength} | _pictures(args)
         requests = [
             check_inputs(
                 {"prompt": prompt, **fields},

@@ -7,6 +7,7 @@ built from the same parts, with the same picture, mask, strength, settings and s
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from harness.images import (
     pipeline_image_from_picture,
     png_bytes,
 )
+from sd_pipeline.__main__ import main as cli_main
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.images import InputImage
 from sd_pipeline.contract.lifecycle import Request
@@ -29,6 +31,7 @@ from sd_pipeline.contract.request import GenerationRequest, InputRules, RequestL
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
+from sd_pipeline.png import read_png_parameters
 from sd_pipeline.tiny import build_tiny_pipeline
 
 
@@ -229,3 +232,17 @@ def test_pictures_admitted_together_share_one_vae_encode_per_size(
     monkeypatch.undo()
     for request, images in zip(wanted[:3], results[:3], strict=True):
         assert_same_image(images[0].image, pipeline_image_from_picture(tiny_loaded, request)[0], tolerance=2)
+
+
+def test_the_cli_starts_from_a_picture_and_refuses_a_bad_one(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "start.png").write_bytes(picture())
+    (tmp_path / "notes.png").write_text("not a picture")
+    common = ["a red circle", "--model", str(tiny_model_dir), "--steps", "4", "--seed", "3"]
+    common += ["--init-image", str(tmp_path / "start.png"), "--strength", "0.5"]
+    assert cli_main([*common, "--out", str(tmp_path / "out")]) == 0
+    (written,) = (tmp_path / "out").glob("*.png")
+    assert read_png_parameters(written.read_bytes()).denoising_strength == 0.5
+    assert cli_main([*common, "--mask", str(tmp_path / "notes.png"), "--out", str(tmp_path / "bad")]) == 2
+    assert "error: mask: must be a PNG, JPEG or WebP image" in capsys.readouterr().err
