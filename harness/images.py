@@ -68,11 +68,14 @@ def pipeline_image_with_loras(loaded: LoadedPipeline, request: GenerationRequest
 
 
 def pipeline_image_from_picture(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:
-    """diffusers' ``StableDiffusionImg2ImgPipeline`` (no mask) or ``StableDiffusionInpaintPipeline``
-    (mask), built from the loaded pipeline's parts, with the request's picture, strength, settings
+    """diffusers' image-to-image (no mask) or inpainting pipeline of the family (SD: ``StableDiffusionImg2ImgPipeline``,
+    ``StableDiffusionInpaintPipeline``; SDXL's), built from the loaded pipeline's parts, with the request's picture, strength, settings
     and one generator per image."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    import diffusers
 
+    classes = {"sd": ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")}
+    classes["sdxl"] = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+    img2img, inpaint = (getattr(diffusers, name) for name in classes[loaded.family.name])
     assert request.init_image is not None
     components = dict(loaded.pipeline.components)
     components["scheduler"] = loaded.family.make_scheduler(request.scheduler, components["scheduler"].config)
@@ -86,10 +89,10 @@ def pipeline_image_from_picture(loaded: LoadedPipeline, request: GenerationReque
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds()],
     }
     if request.mask is None:
-        output = StableDiffusionImg2ImgPipeline(**components)(**arguments)
+        output = img2img(**components)(**arguments)
     else:
         arguments.update(mask_image=request.mask.picture(), width=request.width, height=request.height)
-        output = StableDiffusionInpaintPipeline(**components)(**arguments)
+        output = inpaint(**components)(**arguments)
     return list(output.images)
 
 

@@ -41,7 +41,6 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
     latent_rgb: ClassVar[LatentRgb] = SDXL_LATENT_RGB
     latent_rgb_bias: ClassVar[tuple[float, float, float]] = SDXL_LATENT_RGB_BIAS
-    takes_images: ClassVar[bool] = False  # StableDiffusionXLImg2ImgPipeline's aesthetic ids: not built yet
 
     def __init__(self, pipeline: Any) -> None:
         super().__init__(pipeline)
