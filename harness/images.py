@@ -68,9 +68,9 @@ def pipeline_image_with_loras(loaded: LoadedPipeline, request: GenerationRequest
 
 
 def pipeline_image_from_picture(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:
-    """diffusers' image-to-image (no mask) or inpainting pipeline of the family (SD: ``StableDiffusionImg2ImgPipeline``,
-    ``StableDiffusionInpaintPipeline``; SDXL's), built from the loaded pipeline's parts, with the request's picture, strength, settings
-    and one generator per image."""
+    """diffusers' image-to-image (no mask) or inpainting pipeline of the family (SD:
+    ``StableDiffusionImg2ImgPipeline``, ``StableDiffusionInpaintPipeline``; SDXL's), built from the
+    loaded pipeline's parts, with the request's picture, strength, settings and one generator per image."""
     import diffusers
 
     classes = {"sd": ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")}
