@@ -287,7 +287,7 @@ class Admission:
                 if isinstance(message, Lost):
                     self._lost(request, message)
                 else:
-                    outcome = message.outcome()
+                    outcome = message.outcome(request.inputs)
                     if outcome.error is None:
                         request.finish(outcome.results)
                     elif not isinstance(outcome.error, GenerationCancelledError):

@@ -64,7 +64,7 @@ def run_direct(
         elif isinstance(message, PreviewReady):
             request.report_preview(message.preview())
         elif isinstance(message, Finished):
-            ended[message.id].set_result(message.outcome())
+            ended[message.id].set_result(message.outcome(request.inputs))
         elif isinstance(message, Lost):
             ended[message.id].set_result(JobOutcome(error=message.error()))
 

@@ -26,12 +26,12 @@ from sd_pipeline.__main__ import main as cli_main
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.images import InputImage
 from sd_pipeline.contract.lifecycle import Request
-from sd_pipeline.contract.messages import Submit, decode, encode
+from sd_pipeline.contract.messages import Finished, Submit, decode, encode
 from sd_pipeline.contract.request import GenerationRequest, InputRules, RequestLimits, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
-from sd_pipeline.png import read_png_parameters
+from sd_pipeline.png import encode_png, read_png_parameters
 from sd_pipeline.tiny import build_tiny_pipeline
 
 
@@ -181,12 +181,21 @@ def test_sd3_and_flux_refuse_a_picture_for_now(sd3_loaded: LoadedPipeline, flux_
             check_inputs({"prompt": "x", "width": 64, "height": 64, "init_image": picture()}, rules=rules)
 
 
-def test_the_pictures_cross_to_a_worker_in_the_one_message_and_arrive_checked() -> None:
-    request = ask(init_image=picture(), mask=square_mask(), strength=0.4)
+def test_the_pictures_cross_to_a_worker_once_and_do_not_ride_back_with_each_image(tiny_loaded: LoadedPipeline) -> None:
+    """Down: the one Submit message carries the pictures, checked on arrival. Up: a Finished message of
+    two images carries neither picture; the app's own request gives its results their inputs back."""
+    request = ask(init_image=picture(), mask=square_mask(), strength=0.4, num_images=2)
     arrived = decode(encode(Submit.of(Request(request))))
     assert arrived.inputs == request
     assert isinstance(arrived.inputs.init_image, InputImage) and arrived.inputs.mode == "inpaint"
     assert "png=" not in repr(arrived.inputs)  # logs never carry the bytes
+    (outcome,) = StepEngine(tiny_loaded).run([Request(arrived.inputs)])
+    finished = decode(encode(Finished.of("r1", outcome)))
+    assert request.init_image is not None and request.mask is not None
+    assert all(data.inputs.init_image is None and data.inputs.mask is None for data in finished.results)
+    results = finished.outcome(request).results
+    assert [result.request for result in results] == [request, request]
+    assert read_png_parameters(encode_png(results[0])).denoising_strength == 0.4
 
 
 def test_a_picture_the_engine_cannot_encode_fails_only_its_request(tiny_loaded: LoadedPipeline) -> None:

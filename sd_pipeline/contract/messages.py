@@ -10,6 +10,7 @@ and drops while it keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from PIL import Image
@@ -65,7 +66,9 @@ class ImageData(_Message):
 
 
 class ResultData(_Message):
-    """One image a request made, with everything needed to reproduce it."""
+    """One image a request made, with everything needed to reproduce it. Its inputs come back
+    without their pictures (``init_image``, ``mask``): the app has them in its ``Request``, and
+    a request of four images would otherwise carry its pictures back four times."""
 
     image: ImageData
     inputs: GenerationRequest
@@ -83,7 +86,7 @@ class ResultData(_Message):
     def of(cls, result: GenerationResult) -> ResultData:
         return cls(
             image=ImageData.of(result.image),
-            inputs=result.request,
+            inputs=dataclasses.replace(result.request, init_image=None, mask=None),
             seed=result.seed,
             index=result.index,
             model=result.model,
@@ -95,10 +98,11 @@ class ResultData(_Message):
             lora_hashes=result.lora_hashes,
         )
 
-    def result(self) -> GenerationResult:
+    def result(self, inputs: GenerationRequest) -> GenerationResult:
+        """The result, its request being ``inputs`` (the one the app sent, pictures included)."""
         return GenerationResult(
             image=self.image.image(),
-            request=self.inputs,
+            request=inputs,
             seed=self.seed,
             index=self.index,
             model=self.model,
@@ -217,9 +221,11 @@ class Finished(_Up):
         error = None if outcome.error is None else ErrorData.of(outcome.error)
         return cls(id=request_id, results=[ResultData.of(result) for result in outcome.results], error=error, **up)
 
-    def outcome(self) -> JobOutcome:
+    def outcome(self, inputs: GenerationRequest) -> JobOutcome:
+        """The request's outcome; ``inputs``: the request as the app sent it (its results' request)."""
         return JobOutcome(
-            results=[data.result() for data in self.results], error=None if self.error is None else self.error.error()
+            results=[data.result(inputs) for data in self.results],
+            error=None if self.error is None else self.error.error(),
         )
 
 
