@@ -74,3 +74,14 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def interleaved(measures: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Each measure's median seconds, the measures taking turns within every repeat."""
+    seconds: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, run in measures.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: median(values) for name, values in seconds.items()}

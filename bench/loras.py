@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import machine, median, table, write_json
+from bench.common import interleaved, machine, table, write_json
 from sd_pipeline.contract.request import GenerationRequest, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.loras.folder import LoraFolder
@@ -27,17 +25,6 @@ from sd_pipeline.model.loras import LoraAdapters
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 
 ADAPTERS = ("one", "two", "three", "four")
-
-
-def interleaved(measures: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Each measure's median seconds, the measures taking turns within every repeat."""
-    seconds: dict[str, list[float]] = {name: [] for name in measures}
-    for _ in range(repeats):
-        for name, run in measures.items():
-            started = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - started)
-    return {name: median(values) for name, values in seconds.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

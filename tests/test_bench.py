@@ -83,6 +83,11 @@ def test_lora_benchmark_runs() -> None:
     assert "4 different adapters vs one shared:" in output and "x the time" in output
 
 
+def test_pictures_benchmark_runs() -> None:
+    output = run_module("bench.pictures", "--repeats", "1", "--steps", "2")
+    assert "4 mixed requests together vs one after another:" in output and "x the time" in output
+
+
 def test_core_and_storage_benchmarks_run() -> None:
     core = run_module("bench.core", "--repeats", "1", "--steps", "2", "--family", "sd3")
     assert "Stable Diffusion 3 / 3.5: batch of 4 vs 4 single calls" in core
