@@ -6,6 +6,7 @@ machines, so no test asks for exact pixel equality.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -75,21 +76,27 @@ def pipeline_image_from_picture(loaded: LoadedPipeline, request: GenerationReque
 
     classes = {"sd": ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")}
     classes["sdxl"] = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+    classes["sd3"] = ("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
+    classes["flux"] = ("FluxImg2ImgPipeline", "FluxInpaintPipeline")
     img2img, inpaint = (getattr(diffusers, name) for name in classes[loaded.family.name])
     assert request.init_image is not None
     components = dict(loaded.pipeline.components)
     components["scheduler"] = loaded.family.make_scheduler(request.scheduler, components["scheduler"].config)
     arguments: dict[str, Any] = {
         "prompt": [request.text] * request.num_images,
-        "negative_prompt": [request.negative_prompt] * request.num_images if request.negative_prompt else None,
         "image": request.init_image.picture(),
         "strength": request.strength,
         "num_inference_steps": request.steps,
         "guidance_scale": request.guidance_scale,
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds()],
     }
+    if request.negative_prompt and loaded.family.name != "flux":  # FLUX.1 reads none (without true CFG)
+        arguments["negative_prompt"] = [request.negative_prompt] * request.num_images
     if request.mask is None:
-        output = img2img(**components)(**arguments)
+        pipeline = img2img(**components)
+        if "height" in inspect.signature(pipeline.__call__).parameters:  # SD3, FLUX.1: else their default size
+            arguments.update(width=request.width, height=request.height)
+        output = pipeline(**arguments)
     else:
         arguments.update(mask_image=request.mask.picture(), width=request.width, height=request.height)
         output = inpaint(**components)(**arguments)

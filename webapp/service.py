@@ -181,12 +181,12 @@ class ImageService:
                     until_done = None if before is None else before + inputs.denoising_steps
                     status = waiting_status(ahead, until_done, step_seconds)
                 else:
-                    status = running_status(request.steps_done, inputs.denoising_steps, step_seconds)
+                    status = running_status(request.steps_done, request.steps_total, step_seconds)
                     if request.steps_done == 0 and (notice := self.backend.notice()):
                         status = notice  # e.g. held while the model switches (MODEL_ROLLOUT=drain)
                 if status != shown:  # only changes go to the client: fewer messages, less CPU per request
                     # A fraction even while waiting: the page shows the text only next to a value.
-                    progress(status, 0.0 if waiting else request.steps_done / inputs.denoising_steps)
+                    progress(status, 0.0 if waiting else request.steps_done / request.steps_total)
                     shown = status
                 await asyncio.wait({wrapped}, timeout=_PROGRESS_INTERVAL)
             return wrapped.result()

@@ -51,6 +51,7 @@ class Request:
     status: Status = Status.WAITING
     attempts: int = 0  # how many times it was handed to a backend
     steps_done: int = 0
+    reported_total: int = 0  # the steps it runs, as the engine reported them (0: not yet)
     preview: Preview | None = None  # the newest preview
     results: list[GenerationResult] = field(default_factory=list)
     error: Exception | None = None
@@ -59,8 +60,14 @@ class Request:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
+    def steps_total(self) -> int:
+        """The steps it runs: as the engine reports them once it runs (a family may cut a schedule
+        from a picture one step differently), before that as the request says."""
+        return self.reported_total or self.inputs.denoising_steps
+
+    @property
     def steps_left(self) -> int:
-        return max(0, self.inputs.denoising_steps - self.steps_done)
+        return max(0, self.steps_total - self.steps_done)
 
     @property
     def wants_previews(self) -> bool:
@@ -72,7 +79,7 @@ class Request:
 
     def report_step(self, step: int, total: int) -> None:
         """Record that ``step`` of ``total`` is done and tell ``on_step``."""
-        self.steps_done = step
+        self.steps_done, self.reported_total = step, total
         if self.on_step is not None:
             self.on_step(step, total)
 

@@ -134,6 +134,7 @@ class InputRules:
     family: str = "sd"  # the family's name, which LoRA adapters must be made for
     image_inputs: bool = True  # takes an init_image (and a mask)
     needs_mask: bool = False  # an inpainting model: every request brings an init_image and a mask
+    inpainting: bool = True  # takes a mask with its init_image
 
     @property
     def default_sampler(self) -> str:
@@ -280,6 +281,8 @@ def _image_inputs(
             "strength",
             f"x steps must give at least one step; at {steps} steps, strength must be at least {1 / steps:g}",
         )
+    if mask is not None and not rules.inpainting:
+        raise InvalidRequestError("mask", "inpainting is not supported by this model's family yet: leave it empty")
     bounds = {"max_bytes": limits.max_upload_bytes, "max_pixels": limits.max_upload_pixels}
     image = read_input_image("init_image", image, size=size, mode="RGB", **bounds)
     if mask is not None:

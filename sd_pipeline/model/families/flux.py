@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from diffusers import FluxPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -15,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, expand_rows
+from sd_pipeline.model.families.images import ImageStart, Picture, cut_flow_schedule, flow_start, sample_latents
 from sd_pipeline.model.families.sd3 import StableDiffusion3
 
 PATCH = 2  # latents are packed in 2x2 patches: sides are multiples of the VAE factor x 2
@@ -53,7 +55,7 @@ class Flux(StableDiffusion3):
             size_multiple=int(self.pipeline.vae_scale_factor) * PATCH,
             guidance="distilled" if self.distilled_guidance else "none",
             family=self.name,
-            image_inputs=False,  # FluxImg2ImgPipeline / FluxInpaintPipeline: not built yet
+            inpainting=False,  # FluxInpaintPipeline: not built yet
         )
 
     @property
@@ -119,6 +121,35 @@ class Flux(StableDiffusion3):
             noise, request.num_images, channels, rows * PATCH, columns * PATCH
         )
         return packed
+
+    def image_start(
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        scheduler: SchedulerMixin,
+        picture: Picture,
+        encoded: list[DiagonalGaussianDistribution],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> ImageStart:
+        """``FluxImg2ImgPipeline``: one latent sample of the picture (its first generator's, as the
+        pipeline encodes its one picture) for every image, shifted and scaled, mixed with each
+        image's noise at the cut schedule's first timestep, then packed."""
+        timesteps = cut_flow_schedule(scheduler, request.steps, request.strength)
+        vae = self.pipeline.vae.config
+        sampled = sample_latents(encoded[0], generators[:1]).repeat(request.num_images, 1, 1, 1)
+        mixed = flow_start(
+            scheduler,
+            (sampled - vae.shift_factor) * vae.scaling_factor,
+            generators,
+            timesteps,
+            device=device,
+            dtype=dtype,
+        )
+        images, channels, height, width = mixed.shape
+        packed: torch.Tensor = FluxPipeline._pack_latents(mixed, images, channels, height, width)
+        return ImageStart(packed, timesteps)
 
     def spatial(self, latents: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         unpacked: torch.Tensor = FluxPipeline._unpack_latents(

@@ -58,11 +58,39 @@ class ImageStart:
 
 def cut_schedule(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
     """``get_timesteps``: the schedule's last ``int(steps x strength)`` steps; the scheduler begins there."""
-    start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+    return _begin_at(scheduler, max(steps - min(int(steps * strength), steps), 0))
+
+
+def cut_flow_schedule(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
+    """SD3's and FLUX.1's ``get_timesteps``: the schedule from step ``int(steps - steps x strength)`` on."""
+    return _begin_at(scheduler, int(max(steps - min(steps * strength, steps), 0)))
+
+
+def _begin_at(scheduler: SchedulerMixin, step: int) -> torch.Tensor:
+    start = step * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     timesteps: torch.Tensor = scheduler.timesteps[start:]
     return timesteps
+
+
+def flow_start(
+    scheduler: SchedulerMixin,
+    picture_latents: torch.Tensor,
+    generators: list[torch.Generator],
+    timesteps: torch.Tensor,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Flow matching's start from a picture: noise drawn with each image's generator, mixed in at the
+    first timestep left (``scale_noise``; a DPM-Solver on flow sigmas mixes the same way with ``add_noise``)."""
+    noise = _noise(picture_latents.shape, generators, device=device, dtype=dtype)
+    start_at = timesteps[:1].repeat(picture_latents.shape[0])
+    if hasattr(scheduler, "scale_noise"):
+        mixed: torch.Tensor = scheduler.scale_noise(picture_latents, start_at, noise)
+        return mixed
+    return scheduler.add_noise(picture_latents, noise, start_at)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,11 @@ def _pixels(processor: VaeImageProcessor, picture: InputImage, request: Generati
     """The picture as the pipeline's processor prepares it (already at the request's size)."""
     prepared: torch.Tensor = processor.preprocess(picture.picture(), height=request.height, width=request.width)
     return prepared
+
+
+def sample_latents(distribution: DiagonalGaussianDistribution, generators: list[torch.Generator]) -> torch.Tensor:
+    """One latent sample per generator, as ``retrieve_latents`` draws them."""
+    return _sample(distribution, generators)
 
 
 def _sample(distribution: DiagonalGaussianDistribution, generators: list[torch.Generator]) -> torch.Tensor:

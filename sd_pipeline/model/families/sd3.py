@@ -7,12 +7,14 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion
+from sd_pipeline.model.families.images import ImageStart, Picture, cut_flow_schedule, flow_start, sample_latents
 
 T5_PARTS = ("text_encoder_3", "tokenizer_3")  # the folder's parts that SD_T5=false leaves out
 FLOW_SAMPLERS = ("Euler", "DPM++ 2M")  # flow-matching samplers by AUTOMATIC1111's names (``flow_scheduler``)
@@ -74,7 +76,7 @@ class StableDiffusion3(StableDiffusion):
     def rules(self) -> InputRules:
         """Sides are whole patches of latents (the pipeline's own check: VAE factor x patch size)."""
         multiple = int(self.pipeline.vae_scale_factor) * int(self.denoiser.config.patch_size)
-        return InputRules(samplers=self.samplers, size_multiple=multiple, family=self.name, image_inputs=False)
+        return InputRules(samplers=self.samplers, size_multiple=multiple, family=self.name, inpainting=False)
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
         return flow_scheduler(name, base_config)
@@ -111,6 +113,24 @@ class StableDiffusion3(StableDiffusion):
             config.get("max_shift", 1.16),
         )
         scheduler.set_timesteps(request.steps, device=device, mu=mu)
+
+    def image_start(
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        scheduler: SchedulerMixin,
+        picture: Picture,
+        encoded: list[DiagonalGaussianDistribution],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> ImageStart:
+        """``StableDiffusion3Img2ImgPipeline``: a latent sample per image generator, shifted and scaled
+        as the VAE says, mixed with noise at the cut schedule's first timestep (no inpainting yet)."""
+        timesteps = cut_flow_schedule(scheduler, request.steps, request.strength)
+        vae = self.pipeline.vae.config
+        latents = (sample_latents(encoded[0], generators) - vae.shift_factor) * vae.scaling_factor
+        return ImageStart(flow_start(scheduler, latents, generators, timesteps, device=device, dtype=dtype), timesteps)
 
     def model_input(self, scheduler: SchedulerMixin, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return sample
