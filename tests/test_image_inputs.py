@@ -156,7 +156,10 @@ def test_a_picture_of_another_size_is_resized_to_the_request_and_so_is_its_mask(
         ({"init_image": picture(), "strength": 0}, r"^strength: must be a number greater than 0 and at most 1, got 0"),
         ({"init_image": picture(), "strength": 1.5}, r"^strength: must be a number greater than 0 and at most 1"),
         ({"strength": float("nan")}, r"^strength: must be a number greater than 0 and at most 1"),
-        ({"init_image": picture(), "strength": 0.1}, r"^strength: x steps must give at least one step; at 6 steps"),
+        (
+            {"init_image": picture(), "strength": 0.1},
+            r"^strength: must be at least 0.166667 at 6 steps \(int\(steps x strength\) steps run\)",
+        ),
         ({"init_image": "/etc/passwd"}, r"^init_image: must be an image file \(PNG, JPEG or WebP\), got str"),
     ],
 )

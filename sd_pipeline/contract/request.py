@@ -279,7 +279,7 @@ def _image_inputs(
     if int(steps * strength) < 1:
         raise InvalidRequestError(
             "strength",
-            f"x steps must give at least one step; at {steps} steps, strength must be at least {1 / steps:g}",
+            f"must be at least {1 / steps:g} at {steps} steps (int(steps x strength) steps run), got {strength:g}",
         )
     if mask is not None and not rules.inpainting:
         raise InvalidRequestError("mask", "inpainting is not supported by this model's family yet: leave it empty")
