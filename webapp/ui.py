@@ -173,7 +173,7 @@ def build_demo(
                 height=300,
                 object_fit="cover",
                 preview=False,
-                interactive=False,  # an output: no "Drop media here" (the app takes no uploads)
+                interactive=False,  # an output: no "Drop media here" (pictures go in "Start from a picture")
                 elem_id="history-gallery",
             )
             history_note = gr.Markdown("Loading your history…", elem_id="history-note")
