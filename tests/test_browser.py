@@ -413,6 +413,12 @@ def test_start_from_a_picture_paint_a_mask_and_find_both_in_history(
     source = np.asarray(Image.open(start).convert("RGB"))
     changed = np.abs(made.astype(int) - source).max(axis=2) > 24
     assert changed[28:36, 24:40].mean() > changed[:8, :8].mean()  # redrawn where painted, kept in the corner
+    # The request removed the uploads; the form now holds the stored copies, so Generate works again.
+    expect(page.locator("#init-image img").first).to_be_visible()
+    expect(page.locator("#mask img").first).to_be_visible()
+    page.locator("#generate").click()
+    expect(page.locator("#links a").first).not_to_have_attribute("href", href, timeout=60_000)
+    assert_same_image(png_pixels(page, newest_link(page)), made)  # the same picture, mask and seed
     page.locator("#refresh").click()
     page.locator("#history-gallery img").first.click()
     expect(page.locator("#selected")).to_contain_text("Denoising strength")

@@ -127,6 +127,20 @@ class Endpoints:
             values[self.names.index(name)] = str(pictures[name]) if name in pictures else None
         return values
 
+    def keep_pictures(self, result: dict[str, Any] | None, request: gr.Request) -> tuple[Any, Any]:
+        """After a generation: the form's input picture and mask become the stored copies (the uploads
+        were removed by the request), so Generate again starts from the same picture."""
+        images = (result or {}).get("images") or []
+        if not images or not images[0].get("init_image"):
+            return gr.skip(), gr.skip()
+        caller = caller_of(request, secret=self.owner_secret, trusted_proxies=self.trusted_proxies)
+        try:
+            pictures = self.service.input_copies(owner=caller.owner, record=images[0])
+        except UserFacingError:
+            return gr.skip(), gr.skip()
+        mask = str(pictures["mask"]) if "mask" in pictures else None
+        return str(pictures["init_image"]), mask
+
     def _fields(self, values: Sequence[Any]) -> dict[str, Any]:
         return dict(zip(self.names, values, strict=True))
 

@@ -207,6 +207,8 @@ class ImageService:
         inputs = _input_pictures(results[0].request) if results else {}
         input_ids = {name: image_id for name, (image_id, _) in inputs.items()}
         unsaved = dict(inputs.values())
+        for image_id, picture in unsaved.items():  # the page puts them back into the form (input_copies)
+            (self.gallery_dir / f"{image_id}.png").write_bytes(picture)
         for result in results:
             now = dt.datetime.now(dt.UTC)
             record = ImageRecord.from_result(

@@ -245,6 +245,7 @@ def build_demo(
         generation.success(
             _new_images, inputs=[result, gallery], outputs=[links, *new_image], api_visibility="private"
         ).then(history, inputs=page, outputs=[history_gallery, history_json], api_visibility="private")
+        generation.success(endpoints.keep_pictures, inputs=result, outputs=[init_image, mask], api_visibility="private")
         gallery.select(_pick_new_image, inputs=[result, gallery], outputs=new_image, api_visibility="private")
         # Cancel first, then clear: the page dispatches a click's listeners one after another, so
         # a clearing step that waits for the generation to end must not come before the cancel.
