@@ -121,9 +121,11 @@ def test_adapters_per_request_equal_diffusers_alone_and_sharing_steps(
 def test_a_bad_adapter_is_an_error_naming_the_prompt_and_its_neighbour_is_untouched(
     lora_app: RunningApp, lora_oracle: LoadedPipeline, tmp_path: Path, prompt: str, says: str
 ) -> None:
-    fields = asked("a neighbour <lora:style:0.9>", 5, steps=30)
+    fields = asked("a neighbour <lora:style:0.9>", 5, steps=60)
     neighbour = client(lora_app, tmp_path / "neighbour").submit(**fields, api_name="/generate")
-    wait_until(lambda: is_stepping(neighbour), timeout=120)
+    # Running, or already done on a fast machine (the tiny model's steps take milliseconds, so the
+    # status poll can miss them all): either way the bad request must leave it as diffusers draws it.
+    wait_until(lambda: is_stepping(neighbour) or neighbour.done(), timeout=120)
     with pytest.raises(Exception, match=re.escape(says)):
         client(lora_app, tmp_path / "bad").predict(**asked(prompt, 1), api_name="/generate")
     served_matches_diffusers(lora_oracle, neighbour.result(timeout=120)[1], fields)
