@@ -1,6 +1,6 @@
 """Image-to-image and inpainting on the step engine: what serving them together saves, side by side in one run.
 
-python -m bench.pictures [--family sd|sdxl] [--kind tiny|heavy] [--size 64] [--steps 10] [--repeats 5]
+python -m bench.pictures [--family sd|sdxl|sd3|flux] [--kind tiny|heavy] [--size 64] [--steps 10] [--repeats 5]
 
 Four requests arriving together (text-to-image, image-to-image at strength 0.5 and 0.75,
 inpainting at 0.75: three different start steps) against the same four one after another; and
@@ -34,7 +34,7 @@ def png(picture: Image.Image) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("sd", "sdxl"), default="sd")
+    parser.add_argument("--family", choices=("sd", "sdxl", "sd3", "flux"), default="sd")
     parser.add_argument("--kind", choices=sorted(KINDS), default="tiny", help="sd only: heavy: compute dominates")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)

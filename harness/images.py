@@ -99,8 +99,21 @@ def pipeline_image_from_picture(loaded: LoadedPipeline, request: GenerationReque
         output = pipeline(**arguments)
     else:
         arguments.update(mask_image=request.mask.picture(), width=request.width, height=request.height)
-        output = inpaint(**components)(**arguments)
+        pipeline = inpaint(**components)
+        if loaded.family.name == "sd3":
+            return _sd3_decoded(pipeline, pipeline(**arguments, output_type="latent").images)
+        output = pipeline(**arguments)
     return list(output.images)
+
+
+def _sd3_decoded(pipeline: Any, latents: torch.Tensor) -> list[Any]:
+    """Latents decoded as ``StableDiffusion3Pipeline`` and its img2img pipeline decode them (divided by
+    the scaling factor, plus the shift factor). diffusers 0.42.1's ``StableDiffusion3InpaintPipeline``
+    leaves out the shift factor, so its latents, not its pictures, are the oracle."""
+    vae = pipeline.vae
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+    return list(pipeline.image_processor.postprocess(decoded, output_type="pil"))
 
 
 def oracle_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:

@@ -229,15 +229,48 @@ def test_a_dpm_solver_on_flow_sigmas_mixes_in_noise_as_flow_matching_does(sd3_lo
     assert torch.allclose(mixed, (1 - sigma) * latents + sigma * noise, atol=1e-6)
 
 
-def test_sd3_and_flux_refuse_a_mask_for_now(sd3_loaded: LoadedPipeline, flux_loaded: LoadedPipeline) -> None:
-    """Their inpainting pipelines are not built yet: a mask is refused by name, a picture alone is taken."""
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_sd3_and_flux_inpainting_equal_their_inpaint_pipelines(
+    sd3_loaded: LoadedPipeline, flux_loaded: LoadedPipeline, strength: float
+) -> None:
+    """``StableDiffusion3InpaintPipeline`` and ``FluxInpaintPipeline`` with a regular transformer: the
+    first generator's sample of the picture for every image, each image's noise, and the picture's
+    latents noised to the next timestep put back outside the mask after every step (packed, for FLUX.1)."""
     for loaded in (sd3_loaded, flux_loaded):
         rules = loaded.describe().rules
-        assert rules.image_inputs and not rules.inpainting
-        with pytest.raises(InvalidRequestError, match=r"^mask: inpainting is not supported by this model's family yet"):
-            check_inputs(
-                {"prompt": "x", "width": 64, "height": 64, "init_image": picture(), "mask": square_mask()}, rules=rules
-            )
+        assert rules.inpainting
+        wanted = ask(
+            rules, init_image=picture(), mask=square_mask(), strength=strength, scheduler="Euler", num_images=2
+        )
+        ours = StepEngine(loaded).generate([wanted])[0]
+        expected = pipeline_image_from_picture(loaded, wanted)
+        for got, oracle in zip(ours, expected, strict=True):
+            assert_same_image(got.image, oracle)
+
+
+def test_a_family_without_mask_inputs_refuses_a_mask_by_name() -> None:
+    """A fill transformer (33 / 384 channels) has mask inputs we do not build: its masks are refused."""
+    rules = InputRules(samplers=("Euler",), family="sd3", inpainting=False)
+    assert rules.image_inputs
+    with pytest.raises(InvalidRequestError, match=r"^mask: inpainting is not supported by this model's family yet"):
+        check_inputs(
+            {"prompt": "x", "width": 64, "height": 64, "init_image": picture(), "mask": square_mask()}, rules=rules
+        )
+
+
+def test_flow_pictures_and_masks_share_steps_with_text_to_image(
+    sd3_loaded: LoadedPipeline, flux_loaded: LoadedPipeline
+) -> None:
+    for loaded in (sd3_loaded, flux_loaded):
+        rules = loaded.describe().rules
+        wanted = [
+            ask(rules, scheduler="Euler"),
+            ask(rules, init_image=picture(seed=1), mask=square_mask(), strength=0.7, scheduler="Euler", seed=3),
+        ]
+        late = ask(
+            rules, init_image=picture(seed=2), mask=square_mask(), scheduler="Euler", seed=4, prompt="a blue one"
+        )
+        each_equals_itself_alone(loaded, wanted, late=late)
 
 
 def test_the_pictures_cross_to_a_worker_once_and_do_not_ride_back_with_each_image(tiny_loaded: LoadedPipeline) -> None:

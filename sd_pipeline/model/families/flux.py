@@ -16,7 +16,16 @@ from diffusers.utils.torch_utils import randn_tensor
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, expand_rows
-from sd_pipeline.model.families.images import ImageStart, Picture, cut_flow_schedule, flow_start, sample_latents
+from sd_pipeline.model.families.images import (
+    ImageStart,
+    KeepOutsideMask,
+    Picture,
+    cut_flow_schedule,
+    flow_inpainting_start,
+    flow_start,
+    latent_mask,
+    sample_latents,
+)
 from sd_pipeline.model.families.sd3 import StableDiffusion3
 
 PATCH = 2  # latents are packed in 2x2 patches: sides are multiples of the VAE factor x 2
@@ -55,8 +64,14 @@ class Flux(StableDiffusion3):
             size_multiple=int(self.pipeline.vae_scale_factor) * PATCH,
             guidance="distilled" if self.distilled_guidance else "none",
             family=self.name,
-            inpainting=False,  # FluxInpaintPipeline: not built yet
+            inpainting=self.masks_by_blending,
         )
+
+    @property
+    def masks_by_blending(self) -> bool:
+        """``FluxInpaintPipeline``'s way, for a transformer that takes only packed latents (FLUX.1-Fill's
+        mask inputs are not built)."""
+        return int(self.denoiser.config.in_channels) == int(self.pipeline.vae.config.latent_channels) * PATCH * PATCH
 
     @property
     def native_size(self) -> int:
@@ -116,11 +131,7 @@ class Flux(StableDiffusion3):
         rows, columns = self._token_grid(request)
         channels = self.denoiser.config.in_channels // (PATCH * PATCH)
         shape = (request.num_images, channels, rows * PATCH, columns * PATCH)
-        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-        packed: torch.Tensor = FluxPipeline._pack_latents(
-            noise, request.num_images, channels, rows * PATCH, columns * PATCH
-        )
-        return packed
+        return _packed(randn_tensor(shape, generator=generators, device=device, dtype=dtype))
 
     def image_start(
         self,
@@ -135,21 +146,30 @@ class Flux(StableDiffusion3):
     ) -> ImageStart:
         """``FluxImg2ImgPipeline``: one latent sample of the picture (its first generator's, as the
         pipeline encodes its one picture) for every image, shifted and scaled, mixed with each
-        image's noise at the cut schedule's first timestep, then packed."""
+        image's noise at the cut schedule's first timestep, then packed. ``FluxInpaintPipeline``
+        (with a mask): the same start (noise mixed in even at strength 1), and the picture's
+        latents kept outside the mask, all packed."""
         timesteps = cut_flow_schedule(scheduler, request.steps, request.strength)
         vae = self.pipeline.vae.config
         sampled = sample_latents(encoded[0], generators[:1]).repeat(request.num_images, 1, 1, 1)
-        mixed = flow_start(
-            scheduler,
-            (sampled - vae.shift_factor) * vae.scaling_factor,
-            generators,
-            timesteps,
-            device=device,
-            dtype=dtype,
+        image_latents = (sampled - vae.shift_factor) * vae.scaling_factor
+        if picture.mask is None:
+            mixed = flow_start(scheduler, image_latents, generators, timesteps, device=device, dtype=dtype)
+            return ImageStart(_packed(mixed), timesteps)
+        mask = latent_mask(picture, request, int(self.pipeline.vae_scale_factor))
+        start = flow_inpainting_start(
+            scheduler, image_latents, mask, generators, timesteps, whole_is_noise=False, device=device, dtype=dtype
         )
-        images, channels, height, width = mixed.shape
-        packed: torch.Tensor = FluxPipeline._pack_latents(mixed, images, channels, height, width)
-        return ImageStart(packed, timesteps)
+        assert start.keep is not None
+        kept = start.keep
+        channels = image_latents.shape[1]
+        return ImageStart(
+            _packed(start.latents),
+            timesteps,
+            keep=KeepOutsideMask(
+                _packed(kept.image_latents), _packed(kept.noise), _packed(kept.mask.repeat(1, channels, 1, 1))
+            ),
+        )
 
     def spatial(self, latents: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
         unpacked: torch.Tensor = FluxPipeline._unpack_latents(
@@ -178,3 +198,10 @@ class Flux(StableDiffusion3):
         """The packed latents' rows and columns: one token per 2x2 latent patch."""
         side = int(self.pipeline.vae_scale_factor) * PATCH
         return request.height // side, request.width // side
+
+
+def _packed(latents: torch.Tensor) -> torch.Tensor:
+    """Latents (images, channels, height, width) as FLUX.1's sequence of 2x2 patches."""
+    images, channels, height, width = latents.shape
+    packed: torch.Tensor = FluxPipeline._pack_latents(latents, images, channels, height, width)
+    return packed

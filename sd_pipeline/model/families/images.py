@@ -8,7 +8,9 @@ beside the latents at every step; with a regular UNet the latents outside the ma
 after every step (the image's latents noised to the next timestep). Random draws happen in the
 pipelines' order, per image generator, so a request alone gives those pipelines' images. The
 VAE encodes the pictures of every request admitted together, one call per size; only sampling
-from each picture's latent distribution uses the request's generators.
+from each picture's latent distribution uses the request's generators. SD3's and FLUX.1's
+pipelines do the same on flow matching (``scale_noise`` mixes the noise in; their inpainting
+puts the picture's latents back outside the mask after every step, as a regular UNet's does).
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ INPAINTING_CHANNELS = 9  # latents 4 + mask 1 + masked-image latents 4
 
 @dataclass
 class KeepOutsideMask:
-    """Regular-UNet inpainting: after each step, the latents outside the mask are the image's, noised."""
+    """Regular-UNet (and SD3 / FLUX.1) inpainting: after each step, the latents outside the mask are
+    the image's, noised to the next timestep."""
 
     image_latents: torch.Tensor
     noise: torch.Tensor
-    mask: torch.Tensor  # latent-sized, 1 = redraw
+    mask: torch.Tensor  # shaped as the latents (FLUX.1's packed), 1 = redraw
 
     def apply(
         self, scheduler: SchedulerMixin, latents: torch.Tensor, next_timestep: torch.Tensor | None
@@ -42,7 +45,7 @@ class KeepOutsideMask:
         """The stepped ``latents`` with the kept part put back (at ``next_timestep``'s noise; clean after the last)."""
         kept = self.image_latents
         if next_timestep is not None:
-            kept = scheduler.add_noise(kept, self.noise, torch.tensor([next_timestep]))
+            kept = mix_noise(scheduler, kept, self.noise, torch.tensor([next_timestep]))
         return (1 - self.mask) * kept + self.mask * latents
 
 
@@ -74,6 +77,17 @@ def _begin_at(scheduler: SchedulerMixin, step: int) -> torch.Tensor:
     return timesteps
 
 
+def mix_noise(
+    scheduler: SchedulerMixin, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """``sample`` noised to ``timesteps``: flow matching's ``scale_noise``, else ``add_noise`` (the
+    SD samplers; a DPM-Solver on flow sigmas mixes the same (1 - sigma) x + sigma noise that way)."""
+    if hasattr(scheduler, "scale_noise"):
+        mixed: torch.Tensor = scheduler.scale_noise(sample, timesteps, noise)
+        return mixed
+    return scheduler.add_noise(sample, noise, timesteps)  # type: ignore[no-any-return]
+
+
 def flow_start(
     scheduler: SchedulerMixin,
     picture_latents: torch.Tensor,
@@ -84,13 +98,41 @@ def flow_start(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Flow matching's start from a picture: noise drawn with each image's generator, mixed in at the
-    first timestep left (``scale_noise``; a DPM-Solver on flow sigmas mixes the same way with ``add_noise``)."""
-    noise = _noise(picture_latents.shape, generators, device=device, dtype=dtype)
-    start_at = timesteps[:1].repeat(picture_latents.shape[0])
-    if hasattr(scheduler, "scale_noise"):
-        mixed: torch.Tensor = scheduler.scale_noise(picture_latents, start_at, noise)
-        return mixed
-    return scheduler.add_noise(picture_latents, noise, start_at)  # type: ignore[no-any-return]
+    first timestep left."""
+    noise = draw_noise(picture_latents.shape, generators, device=device, dtype=dtype)
+    return mix_noise(scheduler, picture_latents, noise, timesteps[:1].repeat(picture_latents.shape[0]))
+
+
+def flow_inpainting_start(
+    scheduler: SchedulerMixin,
+    image_latents: torch.Tensor,
+    latent_mask: torch.Tensor,
+    generators: list[torch.Generator],
+    timesteps: torch.Tensor,
+    *,
+    whole_is_noise: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> ImageStart:
+    """``StableDiffusion3InpaintPipeline`` / ``FluxInpaintPipeline`` with a regular transformer: each
+    image's noise (drawn after the picture's latents were sampled), mixed into the picture's latents
+    at the first timestep left (SD3 starts from the noise alone at strength 1: ``whole_is_noise``);
+    after every step the picture's latents, noised to the next timestep, are put back outside the mask."""
+    noise = draw_noise(image_latents.shape, generators, device=device, dtype=dtype)
+    if whole_is_noise:
+        latents = noise
+    else:
+        latents = mix_noise(scheduler, image_latents, noise, timesteps[:1].repeat(image_latents.shape[0]))
+    mask = latent_mask.to(device=device, dtype=dtype)
+    return ImageStart(latents, timesteps, keep=KeepOutsideMask(image_latents, noise, mask))
+
+
+def latent_mask(picture: Picture, request: GenerationRequest, vae_scale_factor: int) -> torch.Tensor:
+    """The binarised mask at the latents' size (nearest), one row per image (``prepare_mask_latents``)."""
+    assert picture.mask is not None
+    size = (request.height // vae_scale_factor, request.width // vae_scale_factor)
+    resized = torch.nn.functional.interpolate(picture.mask, size=size)
+    return resized.repeat(request.num_images, 1, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -99,15 +141,16 @@ class Picture:
 
     pixels: torch.Tensor
     mask: torch.Tensor | None = None
+    encode_masked: bool = True  # the denoiser takes (or the draw order needs) the masked picture's latents
 
     def to_encode(self) -> list[torch.Tensor]:
         """What the VAE encodes for it: the picture, and for inpainting the picture outside the mask."""
-        if self.mask is None:
+        if self.mask is None or not self.encode_masked:
             return [self.pixels]
         return [self.pixels, self.pixels * (self.mask < 0.5)]
 
 
-def prepare_picture(pipeline: Any, request: GenerationRequest) -> Picture:
+def prepare_picture(pipeline: Any, request: GenerationRequest, *, encode_masked: bool = True) -> Picture:
     """``image_processor.preprocess`` (and the inpainting pipeline's ``mask_processor``), at the request's size."""
     assert request.init_image is not None
     pixels = _pixels(pipeline.image_processor, request.init_image, request).to(torch.float32)
@@ -115,7 +158,7 @@ def prepare_picture(pipeline: Any, request: GenerationRequest) -> Picture:
         return Picture(pixels)
     scale = int(pipeline.vae_scale_factor)
     masks = VaeImageProcessor(vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-    return Picture(pixels, _pixels(masks, request.mask, request))
+    return Picture(pixels, _pixels(masks, request.mask, request), encode_masked=encode_masked)
 
 
 def encode_pictures(
@@ -154,7 +197,7 @@ def start_from_image(
     factor = pipeline.vae.config.scaling_factor
     if picture.mask is None:
         image_latents = _sample(encoded[0], generators) * factor
-        noise = _noise(image_latents.shape, generators, device=device, dtype=dtype)
+        noise = draw_noise(image_latents.shape, generators, device=device, dtype=dtype)
         return ImageStart(latents=scheduler.add_noise(image_latents, noise, start_at), timesteps=timesteps)
     return _start_inpainting(
         pipeline, request, picture, encoded, generators, scheduler, start_at, timesteps, unet_channels, device, dtype
@@ -184,15 +227,14 @@ def _start_inpainting(
     if regular or not whole:
         image_latents = (_sample(encoded[0], first) * factor).repeat(images, 1, 1, 1)
     shape = (images, pipeline.vae.config.latent_channels, request.height // scale, request.width // scale)
-    noise = _noise(shape, generators, device=device, dtype=dtype)
+    noise = draw_noise(shape, generators, device=device, dtype=dtype)
     if whole:
         latents = noise * scheduler.init_noise_sigma
     else:
         assert image_latents is not None
         latents = scheduler.add_noise(image_latents, noise, start_at)
     masked_latents = (_sample(encoded[1], first) * factor).repeat(images, 1, 1, 1)
-    mask = torch.nn.functional.interpolate(picture.mask, size=(request.height // scale, request.width // scale))
-    mask = mask.to(device=device, dtype=dtype).repeat(images, 1, 1, 1)
+    mask = latent_mask(picture, request, scale).to(device=device, dtype=dtype)
     if regular:
         assert image_latents is not None
         return ImageStart(latents, timesteps, keep=KeepOutsideMask(image_latents, noise, mask))
@@ -215,8 +257,9 @@ def _sample(distribution: DiagonalGaussianDistribution, generators: list[torch.G
     return torch.cat([distribution.sample(generator) for generator in generators])
 
 
-def _noise(
+def draw_noise(
     shape: tuple[int, ...] | torch.Size, generators: list[torch.Generator], *, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
+    """Noise of ``shape``, each image's row drawn with its own generator (``randn_tensor``)."""
     noise: torch.Tensor = randn_tensor(tuple(shape), generator=generators, device=device, dtype=dtype)
     return noise

@@ -14,7 +14,16 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion
-from sd_pipeline.model.families.images import ImageStart, Picture, cut_flow_schedule, flow_start, sample_latents
+from sd_pipeline.model.families.images import (
+    ImageStart,
+    Picture,
+    cut_flow_schedule,
+    flow_inpainting_start,
+    flow_start,
+    latent_mask,
+    prepare_picture,
+    sample_latents,
+)
 
 T5_PARTS = ("text_encoder_3", "tokenizer_3")  # the folder's parts that SD_T5=false leaves out
 FLOW_SAMPLERS = ("Euler", "DPM++ 2M")  # flow-matching samplers by AUTOMATIC1111's names (``flow_scheduler``)
@@ -76,7 +85,15 @@ class StableDiffusion3(StableDiffusion):
     def rules(self) -> InputRules:
         """Sides are whole patches of latents (the pipeline's own check: VAE factor x patch size)."""
         multiple = int(self.pipeline.vae_scale_factor) * int(self.denoiser.config.patch_size)
-        return InputRules(samplers=self.samplers, size_multiple=multiple, family=self.name, inpainting=False)
+        return InputRules(
+            samplers=self.samplers, size_multiple=multiple, family=self.name, inpainting=self.masks_by_blending
+        )
+
+    @property
+    def masks_by_blending(self) -> bool:
+        """Inpainting as the pipeline does it for a transformer that takes only latents (16 channels);
+        a 33-channel fill transformer's mask inputs are not built."""
+        return int(self.denoiser.config.in_channels) == int(self.pipeline.vae.config.latent_channels)
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
         return flow_scheduler(name, base_config)
@@ -126,11 +143,31 @@ class StableDiffusion3(StableDiffusion):
         dtype: torch.dtype,
     ) -> ImageStart:
         """``StableDiffusion3Img2ImgPipeline``: a latent sample per image generator, shifted and scaled
-        as the VAE says, mixed with noise at the cut schedule's first timestep (no inpainting yet)."""
+        as the VAE says, mixed with noise at the cut schedule's first timestep.
+        ``StableDiffusion3InpaintPipeline`` (with a mask): one sample, the first generator's, for
+        every image; noise alone at strength 1; the picture kept outside the mask."""
         timesteps = cut_flow_schedule(scheduler, request.steps, request.strength)
         vae = self.pipeline.vae.config
-        latents = (sample_latents(encoded[0], generators) - vae.shift_factor) * vae.scaling_factor
-        return ImageStart(flow_start(scheduler, latents, generators, timesteps, device=device, dtype=dtype), timesteps)
+        if picture.mask is None:
+            latents = (sample_latents(encoded[0], generators) - vae.shift_factor) * vae.scaling_factor
+            start = flow_start(scheduler, latents, generators, timesteps, device=device, dtype=dtype)
+            return ImageStart(start, timesteps)
+        sampled = sample_latents(encoded[0], generators[:1]).repeat(request.num_images, 1, 1, 1)
+        return flow_inpainting_start(
+            scheduler,
+            (sampled - vae.shift_factor) * vae.scaling_factor,
+            latent_mask(picture, request, int(self.pipeline.vae_scale_factor)),
+            generators,
+            timesteps,
+            whole_is_noise=request.strength == 1.0,
+            device=device,
+            dtype=dtype,
+        )
+
+    def prepare_picture(self, request: GenerationRequest) -> Picture:
+        """The picture and mask as the pipelines prepare them; the masked picture's latents, which
+        the pipelines compute for a fill transformer only, are not encoded."""
+        return prepare_picture(self.pipeline, request, encode_masked=False)
 
     def model_input(self, scheduler: SchedulerMixin, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return sample
