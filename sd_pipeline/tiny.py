@@ -1,8 +1,9 @@
 """Build tiny pipelines of every served family with random weights, for offline tests and demos.
 
-Usage: ``python -m sd_pipeline.tiny DIR [--family sd|sd2|sd-inpainting|sdxl|sd3|sd3-no-t5|flux|flux-schnell]`` writes a
-pipeline folder that the normal loader accepts (``--model DIR``). The images are noise: it exists
-to exercise the product, not to draw pictures.
+Usage: ``python -m sd_pipeline.tiny DIR [--family FAMILY]`` (sd, sd2, sd-inpainting, sdxl,
+sdxl-inpainting, sd3, sd3-no-t5, flux, flux-schnell) writes a pipeline folder that the normal
+loader accepts (``--model DIR``). The images are noise: it exists to exercise the product, not to
+draw pictures.
 """
 
 from __future__ import annotations
@@ -158,6 +159,15 @@ def random_inpainting_pipeline(*, seed: int = 0) -> Any:
 
     pipeline = random_pipeline(unet={**TINY_UNET, "in_channels": 9}, vae=TINY_VAE, text=TINY_TEXT, seed=seed)
     return StableDiffusionInpaintPipeline(**pipeline.components)
+
+
+def random_sdxl_inpainting_pipeline(*, seed: int = 0) -> Any:
+    """A ``StableDiffusionXLInpaintPipeline`` whose UNet reads 9 channels, as SDXL's inpainting model's does."""
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    pipeline = random_sdxl_pipeline(seed=seed)
+    components = {**pipeline.components, "unet": UNet2DConditionModel(**{**TINY_SDXL_UNET, "in_channels": 9})}
+    return StableDiffusionXLInpaintPipeline(**components, requires_aesthetics_score=False, add_watermarker=False)
 
 
 # SD 2.1's shape where it differs from 1.x: v-prediction (scheduler), attention upcast and linear
@@ -342,17 +352,20 @@ def random_flux_pipeline(*, seed: int = 0, guidance_embeds: bool = True) -> Any:
     )
 
 
-FAMILIES = ("sd", "sd2", "sd-inpainting", "sdxl", "sd3", "sd3-no-t5", "flux", "flux-schnell")
+FAMILIES = ("sd", "sd2", "sd-inpainting", "sdxl", "sdxl-inpainting", "sd3", "sd3-no-t5", "flux", "flux-schnell")
 
 
 def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny", family: str = "sd") -> Path:
     """Create a small random pipeline and ``save_pretrained`` it into ``folder``: ``family`` sd (1.x),
-    sd2 (v-prediction, 768 native), sd-inpainting (a 9-channel inpainting UNet), sdxl, sd3 (with T5),
+    sd2 (v-prediction, 768 native), sd-inpainting (a 9-channel inpainting UNet), sdxl, sdxl-inpainting, sd3 (with T5),
     sd3-no-t5, flux (FLUX.1-dev) or flux-schnell;
     for sd, ``kind`` tiny, heavy (compute dominates) or micro."""
     folder = Path(folder)
     if family == "sdxl":
         random_sdxl_pipeline(seed=seed).save_pretrained(folder)
+        return folder
+    if family == "sdxl-inpainting":
+        random_sdxl_inpainting_pipeline(seed=seed).save_pretrained(folder)
         return folder
     if family.startswith("sd3"):
         random_sd3_pipeline(seed=seed, t5=family == "sd3").save_pretrained(folder)

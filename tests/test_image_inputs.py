@@ -7,6 +7,7 @@ built from the same parts, with the same picture, mask, strength, settings and s
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from harness.images import (
     png_bytes,
 )
 from sd_pipeline.__main__ import main as cli_main
-from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.errors import InvalidRequestError, ModelLoadError
 from sd_pipeline.contract.images import InputImage
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.messages import Finished, Submit, decode, encode
@@ -101,11 +102,53 @@ def test_inpainting_with_a_nine_channel_unet_equals_the_inpaint_pipeline(
         assert_same_image(got.image, expected)
 
 
-def test_an_inpainting_model_asks_for_both_pictures_and_warms_up_with_them(
-    inpainting_loaded: LoadedPipeline,
+@pytest.fixture(scope="module")
+def sdxl_inpainting_loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedPipeline:
+    folder = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl-inpainting"), family="sdxl-inpainting")
+    return load_pipeline(PipelineSettings(model=str(folder), device="cpu"))
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_an_sdxl_inpainting_model_equals_its_inpaint_pipeline_alone_and_sharing_steps(
+    sdxl_inpainting_loaded: LoadedPipeline, strength: float
 ) -> None:
-    assert StepEngine(inpainting_loaded).warmup() > 0  # its warm-up request brings a picture and a mask
-    rules = inpainting_loaded.describe().rules
+    """A folder saved as ``StableDiffusionXLInpaintPipeline`` with a 9-channel UNet: its own pipeline
+    (six size ids, no aesthetic score), two images; then guided and unguided requests in shared steps."""
+    loaded = sdxl_inpainting_loaded
+    assert type(loaded.family).__name__ == "StableDiffusionXLInpainting"
+    rules = loaded.describe().rules
+    assert rules.needs_mask and rules.family == "sdxl"
+    wanted = ask(
+        rules, init_image=picture(), mask=square_mask(), strength=strength, negative_prompt="dark", num_images=2
+    )
+    ours = StepEngine(loaded).generate([wanted])[0]
+    for got, expected in zip(ours, pipeline_image_from_picture(loaded, wanted), strict=True):
+        assert_same_image(got.image, expected)
+    if strength == 1.0:
+        together = [
+            ask(rules, init_image=picture(seed=1), mask=square_mask(), strength=0.8, scheduler="Euler a"),
+            ask(rules, init_image=picture(seed=2), mask=square_mask(), guidance_scale=1.0, seed=9),
+        ]
+        late = ask(rules, init_image=picture(seed=3), mask=square_mask(), strength=0.5, seed=11, steps=4)
+        each_equals_itself_alone(loaded, together, late=late)
+
+
+def test_an_sdxl_inpainting_folder_that_wants_an_aesthetic_score_stops_start_up(tmp_path: Path) -> None:
+    """A refiner-style folder (``requires_aesthetics_score``: five ids, a negative one of its own) is not served."""
+    folder = build_tiny_pipeline(tmp_path / "model", family="sdxl-inpainting")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": True}))
+    with pytest.raises(ModelLoadError, match="requires an aesthetic score"):
+        load_pipeline(PipelineSettings(model=str(folder), device="cpu"))
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_an_inpainting_model_asks_for_both_pictures_and_warms_up_with_them(
+    inpainting_loaded: LoadedPipeline, sdxl_inpainting_loaded: LoadedPipeline, model: str
+) -> None:
+    loaded = inpainting_loaded if model == "sd" else sdxl_inpainting_loaded
+    assert StepEngine(loaded).warmup() > 0  # its warm-up request brings a picture and a mask
+    rules = loaded.describe().rules
     with pytest.raises(InvalidRequestError, match=r"^init_image: is required: this is an inpainting model"):
         ask(rules)
     with pytest.raises(InvalidRequestError, match=r"^mask: is required"):

@@ -11,12 +11,19 @@ from sd_pipeline.model.families.base import (
 )
 from sd_pipeline.model.families.flux import Flux
 from sd_pipeline.model.families.sd3 import StableDiffusion3
-from sd_pipeline.model.families.sdxl import StableDiffusionXL
+from sd_pipeline.model.families.sdxl import StableDiffusionXL, StableDiffusionXLInpainting
 
 Family = StableDiffusion  # every family is one; the others override what differs
 FAMILIES: dict[str, type[Family]] = {
     family.pipeline_class: family
-    for family in (StableDiffusion, StableDiffusionInpainting, StableDiffusionXL, StableDiffusion3, Flux)
+    for family in (
+        StableDiffusion,
+        StableDiffusionInpainting,
+        StableDiffusionXL,
+        StableDiffusionXLInpainting,
+        StableDiffusion3,
+        Flux,
+    )
 }
 
 __all__ = ["FAMILIES", "Conditioning", "Family", "family_of", "join_rows", "served_classes", "split_rows"]

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.request import GenerationRequest
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion, expand_rows
@@ -79,10 +80,15 @@ class StableDiffusionXL(StableDiffusion):
         embeds = text["encoder_hidden_states"]
         encoder_2 = self.pipeline.text_encoder_2
         projection = encoder_2.config.projection_dim if encoder_2 is not None else int(text["text_embeds"].shape[-1])
-        time_ids = self.pipeline._get_add_time_ids(
-            size, NO_CROP, size, dtype=embeds.dtype, text_encoder_projection_dim=projection
-        )
+        time_ids = self.size_ids(size, embeds.dtype, projection)
         return expand_rows({**text, "time_ids": time_ids.to(embeds.device)}, request.num_images)
+
+    def size_ids(self, size: tuple[int, int], dtype: torch.dtype, projection: int) -> torch.Tensor:
+        """The six size ids, checked against the UNet's added embedding by the pipeline's own method."""
+        time_ids: torch.Tensor = self.pipeline._get_add_time_ids(
+            size, NO_CROP, size, dtype=dtype, text_encoder_projection_dim=projection
+        )
+        return time_ids
 
     def set_timesteps(self, scheduler: SchedulerMixin, request: GenerationRequest, device: torch.device) -> None:
         super().set_timesteps(scheduler, request, device)
@@ -110,3 +116,29 @@ class StableDiffusionXL(StableDiffusion):
             latents = latents / vae.config.scaling_factor
         decoded = vae.decode(latents, return_dict=False)[0]
         return decoded, [False] * decoded.shape[0]
+
+
+class StableDiffusionXLInpainting(StableDiffusionXL):
+    """A folder saved as ``StableDiffusionXLInpaintPipeline`` (e.g. stable-diffusion-xl-1.0-inpainting):
+    SDXL's parts with a 9-channel UNet, so every request brings a picture and a mask. Served without
+    an aesthetic score, as that pipeline runs with ``requires_aesthetics_score`` off; a folder that
+    asks for one (a refiner's five ids, two per request) stops start-up naming it."""
+
+    title: ClassVar[str] = "Stable Diffusion XL inpainting"
+    pipeline_class: ClassVar[str] = "StableDiffusionXLInpaintPipeline"
+
+    def __init__(self, pipeline: Any) -> None:
+        if pipeline.config.get("requires_aesthetics_score", False):
+            raise ModelLoadError(
+                "cannot serve this StableDiffusionXLInpaintPipeline: it requires an aesthetic score "
+                "(requires_aesthetics_score, as SDXL's refiner does), which this service does not send"
+            )
+        super().__init__(pipeline)
+
+    def size_ids(self, size: tuple[int, int], dtype: torch.dtype, projection: int) -> torch.Tensor:
+        """The inpainting pipeline's ``_get_add_time_ids`` (its positive ids: without an aesthetic
+        score they are the same six as the text-to-image pipeline's)."""
+        time_ids, _ = self.pipeline._get_add_time_ids(
+            size, NO_CROP, size, 6.0, 2.5, size, NO_CROP, size, dtype=dtype, text_encoder_projection_dim=projection
+        )
+        return time_ids  # type: ignore[no-any-return]
