@@ -439,3 +439,29 @@ def test_start_from_a_picture_paint_a_mask_and_find_both_in_history(
     overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"{overflow}px of horizontal scroll at {PHONE['width']}px"
     assert errors == []
+
+
+def test_an_image_dragged_from_the_history_becomes_the_picture_to_start_from(
+    context: BrowserContext, app: RunningApp
+) -> None:
+    """The browser drags an image as its address; the page turns the drop into an upload of that file."""
+    page, errors = open_page(context, app)
+    fill_form(page, "a picture to start from", seed="41")
+    page.locator("#generate").click()
+    made = png_pixels(page, newest_link(page))
+    page.locator("#refresh").click()
+    expect(page.locator("#history-gallery img").first).to_be_visible()
+    page.get_by_text("Start from a picture").click()
+    expect(page.locator("#init-image")).to_be_visible()
+    page.set_viewport_size({"width": LAPTOP["width"], "height": 2400})  # both ends of the drag in sight
+    page.locator("#history-gallery img").first.drag_to(page.locator("#init-image"))
+    dropped = page.locator("#init-image img").first
+    expect(dropped).to_be_visible()
+    expect(page.locator("#strength")).to_be_visible()  # the page treats it as any picture
+    source = dropped.get_attribute("src")
+    assert source is not None
+    response = page.request.get(source)
+    assert response.ok
+    assert_same_image(np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB")), made)
+    shot(page, "21-dragged-from-history")
+    assert errors == []

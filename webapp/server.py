@@ -14,6 +14,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 
 from storage.local import LINK_ROUTE, ForbiddenLinkError, LocalStore, NoSuchImageError
+from webapp.dropping import DROP_FROM_PAGE_JS
 from webapp.owners import ASGIApp, Network, OwnerCookieMiddleware
 from webapp.sessions import Sessions
 from webapp.ui import PAGE_CSS
@@ -61,6 +62,7 @@ def create_app(
         show_error=True,
         ssr_mode=False,
         css=PAGE_CSS,
+        js=DROP_FROM_PAGE_JS,
     )
     guarded = UploadGuard(app, max_bytes=max_upload_bytes, trusted_proxies=trusted_proxies)
     return OwnerCookieMiddleware(guarded, secure=secure_cookies)
