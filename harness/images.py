@@ -99,6 +99,8 @@ def pipeline_image_from_picture(loaded: LoadedPipeline, request: GenerationReque
         output = pipeline(**arguments)
     else:
         arguments.update(mask_image=request.mask.picture(), width=request.width, height=request.height)
+        if loaded.family.pipeline_class == "FluxFillPipeline":
+            inpaint = diffusers.FluxFillPipeline
         pipeline = inpaint(**components)
         if loaded.family.name == "sd3":
             return _sd3_decoded(pipeline, pipeline(**arguments, output_type="latent").images)

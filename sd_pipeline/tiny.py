@@ -1,7 +1,7 @@
 """Build tiny pipelines of every served family with random weights, for offline tests and demos.
 
 Usage: ``python -m sd_pipeline.tiny DIR [--family FAMILY]`` (sd, sd2, sd-inpainting, sdxl,
-sdxl-inpainting, sd3, sd3-no-t5, flux, flux-schnell) writes a pipeline folder that the normal
+sdxl-inpainting, sd3, sd3-no-t5, flux, flux-schnell, flux-fill) writes a pipeline folder that the normal
 loader accepts (``--model DIR``). The images are noise: it exists to exercise the product, not to
 draw pictures.
 """
@@ -352,13 +352,39 @@ def random_flux_pipeline(*, seed: int = 0, guidance_embeds: bool = True) -> Any:
     )
 
 
-FAMILIES = ("sd", "sd2", "sd-inpainting", "sdxl", "sdxl-inpainting", "sd3", "sd3-no-t5", "flux", "flux-schnell")
+def random_flux_fill_pipeline(*, seed: int = 0) -> Any:
+    """A ``FluxFillPipeline`` (FLUX.1-Fill-dev's shape): its transformer reads the packed latents (64),
+    the masked picture's packed latents (64) and the mask folded 8x8 and packed (256): 384 channels."""
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    flux = random_flux_pipeline(seed=seed).components
+    components = {name: flux[name] for name in parts}
+    packed = TINY_FLUX_TRANSFORMER["in_channels"]
+    factor = 2 ** (len(TINY_SD3_VAE["block_out_channels"]) - 1)
+    fill = {**TINY_FLUX_TRANSFORMER, "in_channels": 2 * packed + 4 * factor * factor, "out_channels": packed}
+    components["transformer"] = FluxTransformer2DModel(**fill, guidance_embeds=True)
+    return FluxFillPipeline(**components)
+
+
+FAMILIES = (
+    "sd",
+    "sd2",
+    "sd-inpainting",
+    "sdxl",
+    "sdxl-inpainting",
+    "sd3",
+    "sd3-no-t5",
+    "flux",
+    "flux-schnell",
+    "flux-fill",
+)
 
 
 def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny", family: str = "sd") -> Path:
     """Create a small random pipeline and ``save_pretrained`` it into ``folder``: ``family`` sd (1.x),
     sd2 (v-prediction, 768 native), sd-inpainting (a 9-channel inpainting UNet), sdxl, sdxl-inpainting, sd3 (with T5),
-    sd3-no-t5, flux (FLUX.1-dev) or flux-schnell;
+    sd3-no-t5, flux (FLUX.1-dev), flux-schnell or flux-fill (FLUX.1-Fill);
     for sd, ``kind`` tiny, heavy (compute dominates) or micro."""
     folder = Path(folder)
     if family == "sdxl":
@@ -369,6 +395,9 @@ def build_tiny_pipeline(folder: str | Path, *, seed: int = 0, kind: str = "tiny"
         return folder
     if family.startswith("sd3"):
         random_sd3_pipeline(seed=seed, t5=family == "sd3").save_pretrained(folder)
+        return folder
+    if family == "flux-fill":
+        random_flux_fill_pipeline(seed=seed).save_pretrained(folder)
         return folder
     if family.startswith("flux"):
         random_flux_pipeline(seed=seed, guidance_embeds=family == "flux").save_pretrained(folder)

@@ -142,11 +142,42 @@ def test_an_sdxl_inpainting_folder_that_wants_an_aesthetic_score_stops_start_up(
         load_pipeline(PipelineSettings(model=str(folder), device="cpu"))
 
 
-@pytest.mark.parametrize("model", ["sd", "sdxl"])
-def test_an_inpainting_model_asks_for_both_pictures_and_warms_up_with_them(
-    inpainting_loaded: LoadedPipeline, sdxl_inpainting_loaded: LoadedPipeline, model: str
+@pytest.fixture(scope="module")
+def flux_fill_loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedPipeline:
+    folder = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux-fill"), family="flux-fill")
+    return load_pipeline(PipelineSettings(model=str(folder), device="cpu"))
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_flux_fill_equals_its_fill_pipeline_alone_and_sharing_steps(
+    flux_fill_loaded: LoadedPipeline, strength: float
 ) -> None:
-    loaded = inpainting_loaded if model == "sd" else sdxl_inpainting_loaded
+    """``FluxFillPipeline`` (FLUX.1-Fill's 384-channel transformer: packed latents, the masked picture's
+    packed latents, the mask folded 8x8 and packed), two images, the distilled guidance per row."""
+    loaded = flux_fill_loaded
+    rules = loaded.describe().rules
+    assert rules.needs_mask and rules.guidance == "distilled"
+    wanted = ask(rules, init_image=picture(), mask=square_mask(), strength=strength, num_images=2, guidance_scale=30)
+    ours = StepEngine(loaded).generate([wanted])[0]
+    for got, expected in zip(ours, pipeline_image_from_picture(loaded, wanted), strict=True):
+        assert_same_image(got.image, expected)
+    if strength == 1.0:
+        together = [
+            ask(rules, init_image=picture(seed=1), mask=square_mask(), strength=1.0, guidance_scale=30),
+            ask(rules, init_image=picture(seed=2), mask=square_mask(), guidance_scale=3.5, seed=9),
+        ]
+        late = ask(rules, init_image=picture(seed=3), mask=square_mask(), strength=0.5, seed=11, steps=4)
+        each_equals_itself_alone(loaded, together, late=late)
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl", "flux-fill"])
+def test_an_inpainting_model_asks_for_both_pictures_and_warms_up_with_them(
+    inpainting_loaded: LoadedPipeline,
+    sdxl_inpainting_loaded: LoadedPipeline,
+    flux_fill_loaded: LoadedPipeline,
+    model: str,
+) -> None:
+    loaded = {"sd": inpainting_loaded, "sdxl": sdxl_inpainting_loaded, "flux-fill": flux_fill_loaded}[model]
     assert StepEngine(loaded).warmup() > 0  # its warm-up request brings a picture and a mask
     rules = loaded.describe().rules
     with pytest.raises(InvalidRequestError, match=r"^init_image: is required: this is an inpainting model"):
@@ -292,7 +323,7 @@ def test_sd3_and_flux_inpainting_equal_their_inpaint_pipelines(
 
 
 def test_a_family_without_mask_inputs_refuses_a_mask_by_name() -> None:
-    """A fill transformer (33 / 384 channels) has mask inputs we do not build: its masks are refused."""
+    """An SD3 fill transformer (33 channels) has mask inputs we do not build: its masks are refused."""
     rules = InputRules(samplers=("Euler",), family="sd3", inpainting=False)
     assert rules.image_inputs
     with pytest.raises(InvalidRequestError, match=r"^mask: inpainting is not supported by this model's family yet"):

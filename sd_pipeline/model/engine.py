@@ -418,7 +418,7 @@ class StepEngine:
             model_input = family.model_input(active.scheduler, sample, t)
             if active.extra_channels is not None:
                 extra = active.extra_channels if negative is None else torch.cat([active.extra_channels] * 2)
-                model_input = torch.cat([model_input, extra], dim=1)
+                model_input = torch.cat([model_input, extra], dim=family.channel_dim)
             inputs.append(model_input)
             conditions.append(active.positive if negative is None else join_rows([negative, active.positive]))
             timesteps.append(t.reshape(1).expand(sample.shape[0]))

@@ -9,7 +9,7 @@ from sd_pipeline.model.families.base import (
     join_rows,
     split_rows,
 )
-from sd_pipeline.model.families.flux import Flux
+from sd_pipeline.model.families.flux import Flux, FluxFill
 from sd_pipeline.model.families.sd3 import StableDiffusion3
 from sd_pipeline.model.families.sdxl import StableDiffusionXL, StableDiffusionXLInpainting
 
@@ -23,6 +23,7 @@ FAMILIES: dict[str, type[Family]] = {
         StableDiffusionXLInpainting,
         StableDiffusion3,
         Flux,
+        FluxFill,
     )
 }
 

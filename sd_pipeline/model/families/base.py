@@ -76,6 +76,7 @@ class StableDiffusion:
     latent_rgb: ClassVar[LatentRgb | None] = SD15_LATENT_RGB  # None: no published factors
     latent_rgb_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
     takes_images: ClassVar[bool] = True  # image-to-image and inpainting are built for this family
+    channel_dim: ClassVar[int] = 1  # where an inpainting model's extra inputs join the latents
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,6 +25,7 @@ from sd_pipeline.model.families.images import (
     flow_inpainting_start,
     flow_start,
     latent_mask,
+    prepare_picture,
     sample_latents,
 )
 from sd_pipeline.model.families.sd3 import StableDiffusion3
@@ -47,6 +49,7 @@ class Flux(StableDiffusion3):
     name: ClassVar[str] = "flux"
     title: ClassVar[str] = "FLUX.1"
     pipeline_class: ClassVar[str] = "FluxPipeline"
+    channel_dim: ClassVar[int] = 2  # packed latents: (images, tokens, channels)
 
     @staticmethod
     def load_options(settings: PipelineSettings, index: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,7 +132,7 @@ class Flux(StableDiffusion3):
         dtype: torch.dtype,
     ) -> torch.Tensor:
         rows, columns = self._token_grid(request)
-        channels = self.denoiser.config.in_channels // (PATCH * PATCH)
+        channels = self.pipeline.vae.config.latent_channels
         shape = (request.num_images, channels, rows * PATCH, columns * PATCH)
         return _packed(randn_tensor(shape, generator=generators, device=device, dtype=dtype))
 
@@ -198,6 +201,53 @@ class Flux(StableDiffusion3):
         """The packed latents' rows and columns: one token per 2x2 latent patch."""
         side = int(self.pipeline.vae_scale_factor) * PATCH
         return request.height // side, request.width // side
+
+
+class FluxFill(Flux):
+    """FLUX.1-Fill (``FluxFillPipeline``): every request brings a picture and a mask. The transformer
+    reads, beside the packed latents, the masked picture's packed latents and the mask folded into
+    the latents' grid (each VAE-factor x VAE-factor block of mask pixels as channels), then packed.
+    The start is ``FluxImg2ImgPipeline``'s (noise alone at strength 1, as its sigma is 1)."""
+
+    title: ClassVar[str] = "FLUX.1 Fill"
+    pipeline_class: ClassVar[str] = "FluxFillPipeline"
+
+    @property
+    def rules(self) -> InputRules:
+        return replace(super().rules, needs_mask=True, inpainting=True)
+
+    def prepare_picture(self, request: GenerationRequest) -> Picture:
+        return prepare_picture(self.pipeline, request)  # the masked picture is an input here
+
+    def image_start(
+        self,
+        request: GenerationRequest,
+        generators: list[torch.Generator],
+        scheduler: SchedulerMixin,
+        picture: Picture,
+        encoded: list[DiagonalGaussianDistribution],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> ImageStart:
+        """``FluxFillPipeline``'s draws in its order: the picture's sample (first generator), each
+        image's noise, the masked picture's sample (first generator)."""
+        assert picture.mask is not None
+        start = super().image_start(
+            request, generators, scheduler, Picture(picture.pixels), encoded[:1], device=device, dtype=dtype
+        )
+        vae, images = self.pipeline.vae.config, request.num_images
+        masked = (sample_latents(encoded[1], generators[:1]) - vae.shift_factor) * vae.scaling_factor
+        folded = _folded_mask(picture.mask, int(self.pipeline.vae_scale_factor))
+        extra = torch.cat([_packed(masked), _packed(folded)], dim=-1).repeat(images, 1, 1)
+        return ImageStart(start.latents, start.timesteps, extra_channels=extra.to(device=device, dtype=dtype))
+
+
+def _folded_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """A pixel mask (1, 1, H, W) as (1, factor², H / factor, W / factor): each block's pixels as channels."""
+    height, width = mask.shape[-2] // factor, mask.shape[-1] // factor
+    blocks = mask[:, 0].view(mask.shape[0], height, factor, width, factor).permute(0, 2, 4, 1, 3)
+    return blocks.reshape(mask.shape[0], factor * factor, height, width)
 
 
 def _packed(latents: torch.Tensor) -> torch.Tensor:
