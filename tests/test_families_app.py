@@ -1,5 +1,5 @@
 """SDXL, SD3 and FLUX.1 models served by the launched app: the served PNG equals the family's diffusers
-pipeline, alone and sharing steps."""
+pipeline, alone and sharing steps, from a prompt and from a picture and a mask."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import requests
 from gradio_client import Client
 
 from harness.app_server import RunningApp, is_stepping, launched_app
-from harness.images import assert_same_image, pipeline_image
+from harness.images import assert_same_image, pipeline_image, pipeline_image_from_picture
 from harness.servers import S3Server, wait_until
-from sd_pipeline.contract.request import GUIDANCE_MEANING, GenerationRequest, default_sampler
+from sd_pipeline.contract.request import GUIDANCE_MEANING, GenerationRequest, check_inputs, default_sampler
 from sd_pipeline.model.loading import LoadedPipeline
 from sd_pipeline.png import read_png_parameters
-from tests.test_app import fetch_pixels
+from tests.test_app import fetch_pixels, picture_file
+from tests.test_image_inputs import picture, square_mask
 
 SERVED_TOLERANCE = 2  # levels of 255, on the served PNG (the issue's bar for every family)
 ASKED: dict[str, Any] = {"negative_prompt": "", "steps": 8, "width": 128, "height": 128, "guidance_scale": 5.0}
@@ -107,3 +108,18 @@ def test_the_app_names_the_family_and_refuses_a_size_or_sampler_it_cannot_use(se
         foreign = asked("foreign", 1, "DPM++ 2M Karras")
         with pytest.raises(Exception, match=r"scheduler: must be one of Euler, DPM\+\+ 2M \(this model's samplers\)"):
             client(served.app, tmp_path).predict(**foreign, api_name="/generate")
+
+
+def test_a_picture_and_a_mask_through_the_app_equal_the_familys_inpaint_pipeline(
+    served: Served, tmp_path: Path
+) -> None:
+    """``StableDiffusionXLInpaintPipeline``, ``StableDiffusion3InpaintPipeline`` (its latents: see
+    ``harness.images``), ``FluxInpaintPipeline``: the served PNG, with files sent by gradio_client."""
+    start, mask = picture(size=(128, 128), seed=6), square_mask((128, 128))
+    fields = {**asked("a repainted square", 31, served.sampler(0)), "strength": 0.7}
+    sent = {"init_image": picture_file(tmp_path, "start.png", start), "mask": picture_file(tmp_path, "mask.png", mask)}
+    (record,) = client(served.app, tmp_path).predict(**fields, **sent, api_name="/generate")[1]["images"]
+    wanted = check_inputs({**fields, "init_image": start, "mask": mask}, rules=served.loaded.family.rules)
+    expected = pipeline_image_from_picture(served.loaded, wanted)[0]
+    assert_same_image(fetch_pixels(record["url"]), expected, tolerance=SERVED_TOLERANCE)
+    assert record["strength"] == 0.7 and "mask_url" in record
