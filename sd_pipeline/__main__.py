@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from sd_pipeline.contract.errors import InvalidRequestError, ModelLoadError
+from sd_pipeline.contract.prompt_reader import prompt_reader
 from sd_pipeline.contract.recommended import RECOMMENDABLE, recommended_request
 from sd_pipeline.contract.request import (
     DEFAULT_STRENGTH,
@@ -86,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_pipeline(settings)
         limits = RequestLimits(max_pixels=settings.max_pixels)
-        tokens = TokenBudget.of(loaded.pipeline.tokenizer)
+        index = {**loaded.pipeline.config, "_class_name": loaded.family.pipeline_class}  # as model_index.json
+        reader = prompt_reader(index, t5_encoder=settings.t5_encoder)
+        tokens = TokenBudget.of(getattr(loaded.pipeline, reader.subfolder), reader.max_tokens)
         rules = loaded.family.rules
         start = recommended_request(limits, native_size=loaded.native_size, model=loaded.defaults, rules=rules)
         chosen = {name: getattr(args, name) for name in RECOMMENDABLE}

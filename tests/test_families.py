@@ -24,6 +24,8 @@ from harness.images import (
     max_difference,
     pipeline_image,
 )
+from sd_pipeline.__main__ import main as cli_main
+from sd_pipeline.backends.tokens import token_budget
 from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, ModelLoadError
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.recommended import recommended_request
@@ -334,3 +336,46 @@ def test_the_flow_samplers_solve_the_same_flow(request: pytest.FixtureRequest, f
     euler = pixels("Euler")
     assert np.abs(euler - pixels("DPM++ 2M")).mean() < 2.0
     assert np.abs(euler - pixels("Euler", seed=4)).mean() > 20.0
+
+
+LONG_PROMPT = "a red circle above a blue square beside a green triangle, " * 3  # ~120 CLIP tokens here
+
+
+def test_sd3_and_flux_prompts_are_measured_by_t5_and_equal_diffusers_past_clips_77_tokens(
+    tiny_model_dir: Path,
+    tiny_sd3_dir: Path,
+    tiny_flux_dir: Path,
+    sd3_loaded: LoadedPipeline,
+    flux_loaded: LoadedPipeline,
+    tmp_path: Path,
+) -> None:
+    """A prompt longer than CLIP's 77 tokens is refused where CLIP alone reads it (SD, SD3 without
+    T5) and served where T5 reads it (SD3 256, FLUX.1 512 tokens), equal to diffusers, which gives
+    CLIP the first 77; past T5's length it is refused naming the length."""
+    budget = {
+        "sd": token_budget(PipelineSettings(model=str(tiny_model_dir))),
+        "sd3-no-t5": token_budget(PipelineSettings(model=str(tiny_sd3_dir), t5_encoder=False)),
+        "sd3": token_budget(PipelineSettings(model=str(tiny_sd3_dir))),
+        "flux": token_budget(PipelineSettings(model=str(tiny_flux_dir))),
+    }
+    assert {name: tokens.limit for name, tokens in budget.items()} == {
+        "sd": 77,
+        "sd3-no-t5": 77,
+        "sd3": 256,
+        "flux": 512,
+    }
+    fields = {"prompt": LONG_PROMPT, "width": 64, "height": 64, "steps": 4, "scheduler": "Euler", "seed": 3}
+    for clip_only in ("sd", "sd3-no-t5"):
+        with pytest.raises(InvalidRequestError, match=r"^prompt: is \d+ tokens long but the model reads at most 77"):
+            check_inputs({**fields, "scheduler": "Euler a"}, tokens=budget[clip_only])
+    for name, loaded in (("sd3", sd3_loaded), ("flux", flux_loaded)):
+        wanted = check_inputs(fields, tokens=budget[name], rules=loaded.family.rules)
+        assert_same_image(StepEngine(loaded).generate([wanted])[0][0].image, pipeline_image(loaded, wanted)[0])
+        limit = budget[name].limit
+        with pytest.raises(
+            InvalidRequestError, match=rf"^prompt: is \d+ tokens long but the model reads at most {limit}"
+        ):
+            check_inputs({**fields, "prompt": "x" * (limit + 1)}, tokens=budget[name], rules=loaded.family.rules)
+    common = ["--model", str(tiny_flux_dir), "--steps", "2", "--width", "64", "--height", "64"]
+    assert cli_main([*common, "--out", str(tmp_path / "cli"), LONG_PROMPT]) == 0  # the command line measures alike
+    assert len(list((tmp_path / "cli").glob("*.png"))) == 1

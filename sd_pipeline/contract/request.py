@@ -104,9 +104,13 @@ class TokenBudget:
     count: Callable[[str], int]
 
     @classmethod
-    def of(cls, tokenizer: Any) -> TokenBudget:
-        """The budget of a Hugging Face tokenizer: its ``model_max_length``, start and end tokens included."""
-        return cls(limit=tokenizer.model_max_length, count=lambda text: len(tokenizer(text).input_ids))
+    def of(cls, tokenizer: Any, limit: int | None = None) -> TokenBudget:
+        """The budget of a Hugging Face tokenizer: ``limit`` tokens (else its ``model_max_length``),
+        start and end tokens included."""
+        return cls(
+            limit=tokenizer.model_max_length if limit is None else limit,
+            count=lambda text: len(tokenizer(text).input_ids),
+        )
 
 
 def default_sampler(samplers: Sequence[str]) -> str:

@@ -14,6 +14,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from sd_pipeline.contract.prompt_reader import FLUX_T5
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, expand_rows
@@ -86,7 +87,9 @@ class Flux(StableDiffusion3):
     def encode(
         self, prompts: list[str], negatives: list[str], device: torch.device
     ) -> tuple[list[Conditioning], list[Conditioning]]:
-        embeds, pooled, _ = self.pipeline.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+        embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, max_sequence_length=FLUX_T5.max_tokens
+        )
         rows = [
             {"encoder_hidden_states": embeds[index : index + 1], "pooled_projections": pooled[index : index + 1]}
             for index in range(len(prompts))

@@ -11,6 +11,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from sd_pipeline.contract.prompt_reader import SD3_T5
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion
@@ -106,7 +107,12 @@ class StableDiffusion3(StableDiffusion):
     ) -> tuple[list[Conditioning], list[Conditioning]]:
         texts = prompts + negatives
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=texts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=SD3_T5.max_tokens,
         )
         rows = [
             {"encoder_hidden_states": embeds[index : index + 1], "pooled_projections": pooled[index : index + 1]}
