@@ -74,7 +74,7 @@ class Flux(StableDiffusion3):
     @property
     def masks_by_blending(self) -> bool:
         """``FluxInpaintPipeline``'s way, for a transformer that takes only packed latents (FLUX.1-Fill's
-        mask inputs are not built)."""
+        reads the mask instead: ``FluxFill``)."""
         return int(self.denoiser.config.in_channels) == int(self.pipeline.vae.config.latent_channels) * PATCH * PATCH
 
     @property
