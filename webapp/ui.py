@@ -32,6 +32,10 @@ PAGE_CSS = """
 """
 
 
+PICTURES_OPTIONAL = "Start from a picture (image-to-image, inpainting)"
+PICTURES_REQUIRED = "Picture and mask (required: this model redraws the masked part of a picture)"
+
+
 def _history_note(found: dict[str, Any] | None) -> str:
     """Under the history: what the page shows (and that it has loaded), or that there is nothing yet."""
     if not found:
@@ -83,10 +87,12 @@ def build_demo(
         owner_secret=owner_secret,
     )
     fields, names, history = endpoints.fields, endpoints.names, endpoints.history
+    inpainting_model = endpoints.rules.needs_mask  # it draws only from a picture and a mask
 
     skip_missing_matplotlib_probe()
     with gr.Blocks(title="sd-service · text to image", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
-        gr.Markdown(f"## Text to image\nModel: `{model_name}` · images are stored with shareable links.")
+        task = "Inpainting" if inpainting_model else "Text to image"
+        gr.Markdown(f"## {task}\nModel: `{model_name}` · images are stored with shareable links.")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
                 form_inputs: dict[str, Any] = {}
@@ -120,7 +126,9 @@ def build_demo(
                     for name in ("steps", "guidance_scale", "num_images"):
                         place(name)
                 with gr.Accordion(
-                    "Start from a picture (image-to-image, inpainting)", open=False, elem_id="pictures"
+                    PICTURES_REQUIRED if inpainting_model else PICTURES_OPTIONAL,
+                    open=inpainting_model,
+                    elem_id="pictures",
                 ) as pictures:
                     init_image = place("init_image")
                     strength = place("strength")
