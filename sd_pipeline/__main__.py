@@ -49,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-safety-checker", action="store_true", help="skip the model's safety checker")
     parser.add_argument("--lora-dir", type=Path, help="folder of LoRA adapters the prompts name with <lora:NAME:W>")
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture (PNG, JPEG, WebP)")
-    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="denoising strength, 0 < s <= 1")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        help=f"denoising strength, 0 < s <= 1 (default: the model's; {DEFAULT_STRENGTH}, or 1 for an inpainting model)",
+    )
     parser.add_argument("--mask", type=Path, help="inpainting: white = redraw (needs --init-image)")
     return parser
 
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {name: getattr(args, name) for name in RECOMMENDABLE}
         fields = {name: getattr(start, name) if value is None else value for name, value in chosen.items()}
         fields |= {"negative_prompt": args.negative_prompt, "seed": args.seed, "num_images": args.num_images}
-        fields |= {"strength": args.strength} | _pictures(args)
+        fields |= _pictures(args)
         requests = [
             check_inputs(
                 {"prompt": prompt, **fields},

@@ -148,6 +148,9 @@ def test_an_inpainting_model_opens_its_picture_section_asks_for_both_and_equals_
     config = requests.get(f"{app.url}config", timeout=10).json()
     (section,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "pictures"]
     assert section["props"]["open"] is True and section["props"]["label"] == PICTURES_REQUIRED
+    api = client(app, tmp_path).view_api(return_format="dict", print_info=False)
+    parameters = {p["parameter_name"]: p for p in api["named_endpoints"]["/generate"]["parameters"]}
+    assert parameters["strength"]["parameter_default"] == 1.0  # the mask redrawn from noise, as its pipeline does
     fields = {**asked("a mended square", 41, "Euler a"), "width": 64, "height": 64, "strength": 1.0}
     with pytest.raises(Exception, match=r"init_image: is required: this is an inpainting model"):
         client(app, tmp_path).predict(**fields, api_name="/generate")

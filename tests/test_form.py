@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import pytest
 
 from harness.app_server import ROOT
 from sd_pipeline.contract.models import ModelDefaults
@@ -36,6 +38,25 @@ def test_the_models_recommendations_become_the_defaults_where_they_fit() -> None
         field.name: field.default for field in generate_fields(limits, default_size=64, model_defaults=recommended)
     }
     assert (fields["steps"], fields["guidance_scale"], fields["scheduler"], fields["width"]) == (12, 4.0, "UniPC", 96)
+
+
+def test_an_inpainting_models_recommendations_hold_and_it_starts_at_strength_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model that draws only from a picture and a mask: its recommendations are checked with stand-in
+    pictures (they were dropped, with a warning, for lacking them), and the strength starts at 1 (its
+    pipelines' default) unless the model recommends one; other models start at 0.75."""
+    limits = RequestLimits(max_pixels=512 * 512)
+    inpainting = InputRules(needs_mask=True)
+    with caplog.at_level(logging.WARNING):
+        chosen = recommended_request(limits, native_size=64, model=ModelDefaults(steps=12), rules=inpainting)
+    assert (chosen.steps, chosen.strength) == (12, 1.0) and caplog.records == []
+    assert (
+        recommended_request(limits, native_size=64, model=ModelDefaults(strength=0.9), rules=inpainting).strength == 0.9
+    )
+    assert recommended_request(limits, native_size=64).strength == 0.75
+    fields = {field.name: field.default for field in generate_fields(limits, default_size=64, rules=inpainting)}
+    assert fields["strength"] == 1.0 and fields["init_image"] is None
 
 
 class Service:

@@ -162,11 +162,11 @@ def generate_fields(
                 elem_id="scheduler",
             ),
         ),
-        *picture_fields(limits),
+        *picture_fields(limits, strength=defaults.strength),
     ]
 
 
-def picture_fields(limits: RequestLimits) -> list[FormField]:
+def picture_fields(limits: RequestLimits, *, strength: float = DEFAULT_STRENGTH) -> list[FormField]:
     """The image-to-image and inpainting inputs: last, with defaults, so earlier calls keep working."""
     files = f"PNG, JPEG or WebP, at most {limits.max_upload_bytes} bytes and {limits.max_upload_pixels} pixels"
     return [
@@ -186,14 +186,14 @@ def picture_fields(limits: RequestLimits) -> list[FormField]:
         FormField(
             "strength",
             float,
-            DEFAULT_STRENGTH,
+            strength,
             "with init_image: denoising strength, greater than 0 up to 1 (1 redraws everything; "
             "int(steps x strength) steps run)",
             lambda: validated_by_app(
                 gr.Slider(
                     0.01,
                     1,
-                    value=DEFAULT_STRENGTH,
+                    value=strength,
                     step=0.01,
                     label="Denoising strength",
                     info="how much of the picture is redrawn",

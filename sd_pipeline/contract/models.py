@@ -28,6 +28,7 @@ class ModelDefaults(BaseModel):
     scheduler: str | None = None
     width: int | None = Field(None, ge=64, le=4096, multiple_of=8)
     height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
+    strength: float | None = Field(None, gt=0, le=1)  # denoising strength, for requests from a picture
     example_prompt: str | None = Field(None, max_length=200)  # the page's prompt placeholder: what this model draws
     # The live preview that reads right for this model (SD_PREVIEW=auto): approx needs latents a
     # linear map can read; a model whose latents are not needs full (or taesd).
