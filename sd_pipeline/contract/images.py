@@ -39,6 +39,12 @@ class InputImage:
         """A picture of one grey level (warm-up requests to an inpainting model)."""
         return cls(png=_png(Image.new(mode, size, value)), width=size[0], height=size[1])
 
+    @classmethod
+    def stand_ins(cls, size: tuple[int, int]) -> tuple[InputImage, InputImage]:
+        """A grey picture and a mask that redraws all of it: what an inpainting model is warmed up and
+        its recommended settings checked with (it refuses a request without both)."""
+        return cls.filled(size, "RGB", 128), cls.filled(size, "L", 255)
+
     def picture(self) -> Image.Image:
         """The decoded picture (its PNG was written by ``read_input_image``, so it is trusted)."""
         with Image.open(io.BytesIO(self.png), formats=["PNG"]) as image:

@@ -49,5 +49,5 @@ def _stand_in_pictures(rules: InputRules) -> dict[str, bytes]:
     """Grey pictures for checking an inpainting model's settings (it refuses a request without them)."""
     if not rules.needs_mask:
         return {}
-    size = (64, 64)  # resized to the request's size by the check, as any picture is
-    return {"init_image": InputImage.filled(size, "RGB", 128).png, "mask": InputImage.filled(size, "L", 255).png}
+    picture, mask = InputImage.stand_ins((64, 64))  # resized to the request's size by the check, as any picture is
+    return {"init_image": picture.png, "mask": mask.png}

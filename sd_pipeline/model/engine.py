@@ -173,7 +173,7 @@ class StepEngine:
         if not rules.needs_mask:
             return request
         size = (request.width, request.height)
-        picture, mask = InputImage.filled(size, "RGB", 128), InputImage.filled(size, "L", 255)
+        picture, mask = InputImage.stand_ins(size)
         return dataclasses.replace(request, init_image=picture, mask=mask, strength=1.0)
 
     def run(self, jobs: Sequence[Request]) -> list[JobOutcome]:
