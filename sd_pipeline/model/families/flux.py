@@ -27,7 +27,6 @@ from sd_pipeline.model.families.images import (
     flow_start,
     latent_mask,
     prepare_picture,
-    sample_latents,
 )
 from sd_pipeline.model.families.sd3 import StableDiffusion3
 
@@ -51,6 +50,7 @@ class Flux(StableDiffusion3):
     title: ClassVar[str] = "FLUX.1"
     pipeline_class: ClassVar[str] = "FluxPipeline"
     channel_dim: ClassVar[int] = 2  # packed latents: (images, tokens, channels)
+    latent_packing: ClassVar[int] = PATCH * PATCH
 
     @staticmethod
     def load_options(settings: PipelineSettings, index: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,12 +70,6 @@ class Flux(StableDiffusion3):
             family=self.name,
             inpainting=self.masks_by_blending,
         )
-
-    @property
-    def masks_by_blending(self) -> bool:
-        """``FluxInpaintPipeline``'s way, for a transformer that takes only packed latents (FLUX.1-Fill's
-        reads the mask instead: ``FluxFill``)."""
-        return int(self.denoiser.config.in_channels) == int(self.pipeline.vae.config.latent_channels) * PATCH * PATCH
 
     @property
     def native_size(self) -> int:
@@ -156,9 +150,7 @@ class Flux(StableDiffusion3):
         (with a mask): the same start (noise mixed in even at strength 1), and the picture's
         latents kept outside the mask, all packed."""
         timesteps = cut_flow_schedule(scheduler, request.steps, request.strength)
-        vae = self.pipeline.vae.config
-        sampled = sample_latents(encoded[0], generators[:1]).repeat(request.num_images, 1, 1, 1)
-        image_latents = (sampled - vae.shift_factor) * vae.scaling_factor
+        image_latents = self.picture_latents(encoded[0], generators[:1]).repeat(request.num_images, 1, 1, 1)
         if picture.mask is None:
             mixed = flow_start(scheduler, image_latents, generators, timesteps, device=device, dtype=dtype)
             return ImageStart(_packed(mixed), timesteps)
@@ -239,10 +231,9 @@ class FluxFill(Flux):
         start = super().image_start(
             request, generators, scheduler, Picture(picture.pixels), encoded[:1], device=device, dtype=dtype
         )
-        vae, images = self.pipeline.vae.config, request.num_images
-        masked = (sample_latents(encoded[1], generators[:1]) - vae.shift_factor) * vae.scaling_factor
+        masked = self.picture_latents(encoded[1], generators[:1])
         folded = _folded_mask(picture.mask, int(self.pipeline.vae_scale_factor))
-        extra = torch.cat([_packed(masked), _packed(folded)], dim=-1).repeat(images, 1, 1)
+        extra = torch.cat([_packed(masked), _packed(folded)], dim=-1).repeat(request.num_images, 1, 1)
         return ImageStart(start.latents, start.timesteps, extra_channels=extra.to(device=device, dtype=dtype))
 
 

@@ -196,7 +196,7 @@ def start_from_image(
     start_at = timesteps[:1].repeat(request.num_images)
     factor = pipeline.vae.config.scaling_factor
     if picture.mask is None:
-        image_latents = _sample(encoded[0], generators) * factor
+        image_latents = sample_latents(encoded[0], generators) * factor
         noise = draw_noise(image_latents.shape, generators, device=device, dtype=dtype)
         return ImageStart(latents=scheduler.add_noise(image_latents, noise, start_at), timesteps=timesteps)
     return _start_inpainting(
@@ -225,7 +225,7 @@ def _start_inpainting(
     first = generators[:1]  # the pipeline encodes its one picture with the first generator, for every image
     image_latents = None
     if regular or not whole:
-        image_latents = (_sample(encoded[0], first) * factor).repeat(images, 1, 1, 1)
+        image_latents = (sample_latents(encoded[0], first) * factor).repeat(images, 1, 1, 1)
     shape = (images, pipeline.vae.config.latent_channels, request.height // scale, request.width // scale)
     noise = draw_noise(shape, generators, device=device, dtype=dtype)
     if whole:
@@ -233,7 +233,7 @@ def _start_inpainting(
     else:
         assert image_latents is not None
         latents = scheduler.add_noise(image_latents, noise, start_at)
-    masked_latents = (_sample(encoded[1], first) * factor).repeat(images, 1, 1, 1)
+    masked_latents = (sample_latents(encoded[1], first) * factor).repeat(images, 1, 1, 1)
     mask = latent_mask(picture, request, scale).to(device=device, dtype=dtype)
     if regular:
         assert image_latents is not None
@@ -248,11 +248,6 @@ def _pixels(processor: VaeImageProcessor, picture: InputImage, request: Generati
 
 
 def sample_latents(distribution: DiagonalGaussianDistribution, generators: list[torch.Generator]) -> torch.Tensor:
-    """One latent sample per generator, as ``retrieve_latents`` draws them."""
-    return _sample(distribution, generators)
-
-
-def _sample(distribution: DiagonalGaussianDistribution, generators: list[torch.Generator]) -> torch.Tensor:
     """One latent sample per generator, as ``retrieve_latents`` draws them."""
     return torch.cat([distribution.sample(generator) for generator in generators])
 

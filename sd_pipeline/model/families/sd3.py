@@ -69,6 +69,7 @@ class StableDiffusion3(StableDiffusion):
     title: ClassVar[str] = "Stable Diffusion 3 / 3.5"
     pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     denoiser_name: ClassVar[str] = "transformer"
+    latent_packing: ClassVar[int] = 1  # latent channels per transformer input channel group (FLUX.1: 2x2)
     latent_rgb: ClassVar[LatentRgb | None] = None  # 16 channels: no factors here yet (previews decode)
 
     @staticmethod
@@ -92,9 +93,19 @@ class StableDiffusion3(StableDiffusion):
 
     @property
     def masks_by_blending(self) -> bool:
-        """Inpainting as the pipeline does it for a transformer that takes only latents (16 channels);
-        a 33-channel fill transformer's mask inputs are not built."""
-        return int(self.denoiser.config.in_channels) == int(self.pipeline.vae.config.latent_channels)
+        """Inpainting as the pipelines do it for a transformer that reads only the latents (SD3's 16
+        channels; FLUX.1's packed 2x2, 64); a fill transformer's mask inputs (SD3's 33 channels) are
+        not built, FLUX.1-Fill's are (``FluxFill``)."""
+        latent_channels = int(self.pipeline.vae.config.latent_channels)
+        return int(self.denoiser.config.in_channels) == latent_channels * self.latent_packing
+
+    def picture_latents(
+        self, distribution: DiagonalGaussianDistribution, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """One latent sample of a picture per generator, shifted and scaled as the VAE says."""
+        vae = self.pipeline.vae.config
+        sampled: torch.Tensor = (sample_latents(distribution, generators) - vae.shift_factor) * vae.scaling_factor
+        return sampled
 
     def make_scheduler(self, name: str, base_config: Any) -> SchedulerMixin:
         return flow_scheduler(name, base_config)
@@ -153,15 +164,13 @@ class StableDiffusion3(StableDiffusion):
         ``StableDiffusion3InpaintPipeline`` (with a mask): one sample, the first generator's, for
         every image; noise alone at strength 1; the picture kept outside the mask."""
         timesteps = cut_flow_schedule(scheduler, request.steps, request.strength)
-        vae = self.pipeline.vae.config
         if picture.mask is None:
-            latents = (sample_latents(encoded[0], generators) - vae.shift_factor) * vae.scaling_factor
+            latents = self.picture_latents(encoded[0], generators)
             start = flow_start(scheduler, latents, generators, timesteps, device=device, dtype=dtype)
             return ImageStart(start, timesteps)
-        sampled = sample_latents(encoded[0], generators[:1]).repeat(request.num_images, 1, 1, 1)
         return flow_inpainting_start(
             scheduler,
-            (sampled - vae.shift_factor) * vae.scaling_factor,
+            self.picture_latents(encoded[0], generators[:1]).repeat(request.num_images, 1, 1, 1),
             latent_mask(picture, request, int(self.pipeline.vae_scale_factor)),
             generators,
             timesteps,
