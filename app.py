@@ -22,7 +22,7 @@ from sd_pipeline.admission import Admission
 from sd_pipeline.contract.backend import Backend, BackendInfo
 from sd_pipeline.contract.errors import ModelLoadError
 from sd_pipeline.contract.models import is_s3_model
-from sd_pipeline.loras.folder import adapter_listing
+from sd_pipeline.loras.sources import adapter_listing
 from sd_pipeline.versions.cache import ModelCache
 from sd_pipeline.versions.location import ModelLocation
 from sd_pipeline.versions.registry import ModelRegistry, make_client
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rules=parts.service.model_rules,
         trusted_proxies=parse_networks(settings.trusted_proxies),
         owner_secret=owner_secret(settings, secret),
-        loras=adapter_listing(str(settings.lora_dir) if settings.lora_dir else None),
+        loras=adapter_listing(str(settings.lora_dir) if settings.lora_dir else None, settings.lora_store()),
     )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
     secure = settings.base_url().startswith("https://")

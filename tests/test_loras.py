@@ -339,9 +339,13 @@ def test_a_truncated_file_ends_only_its_request_and_the_engine_keeps_serving(
     assert_same_image(outcomes["good"].results[0].image, pipeline_image_with_loras(lora_oracle, good))
 
 
-def test_a_lora_folder_with_a_compiled_unet_stops_start_up_naming_both_settings(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="LORA_DIR cannot be combined with SD_COMPILE yet"):
-        load_settings([], env={"LORA_DIR": str(tmp_path), "SD_COMPILE": "true"})
+@pytest.mark.parametrize("setting", ["LORA_DIR", "LORA_S3"])
+def test_a_lora_folder_or_store_with_a_compiled_unet_stops_start_up_naming_the_settings(
+    setting: str, tmp_path: Path
+) -> None:
+    value = str(tmp_path) if setting == "LORA_DIR" else "s3://adapters/loras"
+    with pytest.raises(SettingsError, match="LORA_DIR and LORA_S3 cannot be combined with SD_COMPILE yet"):
+        load_settings([], env={setting: value, "SD_COMPILE": "true"})
     assert load_settings([], env={"LORA_DIR": str(tmp_path)}).pipeline().lora_dir == str(tmp_path.resolve())
 
 

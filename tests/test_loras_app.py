@@ -24,6 +24,7 @@ from sd_pipeline.loras.folder import LoraFolder
 from sd_pipeline.loras.random import write_random_lora
 from sd_pipeline.model.loading import LoadedPipeline
 from sd_pipeline.png import read_png_parameters
+from sd_pipeline.versions.__main__ import main as versions_cli
 from tests.test_app import fetch_pixels
 
 SERVED_TOLERANCE = 2  # levels of 255, on the served PNG
@@ -39,7 +40,8 @@ def lora_app(
     s3_server: S3Server,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningApp]:
-    """The tiny SD model served with the two good adapters and four that cannot serve it."""
+    """The tiny SD model served with the two good adapters and four that cannot serve it, and
+    ``style``'s file published to the S3 LoRA store as ``s3style``."""
     folder = tmp_path_factory.mktemp("lora-app-adapters")
     for name in ("style", "subject"):
         shutil.copy(tiny_lora_dir / f"{name}.safetensors", folder)
@@ -53,8 +55,11 @@ def lora_app(
     )
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     s3_server.create_bucket("lora-images")
+    store = ["--endpoint-url", s3_server.endpoint_url, "publish-lora", str(tiny_lora_dir / "style.safetensors")]
+    store += ["s3://lora-store/loras", "--name", "s3style", "--version", "v1", "--promote", "--create-bucket"]
+    assert versions_cli(store) == 0
     env = {"S3_BUCKET": "lora-images", "S3_ENDPOINT_URL": s3_server.endpoint_url, "S3_REGION": "us-east-1"}
-    env |= {"LORA_DIR": str(folder), "SD_WARMUP": "false"}
+    env |= {"LORA_DIR": str(folder), "LORA_S3": "s3://lora-store/loras", "SD_WARMUP": "false"}
     with launched_app(tiny_model_dir, tmp_path_factory.mktemp("lora-app"), env=env) as app:
         yield app
 
@@ -135,6 +140,16 @@ def test_the_api_lists_the_adapters_with_their_family_and_tag(lora_app: RunningA
     listing = client(lora_app, tmp_path).predict(api_name="/loras")
     entries = {entry["name"]: entry for entry in listing["loras"]}
     assert listing["served_family"] == "sd"
-    assert set(entries) == {"style", "subject", "xl_style", "misfit", "broken"}
+    assert set(entries) == {"style", "subject", "xl_style", "misfit", "broken", "s3style"}
     assert entries["style"] == {"name": "style", "family": "sd", "usable": True, "tag": "<lora:style:1>"}
+    assert entries["s3style"] == {"name": "s3style", "family": "sd", "usable": True, "tag": "<lora:s3style:1>"}
     assert entries["xl_style"]["family"] == "sdxl" and not entries["xl_style"]["usable"]
+
+
+def test_an_adapter_from_the_s3_lora_store_is_served_equal_to_diffusers(
+    lora_app: RunningApp, lora_oracle: LoadedPipeline, tiny_lora_dir: Path, tmp_path: Path
+) -> None:
+    fields = asked("a red circle <lora:s3style:0.7>", 31)
+    _, result = client(lora_app, tmp_path).predict(**fields, api_name="/generate")
+    served_matches_diffusers(lora_oracle, result, {**fields, "prompt": "a red circle <lora:style:0.7>"})  # its file
+    assert result["images"][0]["lora_hashes"] == f"s3style: {LoraFolder(tiny_lora_dir).hash_of('style')}"

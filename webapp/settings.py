@@ -12,7 +12,7 @@ from pydantic import Field, Json, SecretStr, ValidationError, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sd_pipeline.contract.images import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MAX_UPLOAD_PIXELS
-from sd_pipeline.contract.models import ModelStore, is_s3_model
+from sd_pipeline.contract.models import LoraStoreSettings, ModelStore, is_s3_model
 from sd_pipeline.contract.plans import DEFAULT_STALL_SECONDS, DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
 from sd_pipeline.contract.request import DEFAULT_MAX_PIXELS, RequestLimits
 from sd_pipeline.contract.settings import (
@@ -24,6 +24,7 @@ from sd_pipeline.contract.settings import (
     PreviewName,
 )
 from sd_pipeline.contract.simulation import SimulatedAccelerator
+from sd_pipeline.versions.location import LocationError, ModelLocation
 from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
 from webapp.owners import parse_networks
 
@@ -102,6 +103,14 @@ class Settings(BaseSettings):
         None,
         description="folder of LoRA adapters (NAME.safetensors, kohya/AUTOMATIC1111 or diffusers/PEFT files) that "
         "prompts name with <lora:NAME:WEIGHT>; none when unset",
+    )
+    lora_s3: str | None = Field(
+        None,
+        description="s3://BUCKET/PREFIX of LoRA adapters published with `python -m sd_pipeline.versions publish-lora` "
+        "(same S3 store as the model versions); prompts name them as LORA_DIR's, which wins a name in both",
+    )
+    lora_s3_refresh_seconds: float = Field(
+        30.0, gt=0, description="how old the list of published adapters and their current versions may be"
     )
     lora_cache_mb: int = Field(
         1024, ge=1, description="LoRA adapters kept loaded on the device, least recently used out first (MB)"
@@ -244,8 +253,18 @@ class Settings(BaseSettings):
 
     def model_store(self) -> ModelStore | None:
         """Where versions of an ``s3://`` model come from and are cached (None for a Hub id or folder)."""
-        if not is_s3_model(self.sd_model):
+        return self._versions_store() if is_s3_model(self.sd_model) else None
+
+    def lora_store(self) -> LoraStoreSettings | None:
+        """Where published LoRA adapters come from (None without ``LORA_S3``)."""
+        if self.lora_s3 is None:
             return None
+        return LoraStoreSettings(
+            location=self.lora_s3, store=self._versions_store(), refresh_seconds=self.lora_s3_refresh_seconds
+        )
+
+    def _versions_store(self) -> ModelStore:
+        """The S3 store of model and adapter versions, and this host's cache of them."""
         return ModelStore(
             endpoint_url=self.model_s3_endpoint_url or self.s3_endpoint_url,
             region=self.s3_region,
@@ -274,8 +293,22 @@ class Settings(BaseSettings):
             max_pixels=self.max_pixels,
             simulated_gpu=self.sd_simulated_gpu,
             lora_dir=str(self.lora_dir.resolve()) if self.lora_dir else None,
+            lora_store=self.lora_store(),
             lora_cache_mb=self.lora_cache_mb,
         )
+
+    @field_validator("lora_s3")
+    @classmethod
+    def _lora_store_is_a_place(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            location = ModelLocation.parse(value)
+        except LocationError as error:
+            raise ValueError(str(error).removeprefix("model: ")) from None
+        if location.pinned is not None:
+            raise ValueError(f"{value!r} names a version; give s3://BUCKET/PREFIX")
+        return str(location)
 
     @field_validator("ray_replicas", mode="before")
     @classmethod
@@ -292,8 +325,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _lora_without_compile(self) -> Settings:
-        if self.lora_dir is not None and self.sd_compile:
-            raise ValueError("LORA_DIR cannot be combined with SD_COMPILE yet (LoRA layers are added while serving)")
+        if (self.lora_dir is not None or self.lora_s3 is not None) and self.sd_compile:
+            raise ValueError(
+                "LORA_DIR and LORA_S3 cannot be combined with SD_COMPILE yet (LoRA layers are added while serving)"
+            )
         return self
 
     def ray_plan(self) -> RayPlan | None:

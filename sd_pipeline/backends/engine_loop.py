@@ -24,7 +24,7 @@ from sd_pipeline.contract.facts import GenerationObserver
 from sd_pipeline.contract.jobs import JobOutcome
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.loras.folder import LoraFolder
+from sd_pipeline.loras.sources import lora_source
 from sd_pipeline.model.engine import Done, StepEngine
 from sd_pipeline.model.failures import DeviceFailedError
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
@@ -176,11 +176,11 @@ def start_engine(
 def lora_adapters(
     settings: PipelineSettings, loaded: LoadedPipeline, observer: GenerationObserver | None
 ) -> LoraAdapters | None:
-    """The adapters prompts may name, loaded on first use (None without ``lora_dir``)."""
-    if settings.lora_dir is None:
+    """The adapters prompts may name, loaded on first use (None without a LoRA folder or store)."""
+    source = lora_source(settings.lora_dir, settings.lora_store)
+    if source is None:
         return None
-    folder = LoraFolder(settings.lora_dir)
-    return LoraAdapters(loaded.pipeline, folder, cache_bytes=settings.lora_cache_mb * 2**20, observer=observer)
+    return LoraAdapters(loaded.pipeline, source, cache_bytes=settings.lora_cache_mb * 2**20, observer=observer)
 
 
 def thread_tuner(settings: PipelineSettings, loaded: LoadedPipeline) -> ThreadTuner | None:

@@ -46,6 +46,16 @@ class ModelStore(BaseModel):
     cache_dir: str = Field(description="where verified versions are kept on this host")
 
 
+class LoraStoreSettings(BaseModel):
+    """Where published LoRA adapters are: ``s3://BUCKET/PREFIX``, an adapter a versioned model each under it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    location: str = Field(description="s3://BUCKET/PREFIX (adapter NAME's versions are under PREFIX/NAME)")
+    store: ModelStore
+    refresh_seconds: float = Field(30.0, gt=0, description="how old the list of adapters and their versions may be")
+
+
 def is_s3_model(model: str) -> bool:
     """Whether ``SD_MODEL`` names published versions in S3 rather than a Hub id or folder."""
     return model.startswith(S3_SCHEME)

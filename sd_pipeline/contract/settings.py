@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from sd_pipeline.contract.models import ModelStore, PreviewMethod
+from sd_pipeline.contract.models import LoraStoreSettings, ModelStore, PreviewMethod
 from sd_pipeline.contract.request import DEFAULT_MAX_PIXELS
 from sd_pipeline.contract.simulation import SimulatedAccelerator
 
@@ -59,6 +59,9 @@ class PipelineSettings(BaseModel):
         DEFAULT_PREVIEW_INTERVAL, gt=0, description="seconds between two previews of one request"
     )
     lora_dir: str | None = Field(None, description="folder of LoRA adapters that prompts name (<lora:NAME:W>)")
+    lora_store: LoraStoreSettings | None = Field(
+        None, description="LoRA adapters published to S3 that prompts name too (after lora_dir's)"
+    )
     lora_cache_mb: int = Field(1024, ge=1, description="LoRA adapters kept loaded on the device (MB, LRU)")
     simulated_gpu: str | None = Field(
         None, description="benchmarks only: model each UNet/VAE call's time, e.g. 'unet=32.6+1.1*n,vae=13*n' or 'h200'"

@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,6 +33,14 @@ SDXL_CROSS_ATTENTION = 2048  # the text width SDXL's cross-attention reads
 SD_CROSS_ATTENTION = {768, 1024}  # SD 1.x's and SD 2.x's
 # kohya's ss_base_model_version values, by their start.
 _KOHYA_BASES = (("sdxl", "sdxl"), ("sd_v1", "sd"), ("sd_v2", "sd"), ("sd3", "sd3"), ("flux", "flux"))
+
+
+@dataclass(frozen=True)
+class FetchedLora:
+    """An adapter's file on this host, ready to load, with AUTOMATIC1111's short hash of it."""
+
+    path: Path
+    short_hash: str
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,13 @@ class LoraFolder:
         """Name -> family of every adapter (what ``check_inputs`` takes)."""
         return {lora.name: lora.family for lora in self.files()}
 
+    def has(self, name: str) -> bool:
+        return name in self._paths()
+
+    def fetch(self, name: str) -> FetchedLora:
+        """Adapter ``name``'s file and its hash (reads the file once while it is unchanged)."""
+        return FetchedLora(self.path_of(name), self.hash_of(name))
+
     def path_of(self, name: str) -> Path:
         """The file of adapter ``name`` (one of the listed names: a name is never joined into a path)."""
         path = self._paths().get(name)
@@ -150,8 +164,3 @@ class LoraFolder:
 def _identity(path: Path) -> tuple[str, float, int]:
     stat = path.stat()
     return (str(path), stat.st_mtime, stat.st_size)
-
-
-def adapter_listing(lora_dir: str | None) -> Callable[[], dict[str, str]] | None:
-    """What ``RequestChecker`` lists for a request that names adapters: those in ``lora_dir`` (None without one)."""
-    return LoraFolder(lora_dir).available if lora_dir else None

@@ -36,7 +36,8 @@ from torch.nn import functional
 
 from sd_pipeline.contract.errors import InvalidRequestError
 from sd_pipeline.contract.loras import LoraChoice
-from sd_pipeline.loras.folder import LoraFolder
+from sd_pipeline.loras.folder import FetchedLora
+from sd_pipeline.loras.sources import LoraSource
 
 logger = logging.getLogger(__name__)
 RowChoices = tuple[LoraChoice, ...]  # one batch row's adapters
@@ -63,9 +64,9 @@ class _OnePerRow:
 class LoraAdapters:
     """The adapters loaded into one pipeline, and which batch rows each applies to."""
 
-    def __init__(self, pipeline: Any, folder: LoraFolder | None, *, cache_bytes: int, observer: Any = None) -> None:
+    def __init__(self, pipeline: Any, source: LoraSource | None, *, cache_bytes: int, observer: Any = None) -> None:
         self.pipeline = pipeline
-        self.folder = folder
+        self.source = source
         self.cache_bytes = cache_bytes
         self.observer = observer
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
@@ -73,7 +74,7 @@ class LoraAdapters:
         self._hooked: set[int] = set()
         self._plan: dict[str, _Group] | None = None
         self._one_per_row: _OnePerRow | None = None
-        self._reading: dict[str, Future[str]] = {}  # name -> its file read and hashed off the step loop
+        self._reading: dict[str, Future[FetchedLora]] = {}  # name -> its file found and hashed off the step loop
         self._reader: ThreadPoolExecutor | None = None
         self._read_done = threading.Event()
 
@@ -86,15 +87,17 @@ class LoraAdapters:
 
     # Loading.
     def prefetch(self, choices: Sequence[LoraChoice]) -> None:
-        """Start reading (and hashing) the chosen adapters' files that are not loaded (any thread)."""
-        if self.folder is None:
+        """Start finding (downloading from the store if need be) and hashing the chosen adapters'
+        files (any thread). A loaded adapter's file is looked at too: when its source now has
+        another version, ``ensure`` loads that one once no running request uses the old."""
+        if self.source is None:
             return
         for choice in choices:
-            if choice.name in self._loaded or choice.name in self._reading:
+            if choice.name in self._reading:
                 continue
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-read")
-            future = self._reader.submit(self.folder.hash_of, choice.name)
+            future = self._reader.submit(self.source.fetch, choice.name)
             future.add_done_callback(lambda _: self._read_done.set())
             self._reading[choice.name] = future
 
@@ -115,25 +118,44 @@ class LoraAdapters:
             self._reader.shutdown(wait=False, cancel_futures=True)
 
     def ensure(self, choices: Sequence[LoraChoice], *, keep: set[str]) -> None:
-        """Load each chosen adapter that is not loaded yet (evicting unused ones past the cache size).
-        An adapter that cannot serve this model raises ``InvalidRequestError`` naming the prompt."""
+        """Load each chosen adapter that is not loaded yet, or whose source has a new version that
+        no running request (``keep``) uses, evicting unused ones past the cache size. An adapter
+        that cannot serve this model raises ``InvalidRequestError`` naming the prompt."""
+        running = keep
         keep = keep | {choice.name for choice in choices}
         for choice in choices:
-            if choice.name in self._loaded:
+            if choice.name in self._loaded and not self._replaced(choice.name, running):
                 self._loaded.move_to_end(choice.name)
                 self._count("lora_cache_hit")
             else:
                 self._load(choice.name)
         self._evict(keep)
 
+    def _replaced(self, name: str, running: set[str]) -> bool:
+        """Whether loaded adapter ``name`` was unloaded for its source's new version (finished
+        reading, no running request on the old one); a failed look keeps the loaded one."""
+        reading = self._reading.get(name)
+        if reading is None or not reading.done():
+            return False
+        if reading.exception() is not None or reading.result().short_hash == self._hashes.get(name):
+            self._reading.pop(name)
+            return False
+        if name in running:
+            return False  # the new version waits until the old one's requests are done
+        logger.info("LoRA %s has a new version (%s): loading it", name, reading.result().short_hash)
+        self._unload(name)
+        self._loaded.pop(name)
+        return True  # _load reads the new version's file from the finished reading
+
     def _load(self, name: str) -> None:
-        if self.folder is None:
+        if self.source is None:
             raise InvalidRequestError("prompt", f"names LoRA {name!r}, but this service has no LoRA folder (LORA_DIR)")
         reading = self._reading.pop(name, None)
         started = time.perf_counter()
-        path = self.folder.path_of(name)
+        path: Path | None = None
         try:
-            self._hashes[name] = reading.result() if reading is not None else self.folder.hash_of(name)
+            fetched = reading.result() if reading is not None else self.source.fetch(name)
+            path, self._hashes[name] = fetched.path, fetched.short_hash
             self.pipeline.load_lora_weights(str(path), adapter_name=name)
             layers = self._layers_of(name)
             _check_served(name, layers, list(self._lora_layers()))
@@ -309,7 +331,7 @@ def _check_served(name: str, layers: list[LoraLayer], every_layer: list[LoraLaye
             raise InvalidRequestError("prompt", f"LoRA {name!r} is a DoRA or other LoRA variant, which is not served")
 
 
-def _why_not_loaded(error: Exception, path: Path) -> str:
+def _why_not_loaded(error: Exception, path: Path | None) -> str:
     """A loader error in a user's words, without the server's paths."""
     text = str(error)
     if "size mismatch" in text:
@@ -318,4 +340,4 @@ def _why_not_loaded(error: Exception, path: Path) -> str:
     if "Unable to load weights" in text or "header" in text.lower() or isinstance(error, unreadable):
         return "its file is not a readable .safetensors file"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
-    return first.replace(str(path.parent), "LORA_DIR")[:300]
+    return (first.replace(str(path.parent), "LORA_DIR") if path is not None else first)[:300]

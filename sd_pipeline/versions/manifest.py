@@ -27,6 +27,7 @@ class Manifest(BaseModel):
     created_at: str
     source: str = Field("", description="where it was published from (a folder's name, a training run)")
     pipeline_class: str = Field("", description="model_index.json's pipeline class: the model family it belongs to")
+    adapter_family: str = Field("", description='a LoRA adapter\'s: the model family it was made for ("": unknown)')
     files: dict[str, FileEntry]
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
 
@@ -109,6 +110,19 @@ def build_manifest(folder: Path, *, version: str, source: str = "") -> Manifest:
         files=files,
         defaults=read_folder_defaults(folder),
         pipeline_class=str(json.loads(index.read_text()).get("_class_name", "")),
+    )
+
+
+def build_adapter_manifest(file: Path, *, name: str, version: str, family: str, source: str = "") -> Manifest:
+    """The manifest of a LoRA adapter's file about to be published as ``version``: the one file, as ``name``."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    return Manifest(
+        version=check_version_name(version),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        source=source or file.name,
+        adapter_family=family,
+        files={name: FileEntry(size=file.stat().st_size, sha256=file_sha256(file))},
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,13 +155,18 @@ class ModelRegistry:
     def publish(self, folder: Path, version: str, *, promote: bool = False, source: str = "") -> Manifest:
         """Upload a pipeline folder as a new version, manifest last; never overwrites a version."""
         manifest = build_manifest(folder, version=version, source=source)
+        return self.publish_files(manifest, {name: folder / name for name in manifest.files}, promote=promote)
+
+    def publish_files(self, manifest: Manifest, files: Mapping[str, Path], *, promote: bool = False) -> Manifest:
+        """Upload ``files`` (the manifest's names -> where each is on disk) as the manifest's version,
+        manifest last; never overwrites a version."""
+        version = manifest.version
         prefix = self.location.version_prefix(version)
-        taken = self.exists(version)
-        if taken:
+        if self.exists(version):
             raise RegistryError(f"{self.location}: version {version!r} already exists; publish under a new name")
 
         def upload(name: str) -> None:
-            self.client.upload_file(str(folder / name), self.location.bucket, prefix + name)
+            self.client.upload_file(str(files[name]), self.location.bucket, prefix + name)
 
         try:
             with ThreadPoolExecutor(max_workers=8) as pool:
@@ -228,3 +234,15 @@ def _reason(error: Exception) -> str:
         details = error.response.get("Error", {})
         return f"{details.get('Code', 'error')}: {details.get('Message', '')}".strip(": ")
     return type(error).__name__
+
+
+def names_under(client: S3Client, root: ModelLocation) -> list[str]:
+    """The names one level under ``root`` (``s3://BUCKET/PREFIX/NAME/...``): the models a store holds."""
+    prefix = f"{root.prefix}/"
+    names: list[str] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=root.bucket, Prefix=prefix, Delimiter="/"):
+            names += [entry["Prefix"][len(prefix) :].rstrip("/") for entry in page.get("CommonPrefixes", [])]
+    except S3_ERRORS as error:
+        raise RegistryUnavailableError(f"{root}: cannot list what is published: {_reason(error)}") from error
+    return sorted(names)

@@ -31,7 +31,7 @@ from sd_pipeline.contract.messages import Finished, Lost, Reply
 from sd_pipeline.contract.plans import RestartPolicy
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.loras.folder import adapter_listing
+from sd_pipeline.loras.sources import adapter_listing
 from sd_pipeline.versions.location import pinned_version
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ class LocalBackend:
         self.settings = settings  # what a new (or replacement) worker loads
         self.new_worker = new_worker
         self.rollout = rollout
-        self.checker = RequestChecker(limits or RequestLimits(), adapters=adapter_listing(settings.lora_dir))
+        self.checker = RequestChecker(
+            limits or RequestLimits(), adapters=adapter_listing(settings.lora_dir, settings.lora_store)
+        )
         self.max_running = max_running
         self.policy = policy or RestartPolicy()
         self.observer = observer

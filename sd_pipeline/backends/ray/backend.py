@@ -50,7 +50,7 @@ from sd_pipeline.contract.messages import (
 from sd_pipeline.contract.plans import RayPlan
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.loras.folder import adapter_listing
+from sd_pipeline.loras.sources import adapter_listing
 from sd_pipeline.versions.location import pinned_version
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class RayBackend:
         self.replica_class = replica_class
         self.plan = plan
         self.observer = observer
-        self.checker = RequestChecker(limits, adapters=adapter_listing(settings.lora_dir))
+        self.checker = RequestChecker(limits, adapters=adapter_listing(settings.lora_dir, settings.lora_store))
         self.info: BackendInfo | None = None
         self._handle: Any = None
         self._calls = asyncio.new_event_loop()  # every request's stream is read here
