@@ -28,21 +28,26 @@ from typing import Any
 import psutil
 import pytest
 
+from harness.images import assert_same_image, pipeline_image_with_loras
 from harness.servers import S3Server, wait_until
 from sd_pipeline.admission import Admission
 from sd_pipeline.backends.ray.backend import RayBackend
 from sd_pipeline.backends.ray.loopback import keep_token_private
 from sd_pipeline.backends.ray.replica import PipelineReplica
 from sd_pipeline.contract.backend import BackendInfo
-from sd_pipeline.contract.errors import GenerationCancelledError, ModelLoadError
+from sd_pipeline.contract.errors import GenerationCancelledError, InvalidRequestError, ModelLoadError
 from sd_pipeline.contract.jobs import JobOutcome, Preview
 from sd_pipeline.contract.lifecycle import Request, Status
 from sd_pipeline.contract.messages import Finished, encode
-from sd_pipeline.contract.models import ModelStore
+from sd_pipeline.contract.models import LoraStoreSettings, ModelStore
 from sd_pipeline.contract.plans import RayPlan, ReplicaPlan
 from sd_pipeline.contract.request import RequestLimits, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
+from sd_pipeline.loras.folder import short_hash
+from sd_pipeline.loras.store import ADAPTER_FILE, adapter_location
+from sd_pipeline.model.loading import LoadedPipeline
 from sd_pipeline.versions.location import ModelLocation
+from sd_pipeline.versions.manifest import build_adapter_manifest
 from sd_pipeline.versions.registry import ModelRegistry, make_client
 from tests.needs import needed_module
 from tests.running import dispatcher, run_direct, run_through
@@ -110,7 +115,18 @@ def registry(s3_server: S3Server, tiny_model_dir: Path) -> ModelRegistry:
 
 
 @pytest.fixture(scope="module")
-def backend(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayBackend]:
+def lora_store(registry: ModelRegistry, tiny_lora_dir: Path) -> str:
+    """The tiny SD ``style`` adapter published to a LoRA store beside the model's versions."""
+    root = ModelLocation.parse(f"s3://{registry.location.bucket}/loras")
+    adapter = ModelRegistry(registry.client, adapter_location(root, "style"))
+    file = tiny_lora_dir / "style.safetensors"
+    manifest = build_adapter_manifest(file, name=ADAPTER_FILE, version="v1", family="sd")
+    adapter.publish_files(manifest, {ADAPTER_FILE: file}, promote=True)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def backend(registry: ModelRegistry, lora_store: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayBackend]:
     EARLIER_CHILDREN.update(child.pid for child in psutil.Process().children(recursive=True))
     os.environ[FAIL_MARKER] = str(tmp_path_factory.mktemp("ray-marker") / "failed-once")  # inherited by Ray
     store = ModelStore(
@@ -126,6 +142,7 @@ def backend(registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory) -
         warmup=True,
         preview="approx",
         preview_interval=0.01,
+        lora_store=LoraStoreSettings(location=lora_store, store=store),
     )
     replicas = ReplicaPlan(
         replicas=1,
@@ -172,6 +189,18 @@ def test_replicas_warm_up_and_the_backend_validates_with_the_models_tokens(backe
     assert backend.info is not None and backend.info.warmup_seconds is not None and backend.info.warmup_seconds > 0
     assert backend.max_running == 1
     assert backend.check({"prompt": "x" * 75}).prompt == "x" * 75  # the tiny tokenizer: 77 with start and end
+
+
+def test_a_replica_serves_an_adapter_from_the_lora_store_equal_to_diffusers(
+    backend: RayBackend, lora_oracle: LoadedPipeline, tiny_lora_dir: Path
+) -> None:
+    asked = backend.check({"prompt": "a red circle <lora:style:0.8>", "steps": 4, "width": 64, "height": 64})
+    (outcome,) = run(backend, [Request(asked)])
+    assert outcome.error is None, outcome.error
+    assert outcome.results[0].lora_hashes == f"style: {short_hash(tiny_lora_dir / 'style.safetensors')}"
+    assert_same_image(outcome.results[0].image, pipeline_image_with_loras(lora_oracle, asked), tolerance=2)
+    with pytest.raises(InvalidRequestError, match="names LoRA 'stlye', which is not available; did you mean style"):
+        backend.check({"prompt": "a red circle <lora:stlye>"})
 
 
 def test_previews_travel_on_the_request_stream_to_the_caller_that_asked(backend: RayBackend) -> None:
