@@ -70,6 +70,7 @@ class LoraStore:
         self._listing: dict[str, PublishedLora] = {}
         self._listed_at: float | None = None
         self._hashes: dict[Path, str] = {}  # a verified version's file never changes
+        self._remembered: dict[str, str] = {}  # name -> the version last recorded as fetched on this host
 
     def available(self) -> dict[str, str]:
         """Name -> family of every adapter with a version in service."""
@@ -102,7 +103,9 @@ class LoraStore:
         except RegistryError as error:
             logger.error("LoRA %s: %s", name, error)
             raise InvalidRequestError("prompt", f"LoRA {name!r} cannot be fetched from the LoRA store") from None
-        self.cache.remember_served(location, cached.version)
+        if self._remembered.get(name) != cached.version:  # what a start without S3 serves
+            self.cache.remember_served(location, cached.version)
+            self._remembered[name] = cached.version
         path = cached.path / ADAPTER_FILE
         if path not in self._hashes:
             self._hashes[path] = short_hash(path)
