@@ -167,6 +167,45 @@ def test_flow_matching_previews_decode_with_the_vae_for_want_of_published_factor
     assert np.abs(last - final).mean() < np.abs(first - final).mean()
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_tiny_decoder_for_16_channel_latents_decodes_them_as_diffusers_would_as_the_vae(
+    request: pytest.FixtureRequest, family: str, tmp_path: Path
+) -> None:
+    """taesd3 / taef1 through SD_PREVIEW_DECODER: the unpacked latents, divided by the decoder's own
+    scaling factor plus its shift factor (what a diffusers pipeline with it as its VAE does); random
+    weights and factors other than 1 and 0, so a decoder input that ignored them would differ."""
+    from diffusers import AutoencoderTiny
+
+    loaded: LoadedPipeline = request.getfixturevalue(f"{family}_loaded")
+    blocks = {"encoder_block_out_channels": (8,) * 4, "decoder_block_out_channels": (8,) * 4}
+    AutoencoderTiny(latent_channels=16, scaling_factor=0.6, shift_factor=0.1, **blocks).save_pretrained(
+        tmp_path / "taesd"
+    )
+    previewer = load_previewer(PipelineSettings(preview="taesd", preview_decoder=str(tmp_path / "taesd")), loaded)
+    assert isinstance(previewer, DecoderPreview)
+    rendered: list[torch.Tensor] = []
+    decoded: list[torch.Tensor] = []
+    render, decode = previewer.render, previewer.decoder.decode
+
+    def recording_render(latents: torch.Tensor) -> list[bytes]:
+        rendered.append(latents.clone())
+        return render(latents)
+
+    def recording_decode(latents: torch.Tensor, **kwargs: Any) -> Any:
+        decoded.append(latents.clone())
+        return decode(latents, **kwargs)
+
+    previewer.render, previewer.decoder.decode = recording_render, recording_decode  # type: ignore[method-assign]
+    engine = StepEngine(loaded, previewer=previewer, preview_interval=0.0)
+    seen: list[Any] = []
+    outcome = engine.run([Request(ask(scheduler="Euler", steps=4), on_preview=seen.append)])[0]
+    assert outcome.error is None and len(seen) == 3 and len(rendered) == len(decoded) == 3
+    for latents, decoder_input in zip(rendered, decoded, strict=True):
+        assert latents.shape == (1, 16, 8, 8)  # spatial: FLUX.1's 2x2 packing undone
+        assert torch.allclose(decoder_input, latents / 0.6 + 0.1)
+    assert {preview.picture().size for preview in seen} == {(64, 64)}
+
+
 def test_flux_dev_alone_equals_the_flux_pipeline_and_its_guidance_is_distilled(flux_loaded: LoadedPipeline) -> None:
     rules = flux_loaded.family.rules
     assert (flux_loaded.family.name, rules.samplers, rules.size_multiple, rules.guidance) == (

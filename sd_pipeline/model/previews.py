@@ -121,7 +121,9 @@ def load_previewer(settings: PipelineSettings, loaded: LoadedPipeline) -> Previe
             f"{loaded.family.title} makes {ours}-channel ones: use the decoder made for it (taesd for SD 1.x/2.x, "
             "taesdxl for SDXL, taesd3 for SD3, taef1 for FLUX.1)"
         )
-    return DecoderPreview(decoder.to(loaded.device).eval())
+    # As diffusers' pipelines decode with it as their VAE: divided by its scaling factor, plus its shift.
+    scale, shift = float(decoder.config.scaling_factor), float(getattr(decoder.config, "shift_factor", 0.0) or 0.0)
+    return DecoderPreview(decoder.to(loaded.device).eval(), latent_scale=scale, latent_shift=shift)
 
 
 def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
