@@ -36,19 +36,25 @@ def assert_same_image(first: Any, second: Any, *, tolerance: int = SAME_IMAGE_TO
 
 def pipeline_image(loaded: LoadedPipeline, request: GenerationRequest) -> list[Any]:
     """The pipeline's own ``__call__`` with the request's settings and one generator per image (an empty
-    negative prompt is no negative prompt, as the service reads it)."""
+    negative prompt is no negative prompt, as the service reads it, except with FLUX.1's true CFG,
+    which mixes in a pass with the negative prompt as written, "" too)."""
     pipeline = loaded.pipeline
     saved = pipeline.scheduler
     pipeline.scheduler = loaded.family.make_scheduler(request.scheduler, saved.config)
+    true_cfg = request.true_cfg_scale > 1
+    extra = {"true_cfg_scale": request.true_cfg_scale} if true_cfg else {}
     try:
         output = pipeline(
             prompt=[request.text] * request.num_images,
-            negative_prompt=[request.negative_prompt] * request.num_images if request.negative_prompt else None,
+            negative_prompt=[request.negative_prompt] * request.num_images
+            if request.negative_prompt or true_cfg
+            else None,
             width=request.width,
             height=request.height,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in request.seeds()],
+            **extra,
         )
     finally:
         pipeline.scheduler = saved

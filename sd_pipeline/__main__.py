@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"denoising strength, 0 < s <= 1 (default: the model's; {DEFAULT_STRENGTH}, or 1 for an inpainting model)",
     )
     parser.add_argument("--mask", type=Path, help="inpainting: white = redraw (needs --init-image)")
+    parser.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=1.0,
+        help="FLUX.1: true classifier-free guidance with --negative-prompt above 1 (each step runs twice)",
+    )
     return parser
 
 
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {name: getattr(args, name) for name in RECOMMENDABLE}
         fields = {name: getattr(start, name) if value is None else value for name, value in chosen.items()}
         fields |= {"negative_prompt": args.negative_prompt, "seed": args.seed, "num_images": args.num_images}
+        fields |= {"true_cfg_scale": args.true_cfg_scale}
         fields |= _pictures(args)
         requests = [
             check_inputs(

@@ -35,6 +35,7 @@ class ImageParameters:
     model_hash: str = ""
     lora_hashes: str = ""
     denoising_strength: float | None = None  # image-to-image and inpainting
+    true_cfg_scale: float | None = None  # FLUX.1's true CFG, when above 1
 
 
 def parameters_of(result: GenerationResult) -> ImageParameters:
@@ -54,6 +55,7 @@ def parameters_of(result: GenerationResult) -> ImageParameters:
         model_hash=result.model_hash,
         lora_hashes=result.lora_hashes,
         denoising_strength=request.strength if request.init_image is not None else None,
+        true_cfg_scale=request.true_cfg_scale if request.true_cfg_scale > 1 else None,
     )
 
 
@@ -74,6 +76,8 @@ def format_parameters(parameters: ImageParameters) -> str:
     pairs.append(f"Model: {parameters.model}")
     if parameters.denoising_strength is not None:
         pairs.append(f"Denoising strength: {parameters.denoising_strength:g}")
+    if parameters.true_cfg_scale is not None:
+        pairs.append(f"True CFG scale: {parameters.true_cfg_scale:g}")
     if parameters.lora_hashes:
         pairs.append(f"Lora hashes: {json.dumps(parameters.lora_hashes, ensure_ascii=False)}")
     if parameters.model_version:
@@ -106,6 +110,7 @@ def parse_parameters(text: str) -> ImageParameters:
         model_hash=values.get("Model hash", ""),
         lora_hashes=values.get("Lora hashes", ""),
         denoising_strength=float(values["Denoising strength"]) if "Denoising strength" in values else None,
+        true_cfg_scale=float(values["True CFG scale"]) if "True CFG scale" in values else None,
     )
 
 

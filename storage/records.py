@@ -34,6 +34,7 @@ class ImageRecord(BaseModel):
     model_hash: str = ""
     lora_hashes: str = ""  # the LoRA adapters the prompt named: "NAME: HASH, ..." (AUTOMATIC1111's)
     strength: float | None = None  # image-to-image / inpainting: the denoising strength
+    true_cfg_scale: float = 1.0  # FLUX.1's true CFG (1: off)
     init_image: str = ""  # the id of the stored input picture it started from ("" for text-to-image)
     mask: str = ""  # the id of the stored inpainting mask
     nsfw: bool = False
@@ -69,6 +70,7 @@ class ImageRecord(BaseModel):
             model_hash=result.model_hash,
             lora_hashes=result.lora_hashes,
             strength=request.strength if request.init_image is not None else None,
+            true_cfg_scale=request.true_cfg_scale,
             init_image=init_image,
             mask=mask,
             nsfw=result.nsfw,

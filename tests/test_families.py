@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,44 @@ def test_flux_dev_alone_equals_the_flux_pipeline_and_its_guidance_is_distilled(f
             assert_same_image(got, expected)
         images[guidance] = ours[0]
     assert max_difference(images[1.0], images[3.5]) > 2  # the embedding changes the picture
+
+
+@pytest.mark.parametrize(("sampler", "negative"), [("Euler", "blurry, dark"), ("DPM++ 2M", "")])
+def test_flux_true_cfg_equals_the_flux_pipeline_with_true_cfg_scale(
+    flux_loaded: LoadedPipeline, sampler: str, negative: str
+) -> None:
+    """true_cfg_scale > 1: a second transformer pass with the negative prompt as written ("" too, as
+    diffusers takes an explicit empty one), mixed as classifier-free guidance mixes them."""
+    assert flux_loaded.family.rules.true_cfg
+    engine = StepEngine(flux_loaded)
+    wanted = ask(scheduler=sampler, num_images=2, guidance_scale=3.5, true_cfg_scale=4.0, negative_prompt=negative)
+    ours = [result.image for result in engine.generate([wanted])[0]]
+    for got, expected in zip(ours, pipeline_image(flux_loaded, wanted), strict=True):
+        assert_same_image(got, expected)
+    plain = engine.generate([replace(wanted, true_cfg_scale=1.0)])[0][0].image
+    assert max_difference(ours[0], plain) > 2  # the negative pass changes the picture
+
+
+def test_flux_true_cfg_requests_share_steps_with_plain_ones_each_equal_itself_alone(
+    flux_loaded: LoadedPipeline,
+) -> None:
+    wanted = [
+        ask(scheduler="Euler", steps=5, true_cfg_scale=3.0, negative_prompt="blurry"),
+        ask(scheduler="Euler", seed=3, prompt="a blue square", negative_prompt="ignored without true CFG"),
+    ]
+    late = ask(scheduler="Euler", seed=5, steps=3, prompt="a green triangle", true_cfg_scale=2.0)
+    each_equals_itself_alone(flux_loaded, wanted, late=late)
+
+
+def test_true_cfg_is_refused_naming_the_field_where_the_family_has_none(
+    tiny_loaded: LoadedPipeline, flux_loaded: LoadedPipeline
+) -> None:
+    fields = {"prompt": "a cat", "width": 64, "height": 64, "true_cfg_scale": 4}
+    with pytest.raises(InvalidRequestError, match=r"true_cfg_scale: must be 1: this model \(sd\) has no true CFG"):
+        check_inputs(fields, rules=tiny_loaded.family.rules)
+    with pytest.raises(InvalidRequestError, match=r"true_cfg_scale: must be from 1 to 30, got 0\.5"):
+        check_inputs({**fields, "true_cfg_scale": 0.5}, rules=flux_loaded.family.rules)
+    assert check_inputs(fields, rules=flux_loaded.family.rules).true_cfg_scale == 4.0
 
 
 def test_flux_schnell_ignores_guidance(tmp_path: Path) -> None:

@@ -113,6 +113,25 @@ def test_the_app_names_the_family_and_refuses_a_size_or_sampler_it_cannot_use(se
             client(served.app, tmp_path).predict(**foreign, api_name="/generate")
 
 
+def test_true_cfg_through_the_app_equals_the_flux_pipeline_and_other_families_refuse_it(
+    served: Served, tmp_path: Path
+) -> None:
+    rules = served.loaded.family.rules
+    config = requests.get(f"{served.app.url}config", timeout=10).json()
+    (slider,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "true-cfg"]
+    assert slider["props"]["visible"] is rules.true_cfg  # the page offers it where the model takes it
+    fields = {**asked("a red circle", 14, served.sampler(0)), "negative_prompt": "blurry", "true_cfg_scale": 3.0}
+    if not rules.true_cfg:
+        with pytest.raises(Exception, match=rf"true_cfg_scale: must be 1: this model \({served.family}\) has no"):
+            client(served.app, tmp_path).predict(**fields, api_name="/generate")
+        return
+    _, result = client(served.app, tmp_path).predict(**fields, api_name="/generate")
+    served_matches_the_pipeline(served.loaded, result, fields)
+    (record,) = result["images"]
+    png = requests.get(record["url"], timeout=10).content
+    assert read_png_parameters(png).true_cfg_scale == 3.0 and record["true_cfg_scale"] == 3.0
+
+
 def test_a_picture_and_a_mask_through_the_app_equal_the_familys_inpaint_pipeline(
     served: Served, tmp_path: Path
 ) -> None:

@@ -44,6 +44,9 @@ def test_parameters_text_is_automatic1111_format() -> None:
     parsed = parse_parameters(published)
     assert (parsed.model, parsed.model_version, parsed.model_hash) == ("m", "v2", "1a2b3c4d5e")
     assert format_parameters(parsed) == published
+    flux = text.replace("CFG scale: 7", "CFG scale: 3.5").replace("Model: m", "Model: m, True CFG scale: 4")
+    assert parse_parameters(flux).true_cfg_scale == 4.0 and format_parameters(parse_parameters(flux)) == flux
+    assert parse_parameters(text).true_cfg_scale is None  # 1 (off) is not written
 
 
 def test_missing_local_folder_gives_clear_error(tmp_path: Path) -> None:

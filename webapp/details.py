@@ -51,6 +51,7 @@ def parameter_block(image: dict[str, Any]) -> str:
         ("Model", model_words(image)),
         *([("LoRA", image["lora_hashes"])] if image.get("lora_hashes") else []),
         *([("Denoising strength", f"{image['strength']:g}")] if image.get("strength") is not None else []),
+        *([("True CFG scale", f"{image['true_cfg_scale']:g}")] if image.get("true_cfg_scale", 1) > 1 else []),
         ("Created", _readable_date(image["created_at"])),
         ("Status", status_words(image)),
         ("Link", lifetime_words(image["expires_at"])),

@@ -163,6 +163,25 @@ def generate_fields(
             ),
         ),
         *picture_fields(limits, strength=defaults.strength),
+        FormField(
+            "true_cfg_scale",
+            float,
+            1.0,
+            f"true classifier-free guidance with the negative prompt, 1 (off) to {limits.max_guidance:g}: FLUX.1 "
+            "only (above 1 every step runs twice, as FluxPipeline's true_cfg_scale); other models: 1",
+            lambda: validated_by_app(
+                gr.Slider(
+                    1,
+                    limits.max_guidance,
+                    value=1.0,
+                    step=0.5,
+                    label="True CFG scale",
+                    info="above 1: a second pass with the negative prompt each step (twice the time); 1 = off",
+                    visible=rules.true_cfg,
+                    elem_id="true-cfg",
+                )
+            ),
+        ),
     ]
 
 

@@ -123,7 +123,7 @@ def build_demo(
                     with gr.Row():
                         place("width")
                         place("height")
-                    for name in ("steps", "guidance_scale", "num_images"):
+                    for name in ("steps", "guidance_scale", "true_cfg_scale", "num_images"):
                         place(name)
                 with gr.Accordion(
                     PICTURES_REQUIRED if inpainting_model else PICTURES_OPTIONAL,

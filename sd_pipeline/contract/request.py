@@ -63,6 +63,7 @@ class GenerationRequest:
     init_image: InputImage | None = None  # image-to-image (and inpainting) starts from it
     strength: float = DEFAULT_STRENGTH  # how much of init_image is redrawn: 1 = all of it
     mask: InputImage | None = None  # inpainting: white = redraw, black = keep init_image
+    true_cfg_scale: float = 1.0  # FLUX.1: classifier-free guidance with the negative prompt when > 1
 
     @property
     def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
@@ -121,7 +122,8 @@ def default_sampler(samplers: Sequence[str]) -> str:
 Guidance = Literal["cfg", "distilled", "none"]
 GUIDANCE_MEANING: dict[str, str] = {
     "cfg": "classifier-free guidance: how closely to follow the prompt (1 or less: off)",
-    "distilled": "the model's distilled guidance (FLUX.1-dev: about 3.5); one pass per image, no negative prompt",
+    "distilled": "the model's distilled guidance (FLUX.1-dev: about 3.5); one pass per image (the negative "
+    "prompt is used only with true_cfg_scale above 1)",
     "none": "not used by this model (FLUX.1-schnell is guidance-distilled): any value draws the same image",
 }
 
@@ -139,6 +141,7 @@ class InputRules:
     image_inputs: bool = True  # takes an init_image (and a mask)
     needs_mask: bool = False  # an inpainting model: every request brings an init_image and a mask
     inpainting: bool = True  # takes a mask with its init_image
+    true_cfg: bool = False  # takes true_cfg_scale: classifier-free guidance beside distilled guidance (FLUX.1)
 
     @property
     def default_sampler(self) -> str:
@@ -243,6 +246,13 @@ def check_inputs(
             "scheduler", f"must be one of {', '.join(rules.samplers)} (this model's samplers); got {scheduler!r}"
         )
     init_image, strength, mask = _image_inputs(get, limits, rules, size=(width, height), steps=steps)
+    true_cfg_scale = _number("true_cfg_scale", get("true_cfg_scale"), 1.0, limits.max_guidance)
+    if true_cfg_scale > 1 and not rules.true_cfg:
+        raise InvalidRequestError(
+            "true_cfg_scale",
+            f"must be 1: this model ({rules.family}) has no true CFG (FLUX.1-dev and -schnell do); "
+            f"got {true_cfg_scale:g}",
+        )
     if seed == RANDOM_SEED:
         seed = secrets.randbelow(MAX_SEED + 1)
     return GenerationRequest(
@@ -258,6 +268,7 @@ def check_inputs(
         init_image=init_image,
         strength=strength,
         mask=mask,
+        true_cfg_scale=true_cfg_scale,
     )
 
 

@@ -247,7 +247,7 @@ class StepEngine:
         device = self.loaded.device
         admitted, pictures = self._encode_pictures(self._with_adapters(admitted))
         requests = [waiting.job.inputs for waiting in admitted]
-        negative_prompts = [r.negative_prompt for r in requests]
+        negative_prompts = [r.negative_prompt if family.guided(r) else None for r in requests]
         text_loras = [requests[index].loras for index in family.text_rows(negative_prompts)]
         try:
             with torch.no_grad(), self._lora_rows(text_loras):
@@ -439,7 +439,7 @@ class StepEngine:
         for active, predicted in zip(group, torch.split(noise, [a.unet_samples for a in group]), strict=True):
             if active.negative is not None:
                 uncond, text = predicted.chunk(2)
-                predicted = uncond + active.job.inputs.guidance_scale * (text - uncond)
+                predicted = uncond + family.guidance_scale(active.job.inputs) * (text - uncond)
             t = active.timesteps[active.step]
             output = active.scheduler.step(predicted, t, active.latents, **active.step_kwargs, return_dict=True)
             if active.preview_due:

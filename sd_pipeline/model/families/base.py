@@ -132,18 +132,23 @@ class StableDiffusion:
         """Classifier-free guidance (two denoiser rows per image), as the pipeline decides it."""
         return request.guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None
 
-    def encode(
-        self, prompts: list[str], negatives: list[str], device: torch.device
-    ) -> tuple[list[Conditioning], list[Conditioning]]:
-        """Every prompt and negative prompt in one text-encoder call; one conditioning (batch 1) each."""
-        embeds, _ = self.pipeline.encode_prompt(prompts + negatives, device, 1, False)
-        rows = [{"encoder_hidden_states": embeds[index : index + 1]} for index in range(len(embeds))]
-        return rows[: len(prompts)], rows[len(prompts) :]
+    def guidance_scale(self, request: GenerationRequest) -> float:
+        """The scale a ``guided`` request's two rows are mixed with: uncond + scale x (text - uncond)."""
+        return request.guidance_scale
 
-    def text_rows(self, negatives: list[str]) -> list[int]:
+    def encode(
+        self, prompts: list[str], negatives: list[str | None], device: torch.device
+    ) -> tuple[list[Conditioning], list[Conditioning]]:
+        """Every prompt and negative prompt in one text-encoder call; one conditioning (batch 1) each.
+        A negative of None (a request without guidance) is not encoded: its conditioning is empty."""
+        embeds, _ = self.pipeline.encode_prompt(prompts + encoded_negatives(negatives), device, 1, False)
+        rows = [{"encoder_hidden_states": embeds[index : index + 1]} for index in range(len(embeds))]
+        return rows[: len(prompts)], placed_negatives(rows[len(prompts) :], negatives)
+
+    def text_rows(self, negatives: list[str | None]) -> list[int]:
         """Whose text each row of ``encode``'s text-encoder batches is: an index into the prompts
-        (then the negatives, as many), for per-request LoRA layers in the text encoders."""
-        return [*range(len(negatives)), *range(len(negatives))]
+        (then the negatives encoded), for per-request LoRA layers in the text encoders."""
+        return [*range(len(negatives)), *(index for index, text in enumerate(negatives) if text is not None)]
 
     def conditioning(self, request: GenerationRequest, text: Conditioning) -> Conditioning:
         """A request's conditioning, one row per image, from its text's."""
@@ -260,3 +265,14 @@ class StableDiffusionInpainting(StableDiffusion):
 
     title: ClassVar[str] = "Stable Diffusion 1.x / 2.x inpainting"
     pipeline_class: ClassVar[str] = "StableDiffusionInpaintPipeline"
+
+
+def encoded_negatives(negatives: list[str | None]) -> list[str]:
+    """The negative prompts a text encoder reads: those of guided requests (not None)."""
+    return [text for text in negatives if text is not None]
+
+
+def placed_negatives(rows: list[Conditioning], negatives: list[str | None]) -> list[Conditioning]:
+    """The encoded negatives' rows back in the requests' order; an empty conditioning for None."""
+    encoded = iter(rows)
+    return [next(encoded) if text is not None else {} for text in negatives]

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sd_pipeline.contract.prompt_reader import FLUX_T5
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.model.families.base import Conditioning, expand_rows
+from sd_pipeline.model.families.base import Conditioning, encoded_negatives, expand_rows, placed_negatives
 from sd_pipeline.model.families.images import (
     ImageStart,
     KeepOutsideMask,
@@ -34,12 +34,13 @@ PATCH = 2  # latents are packed in 2x2 patches: sides are multiples of the VAE f
 
 
 class Flux(StableDiffusion3):
-    """FLUX.1-dev and -schnell, as ``FluxPipeline.__call__`` runs them (no true CFG, ``true_cfg_scale`` 1).
+    """FLUX.1-dev and -schnell, as ``FluxPipeline.__call__`` runs them.
 
     - Conditioning: T5's hidden states (512 tokens) and CLIP's pooled output; text ids are zeros.
     - Guidance: dev (``guidance_embeds``) feeds the guidance scale to the transformer as an
-      embedding, one pass per image, a value per batch row; schnell has none and ignores it. A
-      negative prompt is not used (the pipeline uses one only with ``true_cfg_scale`` > 1).
+      embedding, one pass per image, a value per batch row; schnell has none and ignores it. With
+      ``true_cfg_scale`` > 1 (true CFG), a second pass reads the negative prompt (the same guidance
+      embedding) and the two are mixed as classifier-free guidance mixes them.
     - Latents: noise drawn unpacked with each image's generator, then packed 2x2 into a sequence
       with image ids from the size; sigmas 1 to 1/steps shifted by ``mu`` from the sequence
       length; the timestep goes to the transformer divided by 1000.
@@ -68,6 +69,7 @@ class Flux(StableDiffusion3):
             size_multiple=int(self.pipeline.vae_scale_factor) * PATCH,
             guidance="distilled" if self.distilled_guidance else "none",
             family=self.name,
+            true_cfg=True,
             inpainting=self.masks_by_blending,
         )
 
@@ -76,22 +78,23 @@ class Flux(StableDiffusion3):
         return int(self.pipeline.default_sample_size) * int(self.pipeline.vae_scale_factor)
 
     def guided(self, request: GenerationRequest) -> bool:
-        return False
+        return request.true_cfg_scale > 1  # true CFG: a second pass with the negative prompt
+
+    def guidance_scale(self, request: GenerationRequest) -> float:
+        return request.true_cfg_scale
 
     def encode(
-        self, prompts: list[str], negatives: list[str], device: torch.device
+        self, prompts: list[str], negatives: list[str | None], device: torch.device
     ) -> tuple[list[Conditioning], list[Conditioning]]:
+        texts = prompts + encoded_negatives(negatives)
         embeds, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, device=device, max_sequence_length=FLUX_T5.max_tokens
+            prompt=texts, prompt_2=None, device=device, max_sequence_length=FLUX_T5.max_tokens
         )
         rows = [
             {"encoder_hidden_states": embeds[index : index + 1], "pooled_projections": pooled[index : index + 1]}
-            for index in range(len(prompts))
+            for index in range(len(texts))
         ]
-        return rows, [{} for _ in negatives]  # no negative prompt without true CFG
-
-    def text_rows(self, negatives: list[str]) -> list[int]:
-        return list(range(len(negatives)))  # prompts only
+        return rows[: len(prompts)], placed_negatives(rows[len(prompts) :], negatives)
 
     def conditioning(self, request: GenerationRequest, text: Conditioning) -> Conditioning:
         device = text["encoder_hidden_states"].device
@@ -209,7 +212,7 @@ class FluxFill(Flux):
 
     @property
     def rules(self) -> InputRules:
-        return replace(super().rules, needs_mask=True, inpainting=True)
+        return replace(super().rules, needs_mask=True, inpainting=True, true_cfg=False)  # its pipeline has none
 
     def prepare_picture(self, request: GenerationRequest) -> Picture:
         return prepare_picture(self.pipeline, request)  # the masked picture is an input here

@@ -14,7 +14,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from sd_pipeline.contract.prompt_reader import SD3_T5
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.model.families.base import Conditioning, LatentRgb, StableDiffusion
+from sd_pipeline.model.families.base import (
+    Conditioning,
+    LatentRgb,
+    StableDiffusion,
+    encoded_negatives,
+    placed_negatives,
+)
 from sd_pipeline.model.families.images import (
     ImageStart,
     Picture,
@@ -114,9 +120,9 @@ class StableDiffusion3(StableDiffusion):
         return request.guidance_scale > 1
 
     def encode(
-        self, prompts: list[str], negatives: list[str], device: torch.device
+        self, prompts: list[str], negatives: list[str | None], device: torch.device
     ) -> tuple[list[Conditioning], list[Conditioning]]:
-        texts = prompts + negatives
+        texts = prompts + encoded_negatives(negatives)
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=texts,
             prompt_2=None,
@@ -129,7 +135,7 @@ class StableDiffusion3(StableDiffusion):
             {"encoder_hidden_states": embeds[index : index + 1], "pooled_projections": pooled[index : index + 1]}
             for index in range(len(texts))
         ]
-        return rows[: len(prompts)], rows[len(prompts) :]
+        return rows[: len(prompts)], placed_negatives(rows[len(prompts) :], negatives)
 
     def set_timesteps(self, scheduler: SchedulerMixin, request: GenerationRequest, device: torch.device) -> None:
         config = scheduler.config

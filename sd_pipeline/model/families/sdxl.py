@@ -55,10 +55,10 @@ class StableDiffusionXL(StableDiffusion):
         return {"add_watermarker": False}
 
     def encode(
-        self, prompts: list[str], negatives: list[str], device: torch.device
+        self, prompts: list[str], negatives: list[str | None], device: torch.device
     ) -> tuple[list[Conditioning], list[Conditioning]]:
         zeroed = bool(self.pipeline.config.force_zeros_for_empty_prompt)
-        texts = prompts + [text for text in negatives if text or not zeroed]
+        texts = prompts + [text for text in negatives if text is not None and (text or not zeroed)]
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
@@ -68,12 +68,13 @@ class StableDiffusionXL(StableDiffusion):
         ]
         encoded = iter(rows[len(prompts) :])
         zeros = {key: torch.zeros_like(value) for key, value in rows[0].items()}
-        negative_rows = [next(encoded) if text or not zeroed else zeros for text in negatives]
+        negative_rows = [{} if text is None else next(encoded) if text or not zeroed else zeros for text in negatives]
         return rows[: len(prompts)], negative_rows
 
-    def text_rows(self, negatives: list[str]) -> list[int]:
+    def text_rows(self, negatives: list[str | None]) -> list[int]:
         zeroed = bool(self.pipeline.config.force_zeros_for_empty_prompt)
-        return [*range(len(negatives)), *(index for index, text in enumerate(negatives) if text or not zeroed)]
+        encoded = (index for index, text in enumerate(negatives) if text is not None and (text or not zeroed))
+        return [*range(len(negatives)), *encoded]
 
     def conditioning(self, request: GenerationRequest, text: Conditioning) -> Conditioning:
         size = (request.height, request.width)
