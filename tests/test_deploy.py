@@ -70,7 +70,7 @@ def test_compose_config_is_valid_and_requires_secrets() -> None:
 
 def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    setup = {"models-publish", "image-bucket"}
+    setup = {"models-publish", "loras-publish", "image-bucket"}
     assert (
         set(services) == {"app", "app-cpu", "seaweedfs", "prometheus", "alertmanager", "grafana"} | RAY_PROFILE | setup
     )
@@ -80,8 +80,10 @@ def test_services_images_are_pinned_and_healthy_dependencies(resolved: dict[str,
     assert "minio" not in COMPOSE.read_text().lower()
     for app in ("app", "app-cpu", "app-ray", "app-ray-2"):
         assert services[app]["depends_on"]["seaweedfs"] == {"condition": "service_healthy"}
-        assert services[app]["depends_on"]["models-publish"] == {"condition": "service_completed_successfully"}
+        for publish in ("models-publish", "loras-publish"):
+            assert services[app]["depends_on"][publish] == {"condition": "service_completed_successfully"}
         assert services[app]["environment"]["SD_MODEL"] == "s3://models/demo"
+        assert services[app]["environment"]["LORA_S3"] == "s3://models/loras"
         assert services[app]["environment"]["ALLOW_ANONYMOUS"] == "false"  # .env.example does not open it
         assert services[app]["stop_grace_period"] in ("90s", "1m30s")
     for gpu_service in ("app", "ray-gpu-worker"):
@@ -168,7 +170,7 @@ def test_seaweedfs_gives_the_app_its_buckets_only_and_keeps_its_servers_inside(
         and "Admin" in admin["actions"]
     )
     services = resolved["services"]
-    for setup in ("models-publish", "image-bucket"):  # only the one-shot setup uses the admin identity
+    for setup in ("models-publish", "loras-publish", "image-bucket"):  # only the one-shot setup is admin
         assert services[setup]["environment"]["AWS_ACCESS_KEY_ID"] == "change-me-admin-access-key"
     for app_service in ("app", "app-cpu", "app-ray", "app-ray-2"):
         environment = services[app_service]["environment"]

@@ -8,11 +8,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from harness.app_server import ROOT
 from harness.images import assert_same_image, max_difference, pipeline_image_with_loras
 from harness.servers import S3Server, free_port
 from sd_pipeline.contract.errors import InvalidRequestError
@@ -187,3 +190,43 @@ def test_a_lora_store_setting_that_is_not_a_place_stops_start_up_naming_it(value
     ).pipeline()
     assert pipeline.lora_store is not None and pipeline.lora_store.location == "s3://adapters/loras"
     assert pipeline.lora_store.store.endpoint_url == "http://s3:9000"
+
+
+def test_the_stacks_lora_publish_step_publishes_the_demo_adapter_once_and_never_promotes_again(
+    s3_server: S3Server, tiny_lora_dir: Path, tmp_path: Path
+) -> None:
+    """The exact command compose's loras-publish runs, against a store that has no bucket yet."""
+    service = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["loras-publish"]
+    assert service["entrypoint"] == ["python", "-m", "sd_pipeline.versions"]
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    swaps = {
+        "--endpoint-url=http://seaweedfs:8333": f"--endpoint-url={s3_server.endpoint_url}",
+        "/app/models/loras/ring.safetensors": str(ROOT / "models" / "loras" / "ring.safetensors"),
+        "s3://models/loras": f"s3://{bucket}/loras",
+    }
+    command = [sys.executable, "-m", "sd_pipeline.versions", *(swaps.get(arg, arg) for arg in service["command"])]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert first.returncode == 0, first.stderr
+    root = f"s3://{bucket}/loras"
+    store = LoraStore(store_settings(s3_server.endpoint_url, root, tmp_path / "cache"))
+    assert store.listing()["ring"].version == "ring-1" and store.available() == {"ring": "sd"}
+    newer = versions_cli(
+        s3_server,
+        "publish-lora",
+        tiny_lora_dir / "style.safetensors",
+        root,
+        "--name",
+        "ring",
+        "--version",
+        "ring-2",
+        "--promote",
+    )  # the operator rolled a new version out
+    assert newer.returncode == 0, newer.stderr
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0 and "already published" in again.stdout
+    assert (
+        LoraStore(store_settings(s3_server.endpoint_url, root, tmp_path / "cache")).listing()["ring"].version
+        == "ring-2"
+    )
+    app_env = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["x-app"]["environment"]
+    assert app_env["LORA_S3"] == "${LORA_S3:-s3://models/loras}"

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     adapter.add_argument("--version", required=True, help="the new version's name (never overwritten)")
     adapter.add_argument("--promote", action="store_true", help="serve it once uploaded")
     adapter.add_argument("--create-bucket", action="store_true", help="create the bucket when it is missing")
+    adapter.add_argument(
+        "--if-missing", action="store_true", help="do nothing (and promote nothing) when the version exists"
+    )
     adapters = commands.add_parser("list-loras", help="the adapters in a LoRA store, their versions in service")
     adapters.add_argument("location", help="s3://BUCKET/PREFIX of the LoRA store")
     promote = commands.add_parser("promote", help="make a version the current one (also how to roll back)")
@@ -80,6 +83,9 @@ def _publish_lora(args: argparse.Namespace) -> None:
     registry = ModelRegistry(make_client(_store(args.endpoint_url)), adapter_location(root, name))
     if args.create_bucket:
         registry.create_bucket()
+    if args.if_missing and registry.exists(args.version):
+        print(f"{registry.location}@{args.version} is already published; nothing to do")
+        return
     try:
         family = family_of(read_header(args.file))
     except (OSError, ValueError, struct.error) as error:
