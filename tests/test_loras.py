@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from harness.images import assert_same_image, max_difference, pipeline_image_with_loras
 from sd_pipeline.__main__ import main as cli
-from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.errors import InvalidRequestError, OutOfMemoryError
 from sd_pipeline.contract.facts import FactCollector
 from sd_pipeline.contract.lifecycle import Request
 from sd_pipeline.contract.loras import LoraChoice, PromptAdapters, parse_prompt
@@ -354,3 +355,33 @@ def test_the_adapter_folder_is_listed_only_for_a_prompt_that_names_one() -> None
         raise AssertionError("listed for a prompt without tags")
 
     assert check_inputs({"prompt": "a plain prompt"}, adapters=listing).loras == ()
+
+
+def test_an_adapter_out_of_memory_loading_unloads_unused_ones_and_tries_again_else_ends_only_its_request(
+    tiny_model_dir: Path, tiny_lora_dir: Path, lora_oracle: LoadedPipeline
+) -> None:
+    loaded = load_pipeline(PipelineSettings(model=str(tiny_model_dir), device="cpu"))
+    adapters = LoraAdapters(loaded.pipeline, LoraFolder(tiny_lora_dir), cache_bytes=2**30)
+    engine = StepEngine(loaded, loras=adapters)
+    engine.generate([ask(prompt="a red circle <lora:style>")])  # style stays loaded, unused
+    real_load = loaded.pipeline.load_lora_weights
+    out_of_memory = [True]  # the next load fails once
+
+    def tight_load(*args: Any, **kwargs: Any) -> Any:
+        if out_of_memory and out_of_memory.pop():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real_load(*args, **kwargs)
+
+    loaded.pipeline.load_lora_weights = tight_load
+    wanted = ask(prompt="a blue square <lora:subject:0.7>")
+    served = engine.generate([wanted])[0][0]
+    assert adapters.loaded() == ["subject"]  # style was unloaded to make room, then subject loaded
+    assert_same_image(served.image, pipeline_image_with_loras(lora_oracle, wanted))
+
+    out_of_memory[:] = [True, True]  # the load and its retry both fail
+    failing, plain = ask(prompt="a red circle <lora:style>"), ask(prompt="a green triangle", seed=3)
+    outcomes = engine.run([Request(failing), Request(plain)])
+    assert isinstance(outcomes[0].error, OutOfMemoryError) and "loading LoRA 'style'" in str(outcomes[0].error)
+    assert outcomes[1].error is None
+    assert_same_image(outcomes[1].results[0].image, pipeline_image_with_loras(lora_oracle, plain))
+    assert adapters.loaded() == []  # subject (unused) went in the retry's eviction too

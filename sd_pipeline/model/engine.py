@@ -342,7 +342,7 @@ class StepEngine:
                     if self.loras is None:
                         raise InvalidRequestError("prompt", "names LoRA adapters, but this service serves none")
                     self.loras.ensure(loras, keep=in_use)
-            except InvalidRequestError as error:
+            except (InvalidRequestError, OutOfMemoryError) as error:  # only this request ends
                 waiting.done(JobOutcome(error=error))
                 continue
             in_use |= {choice.name for choice in loras}

@@ -34,10 +34,11 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch.nn import functional
 
-from sd_pipeline.contract.errors import InvalidRequestError
+from sd_pipeline.contract.errors import InvalidRequestError, OutOfMemoryError
 from sd_pipeline.contract.loras import LoraChoice
 from sd_pipeline.loras.folder import FetchedLora
 from sd_pipeline.loras.sources import LoraSource
+from sd_pipeline.model.failures import is_out_of_memory, raise_if_device_failed
 
 logger = logging.getLogger(__name__)
 RowChoices = tuple[LoraChoice, ...]  # one batch row's adapters
@@ -127,8 +128,13 @@ class LoraAdapters:
             if choice.name in self._loaded and not self._replaced(choice.name, running):
                 self._loaded.move_to_end(choice.name)
                 self._count("lora_cache_hit")
-            else:
+                continue
+            try:
                 self._load(choice.name)
+            except OutOfMemoryError:
+                if not self._evict(keep, limit=0):
+                    raise
+                self._load(choice.name)  # once more, with every adapter no request uses unloaded
         self._evict(keep)
 
     def _replaced(self, name: str, running: set[str]) -> bool:
@@ -164,6 +170,10 @@ class LoraAdapters:
             self._install_hooks()  # a failed load may have switched PEFT's own application back on
             if isinstance(error, InvalidRequestError):
                 raise
+            if is_out_of_memory(error):
+                _free_device_memory()
+                raise OutOfMemoryError(f"out of GPU memory loading LoRA {name!r}; try again in a moment") from None
+            raise_if_device_failed(error)
             reason = _why_not_loaded(error, path)
             raise InvalidRequestError("prompt", f"LoRA {name!r} cannot be used with this model: {reason}") from None
         size = sum(
@@ -177,16 +187,23 @@ class LoraAdapters:
         self._count("lora_load", seconds=time.perf_counter() - started, size=size)
         logger.info("LoRA %s loaded: %d layers, %.1f MB", name, len(layers), size / 1e6)
 
-    def _evict(self, keep: set[str]) -> None:
-        """Unload the least recently used adapters not in ``keep`` while the cache is past its size."""
+    def _evict(self, keep: set[str], *, limit: int | None = None) -> list[str]:
+        """Unload the least recently used adapters not in ``keep`` while their bytes pass ``limit``
+        (default: the cache's size); the names unloaded."""
+        limit = self.cache_bytes if limit is None else limit
+        unloaded = []
         for name in list(self._loaded):
-            if self.loaded_bytes <= self.cache_bytes:
+            if self.loaded_bytes <= limit:
                 break
             if name not in keep:
                 self._unload(name)
                 self._loaded.pop(name)
-                logger.info("LoRA %s unloaded: the cache holds %d bytes at most", name, self.cache_bytes)
+                unloaded.append(name)
+                logger.info("LoRA %s unloaded: the cache holds %d bytes at most", name, limit)
+        if unloaded:
+            _free_device_memory()
         self._count("lora_cache", size=self.loaded_bytes, adapters=len(self._loaded))
+        return unloaded
 
     def _unload(self, name: str) -> None:
         try:
@@ -329,6 +346,12 @@ def _check_served(name: str, layers: list[LoraLayer], every_layer: list[LoraLaye
     for layer in layers:
         if layer.use_dora.get(name) or name in getattr(layer, "lora_variant", {}):
             raise InvalidRequestError("prompt", f"LoRA {name!r} is a DoRA or other LoRA variant, which is not served")
+
+
+def _free_device_memory() -> None:
+    """Hand the unloaded adapters' device memory back (CUDA's caching allocator keeps it otherwise)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.empty_cache()
 
 
 def _why_not_loaded(error: Exception, path: Path | None) -> str:
