@@ -6,7 +6,8 @@ An adapter's versions are laid out as a model's (``sd_pipeline.versions``: ``cur
 The version served is the adapter's ``current``, read at most every ``refresh_seconds`` (a name
 not yet listed is looked up at once: a just-published adapter needs no wait). A version is
 downloaded into this host's model cache and verified against its manifest before it is loaded;
-while S3 cannot be reached, the version this host fetched last is served from the cache.
+while S3 cannot be reached, the version this host fetched last is served from the cache. The
+cache keeps an adapter's version in service and the two that arrived before it (rollbacks).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class LoraStore:
         self._listed_at: float | None = None
         self._hashes: dict[Path, str] = {}  # a verified version's file never changes
         self._remembered: dict[str, str] = {}  # name -> the version last recorded as fetched on this host
+        self._families: dict[tuple[str, str], str] = {}  # (name, version) -> family: a manifest never changes
 
     def available(self) -> dict[str, str]:
         """Name -> family of every adapter with a version in service."""
@@ -103,8 +105,9 @@ class LoraStore:
         except RegistryError as error:
             logger.error("LoRA %s: %s", name, error)
             raise InvalidRequestError("prompt", f"LoRA {name!r} cannot be fetched from the LoRA store") from None
-        if self._remembered.get(name) != cached.version:  # what a start without S3 serves
+        if self._remembered.get(name) != cached.version:  # a new version here: remembered, older ones pruned
             self.cache.remember_served(location, cached.version)
+            self.cache.prune(location, serving=cached.version)
             self._remembered[name] = cached.version
         path = cached.path / ADAPTER_FILE
         if path not in self._hashes:
@@ -167,7 +170,9 @@ class LoraStore:
         registry = ModelRegistry(self.client, adapter_location(self.root, name))
         try:
             version = registry.current()
-            return PublishedLora(version, registry.manifest(version).adapter_family)
+            if (name, version) not in self._families:
+                self._families[name, version] = registry.manifest(version).adapter_family
+            return PublishedLora(version, self._families[name, version])
         except RegistryUnavailableError:
             raise
         except (RegistryError, ValueError) as error:
