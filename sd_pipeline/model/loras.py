@@ -199,7 +199,7 @@ class LoraAdapters:
                 self._unload(name)
                 self._loaded.pop(name)
                 unloaded.append(name)
-                logger.info("LoRA %s unloaded: the cache holds %d bytes at most", name, limit)
+                logger.info("LoRA %s unloaded to keep loaded adapters within %d bytes", name, limit)
         if unloaded:
             _free_device_memory()
         self._count("lora_cache", size=self.loaded_bytes, adapters=len(self._loaded))
