@@ -2,11 +2,11 @@
 
 Adapters are loaded into the served pipeline with diffusers' own loader (``load_lora_weights``:
 kohya / AUTOMATIC1111 and diffusers / PEFT files alike) under their names, and PEFT's own
-application of them is switched off: the shared weights are never merged or changed. A forward
-hook on each LoRA layer adds, to each row of the batch, the low-rank deltas of the adapters that
-row's request chose, times that request's weight (PEFT's mixed-batch forward, with several
-adapters per row and a weight each), in the denoiser and the text encoders alike. Outside
-``rows`` a LoRA layer is its base layer.
+application of them is switched off: the shared weights are never merged or changed. Each LoRA
+layer's forward is replaced by ours: its base layer, then, for each row of the batch, the
+low-rank deltas of the adapters that row's request chose, times that request's weight (PEFT's
+mixed-batch forward, with several adapters per row and a weight each), in the denoiser and the
+text encoders alike. Outside ``rows`` a LoRA layer is its base layer.
 
 Loading is split so that running requests do not wait for a file: ``prefetch`` (called when a
 request is submitted) reads the file and hashes it on a thread of its own, and the engine admits
@@ -18,6 +18,7 @@ requests use are never evicted).
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import threading
@@ -72,8 +73,8 @@ class LoraAdapters:
         self.observer = observer
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self._hashes: dict[str, str] = {}  # name -> AUTOMATIC1111's short hash of the file loaded
-        self._hooked: set[int] = set()
         self._plan: dict[str, _Group] | None = None
+        self._stacks: dict[int, tuple[tuple[str, ...], _Stacked | None]] = {}  # layer id -> the last set stacked
         self._one_per_row: _OnePerRow | None = None
         self._reading: dict[str, Future[FetchedLora]] = {}  # name -> its file found and hashed off the step loop
         self._reader: ThreadPoolExecutor | None = None
@@ -158,6 +159,7 @@ class LoraAdapters:
             raise InvalidRequestError("prompt", f"names LoRA {name!r}, but this service has no LoRA folder (LORA_DIR)")
         reading = self._reading.pop(name, None)
         started = time.perf_counter()
+        self._stacks.clear()
         path: Path | None = None
         try:
             fetched = reading.result() if reading is not None else self.source.fetch(name)
@@ -167,7 +169,7 @@ class LoraAdapters:
             _check_served(name, layers, list(self._lora_layers()))
         except Exception as error:
             self._unload(name)
-            self._install_hooks()  # a failed load may have switched PEFT's own application back on
+            self._route_forwards()  # a failed load may have switched PEFT's own application back on
             if isinstance(error, InvalidRequestError):
                 raise
             if is_out_of_memory(error):
@@ -182,7 +184,7 @@ class LoraAdapters:
             for part in (layer.lora_A[name], layer.lora_B[name])
             for parameter in part.parameters()
         )
-        self._install_hooks()
+        self._route_forwards()
         self._loaded[name] = size
         self._count("lora_load", seconds=time.perf_counter() - started, size=size)
         logger.info("LoRA %s loaded: %d layers, %.1f MB", name, len(layers), size / 1e6)
@@ -205,7 +207,17 @@ class LoraAdapters:
         self._count("lora_cache", size=self.loaded_bytes, adapters=len(self._loaded))
         return unloaded
 
+    def _stacked_for(self, layer: LoraLayer, names: tuple[str, ...]) -> _Stacked | None:
+        """``layer``'s adapters ``names`` stacked, kept while the same set is asked for (a copy of
+        those adapters' weights for this layer; a load or unload forgets every stack)."""
+        kept = self._stacks.get(id(layer))
+        if kept is None or kept[0] != names:
+            kept = (names, _stacked(layer, names))
+            self._stacks[id(layer)] = kept
+        return kept[1]
+
     def _unload(self, name: str) -> None:
+        self._stacks.clear()
         try:
             self.pipeline.delete_adapters([name])
         except Exception:  # noqa: BLE001 - a failed load may have left nothing to delete
@@ -219,13 +231,18 @@ class LoraAdapters:
             if isinstance(component, torch.nn.Module):
                 yield from (module for module in component.modules() if isinstance(module, LoraLayer))
 
-    def _install_hooks(self) -> None:
-        """Switch PEFT's own application off on every LoRA layer and hook ours in (once per layer)."""
+    def _route_forwards(self) -> None:
+        """Switch PEFT's own application off on every LoRA layer and route its forward through ours
+        (once per layer): its base layer, then each row's deltas. A forward of the instance's own,
+        not a forward hook: no hook dispatch and no PEFT forward on every call of every LoRA layer."""
         for layer in self._lora_layers():
             layer.enable_adapters(False)
-            if id(layer) not in self._hooked:
-                layer.register_forward_hook(self._add_deltas)  # type: ignore[attr-defined]
-                self._hooked.add(id(layer))
+            if "forward" not in vars(layer):
+                layer.forward = functools.partial(self._forward, layer)  # type: ignore[attr-defined]
+
+    def _forward(self, layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        output: torch.Tensor = layer.base_layer(x, *args, **kwargs)
+        return output if self._plan is None else self._add_deltas(layer, (x,), output)
 
     def _count(self, fact: str, **fields: Any) -> None:
         if self.observer is not None and hasattr(self.observer, fact):
@@ -275,8 +292,8 @@ class LoraAdapters:
             return output
         x = args[0]
         gathered = self._one_per_row
-        if gathered is not None and _gatherable(layer, gathered.names, x):
-            return output + _gathered_deltas(layer, gathered, x).to(output.dtype)
+        if gathered is not None and x.dim() >= 2 and (stacked := self._stacked_for(layer, gathered.names)):
+            return output + _gathered_deltas(stacked, gathered, x).to(output.dtype)
         for name, group in plan.items():
             if name not in layer.lora_A:
                 continue
@@ -295,29 +312,36 @@ class LoraAdapters:
         return output
 
 
-def _gatherable(layer: LoraLayer, names: tuple[str, ...], x: torch.Tensor) -> bool:
-    """Whether every adapter of ``names`` is a bias-free linear LoRA in ``layer``, all of one rank."""
-    if x.dim() < 2 or any(name not in layer.lora_A for name in names):
-        return False
+@dataclass(frozen=True)
+class _Stacked:
+    """One layer's adapters ``names`` stacked for gathering by row: down (adapters x rank x in) and
+    up (adapters x out x rank) matrices, the up ones already times their alpha / rank."""
+
+    names: tuple[str, ...]
+    down: torch.Tensor
+    up: torch.Tensor
+
+
+def _stacked(layer: LoraLayer, names: tuple[str, ...]) -> _Stacked | None:
+    """``names`` stacked for ``layer``; None unless each is a bias-free linear LoRA there, all of one rank."""
+    if any(name not in layer.lora_A for name in names):
+        return None
     downs = [layer.lora_A[name] for name in names]
     ups = [layer.lora_B[name] for name in names]
     plain = all(isinstance(module, torch.nn.Linear) and module.bias is None for module in (*downs, *ups))
-    return plain and len({_weight(down).shape[0] for down in downs}) == 1
+    if not plain or len({_weight(down).shape[0] for down in downs}) != 1:
+        return None
+    scaled_ups = [_weight(up) * layer.scaling[name] for up, name in zip(ups, names, strict=True)]
+    return _Stacked(names, torch.stack([_weight(down) for down in downs]), torch.stack(scaled_ups))
 
 
-def _gathered_deltas(layer: LoraLayer, rows: _OnePerRow, x: torch.Tensor) -> torch.Tensor:
+def _gathered_deltas(stacked: _Stacked, rows: _OnePerRow, x: torch.Tensor) -> torch.Tensor:
     """Every row's own adapter's delta, all adapters at once: each row's down and up matrices
     gathered from the stacked adapters, then two batched matmuls."""
-    down = torch.stack([_weight(layer.lora_A[name]) for name in rows.names])[rows.slot]  # rows x rank x in
-    scalings = [layer.scaling[name] for name in rows.names]
-    ups = [_weight(layer.lora_B[name]) for name in rows.names]
-    if len(set(scalings)) > 1:  # alpha / rank differs between the adapters: folded into their up matrices
-        ups, scalings = [up * scaling for up, scaling in zip(ups, scalings, strict=True)], [1.0]
-    up = torch.stack(ups)[rows.slot]  # rows x out x rank
+    down, up = stacked.down[rows.slot], stacked.up[rows.slot]  # rows x rank x in, rows x out x rank
     flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(down.dtype)  # rows x tokens x in
     delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2))
-    scale = rows.weight.to(delta.dtype) * scalings[0]
-    scaled: torch.Tensor = (delta * scale.view(-1, 1, 1)).reshape(*x.shape[:-1], delta.shape[-1])
+    scaled: torch.Tensor = (delta * rows.weight.to(delta.dtype).view(-1, 1, 1)).reshape(*x.shape[:-1], delta.shape[-1])
     return scaled
 
 
