@@ -75,6 +75,8 @@ class LoraAdapters:
         self._hashes: dict[str, str] = {}  # name -> AUTOMATIC1111's short hash of the file loaded
         self._plan: dict[str, _Group] | None = None
         self._stacks: dict[int, tuple[tuple[str, ...], _Stacked | None]] = {}  # layer id -> the last set stacked
+        self._low_ranks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float] | None] = {}
+        self._uniform: tuple[str, float] | None = None  # the one adapter and weight of every row, if so
         self._one_per_row: _OnePerRow | None = None
         self._reading: dict[str, Future[FetchedLora]] = {}  # name -> its file found and hashed off the step loop
         self._reader: ThreadPoolExecutor | None = None
@@ -160,6 +162,7 @@ class LoraAdapters:
         reading = self._reading.pop(name, None)
         started = time.perf_counter()
         self._stacks.clear()
+        self._low_ranks.clear()
         path: Path | None = None
         try:
             fetched = reading.result() if reading is not None else self.source.fetch(name)
@@ -218,6 +221,7 @@ class LoraAdapters:
 
     def _unload(self, name: str) -> None:
         self._stacks.clear()
+        self._low_ranks.clear()
         try:
             self.pipeline.delete_adapters([name])
         except Exception:  # noqa: BLE001 - a failed load may have left nothing to delete
@@ -242,7 +246,27 @@ class LoraAdapters:
 
     def _forward(self, layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         output: torch.Tensor = layer.base_layer(x, *args, **kwargs)
-        return output if self._plan is None else self._add_deltas(layer, (x,), output)
+        if self._plan is None:
+            return output
+        uniform = self._uniform
+        if uniform is not None:  # every row the same one adapter at one weight (a lone request)
+            low = self._plain_low_rank(layer, uniform[0])
+            if low is not None:
+                down, up, scaling = low
+                hidden = functional.linear(x if x.dtype == down.dtype else x.to(down.dtype), down)
+                return torch.add(output, functional.linear(hidden, up).to(output.dtype), alpha=uniform[1] * scaling)
+        return self._add_deltas(layer, (x,), output)
+
+    def _plain_low_rank(self, layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """Adapter ``name``'s down and up weights and scaling in ``layer`` when both are bias-free
+        linear layers (None otherwise, or when the adapter has no part in this layer); kept until
+        the next load or unload."""
+        key = (id(layer), name)
+        if key not in self._low_ranks:
+            down, up = (layer.lora_A[name], layer.lora_B[name]) if name in layer.lora_A else (None, None)
+            plain = all(isinstance(part, torch.nn.Linear) and part.bias is None for part in (down, up))
+            self._low_ranks[key] = (_weight(down), _weight(up), layer.scaling[name]) if plain else None  # type: ignore[arg-type]
+        return self._low_ranks[key]
 
     def _count(self, fact: str, **fields: Any) -> None:
         if self.observer is not None and hasattr(self.observer, fact):
@@ -281,10 +305,13 @@ class LoraAdapters:
     @contextmanager
     def _applying(self, groups: dict[str, _Group], one_per_row: _OnePerRow | None = None) -> Iterator[None]:
         self._plan, self._one_per_row = groups or None, one_per_row
+        (name, group), *others = groups.items() if groups else [(None, None)]
+        if name is not None and group is not None and not others and group.rows is None:
+            self._uniform = (name, group.weights) if not isinstance(group.weights, torch.Tensor) else None
         try:
             yield
         finally:
-            self._plan, self._one_per_row = None, None
+            self._plan, self._one_per_row, self._uniform = None, None, None
 
     def _add_deltas(self, layer: LoraLayer, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         plan = self._plan
