@@ -118,8 +118,11 @@ def test_a_promoted_version_reaches_the_next_request_once_no_running_request_use
     engine = StepEngine(loaded, loras=adapters)
     outcomes: dict[str, Any] = {}
 
+    stepped: list[int] = []
+
     def submit(key: str, request: GenerationRequest) -> None:
-        engine.submit(Request(request), lambda outcome: outcomes.__setitem__(key, outcome))
+        job = Request(request, on_step=lambda step, total: stepped.append(step) if key == "long" else None)
+        engine.submit(job, lambda outcome: outcomes.__setitem__(key, outcome))
 
     long, joiner, after = (
         ask("a red circle <lora:style:0.8>", steps=8),
@@ -127,9 +130,11 @@ def test_a_promoted_version_reaches_the_next_request_once_no_running_request_use
         ask("a green triangle <lora:style:0.9>", seed=3),
     )
     submit("long", long)
-    for _ in range(3):
+    for _ in range(2000):  # until it runs on v1 (its adapter read and loaded; a slow read takes steps)
+        if len(stepped) >= 2:
+            break
         engine.step()
-    assert not outcomes  # still running on v1
+    assert len(stepped) >= 2 and not outcomes  # running on v1
     registry.promote("v2")
     clock.now += 31  # the store reads the new current on its next look
     adapters.wait_for_reads(timeout=0)  # forget the first read
