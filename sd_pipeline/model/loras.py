@@ -264,7 +264,7 @@ class LoraAdapters:
         key = (id(layer), name)
         if key not in self._low_ranks:
             down, up = (layer.lora_A[name], layer.lora_B[name]) if name in layer.lora_A else (None, None)
-            plain = all(isinstance(part, torch.nn.Linear) and part.bias is None for part in (down, up))
+            plain = _bias_free_linear(down, up)
             self._low_ranks[key] = (_weight(down), _weight(up), layer.scaling[name]) if plain else None  # type: ignore[arg-type]
         return self._low_ranks[key]
 
@@ -349,13 +349,18 @@ class _Stacked:
     up: torch.Tensor
 
 
+def _bias_free_linear(*modules: torch.nn.Module | None) -> bool:
+    """Whether every one of ``modules`` is a linear layer without a bias (an adapter's plain down/up)."""
+    return all(isinstance(module, torch.nn.Linear) and module.bias is None for module in modules)
+
+
 def _stacked(layer: LoraLayer, names: tuple[str, ...]) -> _Stacked | None:
     """``names`` stacked for ``layer``; None unless each is a bias-free linear LoRA there, all of one rank."""
     if any(name not in layer.lora_A for name in names):
         return None
     downs = [layer.lora_A[name] for name in names]
     ups = [layer.lora_B[name] for name in names]
-    plain = all(isinstance(module, torch.nn.Linear) and module.bias is None for module in (*downs, *ups))
+    plain = _bias_free_linear(*downs, *ups)
     if not plain or len({_weight(down).shape[0] for down in downs}) != 1:
         return None
     scaled_ups = [_weight(up) * layer.scaling[name] for up, name in zip(ups, names, strict=True)]
