@@ -6,6 +6,7 @@ at load in one line. Tiny pipelines with random weights stand for the real model
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from harness.images import (
     BATCHED_TOLERANCE,
@@ -33,6 +35,8 @@ from sd_pipeline.contract.recommended import recommended_request
 from sd_pipeline.contract.request import GenerationRequest, RequestLimits, check_inputs
 from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
+from sd_pipeline.model.families.flux import FLUX_LATENT_RGB
+from sd_pipeline.model.families.sd3 import SD3_LATENT_RGB
 from sd_pipeline.model.families.sdxl import SDXL_LATENT_RGB
 from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.previews import DecoderPreview, LinearPreview, load_previewer
@@ -150,14 +154,42 @@ def test_a_sampler_or_size_the_family_cannot_use_is_refused_by_field(sd3_loaded:
     assert recommended_request(RequestLimits(), native_size=256, rules=rules).scheduler == "Euler"
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_flow_matching_previews_decode_with_the_vae_for_want_of_published_factors(
-    request: pytest.FixtureRequest, family: str
+@pytest.mark.parametrize(("family", "factors"), [("sd3", SD3_LATENT_RGB), ("flux", FLUX_LATENT_RGB)])
+def test_flow_matching_approx_previews_map_the_unpacked_latents_with_their_published_factors(
+    request: pytest.FixtureRequest, family: str, factors: tuple[tuple[float, float, float], ...]
 ) -> None:
+    """InvokeAI's 16-channel factors, on the x0 latents as the transformer sees them (FLUX.1's
+    unpacked first): each preview is that map of what the previewer was given, at the latents' size."""
     loaded: LoadedPipeline = request.getfixturevalue(f"{family}_loaded")
     previewer = load_previewer(PipelineSettings(preview="approx"), loaded)
-    assert isinstance(previewer, DecoderPreview) and previewer.decoder is loaded.pipeline.vae
+    assert isinstance(previewer, LinearPreview) and torch.equal(previewer.factors, torch.tensor(factors))
+    rendered: list[torch.Tensor] = []
+    render = previewer.render
+
+    def recording_render(latents: torch.Tensor) -> list[bytes]:
+        rendered.append(latents.clone())
+        return render(latents)
+
+    previewer.render = recording_render  # type: ignore[method-assign]
+    seen: list[Any] = []
     engine = StepEngine(loaded, previewer=previewer, preview_interval=0.0)
+    outcome = engine.run([Request(ask(scheduler="Euler", steps=4), on_preview=seen.append)])[0]
+    assert outcome.error is None and len(seen) == len(rendered) == 3
+    for latents, preview in zip(rendered, seen, strict=True):
+        assert latents.shape == (1, 16, 8, 8)
+        wanted = torch.einsum("nchw,cr->nhwr", latents, torch.tensor(factors))[0]
+        wanted = ((wanted + 1) / 2).clamp(0, 1) * 255
+        got = torch.from_numpy(np.asarray(Image.open(io.BytesIO(preview.image)).convert("RGB"), dtype=np.float32))
+        assert got.shape == (8, 8, 3) and (got - wanted).abs().max() <= 1
+
+
+def test_a_family_without_factors_previews_with_its_vae(
+    sd3_loaded: LoadedPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(type(sd3_loaded.family), "latent_rgb", None)
+    previewer = load_previewer(PipelineSettings(preview="approx"), sd3_loaded)
+    assert isinstance(previewer, DecoderPreview) and previewer.decoder is sd3_loaded.pipeline.vae
+    engine = StepEngine(sd3_loaded, previewer=previewer, preview_interval=0.0)
     seen: list[Any] = []
     outcome = engine.run([Request(ask(scheduler="Euler", steps=6), on_preview=seen.append)])[0]
     assert outcome.error is None and len(seen) == 5

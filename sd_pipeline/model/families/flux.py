@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sd_pipeline.contract.prompt_reader import FLUX_T5
 from sd_pipeline.contract.request import GenerationRequest, InputRules
 from sd_pipeline.contract.settings import PipelineSettings
-from sd_pipeline.model.families.base import Conditioning, encoded_negatives, expand_rows, placed_negatives
+from sd_pipeline.model.families.base import Conditioning, LatentRgb, encoded_negatives, expand_rows, placed_negatives
 from sd_pipeline.model.families.images import (
     ImageStart,
     KeepOutsideMask,
@@ -31,6 +31,26 @@ from sd_pipeline.model.families.images import (
 from sd_pipeline.model.families.sd3 import StableDiffusion3
 
 PATCH = 2  # latents are packed in 2x2 patches: sides are multiples of the VAE factor x 2
+# FLUX.1 latents (unpacked; VAE latents minus 0.1159, times 0.3611) to RGB, no bias:
+# InvokeAI 6.14.2 (Apache-2.0), invokeai/app/util/step_callback.py, FLUX_LATENT_RGB_FACTORS.
+FLUX_LATENT_RGB: LatentRgb = (
+    (-0.0412, 0.0149, 0.0521),
+    (0.0056, 0.0291, 0.0768),
+    (0.0342, -0.0681, -0.0427),
+    (-0.0258, 0.0092, 0.0463),
+    (0.0863, 0.0784, 0.0547),
+    (-0.0017, 0.0402, 0.0158),
+    (0.0501, 0.1058, 0.1152),
+    (-0.0209, -0.0218, -0.0329),
+    (-0.0314, 0.0083, 0.0896),
+    (0.0851, 0.0665, -0.0472),
+    (-0.0534, 0.0238, -0.0024),
+    (0.0452, -0.0026, 0.0048),
+    (0.0892, 0.0831, 0.0881),
+    (-0.1117, -0.0304, -0.0789),
+    (0.0027, -0.0479, -0.0043),
+    (-0.1146, -0.0827, -0.0598),
+)
 
 
 class Flux(StableDiffusion3):
@@ -52,6 +72,7 @@ class Flux(StableDiffusion3):
     pipeline_class: ClassVar[str] = "FluxPipeline"
     channel_dim: ClassVar[int] = 2  # packed latents: (images, tokens, channels)
     latent_packing: ClassVar[int] = PATCH * PATCH
+    latent_rgb: ClassVar[LatentRgb | None] = FLUX_LATENT_RGB
 
     @staticmethod
     def load_options(settings: PipelineSettings, index: Mapping[str, Any]) -> dict[str, Any]:

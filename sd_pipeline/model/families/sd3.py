@@ -33,6 +33,26 @@ from sd_pipeline.model.families.images import (
 )
 
 T5_PARTS = ("text_encoder_3", "tokenizer_3")  # the folder's parts that SD_T5=false leaves out
+# SD3 / 3.5 latents (the transformer's: VAE latents minus 0.0609, times 1.5305) to RGB, no bias:
+# InvokeAI 6.14.2 (Apache-2.0), invokeai/app/util/step_callback.py, SD3_5_LATENT_RGB_FACTORS.
+SD3_LATENT_RGB: LatentRgb = (
+    (-0.05240681, 0.03251581, 0.0749016),
+    (-0.0580572, 0.00759826, 0.05729818),
+    (0.16144888, 0.01270368, -0.03768577),
+    (0.14418615, 0.08460266, 0.15941818),
+    (0.04894035, 0.0056485, -0.06686988),
+    (0.05187166, 0.19222395, 0.06261094),
+    (0.1539433, 0.04818359, 0.07103094),
+    (-0.08601796, 0.09013458, 0.10893912),
+    (-0.12398469, -0.06766567, 0.0033688),
+    (-0.0439737, 0.07825329, 0.02258823),
+    (0.03101129, 0.06382551, 0.07753657),
+    (-0.01315361, 0.08554491, -0.08772475),
+    (0.06464487, 0.05914605, 0.13262741),
+    (-0.07863674, -0.02261737, -0.12761454),
+    (-0.09923835, -0.08010759, -0.06264447),
+    (-0.03392309, -0.0804029, -0.06078822),
+)
 FLOW_SAMPLERS = ("Euler", "DPM++ 2M")  # flow-matching samplers by AUTOMATIC1111's names (``flow_scheduler``)
 
 
@@ -76,7 +96,7 @@ class StableDiffusion3(StableDiffusion):
     pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     denoiser_name: ClassVar[str] = "transformer"
     latent_packing: ClassVar[int] = 1  # latent channels per transformer input channel group (FLUX.1: 2x2)
-    latent_rgb: ClassVar[LatentRgb | None] = None  # 16 channels: no factors here yet (previews decode)
+    latent_rgb: ClassVar[LatentRgb | None] = SD3_LATENT_RGB
 
     @staticmethod
     def load_options(settings: PipelineSettings, index: Mapping[str, Any]) -> dict[str, Any]:
