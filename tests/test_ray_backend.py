@@ -4,8 +4,9 @@ A replica whose engine loop fails, or whose process freezes (SIGSTOP), is replac
 and the request it held is served after one retry; Stop ends a request still waiting for a
 replica at once; replicas warm up; every socket the private instance listens on is on
 127.0.0.1, and its token and files are private. The replicas load a version published to the
-loopback S3 server; a new version is rolled out as a new deployment version while a request
-runs (it finishes, later ones report the new version) and a corrupt one is refused.
+loopback S3 server; a new version (of another family: SDXL after SD) is rolled out as a new
+deployment version while a request runs (it finishes, later ones report the new version and
+equal SDXL's own pipeline) and a corrupt one is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import psutil
 import pytest
 
-from harness.images import assert_same_image, pipeline_image_with_loras
+from harness.images import assert_same_image, pipeline_image, pipeline_image_with_loras
 from harness.servers import S3Server, wait_until
 from sd_pipeline.admission import Admission
 from sd_pipeline.backends.ray.backend import RayBackend
@@ -103,14 +104,14 @@ def replica_process() -> psutil.Process:
 
 
 @pytest.fixture(scope="module")
-def registry(s3_server: S3Server, tiny_model_dir: Path) -> ModelRegistry:
-    """The tiny model published as v1 (current) and v2 in a bucket of the loopback S3 server."""
+def registry(s3_server: S3Server, tiny_model_dir: Path, tiny_sdxl_dir: Path) -> ModelRegistry:
+    """The tiny SD model published as v1 (current) and the tiny SDXL as v2 in a bucket of the loopback S3 server."""
     bucket = f"ray-models-{uuid.uuid4().hex[:8]}"
     s3_server.create_bucket(bucket)
     store = ModelStore(endpoint_url=s3_server.endpoint_url, region="us-east-1", cache_dir="")
     registry = ModelRegistry(make_client(store), ModelLocation.parse(f"s3://{bucket}/tiny"))
     registry.publish(tiny_model_dir, "v1", promote=True)
-    registry.publish(tiny_model_dir, "v2")
+    registry.publish(tiny_sdxl_dir, "v2")
     return registry
 
 
@@ -293,24 +294,27 @@ def test_a_frozen_replica_is_replaced_and_its_request_served(backend: RayBackend
     assert replica_process().pid != frozen.pid
 
 
-def test_a_new_version_rolls_out_as_a_deployment_version_and_a_corrupt_one_is_refused(
-    backend: RayBackend, registry: ModelRegistry
+def test_a_new_version_of_another_family_rolls_out_as_a_deployment_version_and_a_corrupt_one_is_refused(
+    backend: RayBackend, registry: ModelRegistry, sdxl_loaded: LoadedPipeline
 ) -> None:
-    assert backend.info is not None and backend.info.version == "v1"
+    assert backend.info is not None and (backend.info.version, backend.info.family) == ("v1", "sd")
     running, running_steps = long_job(steps=40, width=96, height=96)
     outcomes: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: outcomes.update(running=run(backend, [running])[0]))
     thread.start()
     wait_until(lambda: len(running_steps) >= 2, timeout=60)
     info = backend.switch_model(str(registry.location.pin("v2")))
-    assert info.version == "v2" and backend.info.version == "v2"
+    assert (info.version, info.family) == ("v2", "sdxl") and backend.info.family == "sdxl"
     thread.join(timeout=120)
     running_outcome = outcomes["running"]
     assert running_outcome.error is None and running_outcome.results[0].model_version == "v1"  # finished on v1
     # never restarted: the old replica finished it
     assert running_steps.count(1) == 1 and running_steps[-1] == 40 and running_steps == sorted(running_steps)
-    (after,) = run(backend, [long_job(steps=2)[0]])
+    after_job = long_job(steps=4, seed=11, guidance_scale=5.0)[0]
+    (after,) = run(backend, [after_job])
     assert after.error is None and after.results[0].model_version == "v2"
+    # A Ray replica serves SDXL as SDXL's own pipeline draws it.
+    assert_same_image(after.results[0].image, pipeline_image(sdxl_loaded, after_job.inputs)[0], tolerance=2)
 
     key = registry.location.version_prefix("v1") + "unet/config.json"
     registry.client.put_object(Bucket=registry.location.bucket, Key=key, Body=b"{}")  # v1 changed after publishing
