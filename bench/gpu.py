@@ -32,7 +32,7 @@ from sd_pipeline.contract.settings import PipelineSettings
 from sd_pipeline.model.engine import StepEngine
 from sd_pipeline.model.loading import load_pipeline
 from sd_pipeline.model.schedulers import make_scheduler
-from sd_pipeline.tiny import TOKEN_LIMIT, build_tiny_pipeline, save_random_pipeline
+from sd_pipeline.tiny import TOKEN_LIMIT, build_tiny_pipeline, random_sdxl_pipeline, save_random_pipeline
 
 # Published configuration of runwayml/stable-diffusion-v1-5 (unet, vae, text_encoder).
 SD15_UNET = {
@@ -66,6 +66,35 @@ SD15_TEXT = {
     "hidden_act": "quick_gelu",
     "projection_dim": 768,
 }
+# Published configuration of stabilityai/stable-diffusion-xl-base-1.0 (unet, vae, both text encoders).
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_TEXT_2 = {  # OpenCLIP ViT-bigG/14's text tower, with its projection (the pooled text)
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "max_position_embeddings": TOKEN_LIMIT,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+# What each family's GPU rows run: its published shape, native size and usual step count.
+FAMILY_SHAPES = {"sd": (512, 25), "sdxl": (1024, 30)}
 MODES = {
     "a: diffusers fp16 eager": None,
     "b: + channels_last": {"channels_last": True},
@@ -80,12 +109,23 @@ def build_sd15(folder: Path) -> Path:
     return save_random_pipeline(folder, unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT)
 
 
-def benchmark_model(folder: Path | None, *, tiny: bool) -> Path:
-    """The random model the GPU scripts run: built in ``folder`` (or a temporary one) unless already there."""
+def build_sdxl(folder: Path) -> Path:
+    """SDXL base's architecture with random weights, saved in float16 (about 7 GB) like a downloaded model."""
+    random_sdxl_pipeline(unet=SDXL_UNET, vae=SDXL_VAE, text=SD15_TEXT, text_2=SDXL_TEXT_2).to(
+        dtype=torch.float16
+    ).save_pretrained(folder)
+    return folder
+
+
+def benchmark_model(folder: Path | None, *, tiny: bool, family: str = "sd") -> Path:
+    """The random model the GPU scripts run (``family`` sd or sdxl, at its published shape; tiny: the
+    family's tiny pipeline): built in ``folder`` (or a temporary one) unless already there."""
     folder = folder or Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "model"
     if (folder / "model_index.json").exists():
         return folder
-    return build_tiny_pipeline(folder) if tiny else build_sd15(folder)
+    if tiny:
+        return build_tiny_pipeline(folder, family=family)
+    return build_sdxl(folder) if family == "sdxl" else build_sd15(folder)
 
 
 def matmul_peak_flops(device: torch.device, *, window: float = PEAK_WINDOW_SECONDS) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from gradio_client import Client
 
 from bench.common import add_serving_arguments, machine, median, percentile, table, write_json
@@ -44,10 +44,11 @@ LOADED_USERS = 8
 def raw_pipeline(
     model: str, *, size: int, steps: int, requests_count: int, batch: int = 1, compile_unet: bool = False
 ) -> dict[str, float]:
-    """``requests_count`` calls straight into diffusers, one at a time, ``batch`` images each, in this process."""
+    """``requests_count`` calls straight into diffusers (the pipeline class the folder names), one at a
+    time, ``batch`` images each, in this process."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipeline = StableDiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+    pipeline = DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
     pipeline.set_progress_bar_config(disable=True)
     if compile_unet:
         pipeline.unet = torch.compile(pipeline.unet)

@@ -198,8 +198,18 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def random_sdxl_pipeline(*, seed: int = 0) -> Any:
-    """An SDXL pipeline (a ``StableDiffusionXLPipeline``) with random weights."""
+TINY_SDXL_VAE: dict[str, Any] = {**TINY_VAE, "sample_size": 128, "force_upcast": True}
+
+
+def random_sdxl_pipeline(
+    *,
+    seed: int = 0,
+    unet: dict[str, Any] = TINY_SDXL_UNET,
+    vae: dict[str, Any] = TINY_SDXL_VAE,
+    text: dict[str, Any] = TINY_SDXL_TEXT,
+    text_2: dict[str, Any] = TINY_SDXL_TEXT,
+) -> Any:
+    """An SDXL pipeline (a ``StableDiffusionXLPipeline``) with random weights (tiny unless given configs)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -207,10 +217,10 @@ def random_sdxl_pipeline(*, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
     return StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(**TINY_SDXL_UNET),
-        vae=AutoencoderKL(**TINY_VAE, sample_size=128, force_upcast=True),
-        text_encoder=CLIPTextModel(_text_config(tokenizer, TINY_SDXL_TEXT)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, TINY_SDXL_TEXT)),
+        unet=UNet2DConditionModel(**unet),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, text)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, text_2)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),

@@ -115,13 +115,18 @@ def test_thread_policy_benchmark_quick(tmp_path: Path) -> None:
 
 
 def test_gpu_served_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
+    """The SDXL row (the SD one runs the same code with SD's builder): raw at batch 1 and 2, served."""
     output = run_module(
         "bench.gpu_served",
         "--tiny",
+        "--family",
+        "sdxl",
         "--clients",
         "2",
         "--batch",
         "2",
+        "--raw-batches",
+        "1,2",
         "--per-client",
         "2",
         "--raw-calls",
@@ -129,10 +134,29 @@ def test_gpu_served_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
         "--out",
         str(tmp_path),
     )
-    assert "served / raw at batch 2" in output
-    results = json.loads((tmp_path / "gpu_served.json").read_text())
+    assert "served / raw at batch 2" in output and "raw pipeline, batch 1" in output
+    results = json.loads((tmp_path / "gpu_served_sdxl.json").read_text())
+    assert results["settings"]["family"] == "sdxl" and set(results["raw_by_batch"]) == {"1", "2"}
     assert results["raw"]["images_per_s"] > 0 and results["served"]["2"]["mean_batch"] >= 1
     assert results["served_over_raw"] > 0
+
+
+def test_the_gpu_rows_build_the_published_architectures() -> None:
+    """Built on the meta device (no memory): the UNets have SD 1.5's and SDXL base's published
+    parameter counts, and SDXL's text towers give its 2048-wide context and 1280-wide pooled text."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from bench.gpu import SD15_TEXT, SD15_UNET, SDXL_TEXT_2, SDXL_UNET
+
+    with torch.device("meta"):
+        unets = [UNet2DConditionModel(**config) for config in (SD15_UNET, SDXL_UNET)]
+    assert [sum(p.numel() for p in unet.parameters()) for unet in unets] == [859_520_964, 2_567_463_684]
+    first, second = CLIPTextConfig(**SD15_TEXT), CLIPTextConfig(**SDXL_TEXT_2)
+    assert first.hidden_size + second.hidden_size == SDXL_UNET["cross_attention_dim"]
+    time_ids = 6 * SDXL_UNET["addition_time_embed_dim"]
+    assert SDXL_UNET["projection_class_embeddings_input_dim"] == second.projection_dim + time_ids
 
 
 def test_simulated_scaleout_benchmark_quick(tmp_path: Path) -> None:
