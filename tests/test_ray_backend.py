@@ -151,7 +151,9 @@ def backend(registry: ModelRegistry, lora_store: str, tmp_path_factory: pytest.T
         health_check_period_s=1.0,
         health_check_timeout_s=5.0,
         stall_seconds=30.0,
-        graceful_shutdown_s=120.0,
+        # Serve stops a frozen replica only after this long, and starts its replacement after that
+        # (120 s made the frozen-replica test take 150 s); the rollout's old replica finishes in a few.
+        graceful_shutdown_s=30.0,
     )
     backend = RayBackend(
         settings,
