@@ -6,8 +6,6 @@ store ends only the request that names it (or serves what this host fetched last
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from sd_pipeline.model.loading import LoadedPipeline, load_pipeline
 from sd_pipeline.model.loras import LoraAdapters
 from sd_pipeline.versions.location import ModelLocation
 from sd_pipeline.versions.registry import ModelRegistry, make_client
+from tests.versions_cli import compose_step, run_compose_step, versions_cli
 from webapp.settings import SettingsError, load_settings
 
 
@@ -43,11 +42,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def versions_cli(s3: S3Server, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "sd_pipeline.versions", "--endpoint-url", s3.endpoint_url, *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
 def store_settings(s3_endpoint: str, root: str, cache: Path) -> LoraStoreSettings:
@@ -64,18 +58,20 @@ def test_the_command_line_publishes_and_lists_adapters_and_a_store_serves_the_cu
 ) -> None:
     root = f"s3://{bucket}/loras"
     style = tiny_lora_dir / "style.safetensors"
-    published = versions_cli(s3_server, "publish-lora", style, root, "--version", "v1", "--promote")
+    published = versions_cli(s3_server.endpoint_url, "publish-lora", style, root, "--version", "v1", "--promote")
     assert published.returncode == 0, published.stderr
     assert f"published {root}/style@v1 (<lora:style>, for sd)" in published.stdout
     subject = tiny_lora_dir / "subject.safetensors"
-    unpromoted = versions_cli(s3_server, "publish-lora", subject, root, "--name", "look", "--version", "v1")
+    unpromoted = versions_cli(
+        s3_server.endpoint_url, "publish-lora", subject, root, "--name", "look", "--version", "v1"
+    )
     assert unpromoted.returncode == 0, unpromoted.stderr
-    again = versions_cli(s3_server, "publish-lora", style, root, "--version", "v1")
+    again = versions_cli(s3_server.endpoint_url, "publish-lora", style, root, "--version", "v1")
     assert again.returncode == 2 and "version 'v1' already exists" in again.stderr
-    bad = versions_cli(s3_server, "publish-lora", style, root, "--name", "../up", "--version", "v1")
+    bad = versions_cli(s3_server.endpoint_url, "publish-lora", style, root, "--name", "../up", "--version", "v1")
     assert bad.returncode == 2 and "name: '../up' is not an adapter name" in bad.stderr
 
-    listed = versions_cli(s3_server, "list-loras", root)
+    listed = versions_cli(s3_server.endpoint_url, "list-loras", root)
     assert listed.returncode == 0, listed.stderr
     assert [line.split() for line in listed.stdout.splitlines()[1:]] == [["style", "v1", "sd"]]  # look: not promoted
 
@@ -88,7 +84,7 @@ def test_the_command_line_publishes_and_lists_adapters_and_a_store_serves_the_cu
     with pytest.raises(InvalidRequestError, match="names LoRA 'look', which is not available"):
         store.fetch("look")
 
-    promoted = versions_cli(s3_server, "promote", f"{root}/look", "v1")
+    promoted = versions_cli(s3_server.endpoint_url, "promote", f"{root}/look", "v1")
     assert promoted.returncode == 0, promoted.stderr
     clock.now += UNLISTED_RELIST_SECONDS  # a name missing from the listing is looked up again this soon
     assert store.fetch("look").short_hash == short_hash(subject)
@@ -109,7 +105,7 @@ def test_a_promoted_version_reaches_the_next_request_once_no_running_request_use
     registry.create_bucket()
     new_style = write_random_lora(tiny_model_dir, tmp_path / "new.safetensors", seed=11)
     for version, file in (("v1", tiny_lora_dir / "style.safetensors"), ("v2", new_style)):
-        versions_cli(s3_server, "publish-lora", file, str(root), "--name", "style", "--version", version)
+        versions_cli(s3_server.endpoint_url, "publish-lora", file, str(root), "--name", "style", "--version", version)
     registry.promote("v1")
     clock = Clock()
     store = LoraStore(store_settings(s3_server.endpoint_url, str(root), tmp_path / "cache"), clock=clock)
@@ -160,7 +156,7 @@ def test_a_corrupt_version_is_refused_naming_the_prompt_and_an_unreachable_store
     root = f"s3://{bucket}/loras"
     for name in ("style", "subject"):
         file = tiny_lora_dir / f"{name}.safetensors"
-        done = versions_cli(s3_server, "publish-lora", file, root, "--version", "v1", "--promote")
+        done = versions_cli(s3_server.endpoint_url, "publish-lora", file, root, "--version", "v1", "--promote")
         assert done.returncode == 0, done.stderr
     cache = tmp_path / "cache"
     store = LoraStore(store_settings(s3_server.endpoint_url, root, cache))
@@ -201,22 +197,20 @@ def test_the_stacks_lora_publish_step_publishes_the_demo_adapter_once_and_never_
     s3_server: S3Server, tiny_lora_dir: Path, tmp_path: Path
 ) -> None:
     """The exact command compose's loras-publish runs, against a store that has no bucket yet."""
-    service = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["loras-publish"]
-    assert service["entrypoint"] == ["python", "-m", "sd_pipeline.versions"]
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     swaps = {
         "--endpoint-url=http://seaweedfs:8333": f"--endpoint-url={s3_server.endpoint_url}",
         "/app/models/loras/ring.safetensors": str(ROOT / "models" / "loras" / "ring.safetensors"),
         "s3://models/loras": f"s3://{bucket}/loras",
     }
-    command = [sys.executable, "-m", "sd_pipeline.versions", *(swaps.get(arg, arg) for arg in service["command"])]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    command = compose_step("loras-publish", swaps)
+    first = run_compose_step(command)
     assert first.returncode == 0, first.stderr
     root = f"s3://{bucket}/loras"
     store = LoraStore(store_settings(s3_server.endpoint_url, root, tmp_path / "cache"))
     assert store.listing()["ring"].version == "ring-1" and store.available() == {"ring": "sd"}
     newer = versions_cli(
-        s3_server,
+        s3_server.endpoint_url,
         "publish-lora",
         tiny_lora_dir / "style.safetensors",
         root,
@@ -227,7 +221,7 @@ def test_the_stacks_lora_publish_step_publishes_the_demo_adapter_once_and_never_
         "--promote",
     )  # the operator rolled a new version out
     assert newer.returncode == 0, newer.stderr
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    again = run_compose_step(command)
     assert again.returncode == 0 and "already published" in again.stdout
     assert (
         LoraStore(store_settings(s3_server.endpoint_url, root, tmp_path / "cache")).listing()["ring"].version

@@ -8,7 +8,6 @@ import functools
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Sequence
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from harness.servers import S3Server, free_port, wait_until
 from sd_pipeline.admission import Admission
@@ -36,6 +34,7 @@ from sd_pipeline.versions.registry import ModelRegistry, RegistryError, Registry
 from sd_pipeline.versions.resolve import resolve_model
 from sd_pipeline.versions.rollout import ModelRollout
 from tests.running import dispatcher, run_through
+from tests.versions_cli import compose_step, run_compose_step, versions_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,8 +149,7 @@ def test_resolving_follows_current_and_falls_back_to_the_last_version_served(
 
 def test_the_command_line_publishes_lists_and_promotes(bucket: str, s3_server: S3Server, tiny_model_dir: Path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "sd_pipeline.versions", "--endpoint-url", s3_server.endpoint_url, *args]
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return versions_cli(s3_server.endpoint_url, *args)
 
     location = f"s3://{bucket}/demo"
     published = cli("publish", str(tiny_model_dir), location, "--version", "v1", "--promote")
@@ -342,20 +340,18 @@ def test_the_stacks_publish_step_creates_the_bucket_once_and_never_promotes_agai
     s3_server: S3Server, store: ModelStore, tiny_model_dir: Path
 ) -> None:
     """The exact command compose's models-publish runs, against a store that has no bucket yet."""
-    service = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["models-publish"]
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     swaps = {
         "--endpoint-url=http://seaweedfs:8333": f"--endpoint-url={s3_server.endpoint_url}",
         "/app/models/tiny-shapes": str(ROOT / "models" / "tiny-shapes"),
         "s3://models/demo": f"s3://{bucket}/demo",
     }
-    command = [sys.executable, "-m", "sd_pipeline.versions", *(swaps.get(arg, arg) for arg in service["command"])]
-    assert service["entrypoint"] == ["python", "-m", "sd_pipeline.versions"]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    command = compose_step("models-publish", swaps)
+    first = run_compose_step(command)
     assert first.returncode == 0, first.stderr
     registry = ModelRegistry(make_client(store), ModelLocation.parse(f"s3://{bucket}/demo"))
     assert registry.current() == "shapes-1"
     registry.publish(tiny_model_dir, "v2", promote=True)  # the operator rolled a new version out
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = run_compose_step(command)
     assert again.returncode == 0 and "already published" in again.stdout
     assert registry.current() == "v2"
