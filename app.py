@@ -68,7 +68,7 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
     """S3 (behind the outage spool) when a bucket is set, else the local folder."""
     s3_settings = settings.s3()
     if s3_settings is not None:
-        spool = Spool(settings.data_dir / "spool", limits=SpoolLimits(max_items=settings.spool_max_items))
+        spool = Spool(settings.data_dir / "spool", limits=SpoolLimits(max_items=settings.storage.spool_max_items))
         s3 = SpoolingStore(S3Store.from_settings(s3_settings), spool, observer=metrics)
         try:
             s3.primary.check()  # a missing bucket or refused keys stop start-up: a setting to fix
@@ -77,12 +77,15 @@ def build_store(settings: Settings, metrics: Metrics) -> tuple[ImageStore, Local
         s3.start()
         return s3, None
     secret = (
-        settings.link_secret.get_secret_value().encode()
-        if settings.link_secret
+        settings.storage.link_secret.get_secret_value().encode()
+        if settings.storage.link_secret
         else load_or_create_secret(settings.data_dir)
     )
     local = LocalStore(
-        settings.data_dir, secret=secret, link_ttl_seconds=settings.link_ttl_seconds, base_url=settings.base_url()
+        settings.data_dir,
+        secret=secret,
+        link_ttl_seconds=settings.storage.link_ttl_seconds,
+        base_url=settings.base_url(),
     )
     local.check()
     return local, local
@@ -136,7 +139,7 @@ def build_backend(settings: Settings, metrics: Metrics, *, model: str) -> Backen
         PipelineProcess,
         max_batch_images=settings.max_batch_size,
         observer=metrics,
-        start_timeout=settings.pipeline_start_timeout,
+        start_timeout=settings.worker.pipeline_start_timeout,
         stall_seconds=policy.stall_seconds,
     )
     return LocalBackend(
@@ -146,7 +149,7 @@ def build_backend(settings: Settings, metrics: Metrics, *, model: str) -> Backen
         max_running=settings.max_batch_size,
         policy=policy,
         observer=metrics,
-        rollout=settings.model_rollout,
+        rollout=settings.engine.model_rollout,
     )
 
 
@@ -161,7 +164,7 @@ def build_rollout(
     store = settings.model_store()
     if store is None:
         return None
-    location = ModelLocation.parse(settings.sd_model)
+    location = ModelLocation.parse(settings.engine.sd_model)
     if location.pinned is not None:
         return None
     cache = ModelCache(Path(store.cache_dir))
@@ -171,7 +174,7 @@ def build_rollout(
         ModelRegistry(make_client(store), location),
         cache,
         serving=resolved.version,
-        poll_seconds=settings.model_poll_seconds,
+        poll_seconds=settings.engine.model_poll_seconds,
         observer=metrics,
         on_switched=on_switched,
     )
@@ -215,8 +218,12 @@ def start(settings: Settings) -> tuple[Parts, LocalStore | None]:
     health.storage_detail = store.degraded
     parts = Parts(metrics=metrics, health=health, metrics_server=metrics_server, store=store)
     # An S3 model: the version to start, fetched and verified here (or the last one served, if S3 is down).
-    resolved = resolve_model(settings.sd_model, settings.model_store()) if is_s3_model(settings.sd_model) else None
-    backend = build_backend(settings, metrics, model=resolved.pinned if resolved else settings.sd_model)
+    resolved = (
+        resolve_model(settings.engine.sd_model, settings.model_store())
+        if is_s3_model(settings.engine.sd_model)
+        else None
+    )
+    backend = build_backend(settings, metrics, model=resolved.pinned if resolved else settings.engine.sd_model)
     parts.backend = backend
     health.pipeline_readiness = backend.readiness_problem
     health.pipeline_liveness = backend.liveness_problem
@@ -297,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rules=parts.service.model_rules,
         trusted_proxies=parse_networks(settings.trusted_proxies),
         owner_secret=owner_secret(settings, secret),
-        loras=adapter_listing(str(settings.lora_dir) if settings.lora_dir else None, settings.lora_store()),
+        loras=adapter_listing(
+            str(settings.engine.lora_dir) if settings.engine.lora_dir else None, settings.lora_store()
+        ),
     )
     demo.queue(max_size=settings.queue_max_size, api_open=False, default_concurrency_limit=16)
     secure = settings.base_url().startswith("https://")

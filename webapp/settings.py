@@ -8,8 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, Json, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, Json, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sd_pipeline.contract.images import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MAX_UPLOAD_PIXELS
 from sd_pipeline.contract.models import LoraStoreSettings, ModelStore, is_s3_model
@@ -45,10 +46,10 @@ class SettingsError(ValueError):
     """A setting is invalid; the message is one line naming it."""
 
 
-class Settings(BaseSettings):
-    """Every setting of the app. Environment names are the field names in upper case."""
+class EngineSettings(BaseModel):
+    """The model and how it runs: what ``Settings.pipeline()`` hands to the worker or the replicas."""
 
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     sd_model: str = Field(
         DEFAULT_MODEL,
@@ -120,15 +121,6 @@ class Settings(BaseSettings):
         gt=0,
         description="at most one preview per request this often (and only after a new step)",
     )
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="largest width x height accepted")
-    max_upload_bytes: int = Field(
-        DEFAULT_MAX_UPLOAD_BYTES, ge=1024, description="largest init_image or mask file accepted (bytes)"
-    )
-    max_upload_pixels: int = Field(
-        DEFAULT_MAX_UPLOAD_PIXELS,
-        ge=64 * 64,
-        description="largest init_image or mask accepted (width x height, read from the header before decoding)",
-    )
     sd_simulated_gpu: str | None = Field(
         None,
         description="benchmarks only: each UNet/VAE call lasts a modelled accelerator's time, "
@@ -136,13 +128,39 @@ class Settings(BaseSettings):
         "then the process sleeps; a Ray replica then asks for no CPU or GPU",
     )
 
-    host: str = Field("127.0.0.1", description="address the web app binds (0.0.0.0 in containers)")
-    port: int = Field(7860, ge=1, le=65535, description="web app port")
-    metrics_host: str | None = Field(None, description="address of the metrics side port (default: HOST)")
-    metrics_port: int = Field(8000, ge=0, le=65535, description="Prometheus metrics and health side port")
-    public_url: str | None = Field(None, description="base URL users reach the app at (for local-storage links)")
+    @field_validator("sd_simulated_gpu")
+    @classmethod
+    def _simulation_reads(cls, value: str | None) -> str | None:
+        return SimulatedAccelerator.parse(value).spec if value else None
 
-    data_dir: Path = Field(Path("data"), description="local images, upload spool and link secret")
+    @field_validator("lora_s3")
+    @classmethod
+    def _lora_store_is_a_place(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            location = ModelLocation.parse(value)
+        except LocationError as error:
+            raise ValueError(str(error).removeprefix("model: ")) from None
+        if location.pinned is not None:
+            raise ValueError(f"{value!r} names a version; give s3://BUCKET/PREFIX")
+        return str(location)
+
+    @model_validator(mode="after")
+    def _lora_without_compile(self) -> EngineSettings:
+        if (self.lora_dir is not None or self.lora_s3 is not None) and self.sd_compile:
+            raise ValueError(
+                "LORA_DIR and LORA_S3 cannot be combined with SD_COMPILE yet (LoRA layers are added while serving)"
+            )
+        return self
+
+
+class StorageSettings(BaseModel):
+    """Where images and their records are kept (S3, else the local folder) and how links are made;
+    the S3 endpoint, region and addressing style serve the model versions too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
     s3_bucket: str | None = Field(None, description="store images in this S3 bucket (unset: local folder)")
     s3_prefix: str = Field("", description="key prefix inside the bucket")
     s3_region: str | None = Field(None, description="bucket region")
@@ -154,33 +172,17 @@ class Settings(BaseSettings):
     link_secret: SecretStr | None = Field(None, description="HMAC key for local links (default: kept in DATA_DIR)")
     spool_max_items: int = Field(1000, ge=1, description="uploads kept on disk while S3 is down")
 
-    queue_max_size: int = Field(64, ge=1, description="requests accepted at once; more get 'busy, try again'")
-    max_batch_size: int = Field(
-        8, ge=1, le=64, description="most requests stepping together in the engine (on Ray: in each replica)"
-    )
-    max_requests_per_user: int = Field(
-        4, ge=1, description="requests one user (login, browser or API session) may have waiting or running"
-    )
-    max_requests_per_address: int = Field(
-        16,
-        ge=1,
-        description="requests all anonymous users at one client address may have waiting or running together",
-    )
-    trusted_proxies: str = Field(
-        "", description="addresses or networks of proxies whose X-Forwarded-For names the client (comma-separated)"
-    )
-    worker_stall_seconds: float = Field(
-        DEFAULT_STALL_SECONDS,
-        gt=0,
-        description="replace the pipeline worker when it makes no progress this long while working",
-    )
-    worker_max_restarts: int = Field(
-        5, ge=1, description="worker restarts within WORKER_RESTART_WINDOW that make /healthz report unhealthy"
-    )
-    worker_restart_window: float = Field(600.0, gt=0, description="seconds over which worker restarts are counted")
-    pipeline_start_timeout: float = Field(
-        3600.0, gt=0, description="seconds to wait at start-up for the model to load (or, on Ray, for a replica)"
-    )
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix_ends_with_slash(cls, value: str) -> str:
+        return value if not value or value.endswith("/") else value + "/"
+
+
+class RaySettings(BaseModel):
+    """The pipeline replicas on Ray Serve (``RAY_ADDRESS`` set), and how Serve looks after them."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
     ray_address: str | None = Field(
         None,
         description="unset: one local worker process; 'local': a private Ray instance on this machine; "
@@ -216,6 +218,112 @@ class Settings(BaseSettings):
     ray_health_check_timeout: float = Field(
         30.0, gt=0, description="a replica that does not answer its health check this long (frozen) is replaced"
     )
+
+    @field_validator("ray_replicas", mode="before")
+    @classmethod
+    def _replicas_are_a_count_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto" and not value.strip().isdigit():
+            raise ValueError("must be a whole number from 1 to 1024, or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _replica_bounds_in_order(self) -> RaySettings:
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError("RAY_MIN_REPLICAS must not exceed RAY_MAX_REPLICAS")
+        return self
+
+
+class WorkerSettings(BaseModel):
+    """How the local worker process (or, on Ray, a replica) is watched and replaced."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    worker_stall_seconds: float = Field(
+        DEFAULT_STALL_SECONDS,
+        gt=0,
+        description="replace the pipeline worker when it makes no progress this long while working",
+    )
+    worker_max_restarts: int = Field(
+        5, ge=1, description="worker restarts within WORKER_RESTART_WINDOW that make /healthz report unhealthy"
+    )
+    worker_restart_window: float = Field(600.0, gt=0, description="seconds over which worker restarts are counted")
+    pipeline_start_timeout: float = Field(
+        3600.0, gt=0, description="seconds to wait at start-up for the model to load (or, on Ray, for a replica)"
+    )
+
+
+GROUPS: dict[str, type[BaseModel]] = {
+    "engine": EngineSettings,
+    "storage": StorageSettings,
+    "ray": RaySettings,
+    "worker": WorkerSettings,
+}
+GROUP_OF = {name: group for group, model in GROUPS.items() for name in model.model_fields}
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings by their flat names (the environment's, the flags', lower case) in their groups; a
+    flat name wins over the same setting inside a group's mapping."""
+    nested: dict[str, Any] = {key: value for key, value in flat.items() if key not in GROUP_OF}
+    for key, value in flat.items():
+        if key in GROUP_OF:
+            group = nested.get(GROUP_OF[key])
+            nested[GROUP_OF[key]] = {**(group if isinstance(group, Mapping) else {}), key: value}
+    return nested
+
+
+class FlatEnvironment(PydanticBaseSettingsSource):
+    """Every setting from its environment variable, its flat name in upper case (``SD_MODEL``, not
+    ``ENGINE__SD_MODEL``), whichever group holds it; case-insensitive like the rest."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the names itself
+
+    def __call__(self) -> dict[str, Any]:
+        environ = {key.lower(): value for key, value in os.environ.items()}
+        return {name: environ[name] for name in setting_fields() if name in environ}
+
+
+class Settings(BaseSettings):
+    """Every setting of the app, in typed groups (``engine``, ``storage``, ``ray``, ``worker``) beside the
+    web server's own. Environment names are the settings' names in upper case, grouped or not."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="largest width x height accepted")
+    max_upload_bytes: int = Field(
+        DEFAULT_MAX_UPLOAD_BYTES, ge=1024, description="largest init_image or mask file accepted (bytes)"
+    )
+    max_upload_pixels: int = Field(
+        DEFAULT_MAX_UPLOAD_PIXELS,
+        ge=64 * 64,
+        description="largest init_image or mask accepted (width x height, read from the header before decoding)",
+    )
+    host: str = Field("127.0.0.1", description="address the web app binds (0.0.0.0 in containers)")
+    port: int = Field(7860, ge=1, le=65535, description="web app port")
+    metrics_host: str | None = Field(None, description="address of the metrics side port (default: HOST)")
+    metrics_port: int = Field(8000, ge=0, le=65535, description="Prometheus metrics and health side port")
+    public_url: str | None = Field(None, description="base URL users reach the app at (for local-storage links)")
+    data_dir: Path = Field(Path("data"), description="local images, upload spool and link secret")
+    queue_max_size: int = Field(64, ge=1, description="requests accepted at once; more get 'busy, try again'")
+    max_batch_size: int = Field(
+        8, ge=1, le=64, description="most requests stepping together in the engine (on Ray: in each replica)"
+    )
+    max_requests_per_user: int = Field(
+        4, ge=1, description="requests one user (login, browser or API session) may have waiting or running"
+    )
+    max_requests_per_address: int = Field(
+        16,
+        ge=1,
+        description="requests all anonymous users at one client address may have waiting or running together",
+    )
+    trusted_proxies: str = Field(
+        "", description="addresses or networks of proxies whose X-Forwarded-For names the client (comma-separated)"
+    )
     history_page_size: int = Field(12, ge=1, le=100, description="images per history page")
     auth_file: Path | None = Field(None, description="file of 'user:password' lines; turns login on")
     auth_users: SecretStr | None = Field(None, description="'user:password,user2:password2'; turns login on")
@@ -235,141 +343,121 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(60.0, gt=0, description="seconds to finish running work on SIGTERM")
     shutdown_linger: float = Field(3.0, ge=0, description="seconds to keep serving after work is done, for downloads")
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, FlatEnvironment(settings_cls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grouped(cls, data: Any) -> Any:
+        return nest(data) if isinstance(data, Mapping) else data
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies_are_addresses(cls, value: str) -> str:
         parse_networks(value)  # ValueError names the bad entry
         return value
 
-    @field_validator("sd_simulated_gpu")
-    @classmethod
-    def _simulation_reads(cls, value: str | None) -> str | None:
-        return SimulatedAccelerator.parse(value).spec if value else None
-
-    @field_validator("s3_prefix")
-    @classmethod
-    def _prefix_ends_with_slash(cls, value: str) -> str:
-        return value if not value or value.endswith("/") else value + "/"
-
     def model_store(self) -> ModelStore | None:
         """Where versions of an ``s3://`` model come from and are cached (None for a Hub id or folder)."""
-        return self._versions_store() if is_s3_model(self.sd_model) else None
+        return self._versions_store() if is_s3_model(self.engine.sd_model) else None
 
     def lora_store(self) -> LoraStoreSettings | None:
         """Where published LoRA adapters come from (None without ``LORA_S3``)."""
-        if self.lora_s3 is None:
+        engine = self.engine
+        if engine.lora_s3 is None:
             return None
         return LoraStoreSettings(
-            location=self.lora_s3, store=self._versions_store(), refresh_seconds=self.lora_s3_refresh_seconds
+            location=engine.lora_s3, store=self._versions_store(), refresh_seconds=engine.lora_s3_refresh_seconds
         )
 
     def _versions_store(self) -> ModelStore:
-        """The S3 store of model and adapter versions, and this host's cache of them."""
+        """The S3 store of model and adapter versions (the images' endpoint unless MODEL_S3_ENDPOINT_URL
+        says otherwise), and this host's cache of them."""
+        engine, storage = self.engine, self.storage
         return ModelStore(
-            endpoint_url=self.model_s3_endpoint_url or self.s3_endpoint_url,
-            region=self.s3_region,
-            addressing_style=self.s3_addressing_style,
-            cache_dir=str((self.model_cache_dir or self.data_dir / "models").resolve()),
+            endpoint_url=engine.model_s3_endpoint_url or storage.s3_endpoint_url,
+            region=storage.s3_region,
+            addressing_style=storage.s3_addressing_style,
+            cache_dir=str((engine.model_cache_dir or self.data_dir / "models").resolve()),
         )
 
     def pipeline(self) -> PipelineSettings:
+        """The engine group as the worker and the replicas take it (their field names), with what it
+        needs from elsewhere: the version stores, the largest image, this host's thread choices."""
+        engine = self.engine
         return PipelineSettings(
-            model=self.sd_model,
+            model=engine.sd_model,
             model_store=self.model_store(),
-            device=self.sd_device,
-            dtype=self.sd_dtype,
-            safety_checker=self.sd_safety_checker,
-            t5_encoder=self.sd_t5,
-            cpu_threads=self.sd_cpu_threads or serving_cpu_threads(),
-            cpu_thread_choices=() if self.sd_cpu_threads else adaptive_cpu_threads(),
-            warmup=self.sd_warmup,
-            compile_unet=self.sd_compile,
-            cudnn_benchmark=self.sd_cudnn_benchmark,
-            channels_last=self.sd_channels_last,
-            fuse_qkv=self.sd_fuse_qkv,
-            preview=self.sd_preview,
-            preview_decoder=self.sd_preview_decoder,
-            preview_interval=self.preview_interval_seconds,
+            device=engine.sd_device,
+            dtype=engine.sd_dtype,
+            safety_checker=engine.sd_safety_checker,
+            t5_encoder=engine.sd_t5,
+            cpu_threads=engine.sd_cpu_threads or serving_cpu_threads(),
+            cpu_thread_choices=() if engine.sd_cpu_threads else adaptive_cpu_threads(),
+            warmup=engine.sd_warmup,
+            compile_unet=engine.sd_compile,
+            cudnn_benchmark=engine.sd_cudnn_benchmark,
+            channels_last=engine.sd_channels_last,
+            fuse_qkv=engine.sd_fuse_qkv,
+            preview=engine.sd_preview,
+            preview_decoder=engine.sd_preview_decoder,
+            preview_interval=engine.preview_interval_seconds,
             max_pixels=self.max_pixels,
-            simulated_gpu=self.sd_simulated_gpu,
-            lora_dir=str(self.lora_dir.resolve()) if self.lora_dir else None,
+            simulated_gpu=engine.sd_simulated_gpu,
+            lora_dir=str(engine.lora_dir.resolve()) if engine.lora_dir else None,
             lora_store=self.lora_store(),
-            lora_cache_mb=self.lora_cache_mb,
+            lora_cache_mb=engine.lora_cache_mb,
         )
-
-    @field_validator("lora_s3")
-    @classmethod
-    def _lora_store_is_a_place(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            location = ModelLocation.parse(value)
-        except LocationError as error:
-            raise ValueError(str(error).removeprefix("model: ")) from None
-        if location.pinned is not None:
-            raise ValueError(f"{value!r} names a version; give s3://BUCKET/PREFIX")
-        return str(location)
-
-    @field_validator("ray_replicas", mode="before")
-    @classmethod
-    def _replicas_are_a_count_or_auto(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "auto" and not value.strip().isdigit():
-            raise ValueError("must be a whole number from 1 to 1024, or 'auto'")
-        return value
-
-    @model_validator(mode="after")
-    def _replica_bounds_in_order(self) -> Settings:
-        if self.ray_min_replicas > self.ray_max_replicas:
-            raise ValueError("RAY_MIN_REPLICAS must not exceed RAY_MAX_REPLICAS")
-        return self
-
-    @model_validator(mode="after")
-    def _lora_without_compile(self) -> Settings:
-        if (self.lora_dir is not None or self.lora_s3 is not None) and self.sd_compile:
-            raise ValueError(
-                "LORA_DIR and LORA_S3 cannot be combined with SD_COMPILE yet (LoRA layers are added while serving)"
-            )
-        return self
 
     def ray_plan(self) -> RayPlan | None:
         """Where the Ray replicas run, or None for the local worker process."""
-        if not self.ray_address:
+        if not self.ray.ray_address:
             return None
         return RayPlan(
-            address=self.ray_address,
+            address=self.ray.ray_address,
             deployment=self.replica_plan(),
-            deploy=self.ray_deploy,
-            start_timeout=self.pipeline_start_timeout,
+            deploy=self.ray.ray_deploy,
+            start_timeout=self.worker.pipeline_start_timeout,
         )
 
     def replica_plan(self) -> ReplicaPlan:
         """How many Ray replicas, what each holds and how much each takes (a simulated accelerator: nothing)."""
-        simulated = self.sd_simulated_gpu is not None
+        ray = self.ray
+        simulated = self.engine.sd_simulated_gpu is not None
         return ReplicaPlan(
-            replicas=None if self.ray_replicas == "auto" else self.ray_replicas,
-            min_replicas=self.ray_min_replicas,
-            max_replicas=self.ray_max_replicas,
-            autoscaling=self.ray_autoscaling,
-            gpus_per_replica=0 if simulated else self.ray_gpus_per_replica,
-            cpus_per_replica=0 if simulated else self.ray_cpus_per_replica,
+            replicas=None if ray.ray_replicas == "auto" else ray.ray_replicas,
+            min_replicas=ray.ray_min_replicas,
+            max_replicas=ray.ray_max_replicas,
+            autoscaling=ray.ray_autoscaling,
+            gpus_per_replica=0 if simulated else ray.ray_gpus_per_replica,
+            cpus_per_replica=0 if simulated else ray.ray_cpus_per_replica,
             max_batch_images=self.max_batch_size,
-            max_queued_requests=self.ray_max_queued_requests or -1,
-            stall_seconds=self.worker_stall_seconds,
-            health_check_period_s=self.ray_health_check_period,
-            health_check_timeout_s=self.ray_health_check_timeout,
+            max_queued_requests=ray.ray_max_queued_requests or -1,
+            stall_seconds=self.worker.worker_stall_seconds,
+            health_check_period_s=ray.ray_health_check_period,
+            health_check_timeout_s=ray.ray_health_check_timeout,
             graceful_shutdown_s=self.shutdown_timeout,
         )
 
     def replica_pipeline(self) -> PipelineSettings:
         """The pipeline settings of a Ray replica: its torch threads are the CPUs Ray gives it."""
-        threads = self.sd_cpu_threads or max(1, int(self.ray_cpus_per_replica))
+        threads = self.engine.sd_cpu_threads or max(1, int(self.ray.ray_cpus_per_replica))
         return self.pipeline().model_copy(update={"cpu_threads": threads, "cpu_thread_choices": ()})
 
     def restart_policy(self) -> RestartPolicy:
+        worker = self.worker
         return RestartPolicy(
-            stall_seconds=self.worker_stall_seconds,
-            max_restarts=self.worker_max_restarts,
-            restart_window=self.worker_restart_window,
+            stall_seconds=worker.worker_stall_seconds,
+            max_restarts=worker.worker_max_restarts,
+            restart_window=worker.worker_restart_window,
         )
 
     def limits(self) -> RequestLimits:
@@ -380,17 +468,19 @@ class Settings(BaseSettings):
         )
 
     def s3(self) -> S3Settings | None:
-        if not self.s3_bucket:
+        """Where images go: None for the local folder (no ``S3_BUCKET``)."""
+        storage = self.storage
+        if not storage.s3_bucket:
             return None
         return S3Settings(
-            bucket=self.s3_bucket,
-            prefix=self.s3_prefix,
-            region=self.s3_region,
-            endpoint_url=self.s3_endpoint_url,
-            public_endpoint_url=self.s3_public_endpoint_url,
-            addressing_style=self.s3_addressing_style,
-            link_ttl_seconds=self.link_ttl_seconds,
-            create_bucket=self.s3_create_bucket,
+            bucket=storage.s3_bucket,
+            prefix=storage.s3_prefix,
+            region=storage.s3_region,
+            endpoint_url=storage.s3_endpoint_url,
+            public_endpoint_url=storage.s3_public_endpoint_url,
+            addressing_style=storage.s3_addressing_style,
+            link_ttl_seconds=storage.link_ttl_seconds,
+            create_bucket=storage.s3_create_bucket,
         )
 
     def base_url(self) -> str:
@@ -427,7 +517,7 @@ CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_
 def refuse_unsafe_start(settings: Settings, logins: list[tuple[str, str]], environ: Mapping[str, str]) -> None:
     """Stop start-up (``SettingsError``, naming the setting, never its value) on a placeholder or
     weak secret, or on an address beyond loopback with no login unless ALLOW_ANONYMOUS says so."""
-    named = (("LINK_SECRET", settings.link_secret), ("APP_SECRET", settings.app_secret))
+    named = (("LINK_SECRET", settings.storage.link_secret), ("APP_SECRET", settings.app_secret))
     for name, value in (*named, ("OWNER_SECRET", settings.owner_secret)):
         secret = value.get_secret_value() if value is not None else None
         if secret is not None and (secret.startswith(PLACEHOLDER_PREFIX) or len(secret.encode()) < MIN_HMAC_KEY_BYTES):
@@ -456,13 +546,22 @@ def refuse_unsafe_start(settings: Settings, logins: list[tuple[str, str]], envir
 _ALIASES = {"sd_model": ["--model"], "sd_device": ["--device"]}
 
 
+def setting_fields() -> dict[str, FieldInfo]:
+    """Every setting by its flat name (its environment variable in lower case, its flag's stem),
+    the web server's own and each group's."""
+    own = {name: field for name, field in Settings.model_fields.items() if name not in GROUPS}
+    engine, *others = GROUPS.values()  # --help lists the model's settings first, the web server's next
+    grouped = [model.model_fields for model in others]
+    return {**engine.model_fields, **own, **{name: field for fields in grouped for name, field in fields.items()}}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python app.py",
         description="Text-to-image web app. Every flag can also be set by the environment variable in brackets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for name, field in Settings.model_fields.items():
+    for name, field in setting_fields().items():
         flags = [f"--{name.replace('_', '-')}", *_ALIASES.get(name, [])]
         default = field.default if not isinstance(field.default, SecretStr) else "(secret)"
         parser.add_argument(
@@ -480,12 +579,16 @@ def load_settings(argv: Sequence[str] | None = None, *, env: dict[str, str] | No
     flags: dict[str, Any] = vars(_parser().parse_args(argv))
     try:
         if env is not None:
-            environment = {key.lower(): value for key, value in env.items() if key.lower() in Settings.model_fields}
+            names = setting_fields()
+            environment = {key.lower(): value for key, value in env.items() if key.lower() in names}
             return Settings.model_validate({**environment, **flags})
         return Settings(**flags)
     except ValidationError as error:
         first = error.errors()[0]
-        if not first["loc"]:  # a rule across settings names them in its message
+        place = [str(part) for part in first["loc"]]
+        if place and place[0] in GROUPS:
+            place = place[1:]  # the setting, not the group that holds it
+        if not place:  # a rule across settings names them in its message
             raise SettingsError(f"invalid settings: {first['msg'].removeprefix('Value error, ')}") from None
-        field = str(first["loc"][0]).upper()  # the setting, not the branch of its type that failed
+        field = place[0].upper()  # the setting, not the branch of its type that failed
         raise SettingsError(f"invalid setting {field}: {first['msg']} (got {first.get('input')!r})") from None
