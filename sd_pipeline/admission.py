@@ -41,6 +41,9 @@ CRASHED_TWICE = "this request stopped the image generator twice; try other setti
 MAX_REMEMBERED_TURNS = 10_000  # the owners whose last turn is remembered; the oldest is forgotten first
 
 
+DEFAULT_QUEUE_CAPACITY = 64  # requests waiting or running at once (QUEUE_MAX_SIZE)
+
+
 class QueueFullError(RuntimeError):
     """The queue is at capacity; the caller should try again later."""
 
@@ -70,7 +73,7 @@ class Admission:
         self,
         backend: Backend,
         *,
-        capacity: int = 64,
+        capacity: int = DEFAULT_QUEUE_CAPACITY,
         observer: AdmissionObserver | None = None,
         max_per_owner: int | None = None,
         max_per_address: int | None = None,

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
+DEFAULT_LINK_TTL_SECONDS = 24 * 3600  # LINK_TTL_SECONDS
 MAX_LINK_TTL_SECONDS = 7 * 24 * 3600  # the SigV4 maximum
 S3_ERRORS = (BotoCoreError, ClientError)
 
@@ -32,7 +33,7 @@ class S3Settings(BaseModel):
     endpoint_url: str | None = Field(None, description="for S3-compatible stores (SeaweedFS, Garage, R2, Ceph)")
     public_endpoint_url: str | None = Field(None, description="endpoint used only to sign links for browsers")
     addressing_style: AddressingStyle = "auto"
-    link_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_LINK_TTL_SECONDS)
+    link_ttl_seconds: int = Field(DEFAULT_LINK_TTL_SECONDS, ge=1, le=MAX_LINK_TTL_SECONDS)
     create_bucket: bool = False
     connect_timeout: float = Field(2.0, gt=0)
     read_timeout: float = Field(10.0, gt=0)

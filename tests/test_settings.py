@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from sd_pipeline.admission import DEFAULT_QUEUE_CAPACITY
+from sd_pipeline.contract.plans import RayPlan, ReplicaPlan, RestartPolicy
+from storage.s3 import S3Settings
+from storage.spool import SpoolLimits
 from webapp.settings import EngineSettings, SettingsError, load_settings
 
 
@@ -28,3 +34,16 @@ def test_a_groups_own_rule_is_named_like_any_other() -> None:
     with pytest.raises(SettingsError, match=r"^invalid setting SD_CPU_THREADS: .* \(got '0'\)$"):
         load_settings(["--sd-cpu-threads", "0"])
     assert EngineSettings().sd_preview == "auto"  # a group's defaults are the app's
+
+
+def test_the_settings_defaults_are_the_defaults_of_what_they_configure() -> None:
+    """One default per setting: what the settings build by default equals each part built with none."""
+    settings = load_settings([], env={"S3_BUCKET": "images"})
+    assert settings.restart_policy() == RestartPolicy()
+    built, default = settings.replica_plan(), ReplicaPlan()
+    # RAY_MAX_REPLICAS (4) only bounds RAY_REPLICAS=auto; a plan's own default is a fixed count of 1.
+    assert built == replace(default, max_replicas=4)
+    assert load_settings([], env={"RAY_ADDRESS": "auto"}).ray_plan() == RayPlan("auto", deployment=built)
+    assert settings.storage.spool_max_items == SpoolLimits().max_items
+    assert settings.s3() == S3Settings(bucket="images")
+    assert settings.queue_max_size == DEFAULT_QUEUE_CAPACITY

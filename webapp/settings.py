@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json, SecretStr, ValidationEr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sd_pipeline.admission import DEFAULT_QUEUE_CAPACITY
 from sd_pipeline.contract.images import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MAX_UPLOAD_PIXELS
 from sd_pipeline.contract.models import LoraStoreSettings, ModelStore, is_s3_model
 from sd_pipeline.contract.plans import DEFAULT_STALL_SECONDS, DeployPolicy, RayPlan, ReplicaPlan, RestartPolicy
@@ -26,7 +27,8 @@ from sd_pipeline.contract.settings import (
 )
 from sd_pipeline.contract.simulation import SimulatedAccelerator
 from sd_pipeline.versions.location import LocationError, ModelLocation
-from storage.s3 import MAX_LINK_TTL_SECONDS, S3Settings
+from storage.s3 import DEFAULT_LINK_TTL_SECONDS, MAX_LINK_TTL_SECONDS, S3Settings
+from storage.spool import SpoolLimits
 from webapp.owners import parse_networks
 
 
@@ -168,9 +170,11 @@ class StorageSettings(BaseModel):
     s3_public_endpoint_url: str | None = Field(None, description="endpoint used only to sign links for browsers")
     s3_addressing_style: Literal["auto", "virtual", "path"] = Field("auto", description="S3 addressing style")
     s3_create_bucket: bool = Field(False, description="create the bucket at start-up when missing")
-    link_ttl_seconds: int = Field(24 * 3600, ge=1, le=MAX_LINK_TTL_SECONDS, description="lifetime of image links")
+    link_ttl_seconds: int = Field(
+        DEFAULT_LINK_TTL_SECONDS, ge=1, le=MAX_LINK_TTL_SECONDS, description="lifetime of image links"
+    )
     link_secret: SecretStr | None = Field(None, description="HMAC key for local links (default: kept in DATA_DIR)")
-    spool_max_items: int = Field(1000, ge=1, description="uploads kept on disk while S3 is down")
+    spool_max_items: int = Field(SpoolLimits.max_items, ge=1, description="uploads kept on disk while S3 is down")
 
     @field_validator("s3_prefix")
     @classmethod
@@ -200,7 +204,9 @@ class RaySettings(BaseModel):
     ray_gpus_per_replica: float | None = Field(
         None, ge=0, description="GPUs each Ray replica holds (default: 1 when the cluster has GPUs, else 0)"
     )
-    ray_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each Ray replica holds (its torch threads)")
+    ray_cpus_per_replica: float = Field(
+        ReplicaPlan.cpus_per_replica, gt=0, description="CPUs each Ray replica holds (its torch threads)"
+    )
     ray_max_queued_requests: int | None = Field(
         None,
         ge=1,
@@ -213,10 +219,14 @@ class RaySettings(BaseModel):
         "it with these settings, 'never' waits for one (a RayService or another front end deploys it)",
     )
     ray_health_check_period: float = Field(
-        5.0, gt=0, description="seconds between Serve's health checks of each replica (a failed engine is replaced)"
+        ReplicaPlan.health_check_period_s,
+        gt=0,
+        description="seconds between Serve's health checks of each replica (a failed engine is replaced)",
     )
     ray_health_check_timeout: float = Field(
-        30.0, gt=0, description="a replica that does not answer its health check this long (frozen) is replaced"
+        ReplicaPlan.health_check_timeout_s,
+        gt=0,
+        description="a replica that does not answer its health check this long (frozen) is replaced",
     )
 
     @field_validator("ray_replicas", mode="before")
@@ -244,11 +254,17 @@ class WorkerSettings(BaseModel):
         description="replace the pipeline worker when it makes no progress this long while working",
     )
     worker_max_restarts: int = Field(
-        5, ge=1, description="worker restarts within WORKER_RESTART_WINDOW that make /healthz report unhealthy"
+        RestartPolicy.max_restarts,
+        ge=1,
+        description="worker restarts within WORKER_RESTART_WINDOW that make /healthz report unhealthy",
     )
-    worker_restart_window: float = Field(600.0, gt=0, description="seconds over which worker restarts are counted")
+    worker_restart_window: float = Field(
+        RestartPolicy.restart_window, gt=0, description="seconds over which worker restarts are counted"
+    )
     pipeline_start_timeout: float = Field(
-        3600.0, gt=0, description="seconds to wait at start-up for the model to load (or, on Ray, for a replica)"
+        RayPlan.start_timeout,
+        gt=0,
+        description="seconds to wait at start-up for the model to load (or, on Ray, for a replica)",
     )
 
 
@@ -309,9 +325,14 @@ class Settings(BaseSettings):
     metrics_port: int = Field(8000, ge=0, le=65535, description="Prometheus metrics and health side port")
     public_url: str | None = Field(None, description="base URL users reach the app at (for local-storage links)")
     data_dir: Path = Field(Path("data"), description="local images, upload spool and link secret")
-    queue_max_size: int = Field(64, ge=1, description="requests accepted at once; more get 'busy, try again'")
+    queue_max_size: int = Field(
+        DEFAULT_QUEUE_CAPACITY, ge=1, description="requests accepted at once; more get 'busy, try again'"
+    )
     max_batch_size: int = Field(
-        8, ge=1, le=64, description="most requests stepping together in the engine (on Ray: in each replica)"
+        ReplicaPlan.max_batch_images,
+        ge=1,
+        le=64,
+        description="most requests stepping together in the engine (on Ray: in each replica)",
     )
     max_requests_per_user: int = Field(
         4, ge=1, description="requests one user (login, browser or API session) may have waiting or running"
@@ -340,7 +361,9 @@ class Settings(BaseSettings):
     allow_anonymous: bool = Field(
         False, description="serve without login on an address beyond loopback (HOST); refused at start otherwise"
     )
-    shutdown_timeout: float = Field(60.0, gt=0, description="seconds to finish running work on SIGTERM")
+    shutdown_timeout: float = Field(
+        ReplicaPlan.graceful_shutdown_s, gt=0, description="seconds to finish running work on SIGTERM"
+    )
     shutdown_linger: float = Field(3.0, ge=0, description="seconds to keep serving after work is done, for downloads")
 
     @classmethod

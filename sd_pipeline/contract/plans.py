@@ -30,7 +30,7 @@ class ReplicaPlan:
     max_replicas: int = 1
     autoscaling: dict[str, Any] = field(default_factory=dict)  # more fields of Serve's AutoscalingConfig
     gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_replica: float = 1
+    cpus_per_replica: float = 1.0
     max_batch_images: int = 8  # each replica's step-engine batch, and its max_ongoing_requests
     max_queued_requests: int = -1  # requests waiting at one caller for a replica; -1: no bound
     stall_seconds: float = (
