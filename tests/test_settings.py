@@ -8,6 +8,7 @@ import pytest
 
 from sd_pipeline.admission import DEFAULT_QUEUE_CAPACITY
 from sd_pipeline.contract.plans import RayPlan, ReplicaPlan, RestartPolicy
+from sd_pipeline.contract.settings import PipelineSettings
 from storage.s3 import S3Settings
 from storage.spool import SpoolLimits
 from webapp.settings import EngineSettings, SettingsError, load_settings
@@ -47,3 +48,17 @@ def test_the_settings_defaults_are_the_defaults_of_what_they_configure() -> None
     assert settings.storage.spool_max_items == SpoolLimits().max_items
     assert settings.s3() == S3Settings(bucket="images")
     assert settings.queue_max_size == DEFAULT_QUEUE_CAPACITY
+
+
+def test_every_engine_setting_the_worker_takes_names_a_field_it_has() -> None:
+    carried = {field.serialization_alias for field in EngineSettings.model_fields.values()} - {None}
+    assert len(carried) == 15 and carried <= set(PipelineSettings.model_fields)
+    pipeline = load_settings(
+        ["--sd-t5", "false", "--sd-compile", "true", "--preview-interval-seconds", "2"], env={"SD_DEVICE": "cpu"}
+    ).pipeline()
+    assert (pipeline.t5_encoder, pipeline.compile_unet, pipeline.preview_interval, pipeline.device) == (
+        False,
+        True,
+        2.0,
+        "cpu",
+    )

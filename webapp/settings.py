@@ -49,7 +49,8 @@ class SettingsError(ValueError):
 
 
 class EngineSettings(BaseModel):
-    """The model and how it runs: what ``Settings.pipeline()`` hands to the worker or the replicas."""
+    """The model and how it runs: what ``Settings.pipeline()`` hands to the worker or the replicas
+    (a setting the worker takes as it is names its field there in ``serialization_alias``)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -57,6 +58,7 @@ class EngineSettings(BaseModel):
         DEFAULT_MODEL,
         description="Hugging Face model id, local pipeline folder, or s3://BUCKET/PREFIX (follows its 'current' "
         "version) or s3://BUCKET/PREFIX@VERSION (one version)",
+        serialization_alias="model",
     )
     model_s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint of the model versions when it differs from S3_ENDPOINT_URL"
@@ -72,13 +74,19 @@ class EngineSettings(BaseModel):
         description="overlap: load a new version beside the old one; drain: finish running requests, then swap "
         "(a GPU that cannot hold two models; requests wait meanwhile)",
     )
-    sd_device: DeviceName = Field("auto", description="auto, cuda, mps or cpu")
+    sd_device: DeviceName = Field("auto", description="auto, cuda, mps or cpu", serialization_alias="device")
     sd_dtype: DtypeName = Field(
-        "auto", description="auto (float16 on CUDA, float32 otherwise), float16, bfloat16, float32"
+        "auto",
+        description="auto (float16 on CUDA, float32 otherwise), float16, bfloat16, float32",
+        serialization_alias="dtype",
     )
-    sd_safety_checker: bool = Field(True, description="run the model's safety checker when it ships one")
+    sd_safety_checker: bool = Field(
+        True, description="run the model's safety checker when it ships one", serialization_alias="safety_checker"
+    )
     sd_t5: bool = Field(
-        True, description="load an SD3 model's T5 text encoder (off: SD3 runs without it, several GB less memory)"
+        True,
+        description="load an SD3 model's T5 text encoder (off: SD3 runs without it, several GB less memory)",
+        serialization_alias="t5_encoder",
     )
     sd_cpu_threads: int | None = Field(
         None,
@@ -86,21 +94,28 @@ class EngineSettings(BaseModel):
         description="torch CPU threads of the worker (default: per step, whichever of all cores and all cores but "
         "one measures faster; a lone request gets every core, a loaded server keeps one for the web requests)",
     )
-    sd_warmup: bool = Field(True, description="generate one tiny image at start-up")
-    sd_compile: bool = Field(False, description="torch.compile the UNet (CUDA)")
+    sd_warmup: bool = Field(True, description="generate one tiny image at start-up", serialization_alias="warmup")
+    sd_compile: bool = Field(False, description="torch.compile the UNet (CUDA)", serialization_alias="compile_unet")
     sd_cudnn_benchmark: bool = Field(
-        False, description="let cuDNN time algorithms per new shape (CUDA; slow first request per shape)"
+        False,
+        description="let cuDNN time algorithms per new shape (CUDA; slow first request per shape)",
+        serialization_alias="cudnn_benchmark",
     )
-    sd_channels_last: bool = Field(False, description="channels-last memory format")
-    sd_fuse_qkv: bool = Field(False, description="fuse attention projections")
+    sd_channels_last: bool = Field(
+        False, description="channels-last memory format", serialization_alias="channels_last"
+    )
+    sd_fuse_qkv: bool = Field(False, description="fuse attention projections", serialization_alias="fuse_qkv")
     sd_preview: PreviewName = Field(
         "auto",
         description="live previews while a request renders: approx (a linear map of the latents, nearly free), "
         "taesd (the tiny decoder in SD_PREVIEW_DECODER), full (the model's own VAE), off, or auto (what the "
         "model recommends in its model_defaults.json, else approx)",
+        serialization_alias="preview",
     )
     sd_preview_decoder: str | None = Field(
-        None, description="local folder of a diffusers AutoencoderTiny (e.g. madebyollin/taesd), for SD_PREVIEW=taesd"
+        None,
+        description="local folder of a diffusers AutoencoderTiny (e.g. madebyollin/taesd), for SD_PREVIEW=taesd",
+        serialization_alias="preview_decoder",
     )
     lora_dir: Path | None = Field(
         None,
@@ -116,18 +131,23 @@ class EngineSettings(BaseModel):
         30.0, gt=0, description="how old the list of published adapters and their current versions may be"
     )
     lora_cache_mb: int = Field(
-        1024, ge=1, description="LoRA adapters kept loaded on the device, least recently used out first (MB)"
+        1024,
+        ge=1,
+        description="LoRA adapters kept loaded on the device, least recently used out first (MB)",
+        serialization_alias="lora_cache_mb",
     )
     preview_interval_seconds: float = Field(
         DEFAULT_PREVIEW_INTERVAL,
         gt=0,
         description="at most one preview per request this often (and only after a new step)",
+        serialization_alias="preview_interval",
     )
     sd_simulated_gpu: str | None = Field(
         None,
         description="benchmarks only: each UNet/VAE call lasts a modelled accelerator's time, "
         "'unet=A+B*n,vae=C*n' in ms (n = images, guidance counts twice) or 'h200'; the real module runs, "
         "then the process sleeps; a Ray replica then asks for no CPU or GPU",
+        serialization_alias="simulated_gpu",
     )
 
     @field_validator("sd_simulated_gpu")
@@ -413,31 +433,19 @@ class Settings(BaseSettings):
         )
 
     def pipeline(self) -> PipelineSettings:
-        """The engine group as the worker and the replicas take it (their field names), with what it
-        needs from elsewhere: the version stores, the largest image, this host's thread choices."""
+        """The engine group as the worker and the replicas take it: each carried setting under the
+        name it declares (``serialization_alias``), with what comes from elsewhere: the version
+        stores, the largest image, the LoRA folder's full path, this host's thread choices."""
         engine = self.engine
+        carried = {name for name, field in EngineSettings.model_fields.items() if field.serialization_alias}
         return PipelineSettings(
-            model=engine.sd_model,
+            **engine.model_dump(include=carried, by_alias=True),
             model_store=self.model_store(),
-            device=engine.sd_device,
-            dtype=engine.sd_dtype,
-            safety_checker=engine.sd_safety_checker,
-            t5_encoder=engine.sd_t5,
             cpu_threads=engine.sd_cpu_threads or serving_cpu_threads(),
             cpu_thread_choices=() if engine.sd_cpu_threads else adaptive_cpu_threads(),
-            warmup=engine.sd_warmup,
-            compile_unet=engine.sd_compile,
-            cudnn_benchmark=engine.sd_cudnn_benchmark,
-            channels_last=engine.sd_channels_last,
-            fuse_qkv=engine.sd_fuse_qkv,
-            preview=engine.sd_preview,
-            preview_decoder=engine.sd_preview_decoder,
-            preview_interval=engine.preview_interval_seconds,
             max_pixels=self.max_pixels,
-            simulated_gpu=engine.sd_simulated_gpu,
             lora_dir=str(engine.lora_dir.resolve()) if engine.lora_dir else None,
             lora_store=self.lora_store(),
-            lora_cache_mb=engine.lora_cache_mb,
         )
 
     def ray_plan(self) -> RayPlan | None:
