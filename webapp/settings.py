@@ -316,8 +316,7 @@ class FlatEnvironment(PydanticBaseSettingsSource):
         return None, field_name, False  # unused: __call__ reads the names itself
 
     def __call__(self) -> dict[str, Any]:
-        environ = {key.lower(): value for key, value in os.environ.items()}
-        return {name: environ[name] for name in setting_fields() if name in environ}
+        return named_settings(os.environ)
 
 
 class Settings(BaseSettings):
@@ -586,6 +585,12 @@ def setting_fields() -> dict[str, FieldInfo]:
     return {**engine.model_fields, **own, **{name: field for fields in grouped for name, field in fields.items()}}
 
 
+def named_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings an environment names (case-insensitive), by their flat names; the rest ignored."""
+    names = setting_fields()
+    return {key.lower(): value for key, value in environ.items() if key.lower() in names}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python app.py",
@@ -610,9 +615,7 @@ def load_settings(argv: Sequence[str] | None = None, *, env: dict[str, str] | No
     flags: dict[str, Any] = vars(_parser().parse_args(argv))
     try:
         if env is not None:
-            names = setting_fields()
-            environment = {key.lower(): value for key, value in env.items() if key.lower() in names}
-            return Settings.model_validate({**environment, **flags})
+            return Settings.model_validate({**named_settings(env), **flags})
         return Settings(**flags)
     except ValidationError as error:
         first = error.errors()[0]
