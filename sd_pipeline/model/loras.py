@@ -304,10 +304,7 @@ class LoraAdapters:
 
     @contextmanager
     def _applying(self, groups: dict[str, _Group], one_per_row: _OnePerRow | None = None) -> Iterator[None]:
-        self._plan, self._one_per_row = groups or None, one_per_row
-        (name, group), *others = groups.items() if groups else [(None, None)]
-        if name is not None and group is not None and not others and group.rows is None:
-            self._uniform = (name, group.weights) if not isinstance(group.weights, torch.Tensor) else None
+        self._plan, self._one_per_row, self._uniform = groups or None, one_per_row, _uniform(groups)
         try:
             yield
         finally:
@@ -347,6 +344,16 @@ class _Stacked:
     names: tuple[str, ...]
     down: torch.Tensor
     up: torch.Tensor
+
+
+def _uniform(groups: dict[str, _Group]) -> tuple[str, float] | None:
+    """The one adapter and weight every row of the batch carries, if it is so (a lone request)."""
+    if len(groups) != 1:
+        return None
+    ((name, group),) = groups.items()
+    if group.rows is not None or isinstance(group.weights, torch.Tensor):
+        return None
+    return name, group.weights
 
 
 def _bias_free_linear(*modules: torch.nn.Module | None) -> bool:
