@@ -1,6 +1,6 @@
 """What live previews cost: the launched app with SD_PREVIEW=off, approx and taesd, in one run.
 
-    python -m bench.previews [--model DIR] [--size 64] [--steps 25] [--clients 8] [--quick]
+    python -m bench.previews [--model DIR] [--size 64] [--steps 25] [--clients 8] [--interval 0.5] [--quick]
     python -m bench.serving --previews [...]   # the same
 
 The app (local storage, tiny model) runs once per mode; ``--clients`` gradio_client clients make
@@ -27,10 +27,11 @@ from gradio_client import Client
 from bench.common import add_serving_arguments, machine, table, write_json
 from bench.serving import drive
 from harness.app_server import RunningApp, launched_app
+from sd_pipeline.contract.settings import DEFAULT_PREVIEW_INTERVAL
 from sd_pipeline.tiny import build_tiny_pipeline
 
 MODES = ("off", "approx", "taesd")
-INTERVAL = 0.5
+QUICK_INTERVAL = 0.001  # --quick's requests end within 0.5 s: none would be previewed (the engine's rule)
 
 
 def tiny_decoder(folder: Path) -> Path:
@@ -65,7 +66,7 @@ def first_preview_delay(app: RunningApp, fields: dict[str, Any], downloads: Path
 
 
 def measure_mode(mode: str, model: Path, args: argparse.Namespace, work: Path, decoder: Path) -> dict[str, Any]:
-    env = {"SD_PREVIEW": mode, "PREVIEW_INTERVAL_SECONDS": str(INTERVAL), "SD_PREVIEW_DECODER": str(decoder)}
+    env = {"SD_PREVIEW": mode, "PREVIEW_INTERVAL_SECONDS": str(args.interval), "SD_PREVIEW_DECODER": str(decoder)}
     fields = {"steps": args.steps, "width": args.size, "height": args.size}
     previews: list[int] = []
     (work / mode).mkdir()
@@ -94,9 +95,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.set_defaults(steps=25)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=6)
+    parser.add_argument("--interval", type=float, default=DEFAULT_PREVIEW_INTERVAL, help="PREVIEW_INTERVAL_SECONDS")
     args = parser.parse_args(argv)
     if args.quick:
-        args.clients, args.per_client, args.steps = 2, 1, 6
+        args.clients, args.per_client, args.steps, args.interval = 2, 1, 12, QUICK_INTERVAL
     work = Path(tempfile.mkdtemp(prefix="bench-previews-"))
     model = Path(args.model) if args.model else build_tiny_pipeline(work / "tiny")
     decoder = tiny_decoder(work / "taesd-decoder")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {
         "machine": machine(),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "interval_s": INTERVAL,
+        "interval_s": args.interval,
         "modes": modes,
         "ratios": ratios,
     }

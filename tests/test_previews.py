@@ -50,11 +50,20 @@ def test_a_preview_each_step_but_the_last_at_the_final_size_small_on_the_wire(ti
     assert seen[0].image != seen[-1].image  # the picture changes as it forms
 
 
-def test_previews_are_throttled_per_request(tiny_loaded: LoadedPipeline) -> None:
+def test_no_preview_when_the_final_image_is_due_within_an_interval(tiny_loaded: LoadedPipeline) -> None:
     seen: list[Preview] = []
     job = Request(check_inputs({"prompt": "slow previews", **WIDE}), on_preview=seen.append)
-    previewing(tiny_loaded, interval=3600.0).run([job])
-    assert [preview.step for preview in seen] == [1]  # the first step, then nothing within the interval
+    (outcome,) = previewing(tiny_loaded, interval=3600.0).run([job])
+    assert outcome.error is None and outcome.results
+    assert seen == []  # 12 steps end well within an hour: a preview would be replaced before it is seen
+
+
+def test_the_first_preview_waits_for_a_step_to_time_the_rest(tiny_loaded: LoadedPipeline) -> None:
+    seen: list[Preview] = []
+    job = Request(check_inputs({"prompt": "timed previews", **WIDE}), on_preview=seen.append)
+    previewing(tiny_loaded, interval=1e-9).run([job])
+    # Before the first step nothing tells when the final image is due; after it, each step is previewed.
+    assert [preview.step for preview in seen] == list(range(2, 12))
 
 
 def test_only_the_requests_that_ask_get_previews_and_no_image_changes(

@@ -208,10 +208,10 @@ def test_a_replica_serves_an_adapter_from_the_lora_store_equal_to_diffusers(
 
 def test_previews_travel_on_the_request_stream_to_the_caller_that_asked(backend: RayBackend) -> None:
     seen: list[Preview] = []
-    asking = Request(check_inputs({"prompt": "show", "steps": 6, "width": 64, "height": 64}), on_preview=seen.append)
+    asking = Request(check_inputs({"prompt": "show", "steps": 12, "width": 64, "height": 64}), on_preview=seen.append)
     (outcome,) = run(backend, [asking])
     steps = [preview.step for preview in seen]
-    assert outcome.error is None and len(steps) >= 2 and steps == sorted(steps) and steps[-1] < 6
+    assert outcome.error is None and len(steps) >= 2 and steps == sorted(steps) and steps[-1] < 12
     assert {preview.picture().size for preview in seen} == {(64, 64)}
     silent, silent_steps = long_job(steps=6)
     (outcome,) = run(backend, [silent])

@@ -457,12 +457,12 @@ class StepEngine:
 
     # Previews.
     def _preview_due(self, active: _Active, now: float) -> bool:
-        """A preview for this request on this step: asked for; the first at once, then once the last
-        is ``preview_interval`` old, unless the final image is due within an interval anyway."""
+        """A preview for this request on this step: asked for, the last one (if any) ``preview_interval``
+        old, and the final image not due within an interval anyway. The estimate needs a step's time,
+        so the first preview comes after the first step at the earliest; a request that ends within an
+        interval gets none (a picture replaced a moment later costs the server and shows nothing)."""
         if self.previewer is None or not active.job.wants_previews:
             return False
-        if active.last_preview_at == -math.inf:
-            return True
         steps_left = len(active.timesteps) - active.step - 1
         final_soon = steps_left * (active.last_stepped_at - active.admitted_at) / max(active.step, 1)
         return now - active.last_preview_at >= self.preview_interval and final_soon >= self.preview_interval
