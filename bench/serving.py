@@ -279,6 +279,12 @@ def light_users(
     return measured
 
 
+def cpu_ceiling(measured: dict[str, float]) -> float:
+    """Images/s this machine's cores allow the app, from the CPU its web process and worker spent per image."""
+    per_image = measured["web_cpu_seconds_per_image"] + measured.get("worker_cpu_seconds_per_image", 0.0)
+    return (psutil.cpu_count() or 1) / per_image
+
+
 def _app_processes(app: RunningApp) -> dict[str, psutil.Process]:
     """The app's web process and its pipeline worker."""
     worker = app.worker()
@@ -347,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lone_user_p50_minus_peer_ms": added,
         "loaded_over_raw_batch": loaded / raw[LOADED_USERS]["images_per_s"],
         "loaded_over_peer": loaded / peer[LOADED_USERS]["images_per_s"],
+        "ceiling_over_raw_batch": cpu_ceiling(ours[LOADED_USERS]) / raw[LOADED_USERS]["images_per_s"],
     }
     print(
         f"\n1 gradio_client user: this app's p50 is {added:+.0f} ms against the naive peer's "
@@ -361,6 +368,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{ours[LOADED_USERS]['pipeline_busy_fraction'] * 100:.0f} % of the time; CPU per image: web process "
         f"{ours[LOADED_USERS]['web_cpu_seconds_per_image'] * 1000:.0f} ms, worker "
         f"{ours[LOADED_USERS].get('worker_cpu_seconds_per_image', 0) * 1000:.0f} ms"
+    )
+    print(
+        f"With the cores this machine has ({psutil.cpu_count()}) and the pipeline on them, those two processes alone "
+        f"allow at most {cpu_ceiling(ours[LOADED_USERS]):.1f} images/s even if nothing ever waited: "
+        f"{ratios['ceiling_over_raw_batch']:.2f}x the raw pipeline at batch {LOADED_USERS}"
     )
     results = {
         "machine": machine(),

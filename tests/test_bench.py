@@ -34,6 +34,8 @@ def test_serving_benchmark_quick(tmp_path: Path) -> None:
     lone = results["lone_user"]
     assert lone["app_p50_s"] > 0 and lone["peer_p50_s"] > 0 and lone["echo_p50_s"] > 0
     assert results["ratios"]["loaded_over_raw_batch"] > 0 and results["ratios"]["loaded_over_peer"] > 0
+    # The cores bound what the two processes' CPU per image allows (a clock tick of slack per process).
+    assert results["ratios"]["ceiling_over_raw_batch"] >= 0.9 * results["ratios"]["loaded_over_raw_batch"]
 
 
 def test_open_loop_benchmark_quick(tmp_path: Path) -> None:
@@ -172,6 +174,20 @@ def test_simulated_scaleout_benchmark_quick(tmp_path: Path) -> None:
         assert 'simulated="unet=32.6+1.1*n,vae=13*n"' in run["model_info"]  # the app says so
         # 25 modelled steps of at least 32.6 ms each: no request can be faster than the model says.
         assert run["p50_s"] > 25 * 0.0326
+
+
+def test_framework_floors_benchmark_quick(tmp_path: Path) -> None:
+    needed_module("ray.serve")
+    output = run_module("bench.floors", "--quick", "--out", str(tmp_path), timeout=900)
+    assert "bare Gradio /generate, 2 previews" in output and "bare Ray Serve stream, 9 messages" in output
+    results = json.loads((tmp_path / "floors.json").read_text())
+    gradio = {previews: results["gradio"][previews]["server_cpu_ms_per_request"] for previews in ("0", "2")}
+    assert 0 < gradio["0"] < gradio["2"]  # each preview is an output Gradio processes and streams
+    for messages in ("1", "9"):
+        ray = results["ray"][messages]
+        assert ray["caller_cpu_ms_per_request"] > 0 and ray["ray_cpu_ms_per_request"] > 0
+        assert ray["requests_per_s"] > 0
+    assert results["front_end_floor_ms"] == gradio["2"] + results["ray"]["9"]["caller_cpu_ms_per_request"]
 
 
 def test_scaleout_benchmark_quick(tmp_path: Path) -> None:

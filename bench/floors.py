@@ -1,0 +1,217 @@
+"""What the frameworks cost before any of this app's code: Gradio's queue and Ray Serve's streaming calls, bare.
+
+    python -m bench.floors [--quick]
+
+1. **Gradio**: a bare Blocks app shaped like ``/generate`` (a prompt and 14 numbers in; an async
+   generator that yields ``P`` previews, each a 64x64 PIL picture in a Gallery with a progress
+   update, then a PNG file in the Gallery and a JSON), with ``P`` = 0 and 2, driven by light HTTP
+   users (``bench.load``, as ``bench.serving`` and ``bench.scaleout --simulate`` drive the app):
+   the server process's CPU per request. Gradio's queue, its SSE stream and its output
+   processing are all there is, so this is the least any Gradio front end spends per request.
+2. **Ray Serve**: a bare deployment whose streaming method yields ``I`` small messages spread over
+   about 1.1 s (one request's step reports, previews and result through a replica stream, over a
+   simulated H200's time), 8 replicas holding no core, 32 requests at a time from this process
+   through a handle, with ``I`` = 1 and 9: CPU per request of this process (what a front end pays
+   for its calls) and of Ray's processes (replicas, controller, raylet, GCS). The instance is
+   private and on loopback, as the app's own.
+
+Prints each floor beside issue 31's per-image targets for ``bench.scaleout --simulate`` (front
+end <= 20 ms, replicas + Ray <= 25 ms) and writes bench/results/floors.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import machine, table, write_json
+from bench.load import drive_http
+from harness.app_server import ROOT
+from harness.servers import free_port, wait_for_port
+
+FRONT_END_TARGET_MS = 20.0  # issue 31, bench.scaleout --simulate: front-end CPU per image
+RAY_TARGET_MS = 25.0  # issue 31: replicas + Ray CPU per image
+PREVIEW_COUNTS = (0, 2)
+MESSAGE_COUNTS = (1, 9)
+REQUEST_SECONDS = 1.1  # one request on a simulated H200 (25 steps at a batch of about 4, and the decode)
+
+
+def serve_bare_gradio(port: int, previews: int) -> None:
+    """The bare ``/generate``-shaped Gradio app on 127.0.0.1:``port`` (run in a process of its own)."""
+    import gradio as gr
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(tempfile.mkdtemp(prefix="bare-gradio-"))
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+    tracker = gr.Progress()  # Gradio fills in the request's tracker (it finds the parameter by its default's type)
+
+    async def generate(prompt: str, *numbers: float, progress: Any = tracker) -> AsyncIterator[Any]:
+        for step in range(previews):
+            progress(step / 10, desc=f"step {step}/10")
+            yield [(picture, f"preview · step {step}/10")], {"images": [], "preview": {"step": step, "total": 10}}
+        path = folder / f"{os.urandom(8).hex()}.png"
+        picture.save(path)
+        yield [(str(path), "seed 1")], {"images": [{"prompt": prompt, "seed": 1, "link": "https://example.invalid"}]}
+
+    with gr.Blocks(analytics_enabled=False) as demo:
+        fields = [gr.Textbox(label="prompt"), *(gr.Number(label=f"number {n}") for n in range(14))]
+        outputs = [gr.Gallery(format="jpeg"), gr.JSON()]
+        gr.Button().click(generate, fields, outputs, api_name="generate", concurrency_limit=None)
+    demo.queue(default_concurrency_limit=16).launch(server_name="127.0.0.1", server_port=port, quiet=True)
+
+
+@contextmanager
+def bare_gradio(previews: int) -> Iterator[tuple[str, psutil.Process]]:
+    port = free_port()
+    command = [sys.executable, "-m", "bench.floors", "--serve-bare-gradio", str(port), str(previews)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=120)
+        yield f"http://127.0.0.1:{port}/", psutil.Process(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def gradio_floor(previews: int, *, users: int, requests: int) -> dict[str, float]:
+    """The bare app's CPU per request with ``users`` light HTTP users making ``requests`` in all."""
+    with bare_gradio(previews) as (url, server):
+        drive_http(url, clients=2, per_client=3, fields=lambda number: {"prompt": "warm"})
+        before = cpu_seconds([server])
+        measured = drive_http(url, clients=users, per_client=requests // users, fields=lambda number: {"prompt": "x"})
+        spent = cpu_seconds([server]) - before
+    return {"server_cpu_ms_per_request": spent / (users * (requests // users)) * 1000, **measured}
+
+
+def ray_floor(messages: int, *, replicas: int, concurrent: int, per_user: int) -> dict[str, float]:
+    """A bare streaming deployment: CPU per request of this process and of Ray's processes."""
+    from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH, owner_only_files
+
+    os.environ.setdefault(LOOPBACK_SWITCH, "0")  # before Ray is imported: the node stays on 127.0.0.1
+    import ray
+    from ray import serve
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8)
+    class Messages:
+        def __init__(self) -> None:
+            from sd_pipeline.backends.ray.loopback import keep_replica_grpc_on_loopback, loopback_requested
+
+            if loopback_requested():
+                keep_replica_grpc_on_loopback()
+
+        async def generate(self, request: bytes) -> AsyncIterator[bytes]:
+            for _ in range(messages):
+                await asyncio.sleep(REQUEST_SECONDS / messages)
+                yield b"m" * 200
+
+    with owner_only_files():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            _temp_dir=tempfile.mkdtemp(prefix="bench-ray-"),
+        )
+    try:
+        serve.start(http_options={"location": "NoServer"})
+        handle = serve.run(Messages.bind(), name="floor")
+
+        async def user(count: int) -> None:
+            for _ in range(count):
+                async for _ in handle.options(stream=True).generate.remote(b"r" * 300):
+                    pass
+
+        async def measure() -> dict[str, float]:
+            await asyncio.gather(*(user(2) for _ in range(replicas)))
+            front_end = psutil.Process()
+            ray_processes = front_end.children(recursive=True)
+            front_before, ray_before = cpu_seconds([front_end]), cpu_seconds(ray_processes)
+            started = time.perf_counter()
+            await asyncio.gather(*(user(per_user) for _ in range(concurrent)))
+            wall = time.perf_counter() - started
+            made = concurrent * per_user
+            return {
+                "caller_cpu_ms_per_request": (cpu_seconds([front_end]) - front_before) / made * 1000,
+                "ray_cpu_ms_per_request": (cpu_seconds(ray_processes) - ray_before) / made * 1000,
+                "requests_per_s": made / wall,
+            }
+
+        return asyncio.run(measure())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-bare-gradio"]:
+        serve_bare_gradio(int(argv[1]), int(argv[2]))
+        return {}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few requests: checks the script, not the speed")
+    parser.add_argument("--out", type=Path, help="folder for floors.json (default bench/results)")
+    args = parser.parse_args(argv)
+    users, requests = (4, 24) if args.quick else (32, 320)
+    replicas, concurrent, per_user = (2, 4, 1) if args.quick else (8, 32, 8)
+    gradio = {p: gradio_floor(p, users=users, requests=requests) for p in PREVIEW_COUNTS}
+    ray = {m: ray_floor(m, replicas=replicas, concurrent=concurrent, per_user=per_user) for m in MESSAGE_COUNTS}
+    rows = [
+        [f"bare Gradio /generate, {p} previews", f"{users} HTTP users", f"{g['server_cpu_ms_per_request']:.1f}", "-"]
+        for p, g in gradio.items()
+    ]
+    rows += [
+        [
+            f"bare Ray Serve stream, {m} messages",
+            f"{replicas} replicas, {concurrent} at once",
+            f"{r['caller_cpu_ms_per_request']:.1f}",
+            f"{r['ray_cpu_ms_per_request']:.1f}",
+        ]
+        for m, r in ray.items()
+    ]
+    print(table(["framework alone", "load", "front-end CPU ms/request", "Ray processes CPU ms/request"], rows))
+    front_end_floor = gradio[max(PREVIEW_COUNTS)]["server_cpu_ms_per_request"]
+    front_end_floor += ray[max(MESSAGE_COUNTS)]["caller_cpu_ms_per_request"]
+    print(
+        f"\nA front end that streams {max(PREVIEW_COUNTS)} previews and calls Ray replicas spends at least "
+        f"{front_end_floor:.1f} ms of CPU per request in Gradio and Ray alone (target for the whole front end: "
+        f"<= {FRONT_END_TARGET_MS:.0f}); Ray's processes at least "
+        f"{ray[max(MESSAGE_COUNTS)]['ray_cpu_ms_per_request']:.1f} ms per request before the engine's own work "
+        f"(target for replicas + Ray: <= {RAY_TARGET_MS:.0f})"
+    )
+    results = {
+        "machine": machine(),
+        "settings": {"quick": args.quick, "users": users, "requests": requests, "replicas": replicas},
+        "gradio": {str(p): g for p, g in gradio.items()},
+        "ray": {str(m): r for m, r in ray.items()},
+        "front_end_floor_ms": front_end_floor,
+    }
+    print(f"written {write_json('floors.json', results, folder=args.out)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
