@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import machine, table, write_json
+from bench.common import cpu_seconds, machine, table, write_json
 from bench.load import drive_http
 from harness.app_server import ROOT
 from harness.servers import free_port, wait_for_port
@@ -84,17 +84,6 @@ def bare_gradio(previews: int) -> Iterator[tuple[str, psutil.Process]]:
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def gradio_floor(previews: int, *, users: int, requests: int) -> dict[str, float]:

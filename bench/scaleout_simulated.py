@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 import requests
 
-from bench.common import machine, table, write_json
+from bench.common import cpu_seconds, machine, table, write_json
 from bench.load import HARNESS_LIMITS, drive_http
 from harness.app_server import RunningApp, launched_app
 from harness.balancer import running_haproxy
@@ -37,18 +37,6 @@ from sd_pipeline.contract.simulation import SimulatedAccelerator
 from sd_pipeline.tiny import build_tiny_pipeline
 
 SIZE = 64
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    """User + system CPU seconds of these processes so far (ones that ended count nothing)."""
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def ray_processes(front_end: RunningApp) -> list[psutil.Process]:

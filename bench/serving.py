@@ -30,7 +30,7 @@ import torch
 from diffusers import DiffusionPipeline
 from gradio_client import Client
 
-from bench.common import add_serving_arguments, machine, median, percentile, table, write_json
+from bench.common import add_serving_arguments, cpu_seconds, machine, median, percentile, table, write_json
 from bench.load import HARNESS_LIMITS, Fields, drive_http
 from harness.app_server import ROOT, RunningApp, launched_app
 from harness.servers import S3Server, free_port, running_s3_server, wait_for_port
@@ -260,13 +260,13 @@ def light_users(
     interval and the CPU its web process and its worker spent per image."""
     before = {name: app.metric(name) for name in APP_COUNTERS} if app else {}
     processes = _app_processes(app) if app else {}
-    cpu_before = {name: _cpu_seconds(process) for name, process in processes.items()}
+    cpu_before = {name: cpu_seconds([process]) for name, process in processes.items()}
     fields = request_fields(size=size, steps=steps)
     measured: dict[str, float] = drive_http(url, clients=clients, per_client=per_client, fields=fields)
     if app is not None:
         requests_made = clients * per_client
         for name, process in processes.items():
-            measured[f"{name}_cpu_seconds_per_image"] = (_cpu_seconds(process) - cpu_before[name]) / requests_made
+            measured[f"{name}_cpu_seconds_per_image"] = (cpu_seconds([process]) - cpu_before[name]) / requests_made
         delta = {name: app.metric(name) - before[name] for name in APP_COUNTERS}
         images = delta["sdapp_batch_size_images_sum"]
         measured["mean_batch"] = images / max(delta["sdapp_batch_size_images_count"], 1)
@@ -290,11 +290,6 @@ def _app_processes(app: RunningApp) -> dict[str, psutil.Process]:
     worker = app.worker()
     found = {"web": psutil.Process(app.process.pid)}
     return {**found, "worker": worker} if worker is not None else found
-
-
-def _cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 def request_fields(*, size: int, steps: int) -> Fields:
