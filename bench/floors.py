@@ -5,15 +5,17 @@
 1. **Gradio**: a bare Blocks app shaped like ``/generate`` (a prompt and 14 numbers in; an async
    generator that yields ``P`` previews, each a 64x64 PIL picture in a Gallery with a progress
    update, then a PNG file in the Gallery and a JSON), with ``P`` = 0 and 2, driven by light HTTP
-   users (``bench.load``, as ``bench.serving`` and ``bench.scaleout --simulate`` drive the app):
-   the server process's CPU per request. Gradio's queue, its SSE stream and its output
-   processing are all there is, so this is the least any Gradio front end spends per request.
+   users (``bench.load``, as ``bench.serving`` and ``bench.scaleout --simulate`` drive the app;
+   one server, the prompt says how many previews): the server process's CPU per request.
+   Gradio's queue, its SSE stream and its output processing are all there is, so this is the
+   least any Gradio front end spends per request.
 2. **Ray Serve**: a bare deployment whose streaming method yields ``I`` small messages spread over
    about 1.1 s (one request's step reports, previews and result through a replica stream, over a
    simulated H200's time), 8 replicas holding no core, 32 requests at a time from this process
    through a handle, with ``I`` = 1 and 9: CPU per request of this process (what a front end pays
    for its calls) and of Ray's processes (replicas, controller, raylet, GCS). The instance is
-   private and on loopback, as the app's own.
+   private and on loopback, as the app's own, and started once (each call says how many
+   messages).
 
 Prints each floor beside issue 31's per-image targets for ``bench.scaleout --simulate`` (front
 end <= 20 ms, replicas + Ray <= 25 ms) and writes bench/results/floors.json.
@@ -36,7 +38,7 @@ from typing import Any
 import psutil
 
 from bench.common import cpu_seconds, machine, table, write_json
-from bench.load import drive_http
+from bench.load import Fields, drive_http
 from harness.app_server import ROOT
 from harness.servers import free_port, wait_for_port
 
@@ -47,8 +49,9 @@ MESSAGE_COUNTS = (1, 9)
 REQUEST_SECONDS = 1.1  # one request on a simulated H200 (25 steps at a batch of about 4, and the decode)
 
 
-def serve_bare_gradio(port: int, previews: int) -> None:
-    """The bare ``/generate``-shaped Gradio app on 127.0.0.1:``port`` (run in a process of its own)."""
+def serve_bare_gradio(port: int) -> None:
+    """The bare ``/generate``-shaped Gradio app on 127.0.0.1:``port`` (run in a process of its own);
+    the prompt says how many previews a request yields."""
     import gradio as gr
     import numpy as np
     from PIL import Image
@@ -59,7 +62,7 @@ def serve_bare_gradio(port: int, previews: int) -> None:
     tracker = gr.Progress()  # Gradio fills in the request's tracker (it finds the parameter by its default's type)
 
     async def generate(prompt: str, *numbers: float, progress: Any = tracker) -> AsyncIterator[Any]:
-        for step in range(previews):
+        for step in range(int(prompt)):
             progress(step / 10, desc=f"step {step}/10")
             yield [(picture, f"preview · step {step}/10")], {"images": [], "preview": {"step": step, "total": 10}}
         path = folder / f"{os.urandom(8).hex()}.png"
@@ -74,9 +77,9 @@ def serve_bare_gradio(port: int, previews: int) -> None:
 
 
 @contextmanager
-def bare_gradio(previews: int) -> Iterator[tuple[str, psutil.Process]]:
+def bare_gradio() -> Iterator[tuple[str, psutil.Process]]:
     port = free_port()
-    command = [sys.executable, "-m", "bench.floors", "--serve-bare-gradio", str(port), str(previews)]
+    command = [sys.executable, "-m", "bench.floors", "--serve-bare-gradio", str(port)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, timeout=120)
@@ -86,18 +89,27 @@ def bare_gradio(previews: int) -> Iterator[tuple[str, psutil.Process]]:
         process.wait(timeout=30)
 
 
-def gradio_floor(previews: int, *, users: int, requests: int) -> dict[str, float]:
-    """The bare app's CPU per request with ``users`` light HTTP users making ``requests`` in all."""
-    with bare_gradio(previews) as (url, server):
-        drive_http(url, clients=2, per_client=3, fields=lambda number: {"prompt": "warm"})
-        before = cpu_seconds([server])
-        measured = drive_http(url, clients=users, per_client=requests // users, fields=lambda number: {"prompt": "x"})
-        spent = cpu_seconds([server]) - before
-    return {"server_cpu_ms_per_request": spent / (users * (requests // users)) * 1000, **measured}
+def gradio_floors(*, users: int, requests: int) -> dict[int, dict[str, float]]:
+    """The bare app's CPU per request for each preview count, ``users`` light HTTP users making ``requests``."""
+    results = {}
+    with bare_gradio() as (url, server):
+        drive_http(url, clients=2, per_client=3, fields=lambda number: {"prompt": str(max(PREVIEW_COUNTS))})
+        for previews in PREVIEW_COUNTS:
+            before = cpu_seconds([server])
+            measured = drive_http(url, clients=users, per_client=requests // users, fields=_asking_for(previews))
+            spent = cpu_seconds([server]) - before
+            results[previews] = {"server_cpu_ms_per_request": spent / (users * (requests // users)) * 1000, **measured}
+    return results
 
 
-def ray_floor(messages: int, *, replicas: int, concurrent: int, per_user: int) -> dict[str, float]:
-    """A bare streaming deployment: CPU per request of this process and of Ray's processes."""
+def _asking_for(previews: int) -> Fields:
+    return lambda number: {"prompt": str(previews)}
+
+
+@contextmanager
+def bare_ray_serve(replicas: int) -> Iterator[Any]:
+    """A private loopback Ray instance with a bare streaming deployment; yields its handle. Each call
+    says how many messages it streams."""
     from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH, owner_only_files
 
     os.environ.setdefault(LOOPBACK_SWITCH, "0")  # before Ray is imported: the node stays on 127.0.0.1
@@ -112,7 +124,7 @@ def ray_floor(messages: int, *, replicas: int, concurrent: int, per_user: int) -
             if loopback_requested():
                 keep_replica_grpc_on_loopback()
 
-        async def generate(self, request: bytes) -> AsyncIterator[bytes]:
+        async def generate(self, messages: int, request: bytes) -> AsyncIterator[bytes]:
             for _ in range(messages):
                 await asyncio.sleep(REQUEST_SECONDS / messages)
                 yield b"m" * 200
@@ -127,38 +139,43 @@ def ray_floor(messages: int, *, replicas: int, concurrent: int, per_user: int) -
         )
     try:
         serve.start(http_options={"location": "NoServer"})
-        handle = serve.run(Messages.bind(), name="floor")
-
-        async def user(count: int) -> None:
-            for _ in range(count):
-                async for _ in handle.options(stream=True).generate.remote(b"r" * 300):
-                    pass
-
-        async def measure() -> dict[str, float]:
-            await asyncio.gather(*(user(2) for _ in range(replicas)))
-            front_end = psutil.Process()
-            ray_processes = front_end.children(recursive=True)
-            front_before, ray_before = cpu_seconds([front_end]), cpu_seconds(ray_processes)
-            started = time.perf_counter()
-            await asyncio.gather(*(user(per_user) for _ in range(concurrent)))
-            wall = time.perf_counter() - started
-            made = concurrent * per_user
-            return {
-                "caller_cpu_ms_per_request": (cpu_seconds([front_end]) - front_before) / made * 1000,
-                "ray_cpu_ms_per_request": (cpu_seconds(ray_processes) - ray_before) / made * 1000,
-                "requests_per_s": made / wall,
-            }
-
-        return asyncio.run(measure())
+        yield serve.run(Messages.bind(), name="floor")
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
+def ray_floors(*, replicas: int, concurrent: int, per_user: int) -> dict[int, dict[str, float]]:
+    """For each message count: CPU per request of this process (the caller) and of Ray's processes."""
+
+    async def user(handle: Any, messages: int, count: int) -> None:
+        for _ in range(count):
+            async for _ in handle.options(stream=True).generate.remote(messages, b"r" * 300):
+                pass
+
+    async def measure(handle: Any, messages: int) -> dict[str, float]:
+        await asyncio.gather(*(user(handle, messages, 2) for _ in range(replicas)))
+        caller = psutil.Process()
+        ray_processes = caller.children(recursive=True)
+        caller_before, ray_before = cpu_seconds([caller]), cpu_seconds(ray_processes)
+        started = time.perf_counter()
+        await asyncio.gather(*(user(handle, messages, per_user) for _ in range(concurrent)))
+        wall = time.perf_counter() - started
+        made = concurrent * per_user
+        return {
+            "caller_cpu_ms_per_request": (cpu_seconds([caller]) - caller_before) / made * 1000,
+            "ray_cpu_ms_per_request": (cpu_seconds(ray_processes) - ray_before) / made * 1000,
+            "requests_per_s": made / wall,
+        }
+
+    with bare_ray_serve(replicas) as handle:
+        return {messages: asyncio.run(measure(handle, messages)) for messages in MESSAGE_COUNTS}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve-bare-gradio"]:
-        serve_bare_gradio(int(argv[1]), int(argv[2]))
+        serve_bare_gradio(int(argv[1]))
         return {}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few requests: checks the script, not the speed")
@@ -166,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     users, requests = (4, 24) if args.quick else (32, 320)
     replicas, concurrent, per_user = (2, 4, 1) if args.quick else (8, 32, 8)
-    gradio = {p: gradio_floor(p, users=users, requests=requests) for p in PREVIEW_COUNTS}
-    ray = {m: ray_floor(m, replicas=replicas, concurrent=concurrent, per_user=per_user) for m in MESSAGE_COUNTS}
+    gradio = gradio_floors(users=users, requests=requests)
+    ray = ray_floors(replicas=replicas, concurrent=concurrent, per_user=per_user)
     rows = [
         [f"bare Gradio /generate, {p} previews", f"{users} HTTP users", f"{g['server_cpu_ms_per_request']:.1f}", "-"]
         for p, g in gradio.items()

@@ -106,7 +106,7 @@ def test_cuda_checks_script_runs_on_cpu(tmp_path: Path) -> None:
 
 
 def test_thread_policy_benchmark_quick(tmp_path: Path) -> None:
-    output = run_module("bench.threads", "--quick", "--kinds", "heavy", "--out", str(tmp_path))
+    output = run_module("bench.threads", "--quick", "--kinds", "heavy", "--steps", "4", "--out", str(tmp_path))
     assert "adaptive (default)" in output and "naive Gradio peer" in output and "heavy: 1 client p50" in output
     results = json.loads((tmp_path / "threads.json").read_text())
     (measured,) = results["kinds"].values()
