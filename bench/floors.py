@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -39,8 +39,8 @@ import psutil
 
 from bench.common import cpu_seconds, machine, table, write_json
 from bench.load import Fields, drive_http
-from harness.app_server import ROOT
-from harness.servers import free_port, wait_for_port
+from harness.servers import free_port, running_gradio_module
+from sd_pipeline.contract.plans import RayPlan
 
 FRONT_END_TARGET_MS = 20.0  # issue 31, bench.scaleout --simulate: front-end CPU per image
 RAY_TARGET_MS = 25.0  # issue 31: replicas + Ray CPU per image
@@ -79,14 +79,10 @@ def serve_bare_gradio(port: int) -> None:
 @contextmanager
 def bare_gradio() -> Iterator[tuple[str, psutil.Process]]:
     port = free_port()
-    command = [sys.executable, "-m", "bench.floors", "--serve-bare-gradio", str(port)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, timeout=120)
+    work = Path(tempfile.mkdtemp(prefix="bench-floors-"))
+    arguments = ["bench.floors", "--serve-bare-gradio", str(port)]
+    with running_gradio_module(arguments, port=port, work=work, name="bare-gradio") as process:
         yield f"http://127.0.0.1:{port}/", psutil.Process(process.pid)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def gradio_floors(*, users: int, requests: int) -> dict[int, dict[str, float]]:
@@ -94,11 +90,12 @@ def gradio_floors(*, users: int, requests: int) -> dict[int, dict[str, float]]:
     results = {}
     with bare_gradio() as (url, server):
         drive_http(url, clients=2, per_client=3, fields=lambda number: {"prompt": str(max(PREVIEW_COUNTS))})
+        per_client = requests // users
         for previews in PREVIEW_COUNTS:
             before = cpu_seconds([server])
-            measured = drive_http(url, clients=users, per_client=requests // users, fields=_asking_for(previews))
+            measured = drive_http(url, clients=users, per_client=per_client, fields=_asking_for(previews))
             spent = cpu_seconds([server]) - before
-            results[previews] = {"server_cpu_ms_per_request": spent / (users * (requests // users)) * 1000, **measured}
+            results[previews] = {"server_cpu_ms_per_request": spent / (users * per_client) * 1000, **measured}
     return results
 
 
@@ -110,7 +107,7 @@ def _asking_for(previews: int) -> Fields:
 def bare_ray_serve(replicas: int) -> Iterator[Any]:
     """A private loopback Ray instance with a bare streaming deployment; yields its handle. Each call
     says how many messages it streams."""
-    from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH, owner_only_files
+    from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH, start_private_instance
 
     os.environ.setdefault(LOOPBACK_SWITCH, "0")  # before Ray is imported: the node stays on 127.0.0.1
     import ray
@@ -119,30 +116,23 @@ def bare_ray_serve(replicas: int) -> Iterator[Any]:
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8)
     class Messages:
         def __init__(self) -> None:
-            from sd_pipeline.backends.ray.loopback import keep_replica_grpc_on_loopback, loopback_requested
+            from sd_pipeline.backends.ray.loopback import keep_this_replica_on_loopback
 
-            if loopback_requested():
-                keep_replica_grpc_on_loopback()
+            keep_this_replica_on_loopback()
 
         async def generate(self, messages: int, request: bytes) -> AsyncIterator[bytes]:
             for _ in range(messages):
                 await asyncio.sleep(REQUEST_SECONDS / messages)
                 yield b"m" * 200
 
-    with owner_only_files():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            _temp_dir=tempfile.mkdtemp(prefix="bench-ray-"),
-        )
+    private_dir = start_private_instance(num_cpus=2, object_store_bytes=RayPlan(address="local").object_store_bytes)
     try:
         serve.start(http_options={"location": "NoServer"})
         yield serve.run(Messages.bind(), name="floor")
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(private_dir, ignore_errors=True)
 
 
 def ray_floors(*, replicas: int, concurrent: int, per_user: int) -> dict[int, dict[str, float]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,8 +31,8 @@ from gradio_client import Client
 
 from bench.common import add_serving_arguments, cpu_seconds, machine, median, percentile, table, write_json
 from bench.load import HARNESS_LIMITS, Fields, drive_http
-from harness.app_server import ROOT, RunningApp, launched_app
-from harness.servers import S3Server, free_port, running_s3_server, wait_for_port
+from harness.app_server import RunningApp, launched_app
+from harness.servers import S3Server, free_port, running_gradio_module, running_s3_server
 from sd_pipeline.tiny import KINDS, build_tiny_pipeline
 
 CLIENT_COUNTS = (1, 4, 8)  # gradio_client users in measure_app (bench.gpu_served)
@@ -116,20 +115,10 @@ def drive(url: str, *, clients: int, per_client: int, call: Any, downloads: Path
 def running_peer(model: str, work: Path) -> Iterator[str]:
     """The naive Gradio peer (bench/naive_peer.py) on a free loopback port; yields its URL, stops it after."""
     port = free_port()
-    with (work / "peer.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bench.naive_peer", "--model", model, "--port", str(port)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "GRADIO_TEMP_DIR": str(work / "peer-gradio")},
-        )
-    try:
-        wait_for_port(port, timeout=120)
+    with running_gradio_module(
+        ["bench.naive_peer", "--model", model, "--port", str(port)], port=port, work=work, name="peer"
+    ):
         yield f"http://127.0.0.1:{port}/"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def measure_peer(

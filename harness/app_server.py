@@ -19,11 +19,9 @@ import requests
 from gradio_client import Client
 from gradio_client.client import Job
 
-from harness.servers import free_ports
+from harness.servers import ROOT, free_ports
 
 T = TypeVar("T")
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import boto3
 from moto.server import ThreadedMotoServer
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 def free_ports(count: int) -> list[int]:
@@ -82,3 +88,25 @@ def running_s3_server() -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def running_gradio_module(
+    arguments: list[str], *, port: int, work: Path, name: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m ARGUMENTS``, a Gradio server on 127.0.0.1:``port`` (run from the repository), its
+    log in ``work/NAME.log`` and its files in ``work/NAME-gradio``; yields once it listens, stopped after."""
+    with (work / f"{name}.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", *arguments],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GRADIO_TEMP_DIR": str(work / f"{name}-gradio")},
+        )
+    try:
+        wait_for_port(port, timeout=120)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

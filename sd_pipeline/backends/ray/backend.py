@@ -21,14 +21,13 @@ import asyncio
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH, keep_token_private, owner_only_files
+from sd_pipeline.backends.ray.loopback import LOOPBACK_SWITCH, start_private_instance
 from sd_pipeline.backends.ray.replica import APP_NAME, DEPLOYMENT_NAME, PipelineReplica, pipeline_application
 from sd_pipeline.backends.tokens import token_budget
 from sd_pipeline.contract.backend import BackendInfo, ReplyTo, RequestChecker
@@ -292,29 +291,12 @@ class RayBackend:
         self._started_ray = True
 
     def _start_private_instance(self) -> None:
-        """Ray on this machine alone: loopback only, its files in a folder only this user can read."""
-        import ray
-
-        self._private_dir = Path(tempfile.mkdtemp(prefix="sd-ray-"))  # 0700
+        """Ray on this machine alone (``loopback.start_private_instance``), sized for the replicas."""
         plan = self.plan.deployment
-        with owner_only_files():  # Ray 2.60 turns on token auth for it and writes the token if missing
-            ray.init(
-                include_dashboard=False,
-                object_store_memory=self.plan.object_store_bytes,
-                num_cpus=max(1, int(plan.most_replicas * plan.cpus_per_replica)),
-                log_to_driver=False,
-                configure_logging=False,
-                _temp_dir=str(self._private_dir / "ray"),  # Ray opens this to all (0777); its parent is 0700
-            )
-        keep_token_private()
-        node = ray.util.get_node_ip_address()
-        if not node.startswith("127."):
-            ray.shutdown()
-            raise ModelLoadError(
-                f"the private Ray instance came up on {node}, not on loopback: Ray was imported before "
-                f"{LOOPBACK_SWITCH}=0 was set (set it in the environment, or import Ray only through the app)"
-            )
-        logger.info("private Ray instance at %s", ray.get_runtime_context().gcs_address)
+        self._private_dir = start_private_instance(
+            num_cpus=max(1, int(plan.most_replicas * plan.cpus_per_replica)),
+            object_store_bytes=self.plan.object_store_bytes,
+        )
 
     def _wait_until_running(self, deadline: float) -> None:
         """Until the application runs: a clear error if its deployment failed or the deadline passed."""

@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from sd_pipeline.contract.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,40 @@ _PATCHED = "_sd_service_loopback"
 def loopback_requested() -> bool:
     """Whether this process belongs to a loopback-only instance (the switch is inherited by replicas)."""
     return os.environ.get(LOOPBACK_SWITCH) == "0"
+
+
+def start_private_instance(*, num_cpus: int, object_store_bytes: int) -> Path:
+    """Ray on this machine alone: loopback only, its files in a folder only this user can read (returned:
+    remove it after ``ray.shutdown()``). ``LOOPBACK_SWITCH`` must be "0" before Ray is first imported;
+    a node that came up elsewhere is shut down with ``ModelLoadError``."""
+    import ray
+
+    private_dir = Path(tempfile.mkdtemp(prefix="sd-ray-"))  # 0700
+    with owner_only_files():  # Ray 2.60 turns on token auth for it and writes the token if missing
+        ray.init(
+            include_dashboard=False,
+            object_store_memory=object_store_bytes,
+            num_cpus=num_cpus,
+            log_to_driver=False,
+            configure_logging=False,
+            _temp_dir=str(private_dir / "ray"),  # Ray opens this to all (0777); its parent is 0700
+        )
+    keep_token_private()
+    node = ray.util.get_node_ip_address()
+    if not node.startswith("127."):
+        ray.shutdown()
+        raise ModelLoadError(
+            f"the private Ray instance came up on {node}, not on loopback: Ray was imported before "
+            f"{LOOPBACK_SWITCH}=0 was set (set it in the environment, or import Ray only through the app)"
+        )
+    logger.info("private Ray instance at %s", ray.get_runtime_context().gcs_address)
+    return private_dir
+
+
+def keep_this_replica_on_loopback() -> None:
+    """In a replica's constructor: its gRPC server on 127.0.0.1 when its instance is loopback-only."""
+    if loopback_requested():
+        keep_replica_grpc_on_loopback()
 
 
 def keep_replica_grpc_on_loopback() -> bool:

@@ -49,11 +49,10 @@ class PipelineReplica:
         from ray import serve
 
         from sd_pipeline.backends.engine_loop import EngineLoop, start_engine
-        from sd_pipeline.backends.ray.loopback import keep_replica_grpc_on_loopback, loopback_requested
+        from sd_pipeline.backends.ray.loopback import keep_this_replica_on_loopback
         from sd_pipeline.backends.stall import StallWatch
 
-        if loopback_requested():
-            keep_replica_grpc_on_loopback()
+        keep_this_replica_on_loopback()
         self.facts = FactCollector()
         engine, self.info = start_engine(settings, max_batch_images=max_batch_images, observer=self.facts)
         self.facts.take()  # the warm-up's facts are not the users' work
